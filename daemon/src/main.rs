@@ -1,0 +1,153 @@
+//! `rxvisiond`: command line of the RxVision appliance daemon.
+//!
+//! Exit codes: 0 success; 1 a command ran and failed (an image could not be
+//! classified, the self-test failed); 64 bad usage; 65 a bad model bundle;
+//! 69 the requested engine is unavailable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use rxvision_daemon::classify::{default_bundle_roots, Classifier, ClassifyError};
+use rxvision_models::engine::{EngineError, EngineOptions, EnginePreference};
+use rxvision_models::selftest;
+
+#[derive(Parser)]
+#[command(name = "rxvisiond", version, about = "RxVision pill-verification appliance daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify image files and print the most probable classes.
+    Classify {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// How many classes to print per image.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        top: u16,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// JPEG or PNG files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Check the engine against ONNX Runtime on the bundle's golden images.
+    Selftest {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Bundle directory or .tar.gz; default: the newest under models/bundles/ or the installed ones.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Inference engine: auto, gpu or cpu.
+    #[arg(long, default_value = "auto")]
+    engine: EnginePreference,
+    /// CPU engine threads (default: available cores, at most 4).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Watchdog bound on one GPU request, in milliseconds, before it falls back to the CPU.
+    #[arg(long, default_value_t = 2000)]
+    gpu_timeout_ms: u64,
+}
+
+impl ModelArgs {
+    fn open(&self) -> Result<Classifier, ClassifyError> {
+        let defaults = EngineOptions::default();
+        let options = EngineOptions {
+            preference: self.engine,
+            cpu_threads: self.threads.unwrap_or(defaults.cpu_threads).max(1),
+            gpu_timeout: Duration::from_millis(self.gpu_timeout_ms),
+        };
+        Classifier::open(self.bundle.as_deref(), &default_bundle_roots(), options)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RXVISION_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
+        Command::Selftest { model, json } => run_selftest(&model, json),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("rxvisiond: {e}");
+        ExitCode::from(exit_code(&e))
+    })
+}
+
+fn exit_code(e: &ClassifyError) -> u8 {
+    match e {
+        ClassifyError::NoBundle(_) | ClassifyError::Bundle { .. } => 65,
+        ClassifyError::Engine(EngineError::NoGpu(_)) => 69,
+        _ => 1,
+    }
+}
+
+fn classify(model: &ModelArgs, k: usize, json: bool, images: &[PathBuf]) -> Result<ExitCode, ClassifyError> {
+    let classifier = model.open()?;
+    eprintln!("rxvisiond: model {} — engine {}", classifier.bundle(), classifier.engines().choice());
+    let mut failures = 0;
+    for path in images {
+        let image = path.display().to_string();
+        let result = std::fs::read(path)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|bytes| classifier.classify_bytes(&bytes, k).map_err(|e| e.to_string()));
+        match (result, json) {
+            (Ok(c), true) => println!(
+                "{}",
+                serde_json::json!({
+                    "image": image, "top_k": c.top_k, "engine": c.engine, "fell_back": c.fell_back,
+                    "model_version": c.model_version, "latency_ms": c.latency_ms,
+                })
+            ),
+            (Ok(c), false) => {
+                let best: Vec<String> =
+                    c.top_k.iter().map(|r| format!("{} {} ({:.3})", r.ndc, r.name, r.prob)).collect();
+                println!("{image}: {} [{} {:.1} ms]", best.join(" | "), c.engine, c.latency_ms);
+            }
+            (Err(error), true) => {
+                failures += 1;
+                println!("{}", serde_json::json!({ "image": image, "error": error }));
+            }
+            (Err(error), false) => {
+                failures += 1;
+                println!("{image}: error: {error}");
+            }
+        }
+    }
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError> {
+    let classifier = model.open()?;
+    let engines = classifier.engines();
+    let report = match selftest::run(classifier.bundle(), engines.active_engine()) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("rxvisiond: self-test could not run: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+    } else {
+        println!("model {}\nengine choice: {}", classifier.bundle(), engines.choice());
+        print!("{}", report.table());
+    }
+    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

@@ -1,0 +1,656 @@
+//! Model bundles: the only unit in which a model travels.
+//!
+//! # Layout
+//!
+//! A bundle is a directory, or a `.tar.gz` of one (the archive may hold the
+//! files at its root or under a single top-level folder):
+//!
+//! ```text
+//! manifest.json          schema version, name, semver version, input spec, classes,
+//!                        thresholds, provenance, metrics, SHA-256 of every other file
+//! model.onnx             int8 QDQ graph, static shapes, Softmax in float
+//! labels.json            one entry per output class, in output order
+//! profile.json           (optional) reference drift-feature and confidence distributions
+//! MODEL_CARD.md          what the model is, how it was made, its limits
+//! selftest/expected.json golden images with ONNX Runtime's outputs for them
+//! selftest/*.png|jpg     the golden images
+//! ```
+//!
+//! # Invariants
+//!
+//! * Every file listed in `manifest.json`'s `files` is read and its SHA-256
+//!   compared on load; a file in the bundle that the manifest does not list is
+//!   refused too, so nothing unverified travels with a model.
+//! * The manifest agrees with the graph: input name and `[1, 3, height, width]`
+//!   shape, output name and class count, and the class count of `labels.json`.
+//! * A loaded [`Bundle`] holds the verified bytes in memory; nothing is re-read
+//!   from disk afterwards, so a file changed after loading cannot slip in.
+//!
+//! Every error names the file and the problem.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest schema version this code reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Largest single file accepted in a bundle (a corrupt tarball must not be
+/// able to exhaust memory).
+const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Why a bundle could not be loaded. Every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The bundle path or one of its files could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file or directory that failed.
+        path: String,
+        /// The underlying cause.
+        source: std::io::Error,
+    },
+    /// A JSON file of the bundle is not what its schema says.
+    #[error("{file}: invalid JSON: {source}")]
+    Json {
+        /// The bundle-relative file name.
+        file: String,
+        /// The parser's complaint, with line and column.
+        source: serde_json::Error,
+    },
+    /// The manifest's schema version is not one this build understands.
+    #[error("manifest.json: unsupported schema_version {found} (this build reads {SCHEMA_VERSION})")]
+    UnknownSchema {
+        /// The version found in the manifest.
+        found: u32,
+    },
+    /// A file's SHA-256 does not match the manifest.
+    #[error("{file}: SHA-256 mismatch (manifest says {expected}, file has {actual}): the file is corrupt, truncated or altered")]
+    HashMismatch {
+        /// The bundle-relative file name.
+        file: String,
+        /// The hash recorded in the manifest.
+        expected: String,
+        /// The hash of the bytes found.
+        actual: String,
+    },
+    /// A file the manifest lists is not in the bundle.
+    #[error("{file}: listed in manifest.json but missing from the bundle")]
+    Missing {
+        /// The bundle-relative file name.
+        file: String,
+    },
+    /// The bundle holds a file the manifest does not list.
+    #[error("{file}: present in the bundle but not listed in manifest.json")]
+    Unlisted {
+        /// The bundle-relative file name.
+        file: String,
+    },
+    /// The manifest, labels or graph are inconsistent with each other.
+    #[error("{file}: {problem}")]
+    Invalid {
+        /// The bundle-relative file name at fault.
+        file: String,
+        /// What is wrong, in words.
+        problem: String,
+    },
+}
+
+impl BundleError {
+    fn invalid(file: &str, problem: impl Into<String>) -> Self {
+        BundleError::Invalid { file: file.to_string(), problem: problem.into() }
+    }
+}
+
+/// `manifest.json`: what a bundle is and how to use it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Layout version of this file; see [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// Model family name, e.g. `pillnet`.
+    pub name: String,
+    /// Semantic version of this model; updates never go backwards without a signed order.
+    pub version: semver::Version,
+    /// `production` for a model meant for the counter, `fixture` for test fixtures.
+    pub purpose: Purpose,
+    /// When the bundle was produced (RFC 3339).
+    pub created: String,
+    /// One sentence for humans.
+    pub description: String,
+    /// File name of the ONNX graph.
+    pub model: String,
+    /// File name of the class list.
+    pub labels: String,
+    /// File name of the drift reference profile, when the trainer produced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Number of output classes; must match the graph and `labels.json`.
+    pub num_classes: usize,
+    /// How to turn an image into the model input.
+    pub input: InputSpec,
+    /// The graph output the engines read.
+    pub output: OutputSpec,
+    /// Decision thresholds of the counter path.
+    pub thresholds: Thresholds,
+    /// Where the golden self-test lives and how close engines must be.
+    pub selftest: SelftestSpec,
+    /// How the model was made (free-form, for the model card and the registry).
+    pub provenance: serde_json::Value,
+    /// Measured quality and size (free-form numbers).
+    pub metrics: serde_json::Value,
+    /// SHA-256 (lowercase hex) of every file except `manifest.json`, by relative path.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Whether a bundle is a real model or a test fixture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    /// A model meant to identify pills at the counter.
+    Production,
+    /// A test fixture: exercises the machinery, identifies nothing real.
+    Fixture,
+}
+
+/// Exactly how an image becomes the model input, precise enough to rebuild it
+/// elsewhere: decode, convert to RGB, resize to `width`×`height` with
+/// `resize`, then `(pixel * scale - mean[c]) / std[c]` per channel, laid out
+/// as `layout`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Graph input name.
+    pub name: String,
+    /// Model input width in pixels.
+    pub width: u32,
+    /// Model input height in pixels.
+    pub height: u32,
+    /// Tensor layout; only `NCHW`.
+    pub layout: String,
+    /// Channel order; only `RGB`.
+    pub color: String,
+    /// Resampling filter; only `bilinear` (Pillow's `Image.resize(..., BILINEAR)`).
+    pub resize: String,
+    /// Multiplier applied to the 0..=255 pixel value before mean/std.
+    pub scale: f32,
+    /// Per-channel mean subtracted after scaling.
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation divided by after subtracting the mean.
+    pub std: [f32; 3],
+}
+
+/// The graph output engines read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Graph output name.
+    pub name: String,
+    /// What the output holds; only `probabilities` (calibrated Softmax output).
+    pub kind: String,
+}
+
+/// Decision thresholds shipped with the model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Below this top-1 probability the verdict is UNCERTAIN.
+    pub min_confidence: f32,
+    /// Below this gap between top-1 and top-2 the verdict is UNCERTAIN.
+    pub min_margin: f32,
+}
+
+/// Where the self-test lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelftestSpec {
+    /// Bundle-relative path of the expected-outputs file.
+    pub expected: String,
+    /// Largest allowed absolute difference between an engine's probability and ONNX Runtime's.
+    pub tolerance: f32,
+}
+
+/// One class of `labels.json`, in output order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    /// Position in the model output.
+    pub index: usize,
+    /// National Drug Code (or `fixture-NN` for fixtures).
+    pub ndc: String,
+    /// Product name as a pharmacist knows it.
+    pub name: String,
+    /// Strength, e.g. `10 mg`.
+    #[serde(default)]
+    pub strength: String,
+    /// Everything else the formulary knows (shape, colours, imprint, score, size…).
+    #[serde(flatten)]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `selftest/expected.json`: golden images and ONNX Runtime's outputs for them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelftestExpected {
+    /// The reference runtime and version that produced the outputs.
+    pub reference: String,
+    /// Allowed absolute difference per probability.
+    pub tolerance: f32,
+    /// One case per golden image.
+    pub cases: Vec<SelftestCase>,
+}
+
+/// One golden image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelftestCase {
+    /// Bundle-relative path below `selftest/`.
+    pub image: String,
+    /// The class the image shows.
+    pub label_index: usize,
+    /// ONNX Runtime's output probabilities.
+    pub probs: Vec<f32>,
+    /// ONNX Runtime's top-1 class.
+    pub top1: usize,
+}
+
+/// A loaded, verified bundle. All bytes are held in memory.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Where it was loaded from (directory or archive).
+    pub source: PathBuf,
+    /// The parsed manifest.
+    pub manifest: Manifest,
+    /// The parsed class list, in output order.
+    pub labels: Vec<Label>,
+    /// The parsed self-test expectations.
+    pub selftest: SelftestExpected,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl fmt::Display for Bundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} ({})", self.manifest.name, self.manifest.version, self.source.display())
+    }
+}
+
+impl Bundle {
+    /// Loads a bundle from a directory or a `.tar.gz`/`.tgz` archive and verifies it.
+    pub fn load(path: &Path) -> Result<Bundle, BundleError> {
+        let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+        let files = if meta.is_dir() { read_dir_files(path)? } else { read_tar_gz(path)? };
+        Self::from_files(path.to_path_buf(), files)
+    }
+
+    /// Verifies and parses a bundle given as (relative path → bytes).
+    pub fn from_files(source: PathBuf, mut files: BTreeMap<String, Vec<u8>>) -> Result<Bundle, BundleError> {
+        let manifest_bytes =
+            files.remove("manifest.json").ok_or_else(|| BundleError::Missing { file: "manifest.json".into() })?;
+        let manifest = parse_manifest(&manifest_bytes)?;
+
+        for (name, expected) in &manifest.files {
+            let bytes = files.get(name).ok_or_else(|| BundleError::Missing { file: name.clone() })?;
+            let actual = sha256_hex(bytes);
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(BundleError::HashMismatch { file: name.clone(), expected: expected.clone(), actual });
+            }
+        }
+        if let Some(extra) = files.keys().find(|k| !manifest.files.contains_key(*k)) {
+            return Err(BundleError::Unlisted { file: extra.clone() });
+        }
+        for required in [&manifest.model, &manifest.labels, &manifest.selftest.expected] {
+            if !files.contains_key(required) {
+                return Err(BundleError::invalid(
+                    "manifest.json",
+                    format!("names {required} but does not list it in files"),
+                ));
+            }
+        }
+        if let Some(profile) = &manifest.profile {
+            if !files.contains_key(profile) {
+                return Err(BundleError::invalid(
+                    "manifest.json",
+                    format!("names {profile} but does not list it in files"),
+                ));
+            }
+        }
+
+        let labels: Vec<Label> = parse_json(&manifest.labels, &files[&manifest.labels])?;
+        check_labels(&manifest, &labels)?;
+        let selftest: SelftestExpected = parse_json(&manifest.selftest.expected, &files[&manifest.selftest.expected])?;
+        check_selftest(&manifest, &selftest, &files)?;
+        check_graph(&manifest, &files[&manifest.model])?;
+
+        Ok(Bundle { source, manifest, labels, selftest, files })
+    }
+
+    /// The verified bytes of a bundle file, by relative path.
+    pub fn file(&self, name: &str) -> Option<&[u8]> {
+        self.files.get(name).map(Vec::as_slice)
+    }
+
+    /// The verified ONNX graph.
+    pub fn model_bytes(&self) -> &[u8] {
+        &self.files[&self.manifest.model]
+    }
+
+    /// The bytes of a self-test image (path relative to the self-test file's folder).
+    pub fn selftest_image(&self, case: &SelftestCase) -> Option<&[u8]> {
+        self.file(&self.selftest_path(case))
+    }
+
+    /// Bundle-relative path of a self-test case's image.
+    pub fn selftest_path(&self, case: &SelftestCase) -> String {
+        match self.manifest.selftest.expected.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/{}", case.image),
+            None => case.image.clone(),
+        }
+    }
+
+    /// Short identity for logs and outputs: `name@version`.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.manifest.name, self.manifest.version)
+    }
+}
+
+fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
+    // Read the schema version first so that a future layout gets a clear
+    // "unsupported schema" rather than a confusing field error.
+    #[derive(Deserialize)]
+    struct Versioned {
+        schema_version: u32,
+    }
+    let versioned: Versioned = parse_json("manifest.json", bytes)?;
+    if versioned.schema_version != SCHEMA_VERSION {
+        return Err(BundleError::UnknownSchema { found: versioned.schema_version });
+    }
+    let manifest: Manifest = parse_json("manifest.json", bytes)?;
+    let input = &manifest.input;
+    let bad = |problem: String| Err(BundleError::invalid("manifest.json", problem));
+    if input.layout != "NCHW" {
+        return bad(format!("input.layout {:?} is not supported (only \"NCHW\")", input.layout));
+    }
+    if input.color != "RGB" {
+        return bad(format!("input.color {:?} is not supported (only \"RGB\")", input.color));
+    }
+    if input.resize != "bilinear" {
+        return bad(format!("input.resize {:?} is not supported (only \"bilinear\")", input.resize));
+    }
+    if input.width == 0 || input.height == 0 || input.width > 4096 || input.height > 4096 {
+        return bad(format!("input size {}x{} is out of range 1..=4096", input.width, input.height));
+    }
+    if !(input.scale.is_finite() && input.scale > 0.0) {
+        return bad(format!("input.scale {} must be a positive number", input.scale));
+    }
+    if input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || input.mean.iter().any(|m| !m.is_finite()) {
+        return bad("input.mean must be finite and input.std positive".into());
+    }
+    if manifest.output.kind != "probabilities" {
+        return bad(format!("output.kind {:?} is not supported (only \"probabilities\")", manifest.output.kind));
+    }
+    if manifest.num_classes < 2 {
+        return bad(format!("num_classes {} must be at least 2", manifest.num_classes));
+    }
+    let t = manifest.thresholds;
+    if !(0.0..=1.0).contains(&t.min_confidence) || !(0.0..=1.0).contains(&t.min_margin) {
+        return bad("thresholds must lie in 0..=1".into());
+    }
+    if !(manifest.selftest.tolerance > 0.0 && manifest.selftest.tolerance < 1.0) {
+        return bad("selftest.tolerance must lie in (0, 1)".into());
+    }
+    for (name, hash) in &manifest.files {
+        if !is_safe_relative(name) || name == "manifest.json" {
+            return bad(format!("files lists an invalid path {name:?}"));
+        }
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(format!("files[{name:?}] is not a SHA-256 hex digest"));
+        }
+    }
+    Ok(manifest)
+}
+
+fn check_labels(manifest: &Manifest, labels: &[Label]) -> Result<(), BundleError> {
+    let file = &manifest.labels;
+    if labels.len() != manifest.num_classes {
+        return Err(BundleError::invalid(
+            file,
+            format!("has {} classes but manifest.json says num_classes = {}", labels.len(), manifest.num_classes),
+        ));
+    }
+    for (i, label) in labels.iter().enumerate() {
+        if label.index != i {
+            return Err(BundleError::invalid(
+                file,
+                format!("entry {i} has index {} (entries must be in output order)", label.index),
+            ));
+        }
+        if label.ndc.trim().is_empty() || label.name.trim().is_empty() {
+            return Err(BundleError::invalid(file, format!("entry {i} has an empty ndc or name")));
+        }
+    }
+    let mut ndcs: Vec<&str> = labels.iter().map(|l| l.ndc.as_str()).collect();
+    ndcs.sort_unstable();
+    if let Some(dup) = ndcs.windows(2).find(|w| w[0] == w[1]) {
+        return Err(BundleError::invalid(file, format!("ndc {} appears twice", dup[0])));
+    }
+    Ok(())
+}
+
+fn check_selftest(
+    manifest: &Manifest,
+    selftest: &SelftestExpected,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), BundleError> {
+    let file = &manifest.selftest.expected;
+    if selftest.cases.is_empty() {
+        return Err(BundleError::invalid(file, "has no cases"));
+    }
+    let dir = file.rsplit_once('/').map(|(d, _)| format!("{d}/")).unwrap_or_default();
+    for case in &selftest.cases {
+        let path = format!("{dir}{}", case.image);
+        if !files.contains_key(&path) {
+            return Err(BundleError::invalid(
+                file,
+                format!("case {} names an image that is not in the bundle", case.image),
+            ));
+        }
+        if case.probs.len() != manifest.num_classes
+            || case.top1 >= manifest.num_classes
+            || case.label_index >= manifest.num_classes
+        {
+            return Err(BundleError::invalid(
+                file,
+                format!("case {} does not match num_classes = {}", case.image, manifest.num_classes),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks input name and shape, output name and class count against the graph.
+fn check_graph(manifest: &Manifest, model: &[u8]) -> Result<(), BundleError> {
+    use tract_onnx::pb::type_proto::Value;
+    use tract_onnx::prelude::Framework;
+
+    let file = manifest.model.as_str();
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &*model)
+        .map_err(|e| BundleError::invalid(file, format!("not a readable ONNX model: {e}")))?;
+    let graph = proto.graph.as_ref().ok_or_else(|| BundleError::invalid(file, "has no graph"))?;
+    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
+    let inputs: Vec<_> = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).collect();
+    let dims = |vi: &tract_onnx::pb::ValueInfoProto| -> Option<Vec<i64>> {
+        let Some(Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else { return None };
+        t.shape.as_ref().map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimValue(v)) => v,
+                    _ => -1,
+                })
+                .collect()
+        })
+    };
+    let [input] = inputs.as_slice() else {
+        return Err(BundleError::invalid(file, format!("has {} inputs, expected exactly one", inputs.len())));
+    };
+    if input.name != manifest.input.name {
+        return Err(BundleError::invalid(
+            file,
+            format!("graph input is named {:?} but manifest.json says {:?}", input.name, manifest.input.name),
+        ));
+    }
+    let want = vec![1, 3, manifest.input.height as i64, manifest.input.width as i64];
+    match dims(input) {
+        Some(d) if d == want || (d.len() == 4 && d[0] <= 0 && d[1..] == want[1..]) => {}
+        other => {
+            return Err(BundleError::invalid(
+                file,
+                format!(
+                    "graph input shape {other:?} does not match manifest.json's [1, 3, {}, {}]",
+                    manifest.input.height, manifest.input.width
+                ),
+            ))
+        }
+    }
+    let output = graph.output.iter().find(|o| o.name == manifest.output.name).ok_or_else(|| {
+        BundleError::invalid(
+            file,
+            format!("graph has no output named {:?} (manifest.json's output.name)", manifest.output.name),
+        )
+    })?;
+    match dims(output) {
+        Some(d) if d.last() == Some(&(manifest.num_classes as i64)) => {}
+        other => {
+            return Err(BundleError::invalid(
+                file,
+                format!("graph output shape {other:?} does not end in num_classes = {}", manifest.num_classes),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, BundleError> {
+    serde_json::from_slice(bytes).map_err(|source| BundleError::Json { file: file.to_string(), source })
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> BundleError {
+    BundleError::Io { path: path.display().to_string(), source }
+}
+
+/// A relative path with `/` separators, no `..`, no absolute part.
+fn is_safe_relative(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+fn read_dir_files(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| io_err(&path, e))?;
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(root).expect("walked below root");
+            let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            let len = entry.metadata().map_err(|e| io_err(&path, e))?.len();
+            if len > MAX_FILE_BYTES {
+                return Err(BundleError::invalid(
+                    &name,
+                    format!("is {len} bytes, above the {MAX_FILE_BYTES}-byte limit"),
+                ));
+            }
+            files.insert(name, std::fs::read(&path).map_err(|e| io_err(&path, e))?);
+        }
+    }
+    Ok(files)
+}
+
+fn read_tar_gz(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
+    let archive_name = path.display().to_string();
+    let bad_archive =
+        |e: std::io::Error| BundleError::invalid(&archive_name, format!("not a readable .tar.gz bundle: {e}"));
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut raw = BTreeMap::new();
+    for entry in archive.entries().map_err(bad_archive)? {
+        let mut entry = entry.map_err(bad_archive)?;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        let name = entry.path().map_err(bad_archive)?.to_string_lossy().trim_start_matches("./").to_string();
+        if !kind.is_file() {
+            return Err(BundleError::invalid(&archive_name, format!("entry {name:?} is not a regular file")));
+        }
+        if !is_safe_relative(&name) {
+            return Err(BundleError::invalid(&archive_name, format!("entry {name:?} has an unsafe path")));
+        }
+        if entry.size() > MAX_FILE_BYTES {
+            return Err(BundleError::invalid(
+                &name,
+                format!("is {} bytes, above the {MAX_FILE_BYTES}-byte limit", entry.size()),
+            ));
+        }
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut bytes).map_err(bad_archive)?;
+        raw.insert(name, bytes);
+    }
+    // Accept both `manifest.json` at the root and a single top-level folder.
+    if raw.contains_key("manifest.json") {
+        return Ok(raw);
+    }
+    let prefixes: std::collections::BTreeSet<&str> =
+        raw.keys().filter_map(|k| k.split_once('/').map(|(p, _)| p)).collect();
+    match prefixes.into_iter().collect::<Vec<_>>().as_slice() {
+        [prefix] if raw.contains_key(&format!("{prefix}/manifest.json")) => {
+            let strip = format!("{prefix}/");
+            Ok(raw.into_iter().map(|(k, v)| (k.strip_prefix(&strip).map(str::to_string).unwrap_or(k), v)).collect())
+        }
+        _ => Err(BundleError::Missing { file: "manifest.json".into() }),
+    }
+}
+
+/// Finds the bundle to use when none is named: the newest version among the
+/// bundle directories below each root (`<root>/<name>/<version>/manifest.json`),
+/// preferring production bundles over fixtures. Unreadable candidates are
+/// skipped with a warning; the chosen one is loaded and verified by the caller.
+pub fn find_newest(roots: &[PathBuf]) -> Option<PathBuf> {
+    let mut best: Option<((bool, semver::Version), PathBuf)> = None;
+    for root in roots {
+        let Ok(names) = std::fs::read_dir(root) else { continue };
+        for name in names.flatten() {
+            let Ok(versions) = std::fs::read_dir(name.path()) else { continue };
+            for version in versions.flatten() {
+                let dir = version.path();
+                let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else { continue };
+                let manifest = match parse_manifest(&bytes) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(bundle = %dir.display(), error = %e, "skipping unreadable bundle");
+                        continue;
+                    }
+                };
+                let key = (manifest.purpose == Purpose::Production, manifest.version);
+                if best.as_ref().is_none_or(|(k, _)| key > *k) {
+                    best = Some((key, dir));
+                }
+            }
+        }
+    }
+    best.map(|(_, dir)| dir)
+}

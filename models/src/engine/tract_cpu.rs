@@ -1,0 +1,113 @@
+//! The CPU engine: tract running the bundle's int8 QDQ graph as it is.
+//!
+//! The graph is loaded with the input shape made concrete (`1×3×H×W`),
+//! optimised once, and run by a plan whose state is kept between calls so
+//! that tract reuses its buffers; matrix products run on a private rayon pool
+//! of the configured size (tract's `multithread-mm`). The input tensor is kept
+//! too and refilled in place, so a call allocates only its output.
+
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::TValue;
+
+use super::{Engine, EngineError, EngineKind};
+use crate::bundle::Bundle;
+
+/// The pinned tract version (see `models/Cargo.toml`).
+const TRACT_VERSION: &str = "0.23.9";
+
+type Plan = TypedSimplePlan;
+type State = TypedSimpleState;
+
+/// tract on the CPU.
+#[derive(Debug)]
+pub struct TractEngine {
+    threads: usize,
+    input_len: usize,
+    output_name: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    /// Reused input tensor; uniquely owned again once tract is done with it.
+    input: Arc<Tensor>,
+}
+
+impl TractEngine {
+    /// Prepares the bundle's graph for `threads` CPU threads (1 = single-threaded).
+    pub fn prepare(bundle: &Bundle, threads: usize) -> Result<TractEngine, EngineError> {
+        Self::prepare_onnx(bundle.model_bytes(), bundle, threads)
+    }
+
+    /// Prepares another ONNX graph with the bundle's input spec (used to run
+    /// the derived float graph on the CPU for comparisons).
+    pub fn prepare_onnx(onnx: &[u8], bundle: &Bundle, threads: usize) -> Result<TractEngine, EngineError> {
+        let spec = &bundle.manifest.input;
+        let shape = [1usize, 3, spec.height as usize, spec.width as usize];
+        let prepare_err = |e: TractError| EngineError::Prepare { engine: EngineKind::Cpu, reason: format!("{e:#}") };
+        let output_name = bundle.manifest.output.name.clone();
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &*onnx)
+            .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
+            .and_then(|mut m| {
+                m.select_outputs_by_name([output_name.as_str()])?;
+                Ok(m)
+            })
+            .and_then(|m| m.into_optimized())
+            .map_err(prepare_err)?;
+        let options =
+            RunOptions { executor: (threads > 1).then(|| tract_linalg_executor(threads)), ..RunOptions::default() };
+        let plan: Arc<Plan> = model.into_runnable_with_options(&options).map_err(prepare_err)?;
+        let state = plan.spawn().map_err(prepare_err)?;
+        let input = Arc::new(Tensor::zero::<f32>(&shape).map_err(prepare_err)?);
+        Ok(TractEngine {
+            threads: threads.max(1),
+            input_len: shape.iter().product(),
+            output_name,
+            inner: Mutex::new(Inner { state, input }),
+        })
+    }
+}
+
+fn tract_linalg_executor(threads: usize) -> tract_linalg::multithread::Executor {
+    tract_linalg::multithread::Executor::multithread_with_name(threads, "rxv-tract")
+}
+
+impl Engine for TractEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Cpu
+    }
+
+    fn describe(&self) -> String {
+        format!("tract {TRACT_VERSION} on CPU, {} thread(s)", self.threads)
+    }
+
+    fn run(&self, input: &[f32]) -> Result<Vec<f32>, EngineError> {
+        if input.len() != self.input_len {
+            return Err(EngineError::BadInput { expected: self.input_len, got: input.len() });
+        }
+        let run_err = |e: TractError| EngineError::Run { engine: EngineKind::Cpu, reason: format!("{e:#}") };
+        let mut guard = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let inner = &mut *guard;
+        match Arc::get_mut(&mut inner.input) {
+            Some(tensor) => tensor
+                .try_as_plain_ram_mut()
+                .and_then(|mut v| v.as_slice_mut::<f32>().map(|s| s.copy_from_slice(input)))
+                .map_err(run_err)?,
+            None => {
+                let shape: Vec<usize> = inner.input.shape().to_vec();
+                inner.input = Arc::new(Tensor::from_shape(&shape, input).map_err(run_err)?);
+            }
+        }
+        let outputs = inner.state.run(tvec![TValue::from_const(inner.input.clone())]).map_err(run_err)?;
+        let output = outputs.into_iter().next().ok_or_else(|| EngineError::Run {
+            engine: EngineKind::Cpu,
+            reason: format!("graph produced no output {:?}", self.output_name),
+        })?;
+        let view = output.try_as_plain_ram().map_err(run_err)?;
+        Ok(view.as_slice::<f32>().map_err(run_err)?.to_vec())
+    }
+}
