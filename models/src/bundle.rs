@@ -8,6 +8,7 @@
 //! ```text
 //! manifest.json          schema version, name, semver version, input spec, classes,
 //!                        thresholds, provenance, metrics, SHA-256 of every other file
+//! manifest.json.sha256   the manifest's own SHA-256, `sha256sum -c` format
 //! model.onnx             int8 QDQ graph, static shapes, Softmax in float
 //! labels.json            one entry per output class, in output order
 //! profile.json           (optional) reference drift-feature and confidence distributions
@@ -18,8 +19,8 @@
 //!
 //! # Invariants
 //!
-//! * Every file listed in `manifest.json`'s `files` is read and its SHA-256
-//!   compared on load; a file in the bundle that the manifest does not list is
+//! * `manifest.json` matches `manifest.json.sha256`, and every file listed in
+//!   the manifest's `files` is read and its SHA-256 compared on load; a file in the bundle that the manifest does not list is
 //!   refused too, so nothing unverified travels with a model.
 //! * The manifest agrees with the graph: input name and `[1, 3, height, width]`
 //!   shape, output name and class count, and the class count of `labels.json`.
@@ -34,6 +35,14 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+
+/// The manifest's own checksum, one line in `sha256sum` format
+/// (`<hex>  manifest.json`), so that a corrupt manifest is caught even where it
+/// still parses.
+pub const MANIFEST_CHECKSUM: &str = "manifest.json.sha256";
 
 /// The manifest schema version this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -68,7 +77,7 @@ pub enum BundleError {
         found: u32,
     },
     /// A file's SHA-256 does not match the manifest.
-    #[error("{file}: SHA-256 mismatch (manifest says {expected}, file has {actual}): the file is corrupt, truncated or altered")]
+    #[error("{file}: SHA-256 mismatch (manifest.json says {expected}, the file has {actual}): the file is corrupt, truncated or altered")]
     HashMismatch {
         /// The bundle-relative file name.
         file: String,
@@ -78,7 +87,7 @@ pub enum BundleError {
         actual: String,
     },
     /// A file the manifest lists is not in the bundle.
-    #[error("{file}: listed in manifest.json but missing from the bundle")]
+    #[error("{file}: missing from the bundle")]
     Missing {
         /// The bundle-relative file name.
         file: String,
@@ -284,8 +293,10 @@ impl Bundle {
 
     /// Verifies and parses a bundle given as (relative path → bytes).
     pub fn from_files(source: PathBuf, mut files: BTreeMap<String, Vec<u8>>) -> Result<Bundle, BundleError> {
-        let manifest_bytes =
-            files.remove("manifest.json").ok_or_else(|| BundleError::Missing { file: "manifest.json".into() })?;
+        let manifest_bytes = files.remove(MANIFEST).ok_or_else(|| BundleError::Missing { file: MANIFEST.into() })?;
+        let checksum =
+            files.remove(MANIFEST_CHECKSUM).ok_or_else(|| BundleError::Missing { file: MANIFEST_CHECKSUM.into() })?;
+        check_manifest_checksum(&manifest_bytes, &checksum)?;
         let manifest = parse_manifest(&manifest_bytes)?;
 
         for (name, expected) in &manifest.files {
@@ -353,6 +364,29 @@ impl Bundle {
     }
 }
 
+fn check_manifest_checksum(manifest: &[u8], checksum: &[u8]) -> Result<(), BundleError> {
+    let line = std::str::from_utf8(checksum).ok().and_then(|s| s.strip_suffix('\n')).unwrap_or_default();
+    let expected = match line.split_once("  ") {
+        Some((hash, MANIFEST)) if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => hash,
+        _ => {
+            return Err(BundleError::invalid(
+                MANIFEST_CHECKSUM,
+                "is not one line `<sha256 hex>  manifest.json` (corrupt or truncated)",
+            ))
+        }
+    };
+    let actual = sha256_hex(manifest);
+    if !actual.eq_ignore_ascii_case(expected) {
+        return Err(BundleError::invalid(
+            MANIFEST,
+            format!(
+                "SHA-256 is {actual} but {MANIFEST_CHECKSUM} says {expected}: manifest.json (or its checksum) is corrupt, truncated or altered"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
     // Read the schema version first so that a future layout gets a clear
     // "unsupported schema" rather than a confusing field error.
@@ -399,7 +433,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
         return bad("selftest.tolerance must lie in (0, 1)".into());
     }
     for (name, hash) in &manifest.files {
-        if !is_safe_relative(name) || name == "manifest.json" {
+        if !is_safe_relative(name) || name == MANIFEST || name == MANIFEST_CHECKSUM {
             return bad(format!("files lists an invalid path {name:?}"));
         }
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -611,7 +645,7 @@ fn read_tar_gz(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
         raw.insert(name, bytes);
     }
     // Accept both `manifest.json` at the root and a single top-level folder.
-    if raw.contains_key("manifest.json") {
+    if raw.contains_key(MANIFEST) {
         return Ok(raw);
     }
     let prefixes: std::collections::BTreeSet<&str> =
@@ -637,7 +671,7 @@ pub fn find_newest(roots: &[PathBuf]) -> Option<PathBuf> {
             let Ok(versions) = std::fs::read_dir(name.path()) else { continue };
             for version in versions.flatten() {
                 let dir = version.path();
-                let Ok(bytes) = std::fs::read(dir.join("manifest.json")) else { continue };
+                let Ok(bytes) = std::fs::read(dir.join(MANIFEST)) else { continue };
                 let manifest = match parse_manifest(&bytes) {
                     Ok(m) => m,
                     Err(e) => {

@@ -145,6 +145,14 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
         _ => return Err(PreprocessError::UnsupportedFormat),
     };
     let format_name = if format == image::ImageFormat::Jpeg { "JPEG" } else { "PNG" };
+    if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder pads a truncated scan with grey; a half-received
+        // photo must not be classified.
+        return Err(PreprocessError::Corrupt {
+            format: format_name,
+            reason: "truncated: no end-of-image marker after the last scan".into(),
+        });
+    }
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
@@ -164,6 +172,17 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
     }
     let rgb = decoded.into_rgb8();
     Ok(RgbImage { width, height, data: rgb.into_raw() })
+}
+
+/// True when an end-of-image marker (`FF D9`) follows the last start-of-scan
+/// marker (`FF DA`). Entropy-coded data stuffs every `FF` with `00`, so the
+/// marker cannot appear inside a scan by accident.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    match (last(0xDA), last(0xD9)) {
+        (Some(scan), Some(end)) => end > scan,
+        _ => false,
+    }
 }
 
 /// Pillow's fixed-point precision for 8-bit resampling.
@@ -424,7 +443,8 @@ mod tests {
         p.preprocess(img.view(), &mut out);
         let plane = 16 * 16;
         for (c, want) in [10u8, 128, 250].into_iter().enumerate() {
-            assert!(out[c * plane..(c + 1) * plane].iter().all(|&v| v == want as f32 / 255.0), "channel {c}");
+            let expected = want as f32 * (1.0 / 255.0);
+            assert!(out[c * plane..(c + 1) * plane].iter().all(|&v| v == expected), "channel {c}");
         }
     }
 

@@ -226,10 +226,12 @@ impl Engines {
 
     /// Runs one input on the primary engine, falling back to the CPU if the GPU fails.
     pub fn run(&self, input: &[f32]) -> Result<Inference, EngineError> {
+        if input.len() != self.cpu.input_len() {
+            return Err(EngineError::BadInput { expected: self.cpu.input_len(), got: input.len() });
+        }
         if let Some(gpu) = self.gpu.as_ref().filter(|_| !self.gpu_degraded.load(Ordering::Acquire)) {
             match gpu.run(input) {
                 Ok(probs) => return Ok(Inference { probs, engine: EngineKind::Gpu, fell_back: false }),
-                Err(EngineError::BadInput { expected, got }) => return Err(EngineError::BadInput { expected, got }),
                 Err(e) => {
                     self.gpu_degraded.store(true, Ordering::Release);
                     self.fallbacks.fetch_add(1, Ordering::Relaxed);

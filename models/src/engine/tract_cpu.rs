@@ -70,6 +70,11 @@ impl TractEngine {
             inner: Mutex::new(Inner { state, input }),
         })
     }
+
+    /// Number of `f32` in one input tensor.
+    pub fn input_len(&self) -> usize {
+        self.input_len
+    }
 }
 
 fn tract_linalg_executor(threads: usize) -> tract_linalg::multithread::Executor {

@@ -1,0 +1,6 @@
+//! Integration tests of `rxvision-models`, one binary with a module per topic.
+
+mod bundle;
+mod engines;
+mod preprocess;
+mod support;
