@@ -23,6 +23,17 @@ pub fn default_bundle_roots() -> Vec<PathBuf> {
     ]
 }
 
+/// Loads and verifies `bundle_path`, or the newest bundle under `roots` when `None`.
+pub fn load_bundle(bundle_path: Option<&Path>, roots: &[PathBuf]) -> Result<Bundle, ClassifyError> {
+    let path = match bundle_path {
+        Some(p) => p.to_path_buf(),
+        None => bundle::find_newest(roots).ok_or_else(|| {
+            ClassifyError::NoBundle(roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "))
+        })?,
+    };
+    Bundle::load(&path).map_err(|source| ClassifyError::Bundle { path: path.display().to_string(), source })
+}
+
 /// Why classification could not start or could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
@@ -89,14 +100,7 @@ impl Classifier {
         roots: &[PathBuf],
         options: EngineOptions,
     ) -> Result<Classifier, ClassifyError> {
-        let path = match bundle_path {
-            Some(p) => p.to_path_buf(),
-            None => bundle::find_newest(roots).ok_or_else(|| {
-                ClassifyError::NoBundle(roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "))
-            })?,
-        };
-        let bundle =
-            Bundle::load(&path).map_err(|source| ClassifyError::Bundle { path: path.display().to_string(), source })?;
+        let bundle = load_bundle(bundle_path, roots)?;
         let engines = Engines::select(&bundle, options)?;
         let preprocessor = Preprocessor::new(&bundle.manifest.input);
         let input = vec![0.0; preprocessor.tensor_len()];

@@ -9,8 +9,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use rxvision_daemon::classify::{default_bundle_roots, Classifier, ClassifyError};
-use rxvision_models::engine::{EngineError, EngineOptions, EnginePreference};
+use rxvision_daemon::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
+use rxvision_models::engine::{
+    probe_adapter, Engine, EngineError, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
+};
 use rxvision_models::selftest;
 
 #[derive(Parser)]
@@ -63,14 +65,17 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn open(&self) -> Result<Classifier, ClassifyError> {
+    fn options(&self) -> EngineOptions {
         let defaults = EngineOptions::default();
-        let options = EngineOptions {
+        EngineOptions {
             preference: self.engine,
             cpu_threads: self.threads.unwrap_or(defaults.cpu_threads).max(1),
             gpu_timeout: Duration::from_millis(self.gpu_timeout_ms),
-        };
-        Classifier::open(self.bundle.as_deref(), &default_bundle_roots(), options)
+        }
+    }
+
+    fn open(&self) -> Result<Classifier, ClassifyError> {
+        Classifier::open(self.bundle.as_deref(), &default_bundle_roots(), self.options())
     }
 }
 
@@ -79,7 +84,17 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RXVISION_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(64);
+        }
+    };
     let result = match cli.command {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
@@ -134,9 +149,27 @@ fn classify(model: &ModelArgs, k: usize, json: bool, images: &[PathBuf]) -> Resu
 }
 
 fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError> {
-    let classifier = model.open()?;
-    let engines = classifier.engines();
-    let report = match selftest::run(classifier.bundle(), engines.active_engine()) {
+    // The engine under test is prepared directly, not through the selector:
+    // selection itself runs the self-test and would hide the table on failure.
+    let bundle = load_bundle(model.bundle.as_deref(), &default_bundle_roots())?;
+    let options = model.options();
+    let gpu = || -> Result<Box<dyn Engine>, EngineError> {
+        let adapter = probe_adapter().map_err(EngineError::NoGpu)?;
+        Ok(Box::new(WonnxEngine::prepare(&bundle, adapter, options.gpu_timeout)?))
+    };
+    let cpu = || -> Result<Box<dyn Engine>, EngineError> {
+        Ok(Box::new(TractEngine::prepare(&bundle, options.cpu_threads)?))
+    };
+    let (engine, choice) = match options.preference {
+        EnginePreference::Cpu => (cpu()?, "cpu: requested".to_string()),
+        EnginePreference::Gpu => (gpu()?, "gpu: requested".to_string()),
+        EnginePreference::Auto => {
+            let engines = Engines::select(&bundle, options)?;
+            let engine = if engines.gpu().is_some() { gpu()? } else { cpu()? };
+            (engine, engines.choice().to_string())
+        }
+    };
+    let report = match selftest::run(&bundle, engine.as_ref()) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("rxvisiond: self-test could not run: {e}");
@@ -146,7 +179,7 @@ fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError
     if json {
         println!("{}", serde_json::to_string(&report).expect("report serialises"));
     } else {
-        println!("model {}\nengine choice: {}", classifier.bundle(), engines.choice());
+        println!("model {bundle}\nengine choice: {choice}");
         print!("{}", report.table());
     }
     Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })

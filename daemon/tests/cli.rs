@@ -1,0 +1,148 @@
+//! The `classify` and `selftest` commands, run as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn fixture_dir() -> PathBuf {
+    workspace().join("models/bundles/fixture-cnn/0.1.0")
+}
+
+/// `rxvisiond ARGS` run from the workspace root (where `models/bundles/` is).
+fn rxvisiond(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(args)
+        .current_dir(workspace())
+        .env("RXVISION_LOG", "error")
+        .output()
+        .expect("run rxvisiond")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn golden_images() -> Vec<(PathBuf, usize)> {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture_dir().join("selftest/expected.json")).unwrap()).unwrap();
+    expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (fixture_dir().join("selftest").join(c["image"].as_str().unwrap()), c["top1"].as_u64().unwrap() as usize)
+        })
+        .collect()
+}
+
+#[test]
+fn classify_json_prints_one_object_per_image_with_the_documented_fields() {
+    let images = golden_images();
+    let mut args = vec!["classify", "--engine", "cpu", "--json", "--top", "2"];
+    let paths: Vec<String> = images.iter().map(|(p, _)| p.display().to_string()).collect();
+    args.extend(paths.iter().map(String::as_str));
+    let out = rxvisiond(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), images.len());
+    for (line, (path, top1)) in lines.iter().zip(&images) {
+        assert_eq!(line["image"], path.display().to_string());
+        let top_k = line["top_k"].as_array().unwrap();
+        assert_eq!(top_k.len(), 2);
+        assert_eq!(top_k[0]["index"], *top1);
+        assert!(top_k[0]["ndc"].as_str().unwrap().starts_with("fixture-"));
+        assert!(!top_k[0]["name"].as_str().unwrap().is_empty());
+        assert!(top_k[0]["prob"].as_f64().unwrap() >= top_k[1]["prob"].as_f64().unwrap());
+        assert_eq!(line["engine"], "cpu");
+        assert_eq!(line["model_version"], "0.1.0");
+        assert!(line["latency_ms"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn classify_reports_a_bad_image_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.jpg");
+    let good = &golden_images()[0].0;
+    let bytes = std::fs::read(good.with_file_name("c01_yellow_oval.jpg")).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 2]).unwrap();
+    let missing = dir.path().join("missing.png");
+    let out = rxvisiond(&[
+        "classify",
+        "--engine",
+        "cpu",
+        "--json",
+        corrupt.to_str().unwrap(),
+        missing.to_str().unwrap(),
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines[0]["error"].as_str().unwrap().contains("truncated"), "{}", lines[0]);
+    assert!(lines[1]["error"].as_str().unwrap().contains("cannot read"), "{}", lines[1]);
+    assert!(lines[2]["top_k"].is_array());
+}
+
+#[test]
+fn selftest_passes_on_the_cpu_and_prints_a_table() {
+    let out = rxvisiond(&["selftest", "--engine", "cpu", "--bundle", fixture_dir().to_str().unwrap()]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("PASS: 8 of 8 cases pass"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.trim_end().ends_with(" ok")).count(), 8, "{text}");
+}
+
+#[test]
+fn selftest_passes_on_the_gpu_engine() {
+    if let Err(why) = rxvision_models::engine::probe_adapter() {
+        eprintln!("SKIPPED: no GPU adapter: {why}");
+        return;
+    }
+    let out = rxvisiond(&["selftest", "--engine", "gpu"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("wonnx") && text.contains("PASS"), "{text}");
+}
+
+#[test]
+fn without_bundle_the_newest_shipped_one_is_used() {
+    let out = rxvisiond(&["classify", "--engine", "cpu", golden_images()[0].0.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("models/bundles/"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_corrupt_bundle_is_refused_with_the_file_named_and_exit_65() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in ["manifest.json", "manifest.json.sha256", "labels.json", "model.onnx", "MODEL_CARD.md"] {
+        std::fs::copy(fixture_dir().join(entry), dir.path().join(entry)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("selftest")).unwrap();
+    for entry in std::fs::read_dir(fixture_dir().join("selftest")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join("selftest").join(entry.file_name())).unwrap();
+    }
+    let model = dir.path().join("model.onnx");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+    let out = rxvisiond(&["selftest", "--engine", "cpu", "--bundle", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(stderr(&out).contains("model.onnx: SHA-256 mismatch"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_usage_is_exit_64_with_a_message() {
+    let out = rxvisiond(&["classify", "--engine", "tpu", "x.png"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown engine \"tpu\""), "{}", stderr(&out));
+}

@@ -1,0 +1,3 @@
+//! Integration tests of `rxvisiond`, one binary with a module per topic.
+
+mod cli;
