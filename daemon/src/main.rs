@@ -79,9 +79,14 @@ impl ModelArgs {
     }
 }
 
+/// Warnings and errors; wgpu's Vulkan layer chatter only when it is an error.
+const DEFAULT_LOG_FILTER: &str = "warn,wgpu_hal=error,wgpu_core=error,naga=error";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RXVISION_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RXVISION_LOG").unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = match Cli::try_parse() {
@@ -165,8 +170,8 @@ fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError
         EnginePreference::Gpu => (gpu()?, "gpu: requested".to_string()),
         EnginePreference::Auto => {
             let engines = Engines::select(&bundle, options)?;
-            let engine = if engines.gpu().is_some() { gpu()? } else { cpu()? };
-            (engine, engines.choice().to_string())
+            let choice = engines.choice().to_string();
+            (engines.into_active_engine(), choice)
         }
     };
     let report = match selftest::run(&bundle, engine.as_ref()) {

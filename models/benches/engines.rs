@@ -55,7 +55,11 @@ fn ort(
     threads: usize,
     iters: usize,
 ) -> Result<(f64, f64, String), String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixture/ort_bench.py");
+    // From the workspace root, the models crate, or where this was built.
+    let script = [PathBuf::from("models/fixture/ort_bench.py"), PathBuf::from("fixture/ort_bench.py")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixture/ort_bench.py"));
     let out = Command::new(python)
         .arg(script)
         .arg("--model")
@@ -156,7 +160,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    println!("{:<44} {:>5} {:>7} {:>9} {:>9} {:>12}", "engine", "model", "threads", "p50 ms", "p95 ms", "p50 / ORT");
+    println!("{:<56} {:>5} {:>7} {:>9} {:>9} {:>12}", "engine", "model", "threads", "p50 ms", "p95 ms", "p50 / ORT");
     for row in &rows {
         let peer = rows.iter().find(|r| {
             r.engine == "onnxruntime"
@@ -165,7 +169,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         let ratio = peer.map_or("-".to_string(), |p| format!("{:.2}x", row.p50_ms / p.p50_ms));
         println!(
-            "{:<44} {:>5} {:>7} {:>9.3} {:>9.3} {:>12}",
+            "{:<56} {:>5} {:>7} {:>9.3} {:>9.3} {:>12}",
             row.engine, row.model, row.threads, row.p50_ms, row.p95_ms, ratio
         );
     }

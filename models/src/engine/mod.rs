@@ -263,6 +263,15 @@ impl Engines {
         }
     }
 
+    /// The engine requests currently go to, taken out of the selector.
+    pub fn into_active_engine(self) -> Box<dyn Engine> {
+        let active = self.active();
+        match (self.gpu, active) {
+            (Some(gpu), EngineKind::Gpu) => gpu,
+            _ => Box::new(self.cpu),
+        }
+    }
+
     /// The CPU engine (always prepared).
     pub fn cpu(&self) -> &TractEngine {
         &self.cpu

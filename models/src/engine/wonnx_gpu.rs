@@ -84,7 +84,26 @@ pub struct WonnxEngine {
     adapter: Adapter,
     input_len: usize,
     timeout: Duration,
-    jobs: mpsc::Sender<Job>,
+    /// Closed on drop, which ends the worker's loop.
+    jobs: Option<mpsc::Sender<Job>>,
+    /// Signalled by the worker once its session (and GPU device) is dropped.
+    finished: std::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+/// How long dropping the engine waits for the worker to release the GPU.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Drop for WonnxEngine {
+    /// Releases the GPU session on its own thread before returning: process
+    /// exit while the worker still tears the device down crashed the NVIDIA
+    /// Vulkan driver (seen on an H100: SIGSEGV or `free(): invalid pointer`).
+    fn drop(&mut self) {
+        self.jobs.take();
+        let finished = self.finished.get_mut().unwrap_or_else(|p| p.into_inner());
+        if finished.recv_timeout(RELEASE_TIMEOUT).is_err() {
+            tracing::warn!("the GPU worker did not release the device within {RELEASE_TIMEOUT:?} (a request is stuck)");
+        }
+    }
 }
 
 impl WonnxEngine {
@@ -99,6 +118,7 @@ impl WonnxEngine {
         let output_name = bundle.manifest.output.name.clone();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (finished_tx, finished) = mpsc::sync_channel::<()>(1);
         let model = graph.model;
         std::thread::Builder::new()
             .name("rxv-wonnx".into())
@@ -134,6 +154,8 @@ impl WonnxEngine {
                     .unwrap_or_else(|panic| Err(format!("wonnx panicked: {}", panic_message(&panic))));
                     let _ = job.reply.send(result);
                 }
+                drop(session);
+                let _ = finished_tx.send(());
             })
             .map_err(|e| EngineError::Prepare {
                 engine: EngineKind::Gpu,
@@ -155,7 +177,13 @@ impl WonnxEngine {
                 })
             }
         }
-        Ok(WonnxEngine { adapter, input_len: shape.iter().product(), timeout, jobs })
+        Ok(WonnxEngine {
+            adapter,
+            input_len: shape.iter().product(),
+            timeout,
+            jobs: Some(jobs),
+            finished: finished.into(),
+        })
     }
 
     /// The adapter this engine runs on.
@@ -186,7 +214,8 @@ impl Engine for WonnxEngine {
             return Err(EngineError::BadInput { expected: self.input_len, got: input.len() });
         }
         let (reply, answer) = mpsc::sync_channel(1);
-        self.jobs.send(Job { input: input.to_vec(), reply }).map_err(|_| EngineError::Run {
+        let jobs = self.jobs.as_ref().expect("taken only on drop");
+        jobs.send(Job { input: input.to_vec(), reply }).map_err(|_| EngineError::Run {
             engine: EngineKind::Gpu,
             reason: "the GPU worker thread is gone".into(),
         })?;
