@@ -10,9 +10,12 @@
 //! `models/fixture/ort_bench.py` in the project's virtual environment
 //! (`scripts/setup-python`); without it those rows say why they are missing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{ort, reference_python, time};
 
 use rxvision_models::bundle::Bundle;
 use rxvision_models::engine::{f32_graph, probe_adapter, Engine, TractEngine, WonnxEngine};
@@ -24,62 +27,6 @@ struct Row {
     threads: String,
     p50_ms: f64,
     p95_ms: f64,
-}
-
-fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    (at(0.50), at(0.95))
-}
-
-fn time(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
-    for _ in 0..iters / 10 + 5 {
-        f();
-    }
-    let samples: Vec<f64> = (0..iters)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    percentiles(samples)
-}
-
-fn ort(
-    python: &Path,
-    model: &Path,
-    input: &Path,
-    width: u32,
-    height: u32,
-    threads: usize,
-    iters: usize,
-) -> Result<(f64, f64, String), String> {
-    // From the workspace root, the models crate, or where this was built.
-    let script = [PathBuf::from("models/fixture/ort_bench.py"), PathBuf::from("fixture/ort_bench.py")]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixture/ort_bench.py"));
-    let out = Command::new(python)
-        .arg(script)
-        .arg("--model")
-        .arg(model)
-        .args(["--width", &width.to_string(), "--height", &height.to_string()])
-        .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()])
-        .arg("--input")
-        .arg(input)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed").to_string());
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| format!("bad output {line:?}: {e}"))?;
-    Ok((
-        v["p50_ms"].as_f64().unwrap_or(f64::NAN),
-        v["p95_ms"].as_f64().unwrap_or(f64::NAN),
-        v["version"].as_str().unwrap_or("?").to_string(),
-    ))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -117,10 +64,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let f32_path = dir.path().join("model_f32_derived.onnx");
     std::fs::write(&f32_path, &f32_bytes)?;
 
+    let shape = [1, 3, spec.height as usize, spec.width as usize];
     let mut rows = Vec::new();
     for (model, bytes) in [("int8", bundle.model_bytes()), ("f32", f32_bytes.as_slice())] {
         for &threads in &thread_counts {
-            let engine = TractEngine::prepare_onnx(bytes, &bundle, threads)?;
+            let engine = TractEngine::prepare_onnx(bytes, shape, &bundle.manifest.output.name, threads)?;
             let (p50, p95) = time(iters, || {
                 engine.run(&input).unwrap();
             });
@@ -138,9 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Err(why) => println!("wonnx: not measured: {why}"),
     }
-    let python = std::env::var_os("RXVISION_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+    let python = reference_python();
     let mut ort_version = String::new();
     for (model, path) in [("int8", &int8_path), ("f32", &f32_path)] {
         for &threads in &thread_counts {

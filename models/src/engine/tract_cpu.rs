@@ -39,16 +39,21 @@ struct Inner {
 impl TractEngine {
     /// Prepares the bundle's graph for `threads` CPU threads (1 = single-threaded).
     pub fn prepare(bundle: &Bundle, threads: usize) -> Result<TractEngine, EngineError> {
-        Self::prepare_onnx(bundle.model_bytes(), bundle, threads)
+        let spec = &bundle.manifest.input;
+        let shape = [1, 3, spec.height as usize, spec.width as usize];
+        Self::prepare_onnx(bundle.model_bytes(), shape, &bundle.manifest.output.name, threads)
     }
 
-    /// Prepares another ONNX graph with the bundle's input spec (used to run
-    /// the derived float graph on the CPU for comparisons).
-    pub fn prepare_onnx(onnx: &[u8], bundle: &Bundle, threads: usize) -> Result<TractEngine, EngineError> {
-        let spec = &bundle.manifest.input;
-        let shape = [1usize, 3, spec.height as usize, spec.width as usize];
+    /// Prepares any single-input ONNX graph taking an f32 tensor of `shape`
+    /// and reading `output_name` (the derived float graph, benchmark models).
+    pub fn prepare_onnx(
+        onnx: &[u8],
+        shape: [usize; 4],
+        output_name: &str,
+        threads: usize,
+    ) -> Result<TractEngine, EngineError> {
         let prepare_err = |e: TractError| EngineError::Prepare { engine: EngineKind::Cpu, reason: format!("{e:#}") };
-        let output_name = bundle.manifest.output.name.clone();
+        let output_name = output_name.to_string();
         let model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
             .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
