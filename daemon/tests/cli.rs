@@ -103,6 +103,9 @@ fn selftest_passes_on_the_cpu_and_prints_a_table() {
 #[test]
 fn selftest_passes_on_the_gpu_engine() {
     if let Err(why) = rxvision_models::engine::probe_adapter() {
+        if std::env::var("RXVISION_REQUIRE_GPU").as_deref() == Ok("1") {
+            panic!("no GPU adapter: {why}");
+        }
         eprintln!("SKIPPED: no GPU adapter: {why}");
         return;
     }
