@@ -137,7 +137,8 @@ fn labels_must_match_the_manifest() {
 #[test]
 fn manifest_values_out_of_range_are_refused_by_key() {
     let pristine = read_tree(&fixture_dir());
-    let cases: [(&str, fn(&mut serde_json::Value)); 5] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 5] = [
         ("input.layout", |m| m["input"]["layout"] = "NHWC".into()),
         ("input.resize", |m| m["input"]["resize"] = "nearest".into()),
         ("thresholds", |m| m["thresholds"]["min_confidence"] = 1.5.into()),

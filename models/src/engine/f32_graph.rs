@@ -132,14 +132,12 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
                 dequantised.push(tensor);
                 folded.insert(node as *const _);
             }
-            "DequantizeLinear" => {
-                if !folded.contains(&(node as *const _)) {
-                    // Its producer must be a QuantizeLinear seen earlier (topological order).
-                    return Err(unsupported(
-                        node,
-                        "dequantises a tensor that is neither a constant nor a QuantizeLinear output",
-                    ));
-                }
+            // Its producer must be a QuantizeLinear seen earlier (topological order).
+            "DequantizeLinear" if !folded.contains(&(node as *const _)) => {
+                return Err(unsupported(
+                    node,
+                    "dequantises a tensor that is neither a constant nor a QuantizeLinear output",
+                ));
             }
             op @ ("QLinearConv" | "QLinearMatMul" | "ConvInteger" | "MatMulInteger" | "DynamicQuantizeLinear") => {
                 return Err(unsupported(
