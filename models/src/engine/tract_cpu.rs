@@ -121,3 +121,23 @@ impl Engine for TractEngine {
         Ok(view.as_slice::<f32>().map_err(run_err)?.to_vec())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_input_tensor_is_reused_between_calls() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bundles/fixture-cnn/0.1.0");
+        let bundle = Bundle::load(&dir).unwrap();
+        let engine = TractEngine::prepare(&bundle, 1).unwrap();
+        let input = vec![0.25f32; engine.input_len()];
+        let first = engine.run(&input).unwrap();
+        let before = Arc::as_ptr(&engine.inner.lock().unwrap().input);
+        let second = engine.run(&input).unwrap();
+        let inner = engine.inner.lock().unwrap();
+        assert_eq!(Arc::strong_count(&inner.input), 1, "tract kept a reference to the input");
+        assert_eq!(Arc::as_ptr(&inner.input), before, "the input tensor was reallocated");
+        assert_eq!(first, second);
+    }
+}
