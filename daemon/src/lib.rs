@@ -5,8 +5,11 @@
 //! * [`classify`] — a loaded bundle with its engines: image bytes in, top-k
 //!   classes out. The `classify` and `selftest` commands stand on it, and so
 //!   will the counter verification path.
+//! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
+//!   and its keys; `audit verify` and `audit export` stand on it.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging
 //! and maps errors to exit codes.
 
+pub mod audit;
 pub mod classify;

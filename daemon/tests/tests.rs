@@ -1,3 +1,4 @@
 //! Integration tests of `rxvisiond`, one binary with a module per topic.
 
+mod audit;
 mod cli;
