@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use rxvision_daemon::audit::{parse_time, AuditLog, KeyRing};
 use rxvision_daemon::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
 use rxvision_models::engine::{
     probe_adapter, Engine, EngineError, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
@@ -46,6 +47,71 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify, export or prune the encrypted audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every record's tag and the hash chain; name the first bad record.
+    Verify {
+        #[command(flatten)]
+        store: AuditArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write decrypted records of a time range as JSON lines (itself audited).
+    Export {
+        #[command(flatten)]
+        store: AuditArgs,
+        /// First day or time included (YYYY-MM-DD or RFC 3339, UTC).
+        #[arg(long)]
+        from: String,
+        /// First day or time excluded (YYYY-MM-DD or RFC 3339, UTC).
+        #[arg(long)]
+        to: String,
+        /// Output file (created, must not exist); default standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Who exports (recorded in the audit log).
+        #[arg(long)]
+        operator: String,
+    },
+    /// Remove records older than a date, keeping the chain verifiable (itself audited).
+    Prune {
+        #[command(flatten)]
+        store: AuditArgs,
+        /// Records written before this day or time are removed.
+        #[arg(long)]
+        before: String,
+        /// Who prunes (recorded in the audit log).
+        #[arg(long)]
+        operator: String,
+    },
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// The audit store directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The active audit key file (64 hex digits or 32 bytes, mode 0600 or stricter).
+    #[arg(long)]
+    key: PathBuf,
+    /// Older keys, to read records written before a key rotation.
+    #[arg(long = "previous-key")]
+    previous_keys: Vec<PathBuf>,
+}
+
+impl AuditArgs {
+    fn open(&self) -> Result<AuditLog, String> {
+        let keys = KeyRing::load(&self.key, &self.previous_keys).map_err(|e| e.to_string())?;
+        AuditLog::open(&self.dir, keys).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Args)]
@@ -103,6 +169,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
+        Command::Audit { command } => return audit(command),
     };
     result.unwrap_or_else(|e| {
         eprintln!("rxvisiond: {e}");
@@ -188,4 +255,79 @@ fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError
         print!("{}", report.table());
     }
     Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn audit(command: AuditCommand) -> ExitCode {
+    let result = match command {
+        AuditCommand::Verify { store, json } => store.open().and_then(|log| {
+            let report = log.verify().map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string(&report).expect("report serialises"));
+            } else {
+                println!(
+                    "{} records checked (seq {} to {}), {} pruned under a signed checkpoint, chain head {}",
+                    report.checked,
+                    report.first_seq.map_or("-".into(), |s| s.to_string()),
+                    report.last_seq.map_or("-".into(), |s| s.to_string()),
+                    report.pruned,
+                    report.head_hash
+                );
+            }
+            match report.tamper {
+                None => Ok(true),
+                Some(t) => {
+                    eprintln!(
+                        "rxvisiond: audit log FAILS verification: first bad record is seq {}: {}",
+                        t.seq, t.reason
+                    );
+                    Ok(false)
+                }
+            }
+        }),
+        AuditCommand::Export { store, from, to, out, operator } => (|| {
+            let (from_ms, to_ms) = (parse_time(&from)?, parse_time(&to)?);
+            if from_ms >= to_ms {
+                return Err(format!("--from {from} is not before --to {to}"));
+            }
+            let log = store.open()?;
+            let summary = match &out {
+                Some(path) => {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    let mut writer = std::io::BufWriter::new(file);
+                    log.export(from_ms, to_ms, &operator, &mut writer)
+                }
+                None => log.export(from_ms, to_ms, &operator, &mut std::io::stdout().lock()),
+            }
+            .map_err(|e| e.to_string())?;
+            eprintln!(
+                "rxvisiond: exported {} records; the export is audit record {}",
+                summary.count, summary.audit_seq
+            );
+            Ok(true)
+        })(),
+        AuditCommand::Prune { store, before, operator } => (|| {
+            let before_ms = parse_time(&before)?;
+            let log = store.open()?;
+            let summary = log.prune(before_ms, &operator).map_err(|e| e.to_string())?;
+            println!(
+                "removed {} records; checkpoint through seq {}; the pruning is audit record {}",
+                summary.removed,
+                summary.checkpoint.map_or("-".into(), |c| c.through_seq.to_string()),
+                summary.audit_seq
+            );
+            Ok(true)
+        })(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("rxvisiond: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

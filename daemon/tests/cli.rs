@@ -149,3 +149,97 @@ fn bad_usage_is_exit_64_with_a_message() {
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("unknown engine \"tpu\""), "{}", stderr(&out));
 }
+
+mod audit_commands {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use rxvision_daemon::audit::{AuditEvent, AuditKey, AuditLog, KeyRing, RecordKind};
+
+    use super::{rxvisiond, stderr, stdout};
+
+    const KEY_HEX: &str = "3f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+    fn setup(records: u64) -> (tempfile::TempDir, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("audit.key");
+        std::fs::write(&key, format!("{KEY_HEX}\n")).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let store = dir.path().join("audit");
+        let log = AuditLog::open(&store, KeyRing::new(AuditKey::load(&key).unwrap())).unwrap();
+        for i in 0..records {
+            let mut event = AuditEvent::new(RecordKind::Verification);
+            event.rx_ref = Some(format!("RX-{i}"));
+            event.verdict = Some("MATCH".into());
+            log.append(event).unwrap();
+        }
+        drop(log);
+        (dir, store.display().to_string(), key.display().to_string())
+    }
+
+    #[test]
+    fn verify_passes_on_an_intact_log_and_names_the_first_bad_record_otherwise() {
+        let (_dir, store, key) = setup(5);
+        let out = rxvisiond(&["audit", "verify", "--dir", &store, "--key", &key]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("5 records checked (seq 0 to 4)"), "{}", stdout(&out));
+
+        let db = sled::open(&store).unwrap();
+        db.open_tree("records").unwrap().remove(3u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+        drop(db);
+        let out = rxvisiond(&["audit", "verify", "--dir", &store, "--key", &key]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("first bad record is seq 3"), "{}", stderr(&out));
+    }
+
+    #[test]
+    fn export_writes_the_range_to_a_new_file_and_audits_itself() {
+        let (dir, store, key) = setup(3);
+        let out_file = dir.path().join("export.jsonl");
+        let args = ["audit", "export", "--dir", &store, "--key", &key, "--from", "2000-01-01", "--to", "2999-01-01"];
+        let out = rxvisiond(&[&args[..], &["--operator", "officer-7", "--out", out_file.to_str().unwrap()]].concat());
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains("exported 3 records; the export is audit record 3"), "{}", stderr(&out));
+        let text = std::fs::read_to_string(&out_file).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(!text.contains("RX-1"));
+        // The file exists now: a second export must not overwrite it.
+        let out = rxvisiond(&[&args[..], &["--operator", "officer-7", "--out", out_file.to_str().unwrap()]].concat());
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(std::fs::read_to_string(&out_file).unwrap(), text);
+        let out = rxvisiond(&["audit", "verify", "--dir", &store, "--key", &key]);
+        assert!(stdout(&out).contains("4 records checked"), "{}", stdout(&out));
+    }
+
+    #[test]
+    fn a_readable_key_file_is_refused_and_never_printed() {
+        let (_dir, store, key) = setup(1);
+        std::fs::set_permissions(Path::new(&key), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = rxvisiond(&["audit", "verify", "--dir", &store, "--key", &key]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+        assert!(!stderr(&out).contains(&KEY_HEX[..12]) && !stdout(&out).contains(&KEY_HEX[..12]));
+    }
+
+    #[test]
+    fn bad_dates_are_refused() {
+        let (_dir, store, key) = setup(1);
+        let out = rxvisiond(&[
+            "audit",
+            "export",
+            "--dir",
+            &store,
+            "--key",
+            &key,
+            "--from",
+            "yesterday",
+            "--to",
+            "2999-01-01",
+            "--operator",
+            "x",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("\"yesterday\" is not a date"), "{}", stderr(&out));
+    }
+}
