@@ -1,4 +1,5 @@
 //! Integration tests of `rxvisiond`, one binary with a module per topic.
 
 mod audit;
+mod audit_crash;
 mod cli;
