@@ -5,6 +5,8 @@
 //! * [`classify`] — a loaded bundle with its engines: image bytes in, top-k
 //!   classes out. The `classify` and `selftest` commands stand on it, and so
 //!   will the counter verification path.
+//! * [`config`] — versioned TOML configuration, parsed then validated; the
+//!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
 //!   and its keys; `audit verify` and `audit export` stand on it.
 //!
@@ -13,3 +15,4 @@
 
 pub mod audit;
 pub mod classify;
+pub mod config;

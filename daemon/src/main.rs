@@ -1,8 +1,9 @@
 //! `rxvisiond`: command line of the RxVision appliance daemon.
 //!
 //! Exit codes: 0 success; 1 a command ran and failed (an image could not be
-//! classified, the self-test failed); 64 bad usage; 65 a bad model bundle;
-//! 69 the requested engine is unavailable.
+//! classified, the self-test failed, the audit log fails verification); 64
+//! bad usage or a bad configuration; 65 a bad model bundle; 69 the requested
+//! engine is unavailable.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use rxvision_daemon::audit::{parse_time, AuditLog, KeyRing};
 use rxvision_daemon::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
+use rxvision_daemon::config;
 use rxvision_models::engine::{
     probe_adapter, Engine, EngineError, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
 };
@@ -52,6 +54,13 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Check configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print the annotated default configuration.
+    PrintDefaultConfig,
 }
 
 #[derive(Subcommand)]
@@ -96,12 +105,15 @@ enum AuditCommand {
 
 #[derive(Args)]
 struct AuditArgs {
+    /// Take the store and keys from this configuration's [audit] section.
+    #[arg(long, conflicts_with_all = ["dir", "key"])]
+    config: Option<PathBuf>,
     /// The audit store directory.
-    #[arg(long)]
-    dir: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    dir: Option<PathBuf>,
     /// The active audit key file (64 hex digits or 32 bytes, mode 0600 or stricter).
-    #[arg(long)]
-    key: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    key: Option<PathBuf>,
     /// Older keys, to read records written before a key rotation.
     #[arg(long = "previous-key")]
     previous_keys: Vec<PathBuf>,
@@ -109,9 +121,28 @@ struct AuditArgs {
 
 impl AuditArgs {
     fn open(&self) -> Result<AuditLog, String> {
-        let keys = KeyRing::load(&self.key, &self.previous_keys).map_err(|e| e.to_string())?;
-        AuditLog::open(&self.dir, keys).map_err(|e| e.to_string())
+        let (dir, key, mut previous) = match (&self.config, &self.dir, &self.key) {
+            (Some(path), _, _) => {
+                let config = config::load(path).map_err(|e| e.to_string())?;
+                let key = config.audit.key_path()?;
+                (config.audit.dir, key, config.audit.previous_key_files)
+            }
+            (None, Some(dir), Some(key)) => (dir.clone(), key.clone(), Vec::new()),
+            _ => return Err("give --config, or both --dir and --key".into()),
+        };
+        previous.extend(self.previous_keys.iter().cloned());
+        let keys = KeyRing::load(&key, &previous).map_err(|e| e.to_string())?;
+        AuditLog::open(&dir, keys).map_err(|e| e.to_string())
     }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file; every problem is reported with its key path.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -170,6 +201,22 @@ fn main() -> ExitCode {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
         Command::Audit { command } => return audit(command),
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            return match config::load(&file) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("rxvisiond: {e}");
+                    ExitCode::from(64)
+                }
+            };
+        }
+        Command::PrintDefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            return ExitCode::SUCCESS;
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("rxvisiond: {e}");

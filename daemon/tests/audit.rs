@@ -29,9 +29,21 @@ fn store_with(dir: &Path, n: u64) {
     }
 }
 
+/// Opens a closed store's raw database, waiting for the previous handle's
+/// background flusher to let go of the lock.
+pub fn raw_open(dir: &Path) -> sled::Db {
+    for _ in 0..150 {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    sled::open(dir).unwrap()
+}
+
 /// Edits the raw records tree of a closed store.
 fn tamper(dir: &Path, edit: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(dir).unwrap();
+    let db = raw_open(dir);
     let records = db.open_tree("records").unwrap();
     edit(&records);
     db.flush().unwrap();
@@ -64,7 +76,7 @@ fn records_survive_reopening_and_the_chain_continues() {
 fn a_flipped_byte_anywhere_in_a_record_names_that_record() {
     let pristine = tempfile::tempdir().unwrap();
     store_with(pristine.path(), 6);
-    let len = sled::open(pristine.path()).unwrap().open_tree("records").unwrap().get(key(3)).unwrap().unwrap().len();
+    let len = raw_open(pristine.path()).open_tree("records").unwrap().get(key(3)).unwrap().unwrap().len();
     for at in [0, 5, 13, 20, 30, 59, 60, len / 2, len - 1] {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(pristine.path(), dir.path());
@@ -226,7 +238,7 @@ fn pruning_keeps_the_rest_of_the_chain_verifiable_and_a_forged_checkpoint_is_cau
         assert!(log.verify().unwrap().tamper.is_none());
     }
     // Forge the checkpoint to hide more records.
-    let db = sled::open(dir.path()).unwrap();
+    let db = raw_open(dir.path());
     let meta = db.open_tree("meta").unwrap();
     let mut checkpoint: serde_json::Value = serde_json::from_slice(&meta.get("checkpoint").unwrap().unwrap()).unwrap();
     checkpoint["next_seq"] = 7.into();

@@ -184,7 +184,7 @@ mod audit_commands {
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(stdout(&out).contains("5 records checked (seq 0 to 4)"), "{}", stdout(&out));
 
-        let db = sled::open(&store).unwrap();
+        let db = crate::audit::raw_open(std::path::Path::new(&store));
         db.open_tree("records").unwrap().remove(3u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
         drop(db);
@@ -241,5 +241,62 @@ mod audit_commands {
         ]);
         assert_eq!(out.status.code(), Some(1));
         assert!(stderr(&out).contains("\"yesterday\" is not a date"), "{}", stderr(&out));
+    }
+}
+
+mod config_commands {
+    use super::{rxvisiond, stderr, stdout, workspace};
+
+    #[test]
+    fn print_default_config_is_the_shipped_annotated_file_and_it_checks() {
+        let out = rxvisiond(&["print-default-config"]);
+        assert!(out.status.success());
+        let shipped = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
+        assert_eq!(stdout(&out), shipped);
+        let out = rxvisiond(&["config", "check", "firmware-cfg/rxvisiond.toml"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    #[test]
+    fn a_bad_config_exits_64_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
+        for (edit, words) in [
+            (shipped.replace("gpu_timeout_ms = 2000", "gpu_timeout_ms = 2000\ngpu_timeout = 5"), "model.gpu_timeout"),
+            (shipped.replace("cpu_threads = 2", "cpu_threads = 999"), "model.cpu_threads: 999 is outside 1..=64"),
+            (shipped.replace("engine = \"auto\"", "engine = 3"), "model.engine"),
+        ] {
+            let file = dir.path().join("bad.toml");
+            std::fs::write(&file, edit).unwrap();
+            let out = rxvisiond(&["config", "check", file.to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(64), "{words}");
+            assert!(stderr(&out).contains(words), "{words}: {}", stderr(&out));
+        }
+        let out = rxvisiond(&["config", "check", dir.path().join("absent.toml").to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64));
+    }
+
+    #[test]
+    fn audit_commands_take_the_store_and_key_from_the_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("audit.key");
+        std::fs::write(&key, "11".repeat(32)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let store = dir.path().join("audit");
+        let shipped = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
+        let config = shipped
+            .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {:?}", store.display().to_string()))
+            .replace("key_file = \"\"", &format!("key_file = {:?}", key.display().to_string()))
+            .replace("key_credential = \"audit-key\"", "key_credential = \"\"");
+        let file = dir.path().join("rxvisiond.toml");
+        std::fs::write(&file, config).unwrap();
+        let out = rxvisiond(&["audit", "verify", "--config", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("0 records checked"), "{}", stdout(&out));
+        // The credential form needs systemd's $CREDENTIALS_DIRECTORY.
+        let out = rxvisiond(&["audit", "verify", "--config", "firmware-cfg/rxvisiond.toml"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("CREDENTIALS_DIRECTORY"), "{}", stderr(&out));
     }
 }

@@ -347,7 +347,7 @@ fn parse_header(value: &[u8]) -> Option<Header> {
 impl AuditLog {
     /// Opens (or creates) the audit store in `dir` with `keys`.
     pub fn open(dir: &Path, keys: KeyRing) -> Result<AuditLog, AuditError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = open_db(dir)?;
         let records = db.open_tree("records")?;
         let meta = db.open_tree("meta")?;
         let epoch = match meta.get("epoch")? {
@@ -657,6 +657,30 @@ impl AuditLog {
         Ok(PruneSummary { removed, checkpoint, audit_seq: appended.seq })
     }
 }
+
+/// Opens the sled database, waiting up to [`LOCK_WAIT`] for another handle
+/// to let go of it (a previous process still exiting, or a test's earlier
+/// handle whose background flusher has not stopped yet).
+fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(AuditError::Meta(format!(
+                        "{} is in use by another process (a running rxvisiond?): {e}",
+                        dir.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// How long [`AuditLog::open`] waits for the store's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Parses `YYYY-MM-DD` (midnight UTC) or an RFC 3339 time into Unix milliseconds.
 pub fn parse_time(text: &str) -> Result<u64, String> {

@@ -1,0 +1,345 @@
+//! `rxvisiond` configuration: versioned TOML, parsed, then validated.
+//!
+//! The annotated default lives in `firmware-cfg/rxvisiond.toml` and is
+//! compiled in: `rxvisiond print-default-config` prints it, and a test keeps
+//! the two identical. Unknown keys and bad values are errors that name the
+//! key's path (`model.cpu_threads`); nothing in a configuration needs the
+//! network.
+//!
+//! Parsing ([`RawConfig`], serde with `deny_unknown_fields`) and validation
+//! ([`validate`], a pure function) are separate steps, so every problem of a
+//! file is reported at once and the rest of the daemon only ever sees a
+//! [`Config`] whose values are known to be usable.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rxvision_models::engine::{EngineOptions, EnginePreference};
+use serde::Deserialize;
+
+/// The configuration layout this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The annotated default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("../../firmware-cfg/rxvisiond.toml");
+
+/// One problem with a configuration, at a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `model.cpu_threads`.
+    pub path: String,
+    /// What is wrong, in words.
+    pub problem: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.problem)
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrongly typed value.
+    #[error("{file}: {problem}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// The problem, with its key path.
+        problem: ConfigProblem,
+    },
+    /// Values are out of range or inconsistent.
+    #[error("{file}: {}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid {
+        /// The file.
+        file: String,
+        /// Every problem found.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Layout version; must be [`CONFIG_VERSION`].
+    pub version: u32,
+    /// This appliance.
+    pub device: RawDevice,
+    /// The model and the engines.
+    pub model: RawModel,
+    /// The audit log.
+    pub audit: RawAudit,
+}
+
+/// `[device]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevice {
+    /// Appliance id, as provisioned (letters, digits, `-`, `_`, `.`).
+    pub id: String,
+    /// Where the daemon keeps its state.
+    pub state_dir: PathBuf,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// A bundle to use; empty: the newest under `bundle_dirs`.
+    pub bundle: String,
+    /// Where bundles are looked for, in order.
+    pub bundle_dirs: Vec<PathBuf>,
+    /// `auto`, `gpu` or `cpu`.
+    pub engine: String,
+    /// CPU engine threads.
+    pub cpu_threads: u32,
+    /// Watchdog on one GPU request before it falls back to the CPU.
+    pub gpu_timeout_ms: u64,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// The audit store directory.
+    pub dir: PathBuf,
+    /// Active key file; empty when `key_credential` is used.
+    pub key_file: String,
+    /// Name of a systemd credential holding the active key; empty when `key_file` is used.
+    pub key_credential: String,
+    /// Older keys still needed to read records written before a rotation.
+    pub previous_key_files: Vec<PathBuf>,
+    /// Records older than this many days are pruned (keeping a signed checkpoint).
+    pub retention_days: u32,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Appliance id.
+    pub device_id: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Explicit bundle, if any.
+    pub bundle: Option<PathBuf>,
+    /// Bundle search roots.
+    pub bundle_dirs: Vec<PathBuf>,
+    /// Engine selection and limits.
+    pub engine: EngineOptions,
+    /// Audit store and keys.
+    pub audit: AuditConfig,
+}
+
+/// Where the audit key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A key file.
+    File(PathBuf),
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY`.
+    Credential(String),
+}
+
+/// The validated `[audit]` section.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Store directory.
+    pub dir: PathBuf,
+    /// The active key.
+    pub key: KeySource,
+    /// Older keys.
+    pub previous_key_files: Vec<PathBuf>,
+    /// Retention.
+    pub retention: Duration,
+}
+
+impl AuditConfig {
+    /// The active key file's path, resolving a credential through
+    /// `$CREDENTIALS_DIRECTORY` as systemd's `LoadCredential=` provides it.
+    pub fn key_path(&self) -> Result<PathBuf, String> {
+        match &self.key {
+            KeySource::File(path) => Ok(path.clone()),
+            KeySource::Credential(name) => std::env::var_os("CREDENTIALS_DIRECTORY")
+                .map(|dir| Path::new(&dir).join(name))
+                .ok_or_else(|| {
+                    format!("audit.key_credential = {name:?} but $CREDENTIALS_DIRECTORY is not set (not started by systemd with LoadCredential=)")
+                }),
+        }
+    }
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let deserializer = toml::Deserializer::new(text);
+    let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.inner().message().to_string();
+        let location = e
+            .inner()
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        ConfigError::Parse {
+            file: file.to_string(),
+            problem: ConfigProblem {
+                path: if path == "." { "(top level)".into() } else { path },
+                problem: format!("{message}{location}"),
+            },
+        }
+    })?;
+    validate(raw).map_err(|problems| ConfigError::Invalid { file: file.to_string(), problems })
+}
+
+/// Checks ranges and consistency; returns every problem found.
+pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
+    let mut problems = Vec::new();
+    let mut problem = |path: &str, text: String| problems.push(ConfigProblem { path: path.into(), problem: text });
+
+    if raw.version != CONFIG_VERSION {
+        problem("version", format!("{} is not supported (this build reads version {CONFIG_VERSION})", raw.version));
+    }
+    let id_ok = !raw.device.id.is_empty()
+        && raw.device.id.len() <= 64
+        && raw.device.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !id_ok {
+        problem("device.id", "must be 1-64 letters, digits, '-', '_' or '.'".into());
+    }
+    if !raw.device.state_dir.is_absolute() {
+        problem("device.state_dir", "must be an absolute path".into());
+    }
+    let engine = match raw.model.engine.parse::<EnginePreference>() {
+        Ok(e) => e,
+        Err(e) => {
+            problem("model.engine", e);
+            EnginePreference::Auto
+        }
+    };
+    if !(1..=64).contains(&raw.model.cpu_threads) {
+        problem("model.cpu_threads", format!("{} is outside 1..=64", raw.model.cpu_threads));
+    }
+    if !(10..=60_000).contains(&raw.model.gpu_timeout_ms) {
+        problem("model.gpu_timeout_ms", format!("{} is outside 10..=60000", raw.model.gpu_timeout_ms));
+    }
+    if raw.model.bundle_dirs.is_empty() && raw.model.bundle.is_empty() {
+        problem("model.bundle_dirs", "must list at least one directory when model.bundle is empty".into());
+    }
+    if !raw.audit.dir.is_absolute() {
+        problem("audit.dir", "must be an absolute path".into());
+    }
+    let key = match (raw.audit.key_file.is_empty(), raw.audit.key_credential.is_empty()) {
+        (false, true) => KeySource::File(PathBuf::from(&raw.audit.key_file)),
+        (true, false) => KeySource::Credential(raw.audit.key_credential.clone()),
+        (true, true) => {
+            problem("audit.key_file", "set either audit.key_file or audit.key_credential".into());
+            KeySource::File(PathBuf::new())
+        }
+        (false, false) => {
+            problem("audit.key_credential", "set only one of audit.key_file and audit.key_credential".into());
+            KeySource::File(PathBuf::new())
+        }
+    };
+    if raw.audit.retention_days == 0 {
+        problem("audit.retention_days", "must be at least 1".into());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Config {
+        device_id: raw.device.id,
+        state_dir: raw.device.state_dir,
+        bundle: (!raw.model.bundle.is_empty()).then(|| PathBuf::from(raw.model.bundle)),
+        bundle_dirs: raw.model.bundle_dirs,
+        engine: EngineOptions {
+            preference: engine,
+            cpu_threads: raw.model.cpu_threads as usize,
+            gpu_timeout: Duration::from_millis(raw.model.gpu_timeout_ms),
+        },
+        audit: AuditConfig {
+            dir: raw.audit.dir,
+            key,
+            previous_key_files: raw.audit.previous_key_files,
+            retention: Duration::from_secs(u64::from(raw.audit.retention_days) * 86_400),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_is_valid() {
+        let config = parse(DEFAULT_CONFIG, "default").unwrap();
+        assert_eq!(config.engine.preference, EnginePreference::Auto);
+        assert!(matches!(config.audit.key, KeySource::Credential(_)));
+    }
+
+    fn with(old: &str, new: &str) -> String {
+        assert!(DEFAULT_CONFIG.contains(old), "default lacks {old:?}");
+        DEFAULT_CONFIG.replacen(old, new, 1)
+    }
+
+    fn parse_problem(text: &str) -> ConfigProblem {
+        match parse(text, "test.toml") {
+            Err(ConfigError::Parse { problem, .. }) => problem,
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_by_its_path() {
+        let p = parse_problem(&with("cpu_threads = 2", "cpu_threads = 2\ncpu_thread = 4"));
+        assert_eq!(p.path, "model.cpu_thread");
+        assert!(p.problem.contains("unknown field `cpu_thread`"), "{p}");
+        assert!(p.problem.contains("line"), "{p}");
+        let p = parse_problem(&format!("{DEFAULT_CONFIG}\n[telemetry]\nbroker = \"x\"\n"));
+        assert!(p.problem.contains("unknown field `telemetry`"), "{p}");
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_is_named_by_its_path() {
+        let p = parse_problem(&with("cpu_threads = 2", "cpu_threads = \"two\""));
+        assert_eq!(p.path, "model.cpu_threads", "{p}");
+        let p = parse_problem(&with("retention_days = 2555", "retention_days = -1"));
+        assert_eq!(p.path, "audit.retention_days", "{p}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let text = with("cpu_threads = 2", "cpu_threads = 0");
+        let text = text.replacen("engine = \"auto\"", "engine = \"tpu\"", 1);
+        let text = text.replacen("version = 1", "version = 7", 1);
+        let text = text.replacen("key_file = \"\"", "key_file = \"/etc/rxvision/audit.key\"", 1);
+        match parse(&text, "test.toml") {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+                assert_eq!(paths, ["version", "model.engine", "model.cpu_threads", "audit.key_credential"]);
+            }
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_sections_are_named() {
+        let p = parse_problem("version = 1\n");
+        assert!(p.problem.contains("missing field `device`"), "{p}");
+    }
+}
