@@ -5,6 +5,8 @@
 //! * [`classify`] — a loaded bundle with its engines: image bytes in, top-k
 //!   classes out. The `classify` and `selftest` commands stand on it, and so
 //!   will the counter verification path.
+//! * [`counter`] — pill localisation on the tray and the verdict rules
+//!   (MATCH / MISMATCH / UNCERTAIN / IDENTIFIED / NO_PILL / BAD_IMAGE).
 //! * [`config`] — versioned TOML configuration, parsed then validated; the
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
@@ -16,3 +18,4 @@
 pub mod audit;
 pub mod classify;
 pub mod config;
+pub mod counter;

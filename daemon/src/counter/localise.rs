@@ -1,0 +1,320 @@
+//! Finding pills on the counting tray: one box per pill, and a count.
+//!
+//! The tray fills the frame's border, so its colour is estimated as the
+//! per-channel median of a ring of border pixels. On a copy of the frame
+//! shrunk to at most [`WORK_SIDE`] pixels per side, a pixel is foreground when
+//! its colour is far from the tray's and it is not merely a shadow (darker
+//! than the tray with the same chromaticity). The mask is opened (noise
+//! removed) and eroded (slightly touching pills separated), then its
+//! 8-connected components large enough to be a pill are the pills. A component
+//! touching the frame edge is a pill partly out of view: it is reported but
+//! not verified.
+//!
+//! Limits: pills that overlap, or touch along more than a few pixels, count
+//! as one; a pill the colour of the tray is not found (use a tray that
+//! contrasts with the pills, as counting trays do).
+
+use rxvision_models::preprocess::RgbImage;
+use serde::Serialize;
+
+/// The working resolution's longest side.
+pub const WORK_SIDE: u32 = 320;
+
+/// Tuning of the localiser.
+#[derive(Debug, Clone, Copy)]
+pub struct LocaliseOptions {
+    /// Colour distance (0..441) from the tray above which a pixel is a pill.
+    pub min_distance: f32,
+    /// Smallest pill, as a fraction of the frame's area.
+    pub min_area_fraction: f32,
+    /// Margin added around each pill's box, as a fraction of its longer side.
+    pub margin: f32,
+}
+
+impl Default for LocaliseOptions {
+    fn default() -> Self {
+        LocaliseOptions { min_distance: 48.0, min_area_fraction: 0.002, margin: 0.3 }
+    }
+}
+
+/// A pill found in the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PillBox {
+    /// Left edge of the crop, frame pixels.
+    pub x: u32,
+    /// Top edge of the crop.
+    pub y: u32,
+    /// Crop width (square crops: equal to `h` unless clipped by the frame).
+    pub w: u32,
+    /// Crop height.
+    pub h: u32,
+    /// True when the pill touches the frame's edge (partly out of view).
+    pub partial: bool,
+}
+
+/// Everything the localiser found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Localisation {
+    /// Pills fully in view, left to right then top to bottom.
+    pub pills: Vec<PillBox>,
+    /// Pills cut by the frame's edge (not verified).
+    pub partial: Vec<PillBox>,
+    /// The estimated tray colour.
+    pub tray_rgb: [u8; 3],
+}
+
+/// Finds the pills in `frame`.
+pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
+    let (small, scale) = shrink(frame);
+    let (w, h) = (small.width as usize, small.height as usize);
+    let tray = tray_colour(&small);
+    let mut mask = vec![false; w * h];
+    for (i, px) in small.data.chunks_exact(3).enumerate() {
+        mask[i] = is_foreground(px, tray, options.min_distance);
+    }
+    let mask = erode(&dilate(&erode(&mask, w, h, 1), w, h, 1), w, h, 1);
+    let min_area = ((w * h) as f32 * options.min_area_fraction).max(4.0) as usize;
+    let mut pills = Vec::new();
+    let mut partial = Vec::new();
+    for component in components(&mask, w, h) {
+        if component.area < min_area {
+            continue;
+        }
+        // Undo the final erosion (1 px) and scale back to the frame.
+        let (x0, y0) = (component.x0.saturating_sub(1), component.y0.saturating_sub(1));
+        let (x1, y1) = ((component.x1 + 1).min(w - 1), (component.y1 + 1).min(h - 1));
+        let touches_edge = x0 == 0 || y0 == 0 || x1 == w - 1 || y1 == h - 1;
+        let bx = square_crop(frame, [x0, y0, x1, y1].map(|v| v as f32 * scale), scale, options.margin, touches_edge);
+        if touches_edge {
+            partial.push(bx);
+        } else {
+            pills.push(bx);
+        }
+    }
+    pills.sort_by_key(|b| (b.y / 32, b.x));
+    Localisation { pills, partial, tray_rgb: tray }
+}
+
+fn square_crop(frame: &RgbImage, [x0, y0, x1, y1]: [f32; 4], scale: f32, margin: f32, partial: bool) -> PillBox {
+    let (cx, cy) = ((x0 + x1 + scale) / 2.0, (y0 + y1 + scale) / 2.0);
+    let side = ((x1 - x0).max(y1 - y0) + scale) * (1.0 + 2.0 * margin);
+    let half = side / 2.0;
+    let left = (cx - half).max(0.0) as u32;
+    let top = (cy - half).max(0.0) as u32;
+    let right = ((cx + half) as u32).min(frame.width);
+    let bottom = ((cy + half) as u32).min(frame.height);
+    PillBox { x: left, y: top, w: right.saturating_sub(left).max(1), h: bottom.saturating_sub(top).max(1), partial }
+}
+
+/// Box-averages the frame down to at most [`WORK_SIDE`] per side; returns the
+/// copy and the frame pixels per working pixel.
+fn shrink(frame: &RgbImage) -> (RgbImage, f32) {
+    let factor = frame.width.max(frame.height).div_ceil(WORK_SIDE).max(1);
+    let (w, h) = (frame.width / factor, frame.height / factor);
+    if factor == 1 {
+        return (frame.clone(), 1.0);
+    }
+    let mut data = vec![0u8; (w * h * 3) as usize];
+    let n = factor * factor;
+    for y in 0..h {
+        for x in 0..w {
+            let mut sum = [0u32; 3];
+            for dy in 0..factor {
+                let row = ((y * factor + dy) * frame.width + x * factor) as usize * 3;
+                for px in frame.data[row..row + factor as usize * 3].chunks_exact(3) {
+                    sum[0] += u32::from(px[0]);
+                    sum[1] += u32::from(px[1]);
+                    sum[2] += u32::from(px[2]);
+                }
+            }
+            let out = ((y * w + x) * 3) as usize;
+            for c in 0..3 {
+                data[out + c] = (sum[c] / n) as u8;
+            }
+        }
+    }
+    (RgbImage { width: w, height: h, data }, factor as f32)
+}
+
+/// Per-channel median of the outer ring (4% of the shorter side, at least 2 px).
+fn tray_colour(image: &RgbImage) -> [u8; 3] {
+    let (w, h) = (image.width as usize, image.height as usize);
+    let ring = (w.min(h) / 25).max(2).min(w.min(h) / 2);
+    let mut channels: [Vec<u8>; 3] = Default::default();
+    for y in 0..h {
+        for x in 0..w {
+            if x < ring || y < ring || x >= w - ring || y >= h - ring {
+                let px = &image.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
+                for c in 0..3 {
+                    channels[c].push(px[c]);
+                }
+            }
+        }
+    }
+    channels.map(|mut v| {
+        let mid = v.len() / 2;
+        *v.select_nth_unstable(mid).1
+    })
+}
+
+fn is_foreground(px: &[u8], tray: [u8; 3], min_distance: f32) -> bool {
+    let d: [f32; 3] = [0, 1, 2].map(|c| f32::from(px[c]) - f32::from(tray[c]));
+    let distance = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
+    if distance < min_distance {
+        return false;
+    }
+    // A shadow: darker in every channel by nearly the same ratio.
+    let ratios: [f32; 3] = [0, 1, 2].map(|c| (f32::from(px[c]) + 1.0) / (f32::from(tray[c]) + 1.0));
+    let darker = ratios.iter().all(|&r| r < 1.0);
+    let spread = ratios.iter().cloned().fold(f32::MIN, f32::max) - ratios.iter().cloned().fold(f32::MAX, f32::min);
+    !(darker && spread < 0.08 && ratios[0] > 0.45)
+}
+
+fn erode(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
+    morph(mask, w, h, r, true)
+}
+
+fn dilate(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
+    morph(mask, w, h, r, false)
+}
+
+/// Square structuring element of radius `r`, clipped to the frame (pixels
+/// outside the frame are ignored, so a pill cut by the edge stays at the edge).
+fn morph(mask: &[bool], w: usize, h: usize, r: usize, erode: bool) -> Vec<bool> {
+    let mut out = vec![false; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let mut all = true;
+            let mut any = false;
+            for yy in y.saturating_sub(r)..=(y + r).min(h - 1) {
+                for xx in x.saturating_sub(r)..=(x + r).min(w - 1) {
+                    let v = mask[yy * w + xx];
+                    all &= v;
+                    any |= v;
+                }
+            }
+            out[y * w + x] = if erode { all } else { any };
+        }
+    }
+    out
+}
+
+struct Component {
+    area: usize,
+    x0: usize,
+    y0: usize,
+    x1: usize,
+    y1: usize,
+}
+
+/// 8-connected components of `mask`.
+fn components(mask: &[bool], w: usize, h: usize) -> Vec<Component> {
+    let mut seen = vec![false; w * h];
+    let mut out = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..w * h {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        seen[start] = true;
+        stack.push(start);
+        let mut c = Component { area: 0, x0: usize::MAX, y0: usize::MAX, x1: 0, y1: 0 };
+        while let Some(i) = stack.pop() {
+            let (x, y) = (i % w, i / w);
+            c.area += 1;
+            c.x0 = c.x0.min(x);
+            c.y0 = c.y0.min(y);
+            c.x1 = c.x1.max(x);
+            c.y1 = c.y1.max(y);
+            for yy in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                for xx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                    let j = yy * w + xx;
+                    if mask[j] && !seen[j] {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A textured blue tray with filled ellipses (cx, cy, rx, ry, colour) and soft shadows.
+    pub(crate) fn tray(w: u32, h: u32, pills: &[(f32, f32, f32, f32, [u8; 3])]) -> RgbImage {
+        let mut data = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let noise = ((x * 7919 + y * 104_729) % 13) as i32 - 6;
+                let mut px = [40 + noise, 90 + noise, 160 + noise];
+                for &(cx, cy, rx, ry, _) in pills {
+                    let shadow = ((x as f32 - cx - 4.0) / rx).powi(2) + ((y as f32 - cy - 5.0) / ry).powi(2);
+                    if shadow < 1.1 {
+                        px = px.map(|v| v * 7 / 10);
+                    }
+                }
+                for &(cx, cy, rx, ry, colour) in pills {
+                    if ((x as f32 - cx) / rx).powi(2) + ((y as f32 - cy) / ry).powi(2) < 1.0 {
+                        px = colour.map(|c| i32::from(c) + noise);
+                    }
+                }
+                data.extend(px.map(|v| v.clamp(0, 255) as u8));
+            }
+        }
+        RgbImage { width: w, height: h, data }
+    }
+
+    #[test]
+    fn one_pill_is_found_with_a_box_around_it() {
+        let frame = tray(640, 480, &[(300.0, 220.0, 60.0, 35.0, [240, 240, 235])]);
+        let found = localise(&frame, LocaliseOptions::default());
+        assert_eq!(found.pills.len(), 1, "{found:?}");
+        let b = found.pills[0];
+        assert!(b.x < 240 && b.x + b.w > 360 && b.y < 185 && b.y + b.h > 255, "{b:?}");
+        assert!(!b.partial);
+        assert!((i32::from(found.tray_rgb[2]) - 160).abs() < 10);
+    }
+
+    #[test]
+    fn an_empty_tray_has_no_pills_and_shadows_are_not_pills() {
+        assert!(localise(&tray(640, 480, &[]), LocaliseOptions::default()).pills.is_empty());
+    }
+
+    #[test]
+    fn several_pills_are_counted_and_a_cut_one_is_reported_as_partial() {
+        let pills = [
+            (100.0, 100.0, 30.0, 30.0, [250, 250, 250]),
+            (300.0, 120.0, 45.0, 20.0, [230, 200, 40]),
+            (500.0, 300.0, 25.0, 25.0, [220, 120, 140]),
+            (200.0, 330.0, 40.0, 22.0, [245, 245, 245]),
+            (630.0, 50.0, 30.0, 30.0, [250, 250, 250]),
+        ];
+        let found = localise(&tray(640, 480, &pills), LocaliseOptions::default());
+        assert_eq!(found.pills.len(), 4, "{found:?}");
+        assert_eq!(found.partial.len(), 1, "{found:?}");
+        for &(cx, cy, ..) in &pills[..4] {
+            assert!(
+                found.pills.iter().any(|b| (b.x as f32) < cx
+                    && cx < (b.x + b.w) as f32
+                    && (b.y as f32) < cy
+                    && cy < (b.y + b.h) as f32),
+                "no box around ({cx}, {cy}): {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_frames_are_shrunk_and_boxes_come_back_in_frame_pixels() {
+        let frame = tray(1920, 1080, &[(960.0, 540.0, 150.0, 80.0, [250, 250, 250])]);
+        let found = localise(&frame, LocaliseOptions::default());
+        assert_eq!(found.pills.len(), 1);
+        let b = found.pills[0];
+        assert!(b.x < 810 && b.x + b.w > 1110 && b.y < 460 && b.y + b.h > 620, "{b:?}");
+        assert!(b.x + b.w <= 1920 && b.y + b.h <= 1080);
+    }
+}

@@ -1,0 +1,172 @@
+//! From probabilities to a verdict the pharmacist can act on.
+//!
+//! Pure functions, no I/O. A pill's verdict:
+//!
+//! | condition (in order) | verdict |
+//! |---|---|
+//! | top-1 probability below `min_confidence`, or top-1 − top-2 below `min_margin` | `UNCERTAIN` (low confidence) |
+//! | no expected NDC given | `IDENTIFIED` (identification mode) |
+//! | the expected NDC is not one of the model's classes | `UNCERTAIN` (cannot verify a product the model does not know) |
+//! | top-1 is the expected NDC | `MATCH` |
+//! | otherwise | `MISMATCH` |
+//!
+//! Several pills: any `MISMATCH` makes the whole scan a `MISMATCH`; else any
+//! `UNCERTAIN` makes it `UNCERTAIN`; else `MATCH` (or `IDENTIFIED`). No pill
+//! at all is `NO_PILL`; an unreadable image is `BAD_IMAGE`.
+
+use rxvision_models::bundle::{Label, Thresholds};
+use serde::Serialize;
+
+/// What the counter shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    /// The pill is the expected product, with confidence.
+    Match,
+    /// The pill is confidently a different product: stop and check.
+    Mismatch,
+    /// The model cannot tell with enough confidence, or cannot know this product.
+    Uncertain,
+    /// No expected product was given; the pill was identified with confidence.
+    Identified,
+    /// No pill in view.
+    NoPill,
+    /// The image is unusable (corrupt, too dark, over-exposed, blurred).
+    BadImage,
+}
+
+/// Why a pill got its verdict, in words for the counter page and the audit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PillVerdict {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// A sentence a pharmacist understands.
+    pub reason: String,
+}
+
+/// Decides one pill's verdict from its probabilities (in label order).
+pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: Thresholds, expected_ndc: Option<&str>) -> PillVerdict {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let (top1, p1) = order.first().map_or((0, 0.0), |&i| (i, probs[i]));
+    let p2 = order.get(1).map_or(0.0, |&i| probs[i]);
+    let name =
+        |i: usize| labels.get(i).map_or("an unknown product".to_string(), |l| format!("{} {}", l.name, l.strength));
+    if p1 < thresholds.min_confidence || p1 - p2 < thresholds.min_margin {
+        return PillVerdict {
+            verdict: Verdict::Uncertain,
+            reason: format!(
+                "low confidence: best guess {} at {:.0}% (needs {:.0}%, and {:.0} points ahead of the next)",
+                name(top1),
+                p1 * 100.0,
+                thresholds.min_confidence * 100.0,
+                thresholds.min_margin * 100.0
+            ),
+        };
+    }
+    let Some(expected) = expected_ndc else {
+        return PillVerdict { verdict: Verdict::Identified, reason: format!("identified as {}", name(top1)) };
+    };
+    if !labels.iter().any(|l| l.ndc == expected) {
+        return PillVerdict {
+            verdict: Verdict::Uncertain,
+            reason: format!("the expected product {expected} is not in this model's formulary: verify by hand"),
+        };
+    }
+    if labels.get(top1).is_some_and(|l| l.ndc == expected) {
+        PillVerdict { verdict: Verdict::Match, reason: format!("matches {}", name(top1)) }
+    } else {
+        PillVerdict {
+            verdict: Verdict::Mismatch,
+            reason: format!("looks like {}, not the expected {expected}", name(top1)),
+        }
+    }
+}
+
+/// The verdict of a whole scan from its pills' verdicts.
+pub fn overall(pills: &[Verdict]) -> Verdict {
+    if pills.is_empty() {
+        Verdict::NoPill
+    } else if pills.contains(&Verdict::BadImage) {
+        Verdict::BadImage
+    } else if pills.contains(&Verdict::Mismatch) {
+        Verdict::Mismatch
+    } else if pills.contains(&Verdict::Uncertain) {
+        Verdict::Uncertain
+    } else if pills.contains(&Verdict::Identified) {
+        Verdict::Identified
+    } else {
+        Verdict::Match
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> Vec<Label> {
+        ["00093-0058-01", "00378-0018-01", "00591-0405-01"]
+            .iter()
+            .enumerate()
+            .map(|(index, ndc)| Label {
+                index,
+                ndc: ndc.to_string(),
+                name: format!("Product {index}"),
+                strength: "10 mg".into(),
+                attributes: Default::default(),
+            })
+            .collect()
+    }
+
+    const T: Thresholds = Thresholds { min_confidence: 0.6, min_margin: 0.2 };
+
+    #[test]
+    fn confident_and_expected_is_a_match() {
+        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), T, Some("00093-0058-01"));
+        assert_eq!(v.verdict, Verdict::Match);
+        assert!(v.reason.contains("Product 0"));
+    }
+
+    #[test]
+    fn confident_and_different_is_a_mismatch_naming_both() {
+        let v = judge_pill(&[0.05, 0.9, 0.05], &labels(), T, Some("00093-0058-01"));
+        assert_eq!(v.verdict, Verdict::Mismatch);
+        assert!(v.reason.contains("Product 1") && v.reason.contains("00093-0058-01"), "{}", v.reason);
+    }
+
+    #[test]
+    fn low_confidence_or_a_narrow_margin_is_uncertain_even_when_top1_is_expected() {
+        assert_eq!(judge_pill(&[0.55, 0.25, 0.2], &labels(), T, Some("00093-0058-01")).verdict, Verdict::Uncertain);
+        let lenient = Thresholds { min_confidence: 0.5, min_margin: 0.2 };
+        assert_eq!(
+            judge_pill(&[0.55, 0.4, 0.05], &labels(), lenient, Some("00093-0058-01")).verdict,
+            Verdict::Uncertain
+        );
+        // Exactly at the confidence threshold passes.
+        assert_eq!(judge_pill(&[0.6, 0.25, 0.15], &labels(), T, Some("00093-0058-01")).verdict, Verdict::Match);
+    }
+
+    #[test]
+    fn an_expected_product_outside_the_formulary_cannot_be_verified() {
+        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), T, Some("12345-6789-01"));
+        assert_eq!(v.verdict, Verdict::Uncertain);
+        assert!(v.reason.contains("not in this model's formulary"));
+    }
+
+    #[test]
+    fn without_an_expected_product_a_confident_pill_is_identified() {
+        assert_eq!(judge_pill(&[0.1, 0.1, 0.8], &labels(), T, None).verdict, Verdict::Identified);
+        assert_eq!(judge_pill(&[0.4, 0.3, 0.3], &labels(), T, None).verdict, Verdict::Uncertain);
+    }
+
+    #[test]
+    fn one_mismatch_makes_the_scan_a_mismatch() {
+        use Verdict::*;
+        assert_eq!(overall(&[Match, Mismatch, Uncertain]), Mismatch);
+        assert_eq!(overall(&[Match, Uncertain]), Uncertain);
+        assert_eq!(overall(&[Match, Match]), Match);
+        assert_eq!(overall(&[Identified, Identified]), Identified);
+        assert_eq!(overall(&[]), NoPill);
+        assert_eq!(overall(&[Match, BadImage]), BadImage);
+    }
+}
