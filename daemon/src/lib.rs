@@ -5,6 +5,7 @@
 //! * [`classify`] — a loaded bundle with its engines: image bytes in, top-k
 //!   classes out. The `classify` and `selftest` commands stand on it, and so
 //!   will the counter verification path.
+//! * [`camera`] — frame sources behind one trait (`dir` replay today).
 //! * [`counter`] — pill localisation on the tray and the verdict rules
 //!   (MATCH / MISMATCH / UNCERTAIN / IDENTIFIED / NO_PILL / BAD_IMAGE).
 //! * [`config`] — versioned TOML configuration, parsed then validated; the
@@ -16,6 +17,7 @@
 //! and maps errors to exit codes.
 
 pub mod audit;
+pub mod camera;
 pub mod classify;
 pub mod config;
 pub mod counter;
