@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use rxvision_models::bundle::{self, Bundle, BundleError};
-use rxvision_models::engine::{EngineError, EngineKind, EngineOptions, Engines};
-use rxvision_models::preprocess::{PreprocessError, Preprocessor};
+use rxvision_models::engine::{EngineError, EngineKind, EngineOptions, Engines, Inference};
+use rxvision_models::preprocess::{PreprocessError, Preprocessor, RgbView};
 
 /// Where bundles are looked for when none is named, in order: the source
 /// tree's shipped bundles (for development and the demo), then the installed
@@ -135,7 +135,16 @@ impl Classifier {
         })
     }
 
-    fn top_k(&self, probs: &[f32], k: usize) -> Vec<Ranked> {
+    /// Runs one image (or a crop of one) through preprocessing and the engines.
+    pub fn infer(&self, image: RgbView<'_>) -> Result<Inference, EngineError> {
+        let mut guard = self.preprocessor.lock().unwrap_or_else(|p| p.into_inner());
+        let (preprocessor, input) = &mut *guard;
+        preprocessor.preprocess(image, input);
+        self.engines.run(input)
+    }
+
+    /// The `k` most probable classes with their labels, most probable first.
+    pub fn top_k(&self, probs: &[f32], k: usize) -> Vec<Ranked> {
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
         order

@@ -8,6 +8,8 @@
 //! * [`camera`] — frame sources behind one trait (`dir` replay today).
 //! * [`counter`] — pill localisation on the tray and the verdict rules
 //!   (MATCH / MISMATCH / UNCERTAIN / IDENTIFIED / NO_PILL / BAD_IMAGE).
+//! * [`scan`] — one scan wired end to end: quality gate, localisation,
+//!   engines, verdict, and the durable audit record before the answer.
 //! * [`config`] — versioned TOML configuration, parsed then validated; the
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
@@ -21,3 +23,4 @@ pub mod camera;
 pub mod classify;
 pub mod config;
 pub mod counter;
+pub mod scan;

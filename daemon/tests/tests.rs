@@ -3,3 +3,4 @@
 mod audit;
 mod audit_crash;
 mod cli;
+mod scan;
