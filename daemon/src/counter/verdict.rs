@@ -50,8 +50,12 @@ pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: Thresholds, expec
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     let (top1, p1) = order.first().map_or((0, 0.0), |&i| (i, probs[i]));
     let p2 = order.get(1).map_or(0.0, |&i| probs[i]);
-    let name =
-        |i: usize| labels.get(i).map_or("an unknown product".to_string(), |l| format!("{} {}", l.name, l.strength));
+    let name = |i: usize| {
+        labels.get(i).map_or("an unknown product".to_string(), |l| match l.strength.trim() {
+            "" | "n/a" => l.name.clone(),
+            strength => format!("{} {strength}", l.name),
+        })
+    };
     if p1 < thresholds.min_confidence || p1 - p2 < thresholds.min_margin {
         return PillVerdict {
             verdict: Verdict::Uncertain,
