@@ -77,8 +77,39 @@ pub struct RawConfig {
     pub device: RawDevice,
     /// The model and the engines.
     pub model: RawModel,
+    /// Where frames come from.
+    pub camera: RawCamera,
+    /// The local API.
+    pub api: RawApi,
     /// The audit log.
     pub audit: RawAudit,
+}
+
+/// `[camera]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCamera {
+    /// `none` or `dir`.
+    pub source: String,
+    /// Folder for `dir`.
+    pub dir: String,
+    /// Replay in a loop.
+    #[serde(rename = "loop")]
+    pub looping: bool,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// Socket address to listen on.
+    pub listen: String,
+    /// API key file; empty when `api_key_credential` is used.
+    pub api_key_file: String,
+    /// systemd credential holding the API key; empty when `api_key_file` is used.
+    pub api_key_credential: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: u64,
 }
 
 /// `[device]`.
@@ -136,8 +167,78 @@ pub struct Config {
     pub bundle_dirs: Vec<PathBuf>,
     /// Engine selection and limits.
     pub engine: EngineOptions,
+    /// Where frames come from when a request has no image.
+    pub camera: CameraConfig,
+    /// The local API.
+    pub api: ApiConfig,
     /// Audit store and keys.
     pub audit: AuditConfig,
+}
+
+/// The validated `[camera]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CameraConfig {
+    /// Every request uploads its image.
+    None,
+    /// Replay a folder's images.
+    Dir {
+        /// The folder.
+        dir: PathBuf,
+        /// Start again after the last file.
+        looping: bool,
+    },
+}
+
+/// The validated `[api]` section.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Where to listen.
+    pub listen: std::net::SocketAddr,
+    /// Where the API key comes from.
+    pub key: KeySource,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl ApiConfig {
+    /// Reads the API key (first line of the file or credential), refusing a
+    /// file group or others can access and a key shorter than 16 characters.
+    pub fn load_key(&self) -> Result<String, String> {
+        let path = resolve_key(&self.key, "api.api_key_credential")?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .map_err(|e| format!("API key {}: cannot read: {e}", path.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "API key {}: mode {:04o} gives group or others access; run `chmod 600` on it",
+                    path.display(),
+                    mode & 0o7777
+                ));
+            }
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("API key {}: cannot read: {e}", path.display()))?;
+        let key = text.lines().next().unwrap_or_default().trim().to_string();
+        if key.len() < 16 {
+            return Err(format!("API key {}: must be at least 16 characters on its first line", path.display()));
+        }
+        Ok(key)
+    }
+}
+
+fn resolve_key(source: &KeySource, credential_key: &str) -> Result<PathBuf, String> {
+    match source {
+        KeySource::File(path) => Ok(path.clone()),
+        KeySource::Credential(name) => std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|dir| Path::new(&dir).join(name))
+            .ok_or_else(|| {
+                format!("{credential_key} = {name:?} but $CREDENTIALS_DIRECTORY is not set (not started by systemd with LoadCredential=)")
+            }),
+    }
 }
 
 /// Where the audit key comes from.
@@ -166,14 +267,7 @@ impl AuditConfig {
     /// The active key file's path, resolving a credential through
     /// `$CREDENTIALS_DIRECTORY` as systemd's `LoadCredential=` provides it.
     pub fn key_path(&self) -> Result<PathBuf, String> {
-        match &self.key {
-            KeySource::File(path) => Ok(path.clone()),
-            KeySource::Credential(name) => std::env::var_os("CREDENTIALS_DIRECTORY")
-                .map(|dir| Path::new(&dir).join(name))
-                .ok_or_else(|| {
-                    format!("audit.key_credential = {name:?} but $CREDENTIALS_DIRECTORY is not set (not started by systemd with LoadCredential=)")
-                }),
-        }
+        resolve_key(&self.key, "audit.key_credential")
     }
 }
 
@@ -244,18 +338,42 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     if !raw.audit.dir.is_absolute() {
         problem("audit.dir", "must be an absolute path".into());
     }
-    let key = match (raw.audit.key_file.is_empty(), raw.audit.key_credential.is_empty()) {
-        (false, true) => KeySource::File(PathBuf::from(&raw.audit.key_file)),
-        (true, false) => KeySource::Credential(raw.audit.key_credential.clone()),
-        (true, true) => {
-            problem("audit.key_file", "set either audit.key_file or audit.key_credential".into());
-            KeySource::File(PathBuf::new())
+    let camera = match raw.camera.source.as_str() {
+        "none" => CameraConfig::None,
+        "dir" if raw.camera.dir.is_empty() => {
+            problem("camera.dir", "must name a folder when camera.source = \"dir\"".into());
+            CameraConfig::None
         }
-        (false, false) => {
-            problem("audit.key_credential", "set only one of audit.key_file and audit.key_credential".into());
-            KeySource::File(PathBuf::new())
+        "dir" => CameraConfig::Dir { dir: PathBuf::from(&raw.camera.dir), looping: raw.camera.looping },
+        other => {
+            problem("camera.source", format!("unknown source {other:?} (expected \"none\" or \"dir\")"));
+            CameraConfig::None
         }
     };
+    let listen = match raw.api.listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr,
+        Err(e) => {
+            problem("api.listen", format!("{:?} is not an address:port ({e})", raw.api.listen));
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    };
+    if !(1024..=256 * 1024 * 1024).contains(&raw.api.max_body_bytes) {
+        problem("api.max_body_bytes", format!("{} is outside 1024..=268435456", raw.api.max_body_bytes));
+    }
+    let api_key = key_source(
+        &mut problem,
+        "api.api_key_file",
+        &raw.api.api_key_file,
+        "api.api_key_credential",
+        &raw.api.api_key_credential,
+    );
+    let key = key_source(
+        &mut problem,
+        "audit.key_file",
+        &raw.audit.key_file,
+        "audit.key_credential",
+        &raw.audit.key_credential,
+    );
     if raw.audit.retention_days == 0 {
         problem("audit.retention_days", "must be at least 1".into());
     }
@@ -272,6 +390,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             cpu_threads: raw.model.cpu_threads as usize,
             gpu_timeout: Duration::from_millis(raw.model.gpu_timeout_ms),
         },
+        camera,
+        api: ApiConfig { listen, key: api_key, max_body_bytes: raw.api.max_body_bytes as usize },
         audit: AuditConfig {
             dir: raw.audit.dir,
             key,
@@ -279,6 +399,28 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             retention: Duration::from_secs(u64::from(raw.audit.retention_days) * 86_400),
         },
     })
+}
+
+/// Exactly one of a key file and a credential name.
+fn key_source(
+    problem: &mut impl FnMut(&str, String),
+    file_key: &str,
+    file: &str,
+    credential_key: &str,
+    credential: &str,
+) -> KeySource {
+    match (file.is_empty(), credential.is_empty()) {
+        (false, true) => KeySource::File(PathBuf::from(file)),
+        (true, false) => KeySource::Credential(credential.to_string()),
+        (true, true) => {
+            problem(file_key, format!("set either {file_key} or {credential_key}"));
+            KeySource::File(PathBuf::new())
+        }
+        (false, false) => {
+            problem(credential_key, format!("set only one of {file_key} and {credential_key}"));
+            KeySource::File(PathBuf::new())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -327,7 +469,7 @@ mod tests {
         let text = with("cpu_threads = 2", "cpu_threads = 0");
         let text = text.replacen("engine = \"auto\"", "engine = \"tpu\"", 1);
         let text = text.replacen("version = 1", "version = 7", 1);
-        let text = text.replacen("key_file = \"\"", "key_file = \"/etc/rxvision/audit.key\"", 1);
+        let text = text.replacen("\nkey_file = \"\"", "\nkey_file = \"/etc/rxvision/audit.key\"", 1);
         match parse(&text, "test.toml") {
             Err(ConfigError::Invalid { problems, .. }) => {
                 let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();

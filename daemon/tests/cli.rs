@@ -287,8 +287,8 @@ mod config_commands {
         let shipped = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
         let config = shipped
             .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {:?}", store.display().to_string()))
-            .replace("key_file = \"\"", &format!("key_file = {:?}", key.display().to_string()))
-            .replace("key_credential = \"audit-key\"", "key_credential = \"\"");
+            .replace("\nkey_file = \"\"", &format!("\nkey_file = {:?}", key.display().to_string()))
+            .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"");
         let file = dir.path().join("rxvisiond.toml");
         std::fs::write(&file, config).unwrap();
         let out = rxvisiond(&["audit", "verify", "--config", file.to_str().unwrap()]);

@@ -459,6 +459,17 @@ impl AuditLog {
         Ok(Appended { seq, hash })
     }
 
+    /// Reads and decrypts one record (`None` if there is no such record).
+    pub fn get(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
+        match self.records.get(seq.to_be_bytes())? {
+            None => Ok(None),
+            Some(value) => self
+                .open_record(seq, &value)
+                .map(|(_, record)| Some(record))
+                .map_err(|reason| AuditError::Record { seq, reason }),
+        }
+    }
+
     /// Decrypts one stored value, checking its header against `seq`.
     fn open_record(&self, seq: u64, value: &[u8]) -> Result<(Header, AuditRecord), String> {
         let header = parse_header(value).ok_or("malformed record (bad magic, length or nonce)")?;
