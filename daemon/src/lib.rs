@@ -10,6 +10,9 @@
 //!   (MATCH / MISMATCH / UNCERTAIN / IDENTIFIED / NO_PILL / BAD_IMAGE).
 //! * [`scan`] — one scan wired end to end: quality gate, localisation,
 //!   engines, verdict, and the durable audit record before the answer.
+//! * [`api`] — the local HTTP API under `/v1`, `/metrics`.
+//! * [`service`] — `rxvisiond run`: assembles the parts from the
+//!   configuration, serves, shuts down gracefully on SIGTERM.
 //! * [`config`] — versioned TOML configuration, parsed then validated; the
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
@@ -18,9 +21,11 @@
 //! The binary (`src/main.rs`) only parses the command line, sets up logging
 //! and maps errors to exit codes.
 
+pub mod api;
 pub mod audit;
 pub mod camera;
 pub mod classify;
 pub mod config;
 pub mod counter;
 pub mod scan;
+pub mod service;

@@ -61,6 +61,12 @@ enum Command {
     },
     /// Print the annotated default configuration.
     PrintDefaultConfig,
+    /// Run the appliance service: the local API over the camera, model and audit log.
+    Run {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,6 +216,27 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("rxvisiond: {e}");
                     ExitCode::from(64)
+                }
+            };
+        }
+        Command::Run { config: path } => {
+            let config = match config::load(&path) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("rxvisiond: {e}");
+                    return ExitCode::from(64);
+                }
+            };
+            return match rxvision_daemon::service::run(config, |addr| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "rxvisiond: listening on http://{addr}");
+                let _ = out.flush();
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rxvisiond: cannot start: {e}");
+                    ExitCode::from(1)
                 }
             };
         }

@@ -4,3 +4,4 @@ mod audit;
 mod audit_crash;
 mod cli;
 mod scan;
+mod service;

@@ -64,7 +64,10 @@ impl FrameSource for DirSource {
             self.files.clear();
             CameraError::Unavailable(format!("cannot read {origin}: {e}"))
         })?;
-        let image = decode(&encoded).map_err(|error| CameraError::BadFrame { source_name: origin.clone(), error })?;
+        let image = match decode(&encoded) {
+            Ok(image) => image,
+            Err(error) => return Err(CameraError::BadFrame { source_name: origin, error, encoded }),
+        };
         Ok(Frame { image, encoded, origin })
     }
 }

@@ -29,6 +29,8 @@ pub enum CameraError {
         source_name: String,
         /// The decoder's complaint.
         error: PreprocessError,
+        /// The bytes as captured (a scan of them answers BAD_IMAGE and is audited).
+        encoded: Vec<u8>,
     },
 }
 

@@ -1,0 +1,384 @@
+//! The local API, versioned under `/v1`, for the pharmacy system and the
+//! counter page.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/verify` | `{expected_ndc?, operator_id, rx_ref?, image?}` (image: base64 JPEG/PNG; absent: take a frame from the camera) → the scan's result with its `audit_seq` |
+//! | `POST /v1/feedback` | `{audit_seq, confirmed: true}` or `{audit_seq, correct_ndc}`, with `operator_id` → `{audit_seq}` of the feedback record |
+//! | `GET /v1/status` | model, engine, camera, audit chain head, uptime |
+//! | `GET /v1/health` | 200 while serving, 503 while shutting down |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! `/v1/*` needs the API key (`Authorization: Bearer KEY` or `X-Api-Key:
+//! KEY`); `/metrics` and `/v1/health` do not, for monitoring on loopback.
+//! Every error is `{"error": {"code", "message"}}` with a stable code; causes
+//! are logged, not sent. Bodies over the configured size are refused (413).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::audit::{AuditEvent, RecordKind};
+use crate::camera::{CameraError, FrameSource};
+use crate::scan::{ScanError, ScanRequest, Scanner};
+
+/// An API error: HTTP status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": { "code": self.code, "message": self.message } }))).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> ApiError {
+        match rejection {
+            JsonRejection::BytesRejection(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
+            }
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not_json",
+                "send the request body as JSON (Content-Type: application/json)",
+            ),
+            other => ApiError::bad_request("malformed_request", other.body_text()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    model_version: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EngineLabels {
+    engine: String,
+}
+
+/// The daemon's Prometheus metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    predictions: Family<OutcomeLabels, Counter>,
+    latency: Histogram,
+    engine: Family<EngineLabels, Gauge>,
+    fallbacks: Gauge,
+    camera_up: Gauge,
+    audit_chain_length: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let predictions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "rxvision_predictions",
+            "Verifications answered, by model version and verdict",
+            predictions.clone(),
+        );
+        let latency = Histogram::new([0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register("rxvision_prediction_latency_seconds", "Frame to verdict", latency.clone());
+        let engine = Family::<EngineLabels, Gauge>::default();
+        registry.register("rxvision_engine", "1 for the engine answering requests", engine.clone());
+        let fallbacks = Gauge::default();
+        registry.register(
+            "rxvision_engine_fallbacks",
+            "Requests the CPU answered after a GPU failure (total)",
+            fallbacks.clone(),
+        );
+        let camera_up = Gauge::default();
+        registry.register("rxvision_camera_up", "1 if the last frame request succeeded", camera_up.clone());
+        let audit_chain_length = Gauge::default();
+        registry.register(
+            "rxvision_audit_chain_length",
+            "Records in the audit chain (next sequence number)",
+            audit_chain_length.clone(),
+        );
+        Metrics { registry, predictions, latency, engine, fallbacks, camera_up, audit_chain_length }
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The counter path.
+    pub scanner: Scanner,
+    /// The camera, when one is configured.
+    pub camera: Option<Mutex<Box<dyn FrameSource>>>,
+    /// The pharmacy system's key.
+    pub api_key: String,
+    /// The appliance id.
+    pub device_id: String,
+    /// Set once shutdown begins: new scans are refused.
+    pub shutting_down: AtomicBool,
+    metrics: Metrics,
+    started: Instant,
+}
+
+impl AppState {
+    /// Assembles the shared state.
+    pub fn new(scanner: Scanner, camera: Option<Box<dyn FrameSource>>, api_key: String, device_id: String) -> AppState {
+        let metrics = Metrics::new();
+        metrics.camera_up.set(i64::from(camera.is_some()));
+        AppState {
+            scanner,
+            camera: camera.map(Mutex::new),
+            api_key,
+            device_id,
+            shutting_down: AtomicBool::new(false),
+            metrics,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The API's routes over `state`, refusing bodies over `max_body_bytes`.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/verify", post(verify))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/status", get(status))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint (the API lives under /v1)")
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
+        .unwrap_or_default();
+    let expected = state.api_key.as_bytes();
+    // Constant time in the key's length: the comparison reveals nothing but a mismatch.
+    let same = given.len() == expected.len() && given.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key"))
+    }
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("invalid_field", format!("{field} must be 1-{max} printable characters")));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    expected_ndc: Option<String>,
+    operator_id: String,
+    rx_ref: Option<String>,
+    image: Option<String>,
+}
+
+async fn verify(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<VerifyBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let Json(body) = body?;
+    if state.shutting_down.load(Ordering::Acquire) {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the daemon is shutting down"));
+    }
+    check_text("operator_id", &body.operator_id, 64)?;
+    if let Some(ndc) = &body.expected_ndc {
+        check_text("expected_ndc", ndc, 32)?;
+    }
+    if let Some(rx) = &body.rx_ref {
+        check_text("rx_ref", rx, 128)?;
+    }
+    let request = ScanRequest { expected_ndc: body.expected_ndc, operator_id: body.operator_id, rx_ref: body.rx_ref };
+    let state2 = state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let frame = match body.image {
+            Some(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| ApiError::bad_request("bad_image_encoding", format!("image is not base64: {e}")))?,
+            None => take_frame(&state2)?,
+        };
+        state2.scanner.scan(&request, &frame).map_err(|e| match e {
+            ScanError::Audit(cause) => {
+                tracing::error!(error = %cause, "audit record not written; verification refused");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "the audit log cannot be written; no answer can be given",
+                )
+            }
+            ScanError::Engine(cause) => {
+                tracing::error!(error = %cause, "inference failed on every engine");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", "the model could not run")
+            }
+        })
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the scan was interrupted"))??;
+    let m = &state.metrics;
+    let outcome =
+        serde_json::to_value(result.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    m.predictions.get_or_create(&OutcomeLabels { model_version: result.model_version.clone(), outcome }).inc();
+    m.latency.observe(result.latency_ms / 1e3);
+    Ok(Json(result).into_response())
+}
+
+fn take_frame(state: &AppState) -> Result<Vec<u8>, ApiError> {
+    let Some(camera) = &state.camera else {
+        return Err(ApiError::bad_request("no_camera", "no camera is configured: send the picture as \"image\""));
+    };
+    let mut camera = camera.lock().unwrap_or_else(|p| p.into_inner());
+    match camera.next_frame() {
+        Ok(frame) => {
+            state.metrics.camera_up.set(1);
+            Ok(frame.encoded)
+        }
+        Err(CameraError::BadFrame { source_name, error, encoded }) => {
+            state.metrics.camera_up.set(1);
+            // A corrupt frame is still a frame: the scan answers BAD_IMAGE and is audited.
+            tracing::warn!(frame = %source_name, error = %error, "camera delivered an unreadable frame");
+            Ok(encoded)
+        }
+        Err(e) => {
+            state.metrics.camera_up.set(0);
+            tracing::warn!(error = %e, camera = %camera.describe(), "no frame from the camera");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "camera_unavailable", e.to_string()))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackBody {
+    audit_seq: u64,
+    confirmed: Option<bool>,
+    correct_ndc: Option<String>,
+    operator_id: String,
+}
+
+async fn feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<FeedbackBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let Json(body) = body?;
+    check_text("operator_id", &body.operator_id, 64)?;
+    match (&body.confirmed, &body.correct_ndc) {
+        (Some(true), None) => {}
+        (None, Some(ndc)) => check_text("correct_ndc", ndc, 32)?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_feedback",
+                "send either \"confirmed\": true or \"correct_ndc\", not both",
+            ))
+        }
+    }
+    let state2 = state.clone();
+    let seq = tokio::task::spawn_blocking(move || {
+        let audit = state2.scanner.audit();
+        let target = audit.get(body.audit_seq).map_err(|e| {
+            tracing::error!(error = %e, "audit record unreadable");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit_unreadable", "the audit record cannot be read")
+        })?;
+        match target {
+            Some(r) if r.kind == RecordKind::Verification => {}
+            Some(_) => return Err(ApiError::bad_request("not_a_verification", format!("audit record {} is not a verification", body.audit_seq))),
+            None => return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_audit_seq", format!("there is no audit record {}", body.audit_seq))),
+        }
+        let mut event = AuditEvent::new(RecordKind::Feedback);
+        event.operator = Some(body.operator_id);
+        event.details = json!({ "audit_seq": body.audit_seq, "confirmed": body.confirmed.unwrap_or(false), "correct_ndc": body.correct_ndc });
+        audit.append(event).map(|a| a.seq).map_err(|e| {
+            tracing::error!(error = %e, "feedback not recorded");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log cannot be written")
+        })
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request was interrupted"))??;
+    Ok(Json(json!({ "audit_seq": seq })).into_response())
+}
+
+async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let classifier = state.scanner.classifier();
+    let manifest = &classifier.bundle().manifest;
+    let engines = classifier.engines();
+    let (next_seq, head) = state.scanner.audit().head();
+    let camera = state.camera.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).describe());
+    Ok(Json(json!({
+        "device_id": state.device_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": { "name": manifest.name, "version": manifest.version.to_string(), "purpose": manifest.purpose },
+        "engine": { "active": engines.active(), "choice": engines.choice(), "gpu_degraded": engines.gpu_degraded(), "fallbacks": engines.fallbacks() },
+        "camera": camera,
+        "audit": { "next_seq": next_seq, "head": head.iter().map(|b| format!("{b:02x}")).collect::<String>() },
+        "uptime_s": state.started.elapsed().as_secs(),
+    }))
+    .into_response())
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" }))).into_response()
+    } else {
+        Json(json!({ "status": "ok" })).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let engines = state.scanner.classifier().engines();
+    for kind in ["cpu", "gpu"] {
+        m.engine.get_or_create(&EngineLabels { engine: kind.into() }).set(i64::from(engines.active().as_str() == kind));
+    }
+    m.fallbacks.set(engines.fallbacks() as i64);
+    m.audit_chain_length.set(state.scanner.audit().head().0 as i64);
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &m.registry).is_err() {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics could not be encoded")
+            .into_response();
+    }
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response()
+}

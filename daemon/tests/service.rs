@@ -1,0 +1,265 @@
+//! `rxvisiond run` driven through its API, as the pharmacy system drives it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+const API_KEY: &str = "test-api-key-0123456789";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn fixture() -> PathBuf {
+    workspace().join("models/bundles/fixture-cnn/0.1.0")
+}
+
+fn secret(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(max_body: usize) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let camera = dir.path().join("camera");
+    std::fs::create_dir(&camera).unwrap();
+    std::fs::copy(fixture().join("selftest/c00_white_round.png"), camera.join("frame.png")).unwrap();
+    secret(&dir.path().join("audit.key"), &"ab".repeat(32));
+    secret(&dir.path().join("api.key"), &format!("{API_KEY}\n"));
+    let default = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
+    let p = |path: &Path| format!("{:?}", path.display().to_string());
+    let config = default
+        .replace("id = \"unprovisioned\"", "id = \"counter-test\"")
+        .replace("bundle = \"\"", &format!("bundle = {}", p(&fixture())))
+        .replace("engine = \"auto\"", "engine = \"cpu\"")
+        .replace("source = \"none\"", "source = \"dir\"")
+        .replace("\ndir = \"\"", &format!("\ndir = {}", p(&camera)))
+        .replace("listen = \"127.0.0.1:8470\"", "listen = \"127.0.0.1:0\"")
+        .replace("api_key_file = \"\"", &format!("api_key_file = {}", p(&dir.path().join("api.key"))))
+        .replace("api_key_credential = \"api-key\"", "api_key_credential = \"\"")
+        .replace("max_body_bytes = 16777216", &format!("max_body_bytes = {max_body}"))
+        .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {}", p(&dir.path().join("audit"))))
+        .replace("\nkey_file = \"\"", &format!("\nkey_file = {}", p(&dir.path().join("audit.key"))))
+        .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"");
+    let config_path = dir.path().join("rxvisiond.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["run", "--config", config_path.to_str().unwrap()])
+        .env("RXVISION_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("rxvisiond: listening on http://").unwrap_or_else(|| panic!("{line:?}"));
+    Daemon { addr: addr.parse().unwrap(), child, config: config_path, _dir: dir }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    if let Some(body) = body {
+        // The server may refuse early (body too large) and close: ignore write errors.
+        let _ = stream.write_all(body);
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
+}
+
+fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
+    http(d.addr, "POST", path, Some(API_KEY), Some(body.to_string().as_bytes()))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn png(image: &image::RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+#[test]
+fn verify_feedback_status_metrics_and_a_graceful_shutdown() {
+    let d = start(4 * 1024 * 1024);
+    assert_eq!(http(d.addr, "GET", "/v1/health", None, None), (200, json!({"status": "ok"})));
+
+    // No key, wrong key.
+    let (status, body) = http(d.addr, "POST", "/v1/verify", None, Some(b"{}"));
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = http(d.addr, "GET", "/v1/status", Some("wrong-key-wrong-key"), None);
+    assert_eq!(status, 401);
+
+    // The right pill uploaded: MATCH; a look-alike expected: MISMATCH.
+    let frame = std::fs::read(fixture().join("selftest/c00_white_round.png")).unwrap();
+    let (status, ok) = post(
+        &d,
+        "/v1/verify",
+        &json!({"expected_ndc": "fixture-00", "operator_id": "tech-1", "rx_ref": "RX-1", "image": b64(&frame)}),
+    );
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["verdict"], "MATCH", "{ok}");
+    assert_eq!(ok["count"], 1);
+    assert_eq!(ok["pills"][0]["top_k"][0]["ndc"], "fixture-00");
+    assert!(ok["pills"][0]["box"]["w"].as_u64().unwrap() > 0);
+    assert_eq!(ok["audit_seq"], 0);
+    assert_eq!(ok["engine"], "cpu");
+    let (_, wrong) =
+        post(&d, "/v1/verify", &json!({"expected_ndc": "fixture-07", "operator_id": "tech-1", "image": b64(&frame)}));
+    assert_eq!(wrong["verdict"], "MISMATCH", "{wrong}");
+
+    // From the camera (a dir source replaying the same pill).
+    let (status, cam) = post(&d, "/v1/verify", &json!({"expected_ndc": "fixture-00", "operator_id": "tech-2"}));
+    assert_eq!((status, cam["verdict"].as_str()), (200, Some("MATCH")), "{cam}");
+
+    // An empty tray, a corrupt upload.
+    let tray = image::RgbImage::from_fn(200, 160, |x, y| image::Rgb([120 + ((x * 3 + y) % 5) as u8, 124, 128]));
+    let (_, empty) = post(
+        &d,
+        "/v1/verify",
+        &json!({"expected_ndc": "fixture-00", "operator_id": "tech-1", "image": b64(&png(&tray))}),
+    );
+    assert_eq!(empty["verdict"], "NO_PILL", "{empty}");
+    let (_, bad) = post(
+        &d,
+        "/v1/verify",
+        &json!({"expected_ndc": "fixture-00", "operator_id": "tech-1", "image": b64(&frame[..frame.len() / 3])}),
+    );
+    assert_eq!(bad["verdict"], "BAD_IMAGE", "{bad}");
+
+    // Bad requests get stable codes and change nothing.
+    let (status, e) = http(d.addr, "POST", "/v1/verify", Some(API_KEY), Some(b"{not json"));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("malformed_request")), "{e}");
+    let (status, e) = post(&d, "/v1/verify", &json!({"operator_id": "tech-1", "surprise": 1}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("malformed_request")), "{e}");
+    let (status, e) = post(&d, "/v1/verify", &json!({"operator_id": "", "image": "AAAA"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("invalid_field")), "{e}");
+    let (status, e) = post(&d, "/v1/verify", &json!({"operator_id": "tech-1", "image": "***"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("bad_image_encoding")), "{e}");
+    let huge = json!({"operator_id": "tech-1", "image": "A".repeat(5 * 1024 * 1024)});
+    let (status, e) = post(&d, "/v1/verify", &huge);
+    assert_eq!((status, e["error"]["code"].as_str()), (413, Some("body_too_large")), "{e}");
+
+    // Feedback.
+    let (status, fb) =
+        post(&d, "/v1/feedback", &json!({"audit_seq": 0, "confirmed": true, "operator_id": "pharmacist-1"}));
+    assert_eq!(status, 200, "{fb}");
+    let feedback_seq = fb["audit_seq"].as_u64().unwrap();
+    let (status, fb) =
+        post(&d, "/v1/feedback", &json!({"audit_seq": 1, "correct_ndc": "fixture-00", "operator_id": "pharmacist-1"}));
+    assert_eq!(status, 200, "{fb}");
+    let (status, e) = post(&d, "/v1/feedback", &json!({"audit_seq": 999, "confirmed": true, "operator_id": "p"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (404, Some("unknown_audit_seq")));
+    let (status, e) =
+        post(&d, "/v1/feedback", &json!({"audit_seq": feedback_seq, "confirmed": true, "operator_id": "p"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("not_a_verification")));
+    let (status, e) =
+        post(&d, "/v1/feedback", &json!({"audit_seq": 0, "confirmed": true, "correct_ndc": "x", "operator_id": "p"}));
+    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("invalid_feedback")));
+
+    // Status and metrics.
+    let (status, st) = http(d.addr, "GET", "/v1/status", Some(API_KEY), None);
+    assert_eq!(status, 200);
+    assert_eq!(st["device_id"], "counter-test");
+    assert_eq!(st["model"]["name"], "fixture-cnn");
+    assert_eq!(st["engine"]["active"], "cpu");
+    assert_eq!(st["audit"]["next_seq"], 7);
+    let (status, metrics) = http(d.addr, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap().to_string();
+    for needle in [
+        "rxvision_predictions_total{model_version=\"0.1.0\",outcome=\"MATCH\"} 2",
+        "rxvision_predictions_total{model_version=\"0.1.0\",outcome=\"NO_PILL\"} 1",
+        "rxvision_prediction_latency_seconds_count 5",
+        "rxvision_engine{engine=\"cpu\"} 1",
+        "rxvision_audit_chain_length 7",
+        "rxvision_camera_up 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+    assert_eq!(http(d.addr, "GET", "/v2/verify", Some(API_KEY), None).0, 404);
+
+    // SIGTERM: exits cleanly and quickly; the audit log verifies.
+    let started = Instant::now();
+    let status = Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut d = d;
+    let exit = loop {
+        if let Some(exit) = d.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no exit 15 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["audit", "verify", "--config", d.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("7 records checked"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_bad_config_or_a_readable_key_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "version = 1\n[device]\nid = \"x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing field"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The shipped default uses systemd credentials, which a plain start lacks.
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["run", "--config", workspace().join("firmware-cfg/rxvisiond.toml").to_str().unwrap()])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CREDENTIALS_DIRECTORY"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
