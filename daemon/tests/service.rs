@@ -29,7 +29,6 @@ struct Daemon {
     child: Child,
     addr: SocketAddr,
     config: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -39,13 +38,13 @@ impl Drop for Daemon {
     }
 }
 
-fn start(max_body: usize) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let camera = dir.path().join("camera");
-    std::fs::create_dir(&camera).unwrap();
+/// Writes keys, a camera folder and a configuration into `dir`.
+fn write_config(dir: &Path, max_body: usize) -> PathBuf {
+    let camera = dir.join("camera");
+    std::fs::create_dir_all(&camera).unwrap();
     std::fs::copy(fixture().join("selftest/c00_white_round.png"), camera.join("frame.png")).unwrap();
-    secret(&dir.path().join("audit.key"), &"ab".repeat(32));
-    secret(&dir.path().join("api.key"), &format!("{API_KEY}\n"));
+    secret(&dir.join("audit.key"), &"ab".repeat(32));
+    secret(&dir.join("api.key"), &format!("{API_KEY}\n"));
     let default = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
     let p = |path: &Path| format!("{:?}", path.display().to_string());
     let config = default
@@ -55,16 +54,21 @@ fn start(max_body: usize) -> Daemon {
         .replace("source = \"none\"", "source = \"dir\"")
         .replace("\ndir = \"\"", &format!("\ndir = {}", p(&camera)))
         .replace("listen = \"127.0.0.1:8470\"", "listen = \"127.0.0.1:0\"")
-        .replace("api_key_file = \"\"", &format!("api_key_file = {}", p(&dir.path().join("api.key"))))
+        .replace("api_key_file = \"\"", &format!("api_key_file = {}", p(&dir.join("api.key"))))
         .replace("api_key_credential = \"api-key\"", "api_key_credential = \"\"")
         .replace("max_body_bytes = 16777216", &format!("max_body_bytes = {max_body}"))
-        .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {}", p(&dir.path().join("audit"))))
-        .replace("\nkey_file = \"\"", &format!("\nkey_file = {}", p(&dir.path().join("audit.key"))))
+        .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {}", p(&dir.join("audit"))))
+        .replace("\nkey_file = \"\"", &format!("\nkey_file = {}", p(&dir.join("audit.key"))))
         .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"");
-    let config_path = dir.path().join("rxvisiond.toml");
-    std::fs::write(&config_path, config).unwrap();
+    let path = dir.join("rxvisiond.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Starts `rxvisiond run` and waits until it listens.
+fn spawn(config: &Path) -> Daemon {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
-        .args(["run", "--config", config_path.to_str().unwrap()])
+        .args(["run", "--config", config.to_str().unwrap()])
         .env("RXVISION_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -72,13 +76,23 @@ fn start(max_body: usize) -> Daemon {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().strip_prefix("rxvisiond: listening on http://").unwrap_or_else(|| panic!("{line:?}"));
-    Daemon { addr: addr.parse().unwrap(), child, config: config_path, _dir: dir }
+    Daemon { addr: addr.parse().unwrap(), child, config: config.to_path_buf() }
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
 fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    try_http(addr, method, path, key, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&[u8]>,
+) -> Result<(u16, Value), String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(key) = key {
         head.push_str(&format!("Authorization: Bearer {key}\r\n"));
@@ -87,7 +101,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Opt
         head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
     if let Some(body) = body {
         // The server may refuse early (body too large) and close: ignore write errors.
         let _ = stream.write_all(body);
@@ -95,9 +109,10 @@ fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Opt
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let text = String::from_utf8_lossy(&response);
-    let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{text}"));
+    let status: u16 =
+        text.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("no response: {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string())))
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string()))))
 }
 
 fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
@@ -116,7 +131,8 @@ fn png(image: &image::RgbImage) -> Vec<u8> {
 
 #[test]
 fn verify_feedback_status_metrics_and_a_graceful_shutdown() {
-    let d = start(4 * 1024 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let d = spawn(&write_config(dir.path(), 4 * 1024 * 1024));
     assert_eq!(http(d.addr, "GET", "/v1/health", None, None), (200, json!({"status": "ok"})));
 
     // No key, wrong key.
@@ -289,4 +305,76 @@ fn the_systemd_unit_is_hardened_and_verifies() {
     let out = Command::new("systemd-analyze").args(["verify", path.to_str().unwrap()]).output().unwrap();
     let complaints = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && complaints.trim().is_empty(), "systemd-analyze: {complaints}");
+}
+
+/// SIGKILL in a loop under load: every verification the API acknowledged
+/// (answered with an `audit_seq`) has its record afterwards, and the chain
+/// verifies after every restart.
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 4 * 1024 * 1024);
+    let frame = b64(&std::fs::read(fixture().join("selftest/c00_white_round.png")).unwrap());
+    let body = json!({"expected_ndc": "fixture-00", "operator_id": "tech-1", "image": frame}).to_string();
+    let mut acknowledged: Vec<u64> = Vec::new();
+    for round in 0..6 {
+        let mut d = spawn(&config);
+        let addr = d.addr;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let (stop, body) = (stop.clone(), body.clone());
+                std::thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match try_http(addr, "POST", "/v1/verify", Some(API_KEY), Some(body.as_bytes())) {
+                            Ok((200, v)) => acked.push(v["audit_seq"].as_u64().unwrap()),
+                            Ok((status, v)) => panic!("unexpected answer {status}: {v}"),
+                            Err(_) => break, // the daemon died mid-request: not acknowledged
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(150 + 70 * round));
+        d.child.kill().unwrap(); // SIGKILL
+        d.child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for client in clients {
+            acknowledged.extend(client.join().unwrap());
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+            .args(["audit", "verify", "--json", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let last = report["last_seq"].as_u64();
+        let max_acked = acknowledged.iter().max().copied();
+        assert!(max_acked <= last, "round {round}: acknowledged up to {max_acked:?} but the chain ends at {last:?}");
+        println!("round {round}: {} acknowledged so far, chain holds {}", acknowledged.len(), report["checked"]);
+    }
+    assert!(acknowledged.len() >= 10, "too little load to prove anything: {}", acknowledged.len());
+    // Every acknowledged sequence number is a verification record with our verdict.
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["audit", "export", "--config", config.to_str().unwrap(), "--from", "2000-01-01", "--to", "2999-01-01"])
+        .args(["--operator", "test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records: std::collections::HashMap<u64, Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|r| (r["seq"].as_u64().unwrap(), r))
+        .collect();
+    let mut unique = acknowledged.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), acknowledged.len(), "an audit_seq was handed out twice");
+    for seq in &acknowledged {
+        let record = records.get(seq).unwrap_or_else(|| panic!("acknowledged record {seq} is missing"));
+        assert_eq!(record["kind"], "verification");
+        assert_eq!(record["verdict"], "MATCH");
+    }
 }
