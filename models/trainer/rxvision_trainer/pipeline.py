@@ -1,0 +1,437 @@
+"""The ``train`` command end to end: data -> model -> calibration -> int8 -> bundle.
+
+1. read the dataset(s) and the formulary; classes are the products in the data
+   minus ``--holdout-ndc``; validation is ``--val-data`` or a stratified split
+2. train PillNet (augmented, reference preprocessing)
+3. temperature scaling on the validation split (ECE before/after)
+4. fold BN, export the float ONNX graph (temperature folded in), check it
+   against torch
+5. quantize to int8 QDQ with ONNX Runtime on training images
+6. evaluate f32 and int8 on validation (top-1/3, per look-alike group, ECE) and
+   on held-out products; choose the thresholds
+7. self-test set, reference profile, labels, model card, manifest
+8. verify the written bundle (hashes, contract, ORT self-test); log to mlflow
+   when it is installed
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from . import __version__
+from .bundle import (check_replaceable, finalize, input_spec, labels_json, model_card, select_selftest,
+                     verify_bundle, write_json, SELFTEST_TOLERANCE, SEMVER)
+from .calibrate import choose_thresholds, ece, fit_temperature, softmax, topk_accuracy, uncertain_mask
+from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, OutlierDataset, Sample,
+                   build_classes,
+                   load_eval_array, parse_ndc_list, read_dataset, split_train_val)
+from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
+from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
+from .profile import build_profile
+from .train import TrainConfig, predict_logits, resolve_device, seed_everything, train
+
+log = logging.getLogger("rxvision_trainer")
+
+DEFAULT_DATA_NOTE = ("Synthetic images only, rendered by rxvision-synth from models/formulary/formulary.json "
+                     "(top-down pill photos on a counting tray with lighting, blur, noise and JPEG nuisances).")
+
+
+def add_train_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--data", type=Path, required=True, help="training dataset directory (labels.csv layout)")
+    ap.add_argument("--val-data", type=Path, help="validation dataset directory; default: a split of --data")
+    ap.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced if it is one)")
+    ap.add_argument("--version", required=True, help="semantic version of the model, e.g. 1.0.0")
+    ap.add_argument("--epochs", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--size", type=int, default=128, help="square model input size (default 128)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--synth", help="path to the rxvision-synth binary (drift features for profile.json)")
+    ap.add_argument("--formulary", type=Path, help="formulary.json (default: the checkout's models/formulary)")
+    ap.add_argument("--holdout-ndc", default="", help="comma-separated NDCs to leave out of training (open set)")
+    ap.add_argument("--name", default="pillnet", help="model family name (default pillnet)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--warmup-epochs", type=float, default=1.0)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--outlier-weight", type=float, default=0.5,
+                    help="outlier-exposure loss weight (synthetic unknown pills pushed to uniform); 0 turns it off")
+    ap.add_argument("--outlier-fraction", type=float, default=0.25, help="outlier images per batch (share)")
+    ap.add_argument("--min-temperature", type=float, default=0.5,
+                    help="lower bound of the fitted temperature (a near-perfect validation split would otherwise "
+                         "drive it to 0 and saturate every probability, unknown pills included)")
+    ap.add_argument("--widths", default="32,64,128,256", help="stage widths (default 32,64,128,256)")
+    ap.add_argument("--depths", default="1,1,1,1", help="extra stride-1 convs per stage (default 1,1,1,1)")
+    ap.add_argument("--workers", type=int, default=-1, help="data loader workers (default: by device)")
+    ap.add_argument("--val-fraction", type=float, default=0.15, help="validation share when no --val-data")
+    ap.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration")
+    ap.add_argument("--selftest-max", type=int, default=24, help="most self-test images (one per class)")
+    ap.add_argument("--open-set-target", type=float, default=0.90,
+                    help="share of held-out-product images that must come back UNCERTAIN")
+    ap.add_argument("--min-confidence", type=float, default=0.6, help="threshold when nothing is held out")
+    ap.add_argument("--min-margin", type=float, default=0.2, help="threshold when nothing is held out")
+    ap.add_argument("--mirror", type=float, default=0.0,
+                    help="probability of a mirror flip in augmentation (default 0: mirrors imprints)")
+    ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE, help="one line on the data for the model card")
+    ap.add_argument("--artifacts", type=Path,
+                    help="also keep the float ONNX model, the torch checkpoint and the history here")
+    ap.add_argument("--created", help="RFC 3339 creation time (default: SOURCE_DATE_EPOCH or now)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to mlflow even if it is installed")
+
+
+def _created(arg: str | None) -> str:
+    if arg:
+        return arg
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _fingerprint(d: Path) -> str:
+    return hashlib.sha256((d / "labels.csv").read_bytes()).hexdigest()[:16]
+
+
+def _r(x, nd: int = 4):
+    return None if x is None or not np.isfinite(x) else round(float(x), nd)
+
+
+def _calibration_subset(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """Round-robin over classes (deterministic shuffle inside each) so every class is in the ranges."""
+    by: dict[str, list[Sample]] = {}
+    for s in samples:
+        by.setdefault(s.ndc, []).append(s)
+    rng = np.random.default_rng([seed, 7])
+    queues = {k: [v[i] for i in rng.permutation(len(v))] for k, v in sorted(by.items())}
+    out: list[Sample] = []
+    depth = 0
+    while len(out) < n and any(depth < len(q) for q in queues.values()):
+        for k in sorted(queues):
+            if depth < len(queues[k]) and len(out) < n:
+                out.append(queues[k][depth])
+        depth += 1
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    t_start = time.perf_counter()
+    if not SEMVER.match(args.version):
+        raise SystemExit(f"--version {args.version!r} is not a semantic version (X.Y.Z)")
+    if args.size < 32 or args.size % 16:
+        raise SystemExit("--size must be a multiple of 16, at least 32")
+    dest = args.out.resolve()
+    check_replaceable(dest, args.name)
+
+    # ---- data
+    fpath = args.formulary or Formulary.default_path()
+    formulary = Formulary(fpath) if fpath else None
+    if formulary is None:
+        log.warning("no formulary found (--formulary): labels.json entries get name/strength from labels.csv only")
+    holdout = set(parse_ndc_list(args.holdout_ndc))
+    data = read_dataset(args.data)
+    classes = build_classes(data, formulary, holdout)
+    class_of = {c.ndc: c.index for c in classes}
+    known = [s for s in data if s.ndc in class_of]
+    unknown_select = [s for s in data if s.ndc in holdout]
+    missing = holdout - {s.ndc for s in data}
+    if missing:
+        log.warning("held-out NDC(s) without images in --data: %s", ", ".join(sorted(missing)))
+    if args.val_data:
+        val_all = read_dataset(args.val_data)
+        train_s = known
+        val_s = [s for s in val_all if s.ndc in class_of]
+        unknown_report = [s for s in val_all if s.ndc not in class_of]
+        val_source = f"separate dataset {args.val_data}"
+    else:
+        train_s, val_s = split_train_val(known, args.val_fraction, args.seed)
+        unknown_report = []
+        val_source = f"a stratified {args.val_fraction:.0%} split of the training dataset (seed {args.seed})"
+    if not unknown_report:
+        unknown_report = unknown_select
+    report_is_selection = unknown_report is unknown_select
+    if not val_s:
+        raise DataError("no validation images of the training classes")
+    log.info("%d classes; %d training, %d validation images; held out %d products (%d + %d images)",
+             len(classes), len(train_s), len(val_s), len(holdout), len(unknown_select),
+             0 if report_is_selection else len(unknown_report))
+
+    # ---- model and training
+    device = resolve_device(args.device)
+    seed_everything(args.seed, deterministic=True)
+    arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")))
+    model = PillNet(len(classes), arch)
+    cost = count_cost(model, args.size)
+    log.info("architecture: %s", arch.describe())
+    log.info("cost at %dx%d: %s", args.size, args.size, cost.summary())
+    print(f"architecture: {arch.describe()}; {cost.macs / 1e6:.1f} MMAC, {cost.params} parameters "
+          f"at {args.size}x{args.size}", flush=True)
+    aug_cfg = AugmentConfig(p_mirror=args.mirror)
+    train_ds = ImageDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed)
+    val_ds = ImageDataset(val_s, class_of, args.size)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                      outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
+                      workers=args.workers, seed=args.seed)
+    outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed) \
+        if args.outlier_weight > 0 else None
+    log.info("training on %s", device)
+    history = train(model, train_ds, cfg, device, val_ds=val_ds, outlier_ds=outlier_ds)
+    t_train = time.perf_counter()
+
+    # ---- calibration (float32)
+    y_val = np.asarray(val_ds.targets)
+    logits_val = predict_logits(model, val_ds, device)
+    temperature = fit_temperature(logits_val, y_val, lo=args.min_temperature)
+    if temperature <= args.min_temperature * 1.01:
+        log.warning("temperature hit its lower bound %.3g (validation nearly separable or the model "
+                    "under-confident); kept at the bound", args.min_temperature)
+    p32_raw = softmax(logits_val)
+    p32 = softmax(logits_val / temperature)
+    ece_raw, ece_cal = ece(p32_raw, y_val), ece(p32, y_val)
+    log.info("temperature %.4f: ECE %.4f -> %.4f", temperature, ece_raw, ece_cal)
+
+    # ---- export
+    model.cpu().eval()
+    fm = fuse(model)
+    probe = torch.from_numpy(load_eval_array(val_s[:8], args.size))
+    with torch.no_grad():
+        ref = model(probe)
+        diff = float((fused_forward(fm, probe) - ref).abs().max())
+    if diff > 1e-3 * max(1.0, float(ref.abs().max())):
+        raise RuntimeError(f"BN folding changed the logits by {diff}")
+    doc = f"RxVision {args.name} {args.version}: pill classifier (int8 QDQ), trained on synthetic images only."
+    f32 = build_float_model(fm, args.size, temperature, doc)
+
+    with tempfile.TemporaryDirectory(prefix="rxv-train-") as td:
+        tmp = Path(td)
+        f32_path = tmp / "model_f32.onnx"
+        onnx.save(f32, str(f32_path))
+        sess32 = session(f32_path)
+        p_onnx = run_all(sess32, probe.numpy())
+        d_onnx = float(np.abs(p_onnx - softmax(ref.numpy() / temperature)).max())
+        if d_onnx > 1e-4:
+            raise RuntimeError(f"float ONNX export differs from torch by {d_onnx}")
+        bytes32 = f32_path.stat().st_size
+
+        # ---- quantize
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stage = dest.parent / f".{dest.name}.staging"
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir()
+        try:
+            calib_s = _calibration_subset(train_s, args.calib_images, args.seed)
+            calib = load_eval_array(calib_s, args.size)
+            int8 = quantize(f32_path, stage / "model.onnx", calib, tmp, len(classes), args.size, doc)
+            ops = op_counts(int8)
+            bytes8 = (stage / "model.onnx").stat().st_size
+            sess8 = session(stage / "model.onnx")
+
+            # ---- evaluate int8
+            p8 = ort_predict(sess8, val_s, args.size)
+            p8_unk_sel = ort_predict(sess8, unknown_select, args.size) if unknown_select else None
+            p8_unk_rep = (p8_unk_sel if report_is_selection else
+                          ort_predict(sess8, unknown_report, args.size) if unknown_report else None)
+            choice = choose_thresholds(p8, y_val, p8_unk_sel, target=args.open_set_target,
+                                       default=(args.min_confidence, args.min_margin))
+            rate_report = choice.open_set_uncertain_rate
+            if p8_unk_rep is not None and not report_is_selection:
+                rate_report = float(uncertain_mask(p8_unk_rep, choice.min_confidence, choice.min_margin).mean())
+            log.info("thresholds: min_confidence %.4f, min_margin %.4f (%s)", choice.min_confidence,
+                     choice.min_margin, choice.method)
+
+            groups = sorted({c.lookalike_group for c in classes if c.lookalike_group})
+            group_of = np.asarray([classes[i].lookalike_group or "" for i in y_val])
+            per_group_n = {g: int((group_of == g).sum()) for g in groups}
+            per_group_32 = {g: _r(float((p32.argmax(1)[group_of == g] == y_val[group_of == g]).mean()))
+                            if per_group_n[g] else None for g in groups}
+            per_group_8 = {g: _r(float((p8.argmax(1)[group_of == g] == y_val[group_of == g]).mean()))
+                           if per_group_n[g] else None for g in groups}
+            top1_32, top1_8 = topk_accuracy(p32, y_val, 1), topk_accuracy(p8, y_val, 1)
+            metrics = {
+                "num_classes": len(classes),
+                "train_n": len(train_s),
+                "val_n": len(val_s),
+                "epochs": args.epochs,
+                "train_top1_last_epoch": _r(history[-1]["train_top1"]) if history else None,
+                "val_top1_f32": _r(top1_32), "val_top3_f32": _r(topk_accuracy(p32, y_val, 3)),
+                "val_top1_int8": _r(top1_8), "val_top3_int8": _r(topk_accuracy(p8, y_val, 3)),
+                "int8_minus_f32_top1_points": round(100.0 * (top1_8 - top1_32), 2),
+                "per_group_n": per_group_n,
+                "per_group_top1_f32": per_group_32,
+                "per_group_top1_int8": per_group_8,
+                "ece_bins": 15,
+                "ece_f32_uncalibrated": _r(ece_raw), "ece_f32_calibrated": _r(ece_cal),
+                "ece_int8": _r(ece(p8, y_val)),
+                "temperature": _r(temperature, 6),
+                "open_set": {
+                    "holdout_ndcs": sorted(holdout),
+                    "n_select": len(unknown_select),
+                    "n_report": 0 if p8_unk_rep is None else len(p8_unk_rep),
+                    "report_is_selection_set": report_is_selection,
+                    "uncertain_rate": _r(rate_report),
+                    "uncertain_rate_selection": _r(choice.open_set_uncertain_rate),
+                    "target": args.open_set_target,
+                    "target_met": choice.target_met,
+                },
+                "in_formulary_uncertain_rate": _r(choice.in_formulary_uncertain_rate),
+                "in_formulary_accepted_accuracy": _r(choice.in_formulary_accepted_accuracy),
+                "in_formulary_wrong_accept_rate": _r(choice.in_formulary_wrong_accept_rate),
+                "thresholds": {"min_confidence": choice.min_confidence, "min_margin": choice.min_margin,
+                               "method": choice.method},
+                "model_bytes_f32": int(bytes32), "model_bytes_int8": int(bytes8),
+                "int8_size_ratio": _r(bytes8 / bytes32),
+                "macs": int(cost.macs), "params": int(cost.params),
+            }
+            if metrics["open_set"]["target_met"] is False:
+                log.warning("open-set target NOT met: %.1f%% of held-out-product images UNCERTAIN",
+                            100 * (choice.open_set_uncertain_rate or 0))
+
+            # ---- self-test, profile, labels, card, manifest
+            st = select_selftest(stage, classes, val_s, sess8, args.size, args.seed, args.selftest_max)
+            metrics["selftest_cases"] = len(st.cases)
+            write_json(stage / "selftest" / "expected.json", {
+                "reference": f"onnxruntime {ort.__version__}", "tolerance": SELFTEST_TOLERANCE, "cases": st.cases})
+            prof = build_profile(val_s, p8, p8_unk_rep, args.synth,
+                                 f"int8 model.onnx on the {len(val_s)} validation images ({val_source})")
+            write_json(stage / "profile.json", prof)
+            labels = labels_json(classes)
+            write_json(stage / "labels.json", labels)
+            argv = getattr(args, "argv", None) or sys.argv[1:]
+            command = "python -m rxvision_trainer " + " ".join(shlex.quote(a) for a in argv)
+            fingerprints = {str(args.data): _fingerprint(args.data)}
+            if args.val_data:
+                fingerprints[str(args.val_data)] = _fingerprint(args.val_data)
+            thresholds = {"min_confidence": choice.min_confidence, "min_margin": choice.min_margin}
+            info = {
+                "name": args.name, "version": args.version, "size": args.size, "arch": arch.describe(),
+                "metrics": metrics, "thresholds": choice.as_dict(), "labels": labels,
+                "calib_images": len(calib) - len(calib) % min(32, len(calib)),
+                "ops": ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())),
+                "data_note": args.data_note, "val_source": val_source,
+                "outliers": (f"outlier exposure: weight {args.outlier_weight}, {args.outlier_fraction:.0%} of each "
+                             f"batch (chimeras of two classes' halves; hue-turned saturated pills), target uniform"
+                             if args.outlier_weight > 0 else "no outlier exposure"),
+                "min_temperature": args.min_temperature,
+                "augment": (f"rotation +-{aug_cfg.max_rotation_deg:g} deg, 180-degree turn p={aug_cfg.p_turn180}, "
+                            f"mirror p={aug_cfg.p_mirror}, shift +-{aug_cfg.max_shift:.0%}, brightness/contrast "
+                            f"+-{aug_cfg.brightness:.0%}/{aug_cfg.contrast:.0%}, saturation +-{aug_cfg.saturation:.0%}"),
+                "data_fingerprints": ", ".join(f"`{k}` {v}" for k, v in fingerprints.items()),
+                "command": command, "seed": args.seed, "device": str(device),
+                "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
+                "torch": torch.__version__, "selftest_cases": len(st.cases),
+                "selftest_skipped": (f" No stable image was found for {len(st.skipped)} class(es): "
+                                     f"{', '.join(st.skipped)}." if st.skipped else ""),
+                "profile_features_note": prof["features"]["note"],
+            }
+            (stage / "MODEL_CARD.md").write_text(model_card(info), encoding="utf-8")
+            manifest = {
+                "schema_version": 1,
+                "name": args.name,
+                "version": args.version,
+                "purpose": "production",
+                "created": _created(args.created),
+                "description": (f"{args.name} {args.version}: {len(classes)}-product pill classifier, plain 3x3 "
+                                f"CNN, int8 QDQ; trained and measured on synthetic images only."),
+                "model": "model.onnx",
+                "labels": "labels.json",
+                "profile": "profile.json",
+                "num_classes": len(classes),
+                "input": input_spec(args.size),
+                "output": {"name": "probs", "kind": "probabilities"},
+                "thresholds": thresholds,
+                "selftest": {"expected": "selftest/expected.json", "tolerance": SELFTEST_TOLERANCE},
+                "provenance": {
+                    "generator": f"models/trainer (rxvision-trainer {__version__})",
+                    "command": command,
+                    "seed": args.seed,
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxruntime": ort.__version__,
+                    "architecture": arch.describe(),
+                    "quantization": "onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, "
+                                    "MinMax on training images; logits and Softmax float; BN folded",
+                    "training_data": args.data_note,
+                    "data_fingerprints": fingerprints,
+                    "holdout_ndcs": sorted(holdout),
+                    # per-epoch statistics without the wall-clock times, so a rerun is byte-identical
+                    "history": [{k: _r(v, 6) if isinstance(v, float) else v for k, v in h.items() if k != "seconds"}
+                                for h in history],
+                },
+                "metrics": metrics,
+            }
+            finalize(stage, manifest)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if dest.exists():
+            shutil.rmtree(dest)
+        stage.rename(dest)
+        if args.artifacts:
+            args.artifacts.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f32_path, args.artifacts / "model_f32.onnx")
+            torch.save({"state_dict": model.state_dict(), "arch": asdict(arch), "classes": [c.ndc for c in classes],
+                        "temperature": temperature, "size": args.size}, args.artifacts / "checkpoint.pt")
+            write_json(args.artifacts / "history.json", history)
+
+    check = verify_bundle(dest)
+    log.info("bundle %s verified: %d self-test cases, max |diff| %.2g", dest, check["cases"], check["max_abs_diff"])
+    summary = {
+        "bundle": str(dest), "seconds_total": round(time.perf_counter() - t_start, 1),
+        "seconds_training": round(t_train - t_start, 1), "selftest_ort": check,
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+        "thresholds": thresholds, "open_set": metrics["open_set"],
+    }
+    if not args.no_mlflow:
+        log_mlflow(args, metrics, dest)
+    return summary
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and np.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def log_mlflow(args: argparse.Namespace, metrics: dict, bundle: Path) -> None:
+    """Logs the run when mlflow is importable; never required."""
+    try:
+        import mlflow  # type: ignore
+    except ImportError:
+        log.info("mlflow not installed: run not logged")
+        return
+    try:
+        with mlflow.start_run(run_name=f"{args.name}-{args.version}"):
+            mlflow.log_params({k: str(v) for k, v in vars(args).items() if v is not None and k not in ("func", "argv")})
+            mlflow.log_metrics(_flat(metrics))
+            mlflow.log_artifacts(str(bundle), artifact_path="bundle")
+            if args.artifacts and args.artifacts.is_dir():
+                mlflow.log_artifacts(str(args.artifacts), artifact_path="artifacts")
+        log.info("logged to mlflow (%s)", mlflow.get_tracking_uri())
+    except Exception as e:  # logging must never fail a training run
+        log.warning("mlflow logging failed: %s", e)
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, ensure_ascii=False)

@@ -1,0 +1,190 @@
+"""The training loop: AdamW, linear warm-up then cosine decay, cross-entropy.
+
+Runs on CUDA (bf16 autocast, channels-last) or the CPU; ``resolve_device``
+turns ``auto`` into whichever is there. Deterministic in the seed on the CPU;
+on CUDA as far as cuDNN allows (``deterministic`` requests its deterministic
+kernels).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageDataset
+
+log = logging.getLogger("rxvision_trainer")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    outlier_weight: float = 0.5    # weight of the outlier-exposure loss (0: off)
+    outlier_fraction: float = 0.25  # outlier images per batch, as a share of the batch size
+    workers: int = -1          # -1: pick from the device and CPU count
+    seed: int = 0
+    deterministic: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to torch "
+                         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    if name not in ("cuda", "cpu"):
+        raise SystemExit(f"--device {name!r}: use cuda, cpu or auto")
+    return torch.device(name)
+
+
+def default_workers(device: torch.device) -> int:
+    n = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, n - 1))
+    # On the CPU the workers compete with torch's own threads for the cores.
+    return 0 if n <= 4 else min(4, n // 4)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def make_loader(ds: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
+        pin_memory=device.type == "cuda", drop_last=False, persistent_workers=False,
+    )
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: ImageDataset, device: torch.device, batch_size: int = 128,
+                   workers: int = 0) -> np.ndarray:
+    """float32 logits (N, C) in dataset order, eval mode, full precision."""
+    model.eval()
+    out = []
+    loader = make_loader(ds, batch_size, False, workers, 0, device)
+    for x, _y in loader:
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
+
+
+def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: torch.device,
+          val_ds: ImageDataset | None = None, class_weights: Sequence[float] | None = None,
+          outlier_ds=None) -> list[dict]:
+    """Trains in place; returns one dict of statistics per epoch.
+
+    With ``outlier_ds`` (and ``cfg.outlier_weight`` > 0), every batch also
+    carries ``outlier_fraction`` x batch synthetic unknown images whose loss is
+    the cross-entropy to the uniform distribution (outlier exposure).
+    """
+    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    loader = make_loader(train_ds, cfg.batch_size, True, workers, cfg.seed, device)
+    use_oe = outlier_ds is not None and cfg.outlier_weight > 0 and len(outlier_ds) > 0
+    oe_batch = max(1, int(round(cfg.batch_size * cfg.outlier_fraction)))
+    steps_per_epoch = max(1, len(loader))
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(0, total - 1))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    history = []
+    step = 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        train_ds.set_epoch(epoch)
+        oe_iter = None
+        if use_oe:
+            outlier_ds.set_epoch(epoch)
+            oe_iter = iter(make_loader(outlier_ds, oe_batch, True, workers, cfg.seed + 7919 * (epoch + 1), device))
+        model.train()
+        n, loss_sum, correct, oe_sum = 0, 0.0, 0, 0.0
+        for x, y in loader:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            n_known = len(y)
+            if oe_iter is not None:
+                try:
+                    x_out, _ = next(oe_iter)
+                except StopIteration:
+                    oe_iter = None
+                else:
+                    x = torch.cat([x, x_out], dim=0)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                all_logits = model(x).float()
+                logits = all_logits[:n_known]
+                loss = loss_fn(logits, y)
+                if len(all_logits) > n_known:
+                    # cross-entropy to the uniform distribution: mean over classes of -log p
+                    oe = -torch.log_softmax(all_logits[n_known:], dim=1).mean()
+                    loss = loss + cfg.outlier_weight * oe
+                    oe_sum += float(oe.detach()) * n_known
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            n += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+        stats = {"epoch": epoch + 1, "loss": loss_sum / max(1, n), "train_top1": correct / max(1, n),
+                 "outlier_loss": oe_sum / max(1, n),
+                 "lr": lr_at(max(0, step - 1)), "seconds": 0.0}
+        if val_ds is not None and len(val_ds):
+            logits = predict_logits(model, val_ds, device, workers=workers)
+            stats["val_top1"] = float((logits.argmax(1) == np.asarray(val_ds.targets)).mean())
+        stats["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(stats)
+        log.info("epoch %d/%d: loss %.4f (outliers %.4f) train top-1 %.4f%s (%.1f s)", epoch + 1, cfg.epochs,
+                 stats["loss"], stats["outlier_loss"], stats["train_top1"], f", val top-1 {stats['val_top1']:.4f}" if "val_top1" in stats else "",
+                 stats["seconds"])
+    model.eval()
+    return history

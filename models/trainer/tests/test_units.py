@@ -1,0 +1,187 @@
+"""Unit tests: reference preprocessing copy, calibration, thresholds, splits, profile, mlflow hook."""
+from __future__ import annotations
+
+import json
+import stat
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rxvision_trainer import calibrate
+from rxvision_trainer.data import Sample, build_classes, normalise_ndc, read_dataset, split_train_val, write_labels_csv
+from rxvision_trainer.preprocess import MEAN, SCALE, STD, load_reference_module, preprocess, preprocess_pil
+
+
+def _noise_image(path: Path, size=(203, 157), seed=0, fmt="PNG"):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+def test_preprocess_copy_matches_reference(tmp_path):
+    ref = load_reference_module()
+    if ref is None:
+        pytest.skip("not inside an RxVision checkout")
+    for i, (size, fmt) in enumerate([((203, 157), "PNG"), ((64, 300), "PNG"), ((150, 150), "JPEG")]):
+        p = _noise_image(tmp_path / f"{i}.{fmt.lower()}", size, i, fmt)
+        for w, h in ((128, 128), (224, 96)):
+            a = preprocess(str(p), w, h, SCALE, MEAN, STD)
+            b = ref.preprocess(str(p), w, h, SCALE, MEAN, STD)
+            assert a.dtype == np.float32 and a.shape == (1, 3, h, w)
+            assert np.array_equal(a, b)
+        with Image.open(p) as im:
+            rgba = im.convert("RGBA")
+            assert np.array_equal(preprocess_pil(rgba, 128, 128, SCALE, MEAN, STD),
+                                  ref.preprocess_pil(rgba, 128, 128, SCALE, MEAN, STD))
+
+
+def test_temperature_recovers_a_known_scale():
+    rng = np.random.default_rng(0)
+    n, c = 4000, 5
+    true_logits = rng.normal(0, 2.0, size=(n, c))
+    p = calibrate.softmax(true_logits)
+    labels = np.array([rng.choice(c, p=row) for row in p])
+    t = calibrate.fit_temperature(true_logits * 3.0, labels)  # overconfident by 3x
+    assert 2.6 < t < 3.4
+    ece_before = calibrate.ece(calibrate.softmax(true_logits * 3.0), labels)
+    ece_after = calibrate.ece(calibrate.softmax(true_logits * 3.0 / t), labels)
+    assert ece_after < ece_before and ece_after < 0.03
+
+
+def test_ece_and_topk():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    labels = np.array([0, 1, 1])
+    # bins: 0.9 -> right; 0.6 -> wrong; 0.8 -> right
+    assert calibrate.ece(probs, labels) == pytest.approx((0.1 + 0.6 + 0.2) / 3)
+    assert calibrate.topk_accuracy(probs, labels, 1) == pytest.approx(2 / 3)
+    assert calibrate.topk_accuracy(probs, labels, 2) == 1.0
+
+
+def test_thresholds_reach_the_open_set_target():
+    rng = np.random.default_rng(1)
+    n, c = 500, 10
+    labels = rng.integers(0, c, n)
+    probs_in = np.full((n, c), 0.02 / (c - 1))
+    probs_in[np.arange(n), labels] = 0.98
+    unk = rng.dirichlet(np.ones(c) * 0.7, size=200)
+    ch = calibrate.choose_thresholds(probs_in, labels, unk, target=0.9)
+    assert ch.target_met and ch.open_set_uncertain_rate >= 0.9
+    assert ch.in_formulary_uncertain_rate == 0.0 and ch.in_formulary_accepted_accuracy == 1.0
+    mask = calibrate.uncertain_mask(unk, ch.min_confidence, ch.min_margin)
+    assert mask.mean() == pytest.approx(ch.open_set_uncertain_rate)
+    d = calibrate.choose_thresholds(probs_in, labels, None, default=(0.6, 0.2))
+    assert (d.min_confidence, d.min_margin, d.target_met) == (0.6, 0.2, None)
+
+
+def test_split_is_stratified_deterministic_and_keeps_pills_together(tmp_path):
+    samples = [Sample(tmp_path / f"{n}{i}", f"{n}/{i}.png", n, face=f, seed=f"{n}-{i // 2}")
+               for n in ("a", "b") for i in range(20) for f in ("front",)]
+    tr, va = split_train_val(samples, 0.2, 3)
+    tr2, va2 = split_train_val(samples, 0.2, 3)
+    assert [s.file for s in va] == [s.file for s in va2]
+    assert {s.ndc for s in va} == {"a", "b"} and len(tr) + len(va) == 40
+    assert not ({s.seed for s in tr} & {s.seed for s in va})
+
+
+def test_dataset_classes_follow_the_formulary(tmp_path):
+    from rxvision_trainer.data import Formulary
+
+    fpath = Formulary.default_path()
+    if fpath is None:
+        pytest.skip("no formulary in this checkout")
+    f = Formulary(fpath)
+    a, b, held = f.products[3]["ndc"], f.products[0]["ndc"], f.products[1]["ndc"]
+    rows = []
+    for ndc in (a, b, held, "99999-0000-00"):
+        for i in range(2):
+            rel = f"images/{ndc}/{i}.png"
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            _noise_image(tmp_path / rel, (32, 32), i)
+            rows.append({"file": rel, "ndc": ndc, "name": "Unknown product" if ndc.startswith("9") else ""})
+    write_labels_csv(tmp_path, rows)
+    data = read_dataset(tmp_path)
+    classes = build_classes(data, f, holdout={held})
+    # formulary order first, then products the formulary does not know (labels from labels.csv)
+    assert [c.ndc for c in classes] == [b, a, "99999-0000-00"]
+    assert [c.index for c in classes] == [0, 1, 2]
+    assert classes[0].attributes == f.by_ndc[b] and classes[2].name == "Unknown product"
+    assert normalise_ndc("59762371901") == "59762-3719-01"
+
+
+def test_profile_reads_the_feature_csv(tmp_path):
+    from rxvision_trainer.profile import build_profile
+
+    fake = tmp_path / "rxvision-synth"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = features ] || exit 2\necho file,aspect_ratio,mean_r,blur\n"
+                    "for f in $(tail -n +2 \"$2/labels.csv\" | cut -d, -f1); do echo $f,1.5,120.0,3.25; done\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    imgs = []
+    for i in range(3):
+        p = _noise_image(tmp_path / f"{i}.png", (40, 30), i)
+        imgs.append(Sample(p, p.name, "n1"))
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.55, 0.45]])
+    prof = build_profile(imgs, probs, None, str(fake), "test")
+    assert prof["features"]["available"]
+    assert set(prof["features"]["columns"]) == {"aspect_ratio", "mean_r", "blur"}
+    assert prof["features"]["columns"]["mean_r"]["n"] == 3
+    assert prof["confidence"]["top1"]["histogram"]["counts"][-3:] != [0, 0, 0]
+    json.dumps(prof, allow_nan=False)
+    none = build_profile(imgs, probs, None, None, "test")
+    assert not none["features"]["available"] and "NOT profiled" in none["features"]["note"]
+
+
+def test_mlflow_is_used_when_importable(tmp_path, monkeypatch):
+    from argparse import Namespace
+    from rxvision_trainer.pipeline import log_mlflow
+
+    calls = []
+    fake = types.ModuleType("mlflow")
+
+    class Run:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    fake.start_run = lambda **k: (calls.append(("start", k)), Run())[1]
+    fake.log_params = lambda p: calls.append(("params", p))
+    fake.log_metrics = lambda m: calls.append(("metrics", m))
+    fake.log_artifacts = lambda d, artifact_path=None: calls.append(("artifacts", artifact_path))
+    fake.get_tracking_uri = lambda: "file:///dev/null"
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    args = Namespace(name="pillnet", version="1.0.0", epochs=1, artifacts=None, argv=["x"])
+    log_mlflow(args, {"val_top1_int8": 0.5, "open_set": {"uncertain_rate": 0.9, "target_met": True}}, tmp_path)
+    kinds = [c[0] for c in calls]
+    assert kinds == ["start", "params", "metrics", "artifacts"]
+    assert calls[2][1] == {"val_top1_int8": 0.5, "open_set.uncertain_rate": 0.9}
+
+
+def test_convert_an_image_index(tmp_path):
+    from rxvision_trainer.data import Formulary, convert_index
+
+    fpath = Formulary.default_path()
+    if fpath is None:
+        pytest.skip("no formulary in this checkout")
+    f = Formulary(fpath)
+    prod = f.products[0]
+    other_package = prod["ndc"].replace("-", "")[:9] + "99"  # same labeler-product, another package
+    src = tmp_path / "c3pi" / "disc1"
+    src.mkdir(parents=True)
+    _noise_image(src / "A.JPG", (50, 40), 1, "JPEG")
+    _noise_image(src / "B.PNG", (50, 40), 2)
+    (tmp_path / "index.tsv").write_text(
+        "NDC11\tFile\tLayout\n"
+        f"{other_package}\tA.JPG\tC3PI_Test\n"
+        "12345678901\tB.PNG\tC3PI_Test\n"
+        "12345678901\tmissing.png\tC3PI_Test\n"
+        f"{other_package}\tB.PNG\tMC_REFERENCE\n")
+    n = convert_index(tmp_path / "index.tsv", tmp_path / "c3pi", tmp_path / "ds", file_col="File", ndc_col="NDC11",
+                      filter_col="Layout", filter_values=["C3PI_Test"], formulary=f)
+    assert n == 2
+    ds = read_dataset(tmp_path / "ds")
+    assert [(s.ndc, s.name) for s in ds] == [(prod["ndc"], prod["name"]), ("12345-6789-01", "")]
