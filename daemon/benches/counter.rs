@@ -49,11 +49,8 @@ fn main() {
     let frame = std::fs::read(&image_path).unwrap();
     let audit = AuditLog::open(&dir.path().join("audit"), KeyRing::new(AuditKey::from_master(&[3; 32]))).unwrap();
     let scanner = Scanner::new(Arc::new(classifier), Arc::new(audit));
-    let request = ScanRequest {
-        expected_ndc: Some(expected_ndc),
-        operator_id: "bench".into(),
-        rx_ref: Some("RX-1".into()),
-    };
+    let request =
+        ScanRequest { expected_ndc: Some(expected_ndc), operator_id: "bench".into(), rx_ref: Some("RX-1".into()) };
     for _ in 0..20 {
         scanner.scan(&request, &frame).unwrap();
     }

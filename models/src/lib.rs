@@ -13,6 +13,9 @@
 //!   per-request fallback to the CPU.
 //! * [`selftest`] — parity of an engine with ONNX Runtime on the bundle's
 //!   golden images.
+//! * [`synth`] — the synthetic pill renderer behind `rxvision-synth`
+//!   (formulary, outlines, shading, camera nuisances, datasets and trays) and
+//!   the drift features the fleet watches.
 //!
 //! This crate never touches the network and depends on nothing of ours; the
 //! daemon and the fleet server validate models with this very code.
@@ -36,3 +39,4 @@ pub mod bundle;
 pub mod engine;
 pub mod preprocess;
 pub mod selftest;
+pub mod synth;

@@ -4,3 +4,4 @@ mod bundle;
 mod engines;
 mod preprocess;
 mod support;
+mod synth;

@@ -1,0 +1,248 @@
+//! Writing datasets and tray sets to disk, on all cores.
+//!
+//! Work is split over threads by an atomic job counter (small chunks of one
+//! image); each image depends only on its own seed and results are put back
+//! in job order, so the bytes written do not depend on the thread count or
+//! on scheduling.
+//!
+//! Completion marker: the index file (`labels.csv`, `trays.json`) is removed
+//! when a run starts and written last, to a temporary name renamed into
+//! place, so a directory whose run failed or was killed has no index and
+//! cannot be mistaken for a complete dataset. Images left by an earlier run
+//! with other options are not removed; only those the index lists belong to
+//! the dataset.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::formulary::{Face, Formulary, Product};
+use super::labels::{LabelRow, HEADER};
+use super::par_map;
+use super::rng::{image_seed, tray_seed};
+use super::scene::{render_sample, render_tray, SceneError, SceneOptions};
+
+/// Why a dataset could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// `--exclude` names an NDC the formulary does not have.
+    #[error("--exclude: {0} is not in the formulary")]
+    UnknownNdc(String),
+    /// Nothing is left to render.
+    #[error("--exclude removes every product of the formulary")]
+    NothingToRender,
+    /// A file or directory could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A scene could not be rendered or encoded.
+    #[error(transparent)]
+    Scene(#[from] SceneError),
+}
+
+/// What `rxvision-synth dataset` renders.
+#[derive(Debug, Clone)]
+pub struct DatasetSpec {
+    /// Output directory (created if missing).
+    pub out: PathBuf,
+    /// Images per product (faces alternate: even index front, odd back).
+    pub per_class: u32,
+    /// The run's seed.
+    pub seed: u64,
+    /// Image size and scale.
+    pub options: SceneOptions,
+    /// NDCs left out (they also never appear as the second pill).
+    pub exclude: Vec<String>,
+    /// Worker threads (≥ 1).
+    pub threads: usize,
+}
+
+/// What a dataset run wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetSummary {
+    /// Images written.
+    pub images: usize,
+    /// Products rendered.
+    pub products: usize,
+    /// The index.
+    pub labels: PathBuf,
+}
+
+/// The products left after `exclude`; every excluded NDC must exist.
+pub fn included<'a>(formulary: &'a Formulary, exclude: &[String]) -> Result<Vec<&'a Product>, DatasetError> {
+    if let Some(unknown) = exclude.iter().find(|n| formulary.get(n).is_none()) {
+        return Err(DatasetError::UnknownNdc(unknown.clone()));
+    }
+    let products: Vec<&Product> = formulary.products.iter().filter(|p| !exclude.contains(&p.ndc)).collect();
+    if products.is_empty() {
+        return Err(DatasetError::NothingToRender);
+    }
+    Ok(products)
+}
+
+/// File name of image `index` of a product.
+pub fn image_name(ndc: &str, index: u32, face: Face) -> String {
+    format!("images/{ndc}_{index:05}_{face}.jpg")
+}
+
+/// The face of image `index`: front for even, back for odd.
+pub fn face_of(index: u32) -> Face {
+    if index.is_multiple_of(2) {
+        Face::Front
+    } else {
+        Face::Back
+    }
+}
+
+/// Renders a dataset into `spec.out`: `images/*.jpg`, then `labels.csv`.
+pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<DatasetSummary, DatasetError> {
+    let products = included(formulary, &spec.exclude)?;
+    let labels = spec.out.join("labels.csv");
+    remove_if_present(&labels)?;
+    let images = spec.out.join("images");
+    std::fs::create_dir_all(&images).map_err(|source| DatasetError::Write { path: images.clone(), source })?;
+
+    let jobs: Vec<(&Product, u32)> = products.iter().flat_map(|&p| (0..spec.per_class).map(move |i| (p, i))).collect();
+    let rows = par_map(&jobs, spec.threads, |&(product, index)| -> Result<LabelRow, DatasetError> {
+        let face = face_of(index);
+        let seed = image_seed(spec.seed, &product.ndc, index);
+        let picture = render_sample(product, face, &products, seed, &spec.options);
+        let file = image_name(&product.ndc, index, face);
+        let path = spec.out.join(&file);
+        std::fs::write(&path, picture.to_jpeg()?).map_err(|source| DatasetError::Write { path, source })?;
+        Ok(LabelRow {
+            file,
+            ndc: product.ndc.clone(),
+            face: face.as_str().to_owned(),
+            name: product.name.clone(),
+            strength: product.strength.clone(),
+            lookalike_group: product.lookalike_group.clone().unwrap_or_default(),
+            seed,
+        })
+    });
+    let mut csv = format!("{HEADER}\n");
+    for row in rows {
+        csv.push_str(&row?.to_csv());
+    }
+    write_atomically(&labels, csv.as_bytes())?;
+    Ok(DatasetSummary { images: jobs.len(), products: products.len(), labels })
+}
+
+/// `trays.json`: the index of a tray set.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrayIndex {
+    /// The run's seed.
+    pub seed: u64,
+    /// Image width.
+    pub width: usize,
+    /// Image height.
+    pub height: usize,
+    /// Nominal scale.
+    pub px_per_mm: f32,
+    /// One entry per image.
+    pub images: Vec<TrayEntry>,
+}
+
+/// One tray image.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrayEntry {
+    /// Path relative to the output directory.
+    pub file: String,
+    /// The image's own seed.
+    pub seed: u64,
+    /// Number of pills.
+    pub count: usize,
+    /// The pills.
+    pub pills: Vec<TrayEntryPill>,
+}
+
+/// One pill of a tray image.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrayEntryPill {
+    /// Product NDC.
+    pub ndc: String,
+    /// `front` or `back`.
+    pub face: &'static str,
+    /// `[x, y, w, h]`, pixels, axis-aligned.
+    #[serde(rename = "box")]
+    pub bbox: [u32; 4],
+}
+
+/// Renders `n` tray scenes into `out`: `trays/*.jpg`, then `trays.json`.
+pub fn write_trays(
+    formulary: &Formulary,
+    out: &Path,
+    n: u32,
+    seed: u64,
+    options: &SceneOptions,
+    threads: usize,
+) -> Result<TrayIndex, DatasetError> {
+    let index_path = out.join("trays.json");
+    remove_if_present(&index_path)?;
+    let dir = out.join("trays");
+    std::fs::create_dir_all(&dir).map_err(|source| DatasetError::Write { path: dir.clone(), source })?;
+    let products: Vec<&Product> = formulary.products.iter().collect();
+    let jobs: Vec<u32> = (0..n).collect();
+    let entries = par_map(&jobs, threads, |&i| -> Result<TrayEntry, DatasetError> {
+        let image_seed = tray_seed(seed, i);
+        let scene = render_tray(&products, image_seed, options)?;
+        let file = format!("trays/tray_{i:05}.jpg");
+        let path = out.join(&file);
+        std::fs::write(&path, scene.picture.to_jpeg()?).map_err(|source| DatasetError::Write { path, source })?;
+        Ok(TrayEntry {
+            file,
+            seed: image_seed,
+            count: scene.pills.len(),
+            pills: scene
+                .pills
+                .into_iter()
+                .map(|p| TrayEntryPill { ndc: p.ndc, face: p.face.as_str(), bbox: p.bbox })
+                .collect(),
+        })
+    });
+    let index = TrayIndex {
+        seed,
+        width: options.width,
+        height: options.height,
+        px_per_mm: options.px_per_mm,
+        images: entries.into_iter().collect::<Result<_, _>>()?,
+    };
+    let json = serde_json::to_vec_pretty(&index).expect("the tray index serialises");
+    write_atomically(&index_path, &json)?;
+    Ok(index)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), DatasetError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(DatasetError::Write { path: path.to_owned(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
+    let tmp = path.with_extension("tmp");
+    let err = |source| DatasetError::Write { path: path.to_owned(), source };
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn par_map_keeps_order_for_any_thread_count() {
+        let items: Vec<u64> = (0..1000).collect();
+        let one = par_map(&items, 1, |x| x * x);
+        for t in [2, 3, 7, 64] {
+            assert_eq!(par_map(&items, t, |x| x * x), one);
+        }
+        assert!(par_map(&[] as &[u8], 4, |x| *x).is_empty());
+    }
+}
