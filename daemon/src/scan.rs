@@ -48,9 +48,9 @@ pub struct PillResult {
     pub region: PillBox,
 }
 
-/// The answer to a scan.
+/// What the counter path concluded about a frame.
 #[derive(Debug, Clone, Serialize)]
-pub struct ScanResult {
+pub struct Analysis {
     /// The scan's verdict (any mismatch is a mismatch).
     pub verdict: Verdict,
     /// Why, in words a pharmacist acts on.
@@ -67,8 +67,23 @@ pub struct ScanResult {
     pub engine: String,
     /// Frame in → verdict, milliseconds (the audit write comes after).
     pub latency_ms: f64,
+}
+
+/// The answer to a scan: the analysis and the audit record that holds it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanResult {
+    /// What the counter path concluded.
+    #[serde(flatten)]
+    pub analysis: Analysis,
     /// The audit record of this scan.
     pub audit_seq: u64,
+}
+
+impl std::ops::Deref for ScanResult {
+    type Target = Analysis;
+    fn deref(&self) -> &Analysis {
+        &self.analysis
+    }
 }
 
 /// Why a scan has no answer at all. (A bad picture is an answer: `BAD_IMAGE`.)
@@ -82,19 +97,19 @@ pub enum ScanError {
     Engine(#[from] rxvision_models::engine::EngineError),
 }
 
-/// The counter path of one appliance.
+/// The counter path's analysis of a frame, without I/O of its own (used by
+/// [`Scanner`] and by `rxvisiond eval`).
 #[derive(Debug)]
-pub struct Scanner {
+pub struct CounterPath {
     classifier: Arc<Classifier>,
-    audit: Arc<AuditLog>,
     quality: QualityLimits,
     localise: LocaliseOptions,
 }
 
-impl Scanner {
-    /// A scanner answering with `classifier` and recording into `audit`.
-    pub fn new(classifier: Arc<Classifier>, audit: Arc<AuditLog>) -> Scanner {
-        Scanner { classifier, audit, quality: QualityLimits::default(), localise: LocaliseOptions::default() }
+impl CounterPath {
+    /// The counter path answering with `classifier`.
+    pub fn new(classifier: Arc<Classifier>) -> CounterPath {
+        CounterPath { classifier, quality: QualityLimits::default(), localise: LocaliseOptions::default() }
     }
 
     /// The classifier (model, engines).
@@ -102,16 +117,11 @@ impl Scanner {
         &self.classifier
     }
 
-    /// The audit log.
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
-    }
-
-    /// Verifies the pills in one encoded frame and records the scan.
-    pub fn scan(&self, request: &ScanRequest, frame: &[u8]) -> Result<ScanResult, ScanError> {
+    /// Quality gate, localisation, engines and verdicts for one encoded frame.
+    pub fn analyse(&self, request: &ScanRequest, frame: &[u8]) -> Result<Analysis, ScanError> {
         let started = Instant::now();
         let manifest = &self.classifier.bundle().manifest;
-        let mut result = ScanResult {
+        let mut result = Analysis {
             verdict: Verdict::BadImage,
             reason: String::new(),
             pills: Vec::new(),
@@ -120,7 +130,6 @@ impl Scanner {
             model_version: manifest.version.to_string(),
             engine: self.classifier.engines().active().to_string(),
             latency_ms: 0.0,
-            audit_seq: 0,
         };
         match decode(frame) {
             Err(e) => result.reason = format!("the picture is unreadable: {e}"),
@@ -150,7 +159,6 @@ impl Scanner {
             },
         }
         result.latency_ms = started.elapsed().as_secs_f64() * 1e3;
-        result.audit_seq = self.record(request, frame, &result)?;
         Ok(result)
     }
 
@@ -175,8 +183,40 @@ impl Scanner {
             region,
         })
     }
+}
 
-    fn record(&self, request: &ScanRequest, frame: &[u8], result: &ScanResult) -> Result<u64, AuditError> {
+/// The counter path of one appliance: every analysis is recorded in the
+/// audit log before it becomes an answer.
+#[derive(Debug)]
+pub struct Scanner {
+    path: CounterPath,
+    audit: Arc<AuditLog>,
+}
+
+impl Scanner {
+    /// A scanner answering with `classifier` and recording into `audit`.
+    pub fn new(classifier: Arc<Classifier>, audit: Arc<AuditLog>) -> Scanner {
+        Scanner { path: CounterPath::new(classifier), audit }
+    }
+
+    /// The classifier (model, engines).
+    pub fn classifier(&self) -> &Classifier {
+        self.path.classifier()
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Verifies the pills in one encoded frame and records the scan.
+    pub fn scan(&self, request: &ScanRequest, frame: &[u8]) -> Result<ScanResult, ScanError> {
+        let analysis = self.path.analyse(request, frame)?;
+        let audit_seq = self.record(request, frame, &analysis)?;
+        Ok(ScanResult { analysis, audit_seq })
+    }
+
+    fn record(&self, request: &ScanRequest, frame: &[u8], result: &Analysis) -> Result<u64, AuditError> {
         let mut event = AuditEvent::new(RecordKind::Verification);
         event.operator = Some(request.operator_id.clone());
         event.rx_ref = request.rx_ref.clone();
