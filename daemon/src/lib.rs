@@ -13,6 +13,8 @@
 //! * [`api`] — the local HTTP API under `/v1`, `/metrics`.
 //! * [`service`] — `rxvisiond run`: assembles the parts from the
 //!   configuration, serves, shuts down gracefully on SIGTERM.
+//! * [`eval`] — the counter path over a labelled dataset: top-1/top-3, ECE,
+//!   UNCERTAIN rate, per look-alike group, confusions, open set.
 //! * [`config`] — versioned TOML configuration, parsed then validated; the
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
@@ -27,5 +29,6 @@ pub mod camera;
 pub mod classify;
 pub mod config;
 pub mod counter;
+pub mod eval;
 pub mod scan;
 pub mod service;

@@ -49,6 +49,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the full counter path over a labelled dataset (labels.csv) and score it.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Directory holding labels.csv and the images it names.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify, export or prune the encrypted audit log.
     Audit {
         #[command(subcommand)]
@@ -206,6 +217,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
+        Command::Eval { model, dataset, json } => run_eval(&model, &dataset, json),
         Command::Audit { command } => return audit(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             return match config::load(&file) {
@@ -404,4 +416,33 @@ fn audit(command: AuditCommand) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn run_eval(model: &ModelArgs, dataset: &std::path::Path, json: bool) -> Result<ExitCode, ClassifyError> {
+    let classifier = model.open()?;
+    eprintln!("rxvisiond: model {} — engine {}", classifier.bundle(), classifier.engines().choice());
+    let path = rxvision_daemon::scan::CounterPath::new(std::sync::Arc::new(classifier));
+    let report = match rxvision_daemon::eval::evaluate(&path, dataset) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("rxvisiond: eval: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+    } else {
+        println!(
+            "{} images: top-1 {:.4}, top-3 {:.4}, ECE {:.4}, UNCERTAIN {:.4}, not analysed {}",
+            report.n, report.top1, report.top3, report.ece, report.uncertain_rate, report.not_analysed
+        );
+        for (group, score) in &report.per_group {
+            println!("  group {group}: {} images, top-1 {:.4}", score.n, score.top1);
+        }
+        println!("open set: {} images, UNCERTAIN {:.4}", report.open_set.n, report.open_set.uncertain_rate);
+        for c in &report.confusions {
+            println!("  {} taken for {}: {}", c.expected, c.predicted, c.count);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

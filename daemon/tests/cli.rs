@@ -300,3 +300,44 @@ mod config_commands {
         assert!(stderr(&out).contains("CREDENTIALS_DIRECTORY"), "{}", stderr(&out));
     }
 }
+
+mod eval_command {
+    use super::{golden_images, rxvisiond, stderr, stdout};
+
+    #[test]
+    fn eval_scores_a_labelled_dataset_with_groups_and_an_open_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("file,ndc,face,name,strength,lookalike_group,seed\n");
+        for (i, (path, top1)) in golden_images().iter().enumerate() {
+            let name = format!("img{i}.{}", path.extension().unwrap().to_str().unwrap());
+            std::fs::copy(path, dir.path().join(&name)).unwrap();
+            let group = if *top1 < 4 { "G1" } else { "G2" };
+            csv.push_str(&format!("{name},fixture-0{top1},front,x,\"1 mg, scored\",{group},{i}\n"));
+        }
+        // A product the model does not know.
+        std::fs::copy(&golden_images()[0].0, dir.path().join("unknown.png")).unwrap();
+        csv.push_str("unknown.png,99999-0000-01,front,y,,,9\n");
+        std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
+        let out = rxvisiond(&["eval", "--engine", "cpu", "--json", "--dataset", dir.path().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        assert_eq!(report["n"], 8, "{report}");
+        assert_eq!(report["top1"], 1.0, "{report}");
+        assert_eq!(report["top3"], 1.0);
+        assert_eq!(report["per_group"]["G1"]["n"], 4);
+        assert_eq!(report["per_group"]["G2"]["top1"], 1.0);
+        assert!(report["ece"].as_f64().unwrap() < 0.1, "{report}");
+        assert_eq!(report["open_set"]["n"], 1);
+        // The fixture is sure of itself: the unknown product is not caught.
+        assert_eq!(report["open_set"]["uncertain_rate"], 0.0);
+        assert_eq!(report["confusions"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn eval_refuses_a_dataset_without_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = rxvisiond(&["eval", "--engine", "cpu", "--dataset", dir.path().to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains("labels.csv"), "{}", stderr(&out));
+    }
+}

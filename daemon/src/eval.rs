@@ -1,0 +1,167 @@
+//! `rxvisiond eval`: the full counter path over a labelled dataset.
+//!
+//! The dataset is a directory with `labels.csv` (columns `file`, `ndc`, and
+//! optionally `lookalike_group`; the layout `rxvision-synth dataset` writes and
+//! the trainer reads). Every image goes through the same path as a scan at
+//! the counter — quality gate, localisation, crop, preprocessing, engine,
+//! thresholds — in identification mode (no expected NDC), so that the
+//! thresholds decide UNCERTAIN exactly as they would at the counter.
+//!
+//! Scoring:
+//! * products in the model's formulary: top-1 / top-3 of the first pill found
+//!   (an image where no pill is found counts as wrong), ECE of the top-1
+//!   probability in 15 equal-width bins, the UNCERTAIN rate, accuracy per
+//!   look-alike group, and the confusions;
+//! * products **not** in the formulary (open set): correct exactly when the
+//!   verdict is UNCERTAIN (`open_set.uncertain_rate`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use rxvision_models::synth::labels;
+use serde::Serialize;
+
+use crate::counter::verdict::Verdict;
+use crate::scan::{CounterPath, ScanRequest};
+
+/// Accuracy inside one look-alike group.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupScore {
+    /// Images of the group's products.
+    pub n: usize,
+    /// Share whose top-1 was right.
+    pub top1: f64,
+}
+
+/// One kind of mistake.
+#[derive(Debug, Clone, Serialize)]
+pub struct Confusion {
+    /// The pill's NDC.
+    pub expected: String,
+    /// What the model said (top-1 NDC, or `NO_PILL` / `BAD_IMAGE`).
+    pub predicted: String,
+    /// How often.
+    pub count: usize,
+}
+
+/// The open-set part of the report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OpenSet {
+    /// Images of products the model does not know.
+    pub n: usize,
+    /// Share answered UNCERTAIN (the right answer for them).
+    pub uncertain_rate: f64,
+}
+
+/// What `rxvisiond eval` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Images of products in the formulary.
+    pub n: usize,
+    /// Top-1 accuracy on them.
+    pub top1: f64,
+    /// Top-3 accuracy on them.
+    pub top3: f64,
+    /// Expected calibration error of the top-1 probability (15 bins).
+    pub ece: f64,
+    /// Share of them answered UNCERTAIN.
+    pub uncertain_rate: f64,
+    /// Top-1 accuracy per look-alike group.
+    pub per_group: BTreeMap<String, GroupScore>,
+    /// The most frequent mistakes, most frequent first (at most 20).
+    pub confusions: Vec<Confusion>,
+    /// Products absent from the formulary.
+    pub open_set: OpenSet,
+    /// Images where no pill was found or the picture was rejected.
+    pub not_analysed: usize,
+}
+
+/// Runs every image of `dataset` through `path` and scores it.
+pub fn evaluate(path: &CounterPath, dataset: &Path) -> Result<EvalReport, String> {
+    let labels_path = dataset.join("labels.csv");
+    let text =
+        std::fs::read_to_string(&labels_path).map_err(|e| format!("{}: cannot read: {e}", labels_path.display()))?;
+    let records = labels::parse(&text).map_err(|e| format!("{}: {e}", labels_path.display()))?;
+    let (header, rows) = records.split_first().ok_or_else(|| format!("{}: empty", labels_path.display()))?;
+    let column = |name: &str| header.iter().position(|h| h == name);
+    let (file_col, ndc_col) = match (column("file"), column("ndc")) {
+        (Some(f), Some(n)) => (f, n),
+        _ => return Err(format!("{}: the header needs `file` and `ndc` columns", labels_path.display())),
+    };
+    let group_col = column("lookalike_group");
+    let known: HashMap<&str, ()> = path.classifier().bundle().labels.iter().map(|l| (l.ndc.as_str(), ())).collect();
+
+    let mut n = 0usize;
+    let (mut top1, mut top3, mut uncertain, mut not_analysed) = (0usize, 0usize, 0usize, 0usize);
+    let mut bins = [(0usize, 0f64, 0usize); 15]; // (count, sum of confidence, correct)
+    let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut confusions: HashMap<(String, String), usize> = HashMap::new();
+    let mut open = (0usize, 0usize);
+    let request = ScanRequest { expected_ndc: None, operator_id: "eval".into(), rx_ref: None };
+    for (i, row) in rows.iter().enumerate() {
+        if row.len() == 1 && row[0].is_empty() {
+            continue;
+        }
+        let (Some(file), Some(ndc)) = (row.get(file_col), row.get(ndc_col)) else {
+            return Err(format!("{}: row {} is short", labels_path.display(), i + 2));
+        };
+        let bytes = std::fs::read(dataset.join(file)).map_err(|e| format!("{file}: cannot read: {e}"))?;
+        let analysis = path.analyse(&request, &bytes).map_err(|e| format!("{file}: {e}"))?;
+        if !known.contains_key(ndc.as_str()) {
+            open.0 += 1;
+            open.1 += usize::from(analysis.verdict == Verdict::Uncertain);
+            continue;
+        }
+        n += 1;
+        let Some(pill) = analysis.pills.first().filter(|p| !p.top_k.is_empty()) else {
+            not_analysed += 1;
+            let predicted = serde_json::to_value(analysis.verdict).ok().and_then(|v| v.as_str().map(String::from));
+            *confusions.entry((ndc.clone(), predicted.unwrap_or_default())).or_default() += 1;
+            continue;
+        };
+        let right = pill.top_k[0].ndc == *ndc;
+        top1 += usize::from(right);
+        top3 += usize::from(pill.top_k.iter().any(|r| r.ndc == *ndc));
+        uncertain += usize::from(analysis.verdict == Verdict::Uncertain);
+        let confidence = f64::from(pill.top_k[0].prob);
+        let bin = ((confidence * 15.0) as usize).min(14);
+        bins[bin].0 += 1;
+        bins[bin].1 += confidence;
+        bins[bin].2 += usize::from(right);
+        if let Some(group) = group_col.and_then(|c| row.get(c)).filter(|g| !g.is_empty()) {
+            let entry = groups.entry(group.clone()).or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(right);
+        }
+        if !right {
+            *confusions.entry((ndc.clone(), pill.top_k[0].ndc.clone())).or_default() += 1;
+        }
+    }
+    let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let scored: usize = bins.iter().map(|b| b.0).sum();
+    let ece = bins
+        .iter()
+        .filter(|b| b.0 > 0)
+        .map(|&(count, conf, correct)| {
+            (count as f64 / scored as f64) * (conf / count as f64 - correct as f64 / count as f64).abs()
+        })
+        .sum();
+    let mut confusions: Vec<Confusion> =
+        confusions.into_iter().map(|((expected, predicted), count)| Confusion { expected, predicted, count }).collect();
+    confusions.sort_by(|a, b| b.count.cmp(&a.count).then(a.expected.cmp(&b.expected)));
+    confusions.truncate(20);
+    Ok(EvalReport {
+        n,
+        top1: share(top1, n),
+        top3: share(top3, n),
+        ece,
+        uncertain_rate: share(uncertain, n),
+        per_group: groups
+            .into_iter()
+            .map(|(g, (count, right))| (g, GroupScore { n: count, top1: share(right, count) }))
+            .collect(),
+        confusions,
+        open_set: OpenSet { n: open.0, uncertain_rate: share(open.1, open.0) },
+        not_analysed,
+    })
+}
