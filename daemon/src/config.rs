@@ -96,6 +96,14 @@ pub struct RawCamera {
     /// Replay in a loop.
     #[serde(rename = "loop")]
     pub looping: bool,
+    /// Frame size for `synthetic`.
+    pub resolution: [u32; 2],
+    /// Formulary for `synthetic`.
+    pub formulary: PathBuf,
+    /// Products for `synthetic` (empty: all).
+    pub products: Vec<String>,
+    /// Seed for `synthetic`.
+    pub seed: u64,
 }
 
 /// `[api]`.
@@ -186,6 +194,17 @@ pub enum CameraConfig {
         dir: PathBuf,
         /// Start again after the last file.
         looping: bool,
+    },
+    /// Rendered photos of formulary products.
+    Synthetic {
+        /// The formulary.
+        formulary: PathBuf,
+        /// NDCs to show in turn (empty: all).
+        products: Vec<String>,
+        /// Seed of the sequence.
+        seed: u64,
+        /// Frame width and height.
+        resolution: [u32; 2],
     },
 }
 
@@ -345,11 +364,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             CameraConfig::None
         }
         "dir" => CameraConfig::Dir { dir: PathBuf::from(&raw.camera.dir), looping: raw.camera.looping },
+        "synthetic" => CameraConfig::Synthetic {
+            formulary: raw.camera.formulary.clone(),
+            products: raw.camera.products.clone(),
+            seed: raw.camera.seed,
+            resolution: raw.camera.resolution,
+        },
         other => {
-            problem("camera.source", format!("unknown source {other:?} (expected \"none\" or \"dir\")"));
+            problem("camera.source", format!("unknown source {other:?} (expected \"none\", \"dir\" or \"synthetic\")"));
             CameraConfig::None
         }
     };
+    let [w, h] = raw.camera.resolution;
+    if !(64..=4096).contains(&w) || !(64..=4096).contains(&h) {
+        problem("camera.resolution", format!("{w}x{h} is outside 64..=4096 per side"));
+    }
     let listen = match raw.api.listen.parse::<std::net::SocketAddr>() {
         Ok(addr) => addr,
         Err(e) => {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::api::{router, AppState};
 use crate::audit::{AuditLog, KeyRing};
-use crate::camera::{DirSource, FrameSource};
+use crate::camera::{DirSource, FrameSource, SyntheticSource};
 use crate::classify::Classifier;
 use crate::config::{CameraConfig, Config};
 use crate::scan::Scanner;
@@ -46,6 +46,9 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
     let camera: Option<Box<dyn FrameSource>> = match &config.camera {
         CameraConfig::None => None,
         CameraConfig::Dir { dir, looping } => Some(Box::new(DirSource::new(dir, *looping))),
+        CameraConfig::Synthetic { formulary, products, seed, resolution: [w, h] } => Some(Box::new(
+            SyntheticSource::new(formulary, products, *seed, *w as usize, *h as usize).map_err(setup("camera"))?,
+        )),
     };
     let api_key = config.api.load_key().map_err(StartError::Setup)?;
     let scanner = Scanner::new(Arc::new(classifier), Arc::new(audit));

@@ -378,3 +378,31 @@ fn sigkill_under_load_loses_no_acknowledged_verification() {
         assert_eq!(record["verdict"], "MATCH");
     }
 }
+
+#[test]
+fn the_synthetic_camera_feeds_the_counter_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1024 * 1024);
+    let formulary = workspace().join("models/formulary/formulary.json");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replacen("source = \"dir\"", "source = \"synthetic\"", 1).replacen(
+            "formulary = \"/usr/share/rxvision/formulary.json\"",
+            &format!("formulary = {:?}", formulary.display().to_string()),
+            1,
+        );
+    std::fs::write(&config, text).unwrap();
+    let d = spawn(&config);
+    let (status, st) = http(d.addr, "GET", "/v1/status", Some(API_KEY), None);
+    assert_eq!(status, 200);
+    assert!(st["camera"].as_str().unwrap().starts_with("synthetic 83 product(s) at 640x480"), "{st}");
+    let formulary: Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace().join("models/formulary/formulary.json")).unwrap())
+            .unwrap();
+    let first_ndc = formulary["products"][0]["ndc"].as_str().unwrap().to_string();
+    let (status, r) = post(&d, "/v1/verify", &json!({"expected_ndc": first_ndc, "operator_id": "tech-1"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["count"], 1, "the rendered pill is found: {r}");
+    // The fixture model does not know real products: it must not claim a match.
+    assert_eq!(r["verdict"], "UNCERTAIN", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("not in this model's formulary"), "{r}");
+}

@@ -1,7 +1,9 @@
 //! Frame sources behind one trait: where the counter path gets its pictures.
 //!
 //! * [`DirSource`] replays image files (JPEG/PNG) from a directory, in name
-//!   order, once or in a loop — for demos, tests and replaying a day's scans.
+//!   order, once or in a loop — for replaying a day's scans.
+//! * [`SyntheticSource`] renders counter photos of formulary products with the
+//!   project's renderer — for demos and tests without a camera.
 //!
 //! A source that cannot deliver says why ([`CameraError`]) instead of
 //! blocking: the scan gets a clear error and the source is asked again on the
@@ -9,9 +11,11 @@
 //! restart.
 
 mod dir;
+mod synthetic;
 
 pub use dir::DirSource;
 use rxvision_models::preprocess::{PreprocessError, RgbImage};
+pub use synthetic::SyntheticSource;
 
 /// Why a source gave no frame.
 #[derive(Debug, thiserror::Error)]
