@@ -8,12 +8,16 @@
 //! | `GET /v1/status` | model, engine, camera, audit chain head, uptime |
 //! | `GET /v1/health` | 200 while serving, 503 while shutting down |
 //! | `GET /metrics` | Prometheus text |
+//! | `GET /` | the counter page (asks once for the API key, keeps it in the browser) |
+//! | `GET /v1/frame` | the camera's current picture (JPEG/PNG); a verification without an image uses it if it is under 3 s old |
+//! | `GET /v1/reference/{ndc}` | a rendered reference picture of a formulary product (JPEG) |
 //!
 //! `/v1/*` needs the API key (`Authorization: Bearer KEY` or `X-Api-Key:
 //! KEY`); `/metrics` and `/v1/health` do not, for monitoring on loopback.
 //! Every error is `{"error": {"code", "message"}}` with a stable code; causes
 //! are logged, not sent. Bodies over the configured size are refused (413).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,6 +35,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use rxvision_models::synth::formulary::{Face, Formulary};
+use rxvision_models::synth::scene::{render_sample, SceneOptions};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -144,13 +150,27 @@ pub struct AppState {
     pub device_id: String,
     /// Set once shutdown begins: new scans are refused.
     pub shutting_down: AtomicBool,
+    /// Product attributes for reference pictures, when a formulary is installed.
+    pub formulary: Option<Formulary>,
     metrics: Metrics,
     started: Instant,
+    /// The last picture shown on the counter page: what the pharmacist saw is what is verified.
+    preview: Mutex<Option<(Instant, Vec<u8>)>>,
+    references: Mutex<HashMap<String, Vec<u8>>>,
 }
+
+/// How long a previewed frame stands in for a new one.
+const PREVIEW_FRESH: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl AppState {
     /// Assembles the shared state.
-    pub fn new(scanner: Scanner, camera: Option<Box<dyn FrameSource>>, api_key: String, device_id: String) -> AppState {
+    pub fn new(
+        scanner: Scanner,
+        camera: Option<Box<dyn FrameSource>>,
+        api_key: String,
+        device_id: String,
+        formulary: Option<Formulary>,
+    ) -> AppState {
         let metrics = Metrics::new();
         metrics.camera_up.set(i64::from(camera.is_some()));
         AppState {
@@ -159,8 +179,11 @@ impl AppState {
             api_key,
             device_id,
             shutting_down: AtomicBool::new(false),
+            formulary,
             metrics,
             started: Instant::now(),
+            preview: Mutex::new(None),
+            references: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -173,6 +196,9 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/", get(page))
+        .route("/v1/frame", get(frame))
+        .route("/v1/reference/{ndc}", get(reference))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint (the API lives under /v1)")
         })
@@ -236,7 +262,7 @@ async fn verify(
             Some(b64) => base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
                 .map_err(|e| ApiError::bad_request("bad_image_encoding", format!("image is not base64: {e}")))?,
-            None => take_frame(&state2)?,
+            None => recent_preview(&state2).map_or_else(|| take_frame(&state2), Ok)?,
         };
         state2.scanner.scan(&request, &frame).map_err(|e| match e {
             ScanError::Audit(cause) => {
@@ -285,6 +311,71 @@ fn take_frame(state: &AppState) -> Result<Vec<u8>, ApiError> {
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "camera_unavailable", e.to_string()))
         }
     }
+}
+
+fn recent_preview(state: &AppState) -> Option<Vec<u8>> {
+    let preview = state.preview.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    (preview.0.elapsed() < PREVIEW_FRESH).then_some(preview.1)
+}
+
+const PAGE: &str = include_str!("page/index.html");
+
+async fn page() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+async fn frame(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let state2 = state.clone();
+    let bytes = tokio::task::spawn_blocking(move || take_frame(&state2))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request was interrupted"))??;
+    *state.preview.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), bytes.clone()));
+    let mime = if bytes.starts_with(b"\x89PNG") { "image/png" } else { "image/jpeg" };
+    Ok(([(axum::http::header::CONTENT_TYPE, mime), (axum::http::header::CACHE_CONTROL, "no-store")], bytes)
+        .into_response())
+}
+
+async fn reference(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(ndc): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let cached = state.references.lock().unwrap_or_else(|p| p.into_inner()).get(&ndc).cloned();
+    let jpeg = match cached {
+        Some(jpeg) => jpeg,
+        None => {
+            let product =
+                state.formulary.as_ref().and_then(|f| f.products.iter().find(|p| p.ndc == ndc)).cloned().ok_or_else(
+                    || {
+                        ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "unknown_product",
+                            format!("{ndc} is not in the installed formulary"),
+                        )
+                    },
+                )?;
+            let jpeg = tokio::task::spawn_blocking(move || {
+                let mut options = SceneOptions::crop(320, 240);
+                options.clean = true;
+                render_sample(&product, Face::Front, &[], 0, &options).to_jpeg()
+            })
+            .await
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request was interrupted"))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "reference picture not rendered");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "render_failed",
+                    "the reference picture could not be drawn",
+                )
+            })?;
+            state.references.lock().unwrap_or_else(|p| p.into_inner()).insert(ndc, jpeg.clone());
+            jpeg
+        }
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, "image/jpeg")], jpeg).into_response())
 }
 
 #[derive(Debug, Deserialize)]

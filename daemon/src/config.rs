@@ -98,8 +98,6 @@ pub struct RawCamera {
     pub looping: bool,
     /// Frame size for `synthetic`.
     pub resolution: [u32; 2],
-    /// Formulary for `synthetic`.
-    pub formulary: PathBuf,
     /// Products for `synthetic` (empty: all).
     pub products: Vec<String>,
     /// Seed for `synthetic`.
@@ -138,6 +136,8 @@ pub struct RawModel {
     pub bundle: String,
     /// Where bundles are looked for, in order.
     pub bundle_dirs: Vec<PathBuf>,
+    /// Product attributes for reference pictures and the synthetic camera.
+    pub formulary: PathBuf,
     /// `auto`, `gpu` or `cpu`.
     pub engine: String,
     /// CPU engine threads.
@@ -173,6 +173,8 @@ pub struct Config {
     pub bundle: Option<PathBuf>,
     /// Bundle search roots.
     pub bundle_dirs: Vec<PathBuf>,
+    /// The formulary (reference pictures, synthetic camera).
+    pub formulary: PathBuf,
     /// Engine selection and limits.
     pub engine: EngineOptions,
     /// Where frames come from when a request has no image.
@@ -365,7 +367,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
         }
         "dir" => CameraConfig::Dir { dir: PathBuf::from(&raw.camera.dir), looping: raw.camera.looping },
         "synthetic" => CameraConfig::Synthetic {
-            formulary: raw.camera.formulary.clone(),
+            formulary: raw.model.formulary.clone(),
             products: raw.camera.products.clone(),
             seed: raw.camera.seed,
             resolution: raw.camera.resolution,
@@ -414,6 +416,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
         state_dir: raw.device.state_dir,
         bundle: (!raw.model.bundle.is_empty()).then(|| PathBuf::from(raw.model.bundle)),
         bundle_dirs: raw.model.bundle_dirs,
+        formulary: raw.model.formulary,
         engine: EngineOptions {
             preference: engine,
             cpu_threads: raw.model.cpu_threads as usize,

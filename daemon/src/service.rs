@@ -19,6 +19,7 @@ use crate::camera::{DirSource, FrameSource, SyntheticSource};
 use crate::classify::Classifier;
 use crate::config::{CameraConfig, Config};
 use crate::scan::Scanner;
+use rxvision_models::synth::formulary::Formulary;
 
 /// How long requests in flight may take to finish after SIGTERM.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -51,8 +52,15 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         )),
     };
     let api_key = config.api.load_key().map_err(StartError::Setup)?;
+    let formulary = match Formulary::load(&config.formulary) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "no formulary: the counter page shows no reference pictures");
+            None
+        }
+    };
     let scanner = Scanner::new(Arc::new(classifier), Arc::new(audit));
-    Ok(AppState::new(scanner, camera, api_key, config.device_id.clone()))
+    Ok(AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary))
 }
 
 /// Runs the service until SIGTERM or Ctrl-C. `on_listening` is told the bound
