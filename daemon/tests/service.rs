@@ -51,6 +51,10 @@ fn write_config(dir: &Path, max_body: usize) -> PathBuf {
         .replace("id = \"unprovisioned\"", "id = \"counter-test\"")
         .replace("bundle = \"\"", &format!("bundle = {}", p(&fixture())))
         .replace("engine = \"auto\"", "engine = \"cpu\"")
+        .replace(
+            "formulary = \"/usr/share/rxvision/formulary.json\"",
+            &format!("formulary = {}", p(&workspace().join("models/formulary/formulary.json"))),
+        )
         .replace("source = \"none\"", "source = \"dir\"")
         .replace("\ndir = \"\"", &format!("\ndir = {}", p(&camera)))
         .replace("listen = \"127.0.0.1:8470\"", "listen = \"127.0.0.1:0\"")
@@ -106,12 +110,42 @@ fn try_http(
         // The server may refuse early (body too large) and close: ignore write errors.
         let _ = stream.write_all(body);
     }
+    // Read the head, then exactly Content-Length bytes: some servers keep the
+    // connection open despite `Connection: close`.
     let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response);
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("connection closed before a response: {:?}", String::from_utf8_lossy(&response)));
+        }
+        response.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&response[..head_end]).to_string();
+    let length = head.lines().find_map(|l| {
+        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+    });
+    match length {
+        Some(length) => {
+            while response.len() < head_end + length {
+                let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                response.extend_from_slice(&chunk[..n]);
+            }
+        }
+        None => {
+            let _ = stream.read_to_end(&mut response);
+        }
+    }
     let status: u16 =
-        text.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("no response: {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("no response: {head:?}"))?;
+    let body = String::from_utf8_lossy(&response[head_end..]).to_string();
+    let body = body.as_str();
     Ok((status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string()))))
 }
 
@@ -405,4 +439,154 @@ fn the_synthetic_camera_feeds_the_counter_path() {
     // The fixture model does not know real products: it must not claim a match.
     assert_eq!(r["verdict"], "UNCERTAIN", "{r}");
     assert!(r["reason"].as_str().unwrap().contains("not in this model's formulary"), "{r}");
+}
+
+/// A WebDriver session on headless Chromium through chromedriver (plain HTTP + JSON).
+struct Browser {
+    driver: Child,
+    addr: SocketAddr,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = try_http(self.addr, "DELETE", &format!("/session/{}", self.session), None, None);
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    fn start() -> Option<Browser> {
+        let found = |exe: &str| Command::new(exe).arg("--version").output().is_ok_and(|o| o.status.success());
+        if !found("chromedriver") || !found("chromium") {
+            if std::env::var("RXVISION_REQUIRE_BROWSER").as_deref() == Ok("1") {
+                panic!("chromium and chromedriver are required (scripts/setup-system installs them)");
+            }
+            eprintln!("SKIPPED: counter page browser test: chromium or chromedriver is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let started = Instant::now();
+        while try_http(addr, "GET", "/status", None, None).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1280,900", format!("--user-data-dir={}", profile.path().display())]
+        }}}});
+        let (status, v) = http(addr, "POST", "/session", None, Some(caps.to_string().as_bytes()));
+        assert_eq!(status, 200, "{v}");
+        let session = v["value"]["sessionId"].as_str().unwrap().to_string();
+        Some(Browser { driver, addr, session, _profile: profile })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        let body = body.to_string();
+        let (status, v) = http(self.addr, method, &path, None, (method == "POST").then_some(body.as_bytes()));
+        assert_eq!(status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn find(&self, css: &str) -> String {
+        let found = self.call("POST", "/element", json!({"using": "css selector", "value": css}));
+        found[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {found}")).to_string()
+    }
+
+    fn click(&self, css: &str) {
+        self.call("POST", &format!("/element/{}/click", self.find(css)), json!({}));
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        self.call("POST", &format!("/element/{}/value", self.find(css)), json!({"text": text}));
+    }
+
+    fn text(&self, css: &str) -> String {
+        self.call("GET", &format!("/element/{}/text", self.find(css)), json!({}))
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn wait_for(&self, css: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let text = self.text(css);
+            if done(&text) {
+                return text;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{what}: {css} still says {text:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn the_counter_page_scans_with_the_synthetic_camera_and_records_a_confirmation() {
+    let Some(browser) = Browser::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 1024 * 1024);
+    let formulary = workspace().join("models/formulary/formulary.json");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replacen("source = \"dir\"", "source = \"synthetic\"", 1).replacen(
+            "formulary = \"/usr/share/rxvision/formulary.json\"",
+            &format!("formulary = {:?}", formulary.display().to_string()),
+            1,
+        );
+    std::fs::write(&config, text).unwrap();
+    let d = spawn(&config);
+
+    browser.call("POST", "/url", json!({"url": format!("http://{}/", d.addr)}));
+    // First visit: the screen asks to be paired with the counter key.
+    browser.type_into("#key", API_KEY);
+    browser.click("#save-key");
+    browser.click("#scan");
+    let verdict = browser.wait_for("#verdict", "a verdict", |t| t != "—" && !t.is_empty());
+    assert!(
+        ["MATCH", "MISMATCH", "UNCERTAIN", "IDENTIFIED", "NO PILL", "BAD IMAGE"].contains(&verdict.as_str()),
+        "{verdict}"
+    );
+    let audit = browser.wait_for("#audit", "the audit sequence", |t| t.contains("audit record #"));
+    assert!(audit.contains("audit record #0"), "{audit}");
+    assert!(!browser.text("#reason").is_empty());
+    browser.click("#confirm");
+    let audit = browser.wait_for("#audit", "the feedback record", |t| t.contains("feedback recorded as #"));
+    assert!(audit.contains("feedback recorded as #1"), "{audit}");
+    // Keyboard: Enter scans again.
+    browser.type_into("#operator", "\u{E007}");
+    browser.wait_for("#audit", "a second scan", |t| t.contains("audit record #2"));
+
+    let png = browser.call("GET", "/screenshot", json!({}));
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("counter-page.png");
+    std::fs::write(&shot, base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap()).unwrap();
+    println!("screenshot: {}", shot.display());
+
+    // The audit log holds both scans and the confirmation.
+    let mut d = d;
+    let _ = Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status();
+    let _ = d.child.wait();
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["audit", "verify", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 records checked"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
