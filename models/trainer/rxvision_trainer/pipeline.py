@@ -44,7 +44,7 @@ from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, O
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
 from .profile import build_profile
-from .train import TrainConfig, predict_logits, resolve_device, seed_everything, train
+from .train import TrainConfig, default_workers, predict_logits, resolve_device, seed_everything, train
 
 log = logging.getLogger("rxvision_trainer")
 
@@ -78,6 +78,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
                          "drive it to 0 and saturate every probability, unknown pills included)")
     ap.add_argument("--widths", default="32,64,128,256", help="stage widths (default 32,64,128,256)")
     ap.add_argument("--depths", default="1,1,1,1", help="extra stride-1 convs per stage (default 1,1,1,1)")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds for the training loop (0: none); after epoch 1 the epoch count is cut to what "
+                         "fits, and the run equals one with --epochs set to that count (warm-up >= 1 epoch)")
     ap.add_argument("--workers", type=int, default=-1, help="data loader workers (default: by device)")
     ap.add_argument("--val-fraction", type=float, default=0.15, help="validation share when no --val-data")
     ap.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration")
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
-                      workers=args.workers, seed=args.seed)
+                      workers=args.workers, seed=args.seed, time_budget=args.time_budget)
     outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed) \
         if args.outlier_weight > 0 else None
     log.info("training on %s", device)
@@ -195,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # ---- calibration (float32)
     y_val = np.asarray(val_ds.targets)
-    logits_val = predict_logits(model, val_ds, device)
+    logits_val = predict_logits(model, val_ds, device,
+                                workers=default_workers(device) if args.workers < 0 else args.workers)
     temperature = fit_temperature(logits_val, y_val, lo=args.min_temperature)
     if temperature <= args.min_temperature * 1.01:
         log.warning("temperature hit its lower bound %.3g (validation nearly separable or the model "
@@ -267,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
                 "num_classes": len(classes),
                 "train_n": len(train_s),
                 "val_n": len(val_s),
-                "epochs": args.epochs,
+                "epochs": len(history),
                 "train_top1_last_epoch": _r(history[-1]["train_top1"]) if history else None,
                 "val_top1_f32": _r(top1_32), "val_top3_f32": _r(topk_accuracy(p32, y_val, 3)),
                 "val_top1_int8": _r(top1_8), "val_top3_int8": _r(topk_accuracy(p8, y_val, 3)),
@@ -370,6 +374,9 @@ def run(args: argparse.Namespace) -> dict:
                     "training_data": args.data_note,
                     "data_fingerprints": fingerprints,
                     "holdout_ndcs": sorted(holdout),
+                    "epochs_requested": args.epochs,
+                    "epochs_trained": len(history),
+                    "time_budget_s": args.time_budget or None,
                     # per-epoch statistics without the wall-clock times, so a rerun is byte-identical
                     "history": [{k: _r(v, 6) if isinstance(v, float) else v for k, v in h.items() if k != "seconds"}
                                 for h in history],

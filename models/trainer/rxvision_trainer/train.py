@@ -37,6 +37,11 @@ class TrainConfig:
     workers: int = -1          # -1: pick from the device and CPU count
     seed: int = 0
     deterministic: bool = True
+    # Wall-clock budget for the whole training loop in seconds (0: none). After the
+    # first epoch the epoch count is cut to what fits, judged by that epoch's time.
+    # With warmup_epochs >= 1 the first epoch is warm-up only, so the run is
+    # exactly the run with --epochs set to the reduced count.
+    time_budget: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,7 +140,9 @@ def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: to
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     history = []
     step = 0
-    for epoch in range(cfg.epochs):
+    epochs = cfg.epochs
+    epoch = 0
+    while epoch < epochs:
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
         oe_iter = None
@@ -183,8 +190,16 @@ def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: to
             stats["val_top1"] = float((logits.argmax(1) == np.asarray(val_ds.targets)).mean())
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(stats)
-        log.info("epoch %d/%d: loss %.4f (outliers %.4f) train top-1 %.4f%s (%.1f s)", epoch + 1, cfg.epochs,
+        log.info("epoch %d/%d: loss %.4f (outliers %.4f) train top-1 %.4f%s (%.1f s)", epoch + 1, epochs,
                  stats["loss"], stats["outlier_loss"], stats["train_top1"], f", val top-1 {stats['val_top1']:.4f}" if "val_top1" in stats else "",
                  stats["seconds"])
+        if epoch == 0 and cfg.time_budget > 0 and epochs > 1:
+            fit = max(1, int(cfg.time_budget // max(stats["seconds"], 1e-3)))
+            if fit < epochs:
+                log.warning("time budget %.0f s: the first epoch took %.1f s, so training stops after %d of %d "
+                            "epochs (the same run as --epochs %d)", cfg.time_budget, stats["seconds"], fit, epochs, fit)
+                epochs = fit
+                total = epochs * steps_per_epoch  # lr_at reads it: the cosine now ends at the new last step
+        epoch += 1
     model.eval()
     return history
