@@ -124,9 +124,19 @@ class _Reader:
         self.i, self.end = 0, len(self.xs)
 
 
-def quantize(f32_path: Path, out_path: Path, calib: np.ndarray, tmpdir: Path, n_classes: int, size: int,
-             doc: str = "") -> onnx.ModelProto:
-    """Static int8 QDQ quantisation of ``f32_path`` into ``out_path``; returns the saved model."""
+def quantize_qdq(f32_path: Path, out_path: Path, calib: np.ndarray, tmpdir: Path, check=None,
+                 doc: str | None = None, calib_stride: int = MAX_CALIB_STRIDE) -> onnx.ModelProto:
+    """The project's one int8 recipe (the trainer, the fixture generator and the
+    architecture sweep all use it): ORT static QDQ, per-channel int8 weights,
+    uint8 activations, MinMax calibration over chunks of ``calib_stride``
+    inputs (which must divide ``len(calib)``), Softmax and the logits (Gemm
+    output) in float, unique non-empty node names, no intermediate value_info.
+    ``check(model)`` asserts the caller's I/O contract before saving.
+
+    ORT 1.32 notes: ``CalibMaxIntermediateOutputs`` discards full chunks, hence
+    ``CalibStridedMinMax``; a uint8 grid on the logits makes probabilities
+    coarse and produces exact ties, hence the Gemm output stays float.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -134,14 +144,11 @@ def quantize(f32_path: Path, out_path: Path, calib: np.ndarray, tmpdir: Path, n_
     class Reader(_Reader, CalibrationDataReader):
         pass
 
-    stride = min(MAX_CALIB_STRIDE, len(calib))
-    n = len(calib) - len(calib) % stride
-    if n == 0:
-        raise ValueError("no calibration images")
-    calib = calib[:n]
+    if len(calib) == 0 or len(calib) % calib_stride:
+        raise ValueError(f"{len(calib)} calibration inputs are not a multiple of the stride {calib_stride}")
     pre = tmpdir / "model_f32_pre.onnx"
     quant_pre_process(str(f32_path), str(pre), skip_optimization=True, skip_onnx_shape=False,
-                      skip_symbolic_shape=True)
+                      skip_symbolic_shape=True)  # static shapes; no sympy needed
     raw = tmpdir / "model_int8_raw.onnx"
     quantize_static(
         str(pre), str(raw), Reader(calib),
@@ -152,7 +159,7 @@ def quantize(f32_path: Path, out_path: Path, calib: np.ndarray, tmpdir: Path, n_
         nodes_to_exclude=["softmax"],
         calibrate_method=CalibrationMethod.MinMax,
         calibration_providers=["CPUExecutionProvider"],
-        extra_options={"CalibStridedMinMax": stride, "OpTypesToExcludeOutputQuantization": ["Gemm"]},
+        extra_options={"CalibStridedMinMax": calib_stride, "OpTypesToExcludeOutputQuantization": ["Gemm"]},
     )
     model = onnx.load(str(raw))
     g = model.graph
@@ -164,11 +171,25 @@ def quantize(f32_path: Path, out_path: Path, calib: np.ndarray, tmpdir: Path, n_
             name, k = f"{base}_{k}", k + 1
         node.name = name
         seen.add(name)
-    check_contract(model, n_classes, size)
+    if check is not None:
+        check(model)
     del g.value_info[:]
-    model.doc_string = doc
+    if doc is not None:
+        model.doc_string = doc
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out_path))
+    return model
+
+
+def quantize(f32_path: Path, out_path: Path, calib: np.ndarray, tmpdir: Path, n_classes: int, size: int,
+             doc: str = "") -> onnx.ModelProto:
+    """Static int8 QDQ quantisation of ``f32_path`` into ``out_path``; returns the saved model."""
+    stride = min(MAX_CALIB_STRIDE, len(calib))
+    n = len(calib) - len(calib) % stride if stride else 0
+    if n == 0:
+        raise ValueError("no calibration images")
+    model = quantize_qdq(f32_path, out_path, calib[:n], tmpdir, check=lambda m: check_contract(m, n_classes, size),
+                         doc=doc, calib_stride=stride)
     log.info("quantized with %d calibration images (stride %d): %s", n, stride, dict(op_counts(model)))
     return model
 
