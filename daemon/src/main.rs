@@ -399,12 +399,14 @@ fn audit(command: AuditCommand) -> ExitCode {
             let before_ms = parse_time(&before)?;
             let log = store.open()?;
             let summary = log.prune(before_ms, &operator).map_err(|e| e.to_string())?;
-            println!(
-                "removed {} records; checkpoint through seq {}; the pruning is audit record {}",
-                summary.removed,
-                summary.checkpoint.map_or("-".into(), |c| c.through_seq.to_string()),
-                summary.audit_seq
-            );
+            match summary.audit_seq {
+                None => println!("nothing to prune: no record is older than {before}"),
+                Some(seq) => println!(
+                    "removed {} records; checkpoint through seq {}; the pruning is audit record {seq}",
+                    summary.removed,
+                    summary.checkpoint.map_or("-".into(), |c| c.through_seq.to_string()),
+                ),
+            }
             Ok(true)
         })(),
     };

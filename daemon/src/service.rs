@@ -78,6 +78,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         on_listening(addr);
         tracing::info!(%addr, "serving the local API");
         let app = router(state.clone(), config.api.max_body_bytes);
+        tokio::spawn(enforce_retention(state.clone(), config.audit.retention));
         let shutting_down = state.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -105,6 +106,36 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
     let (next_seq, _) = state.scanner.audit().head();
     tracing::info!(records = next_seq, "audit log closed");
     Ok(())
+}
+
+/// How often the retention policy is applied (and once at start).
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+
+/// Prunes audit records older than `retention`, now and every
+/// [`RETENTION_INTERVAL`]; each pruning leaves a signed checkpoint and an
+/// audit record of its own. A failure is logged as an error (a person must
+/// look: the store may be damaged) and retried next time.
+async fn enforce_retention(state: Arc<AppState>, retention: Duration) {
+    let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let state = state.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let cutoff = now_ms.saturating_sub(retention.as_millis() as u64);
+            state.scanner.audit().prune(cutoff, "retention-policy")
+        })
+        .await;
+        match outcome {
+            Ok(Ok(summary)) if summary.removed > 0 => {
+                tracing::info!(removed = summary.removed, audit_seq = ?summary.audit_seq, "audit retention applied")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
+            Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -225,11 +225,16 @@ fn pruning_keeps_the_rest_of_the_chain_verifiable_and_a_forged_checkpoint_is_cau
         }
         let summary = log.prune(cutoff, "admin").unwrap();
         assert_eq!(summary.removed, 5);
+        assert_eq!(summary.audit_seq, Some(8));
         let checkpoint = summary.checkpoint.unwrap();
         assert_eq!((checkpoint.through_seq, checkpoint.next_seq, checkpoint.pruned_total), (4, 5, 5));
         let report = log.verify().unwrap();
         assert!(report.tamper.is_none(), "{:?}", report.tamper);
         assert_eq!((report.first_seq, report.last_seq, report.pruned), (Some(5), Some(8), 5));
+        // Nothing else is old enough: no change, no record.
+        let again = log.prune(cutoff, "admin").unwrap();
+        assert_eq!((again.removed, again.audit_seq), (0, None));
+        assert_eq!(log.head().0, 9);
     }
     // Reopen: the chain continues after the pruned prefix.
     {

@@ -287,8 +287,8 @@ pub struct PruneSummary {
     pub removed: u64,
     /// The checkpoint now in force, if any.
     pub checkpoint: Option<Checkpoint>,
-    /// The pruning's own audit record.
-    pub audit_seq: u64,
+    /// The pruning's own audit record (none when nothing was old enough).
+    pub audit_seq: Option<u64>,
 }
 
 struct ChainState {
@@ -632,7 +632,8 @@ impl AuditLog {
         let previous = self.checkpoint()?;
         let mut removed = 0;
         let checkpoint = match last {
-            None => previous,
+            // Nothing old enough: no change, and nothing to record.
+            None => return Ok(PruneSummary { removed: 0, checkpoint: previous, audit_seq: None }),
             Some((through_seq, hash)) => {
                 let key = self.keys.active();
                 let pruned_before = previous.as_ref().map_or(0, |c| c.pruned_total);
@@ -665,7 +666,7 @@ impl AuditLog {
             "through_seq": checkpoint.as_ref().map(|c| c.through_seq),
         });
         let appended = self.append(event)?;
-        Ok(PruneSummary { removed, checkpoint, audit_seq: appended.seq })
+        Ok(PruneSummary { removed, checkpoint, audit_seq: Some(appended.seq) })
     }
 }
 
