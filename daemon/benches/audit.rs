@@ -93,8 +93,7 @@ fn main() {
     drop(big);
     let record_bytes = {
         let db = sled::open(dir.path().join("big")).unwrap();
-        let len = db.open_tree("records").unwrap().get(0u64.to_be_bytes()).unwrap().unwrap().len();
-        len
+        db.open_tree("records").unwrap().get(0u64.to_be_bytes()).unwrap().unwrap().len()
     };
     println!("audit record: {record_bytes} bytes stored (header + AES-256-GCM of the JSON)");
     println!("{:<52} {:>12}", "measure", "records/s");
