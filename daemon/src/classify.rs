@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use rxvision_models::bundle::{self, Bundle, BundleError};
 use rxvision_models::engine::{EngineError, EngineKind, EngineOptions, Engines, Inference};
-use rxvision_models::preprocess::{PreprocessError, Preprocessor, RgbView};
+use rxvision_models::preprocess::{decode, PreprocessError, Preprocessor, RgbView};
 
 /// Where bundles are looked for when none is named, in order: the source
 /// tree's shipped bundles (for development and the demo), then the installed
@@ -120,11 +120,8 @@ impl Classifier {
     /// Classifies encoded image bytes (JPEG or PNG), returning the `k` best classes.
     pub fn classify_bytes(&self, bytes: &[u8], k: usize) -> Result<Classification, ClassifyError> {
         let started = Instant::now();
-        let mut guard = self.preprocessor.lock().unwrap_or_else(|p| p.into_inner());
-        let (preprocessor, input) = &mut *guard;
-        preprocessor.preprocess_bytes(bytes, input)?;
-        let inference = self.engines.run(input)?;
-        drop(guard);
+        let image = decode(bytes)?;
+        let inference = self.infer(image.view())?;
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(Classification {
             top_k: self.top_k(&inference.probs, k),
