@@ -69,6 +69,14 @@ fn write_config(dir: &Path, max_body: usize) -> PathBuf {
     path
 }
 
+/// Like [`write_config`], with the renderer as the camera.
+fn write_synthetic_config(dir: &Path) -> PathBuf {
+    let config = write_config(dir, 1024 * 1024);
+    let text = std::fs::read_to_string(&config).unwrap().replacen("source = \"dir\"", "source = \"synthetic\"", 1);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// Starts `rxvisiond run` and waits until it listens.
 fn spawn(config: &Path) -> Daemon {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
@@ -416,15 +424,7 @@ fn sigkill_under_load_loses_no_acknowledged_verification() {
 #[test]
 fn the_synthetic_camera_feeds_the_counter_path() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 1024 * 1024);
-    let formulary = workspace().join("models/formulary/formulary.json");
-    let text =
-        std::fs::read_to_string(&config).unwrap().replacen("source = \"dir\"", "source = \"synthetic\"", 1).replacen(
-            "formulary = \"/usr/share/rxvision/formulary.json\"",
-            &format!("formulary = {:?}", formulary.display().to_string()),
-            1,
-        );
-    std::fs::write(&config, text).unwrap();
+    let config = write_synthetic_config(dir.path());
     let d = spawn(&config);
     let (status, st) = http(d.addr, "GET", "/v1/status", Some(API_KEY), None);
     assert_eq!(status, 200);
@@ -540,15 +540,7 @@ impl Browser {
 fn the_counter_page_scans_with_the_synthetic_camera_and_records_a_confirmation() {
     let Some(browser) = Browser::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 1024 * 1024);
-    let formulary = workspace().join("models/formulary/formulary.json");
-    let text =
-        std::fs::read_to_string(&config).unwrap().replacen("source = \"dir\"", "source = \"synthetic\"", 1).replacen(
-            "formulary = \"/usr/share/rxvision/formulary.json\"",
-            &format!("formulary = {:?}", formulary.display().to_string()),
-            1,
-        );
-    std::fs::write(&config, text).unwrap();
+    let config = write_synthetic_config(dir.path());
     let d = spawn(&config);
 
     browser.call("POST", "/url", json!({"url": format!("http://{}/", d.addr)}));
