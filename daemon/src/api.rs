@@ -127,7 +127,11 @@ impl Metrics {
             fallbacks.clone(),
         );
         let camera_up = Gauge::default();
-        registry.register("rxvision_camera_up", "1 if the last frame request succeeded", camera_up.clone());
+        registry.register(
+            "rxvision_camera_up",
+            "1 if the camera delivers frames (a live camera: now; a replay or renderer: at the last request)",
+            camera_up.clone(),
+        );
         let audit_chain_length = Gauge::default();
         registry.register(
             "rxvision_audit_chain_length",
@@ -436,7 +440,10 @@ async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
     let manifest = &classifier.bundle().manifest;
     let engines = classifier.engines();
     let (next_seq, head) = state.scanner.audit().head();
-    let camera = state.camera.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).describe());
+    let camera = state.camera.as_ref().map(|c| {
+        let camera = c.lock().unwrap_or_else(|p| p.into_inner());
+        json!({ "source": camera.describe(), "health": camera.health().map(|h| h.to_string()) })
+    });
     Ok(Json(json!({
         "device_id": state.device_id,
         "version": env!("CARGO_PKG_VERSION"),
@@ -465,6 +472,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     m.fallbacks.set(engines.fallbacks() as i64);
     m.audit_chain_length.set(state.scanner.audit().head().0 as i64);
+    // A scan holding the camera knows better; otherwise ask a live camera now.
+    if let Some(health) = state.camera.as_ref().and_then(|c| c.try_lock().ok()).and_then(|c| c.health()) {
+        m.camera_up.set(i64::from(health.is_up()));
+    }
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &m.registry).is_err() {
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics could not be encoded")

@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::camera::PixelFormat;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
 use serde::Deserialize;
 
@@ -89,14 +90,18 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCamera {
-    /// `none` or `dir`.
+    /// `none`, `v4l2`, `dir` or `synthetic`.
     pub source: String,
+    /// Device node for `v4l2` (`/dev/video0`, or a stable `/dev/v4l/by-id/…` name).
+    pub device: String,
+    /// Pixel format for `v4l2`: `mjpeg` or `yuyv`.
+    pub format: String,
     /// Folder for `dir`.
     pub dir: String,
     /// Replay in a loop.
     #[serde(rename = "loop")]
     pub looping: bool,
-    /// Frame size for `synthetic`.
+    /// Frame size for `v4l2` and `synthetic`.
     pub resolution: [u32; 2],
     /// Products for `synthetic` (empty: all).
     pub products: Vec<String>,
@@ -190,6 +195,15 @@ pub struct Config {
 pub enum CameraConfig {
     /// Every request uploads its image.
     None,
+    /// A USB/UVC camera through V4L2.
+    V4l2 {
+        /// The device node (symlinks are followed at every open).
+        device: PathBuf,
+        /// The pixel format asked for.
+        format: PixelFormat,
+        /// Frame width and height asked for.
+        resolution: [u32; 2],
+    },
     /// Replay a folder's images.
     Dir {
         /// The folder.
@@ -366,6 +380,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             CameraConfig::None
         }
         "dir" => CameraConfig::Dir { dir: PathBuf::from(&raw.camera.dir), looping: raw.camera.looping },
+        "v4l2" => {
+            if !raw.camera.device.starts_with("/dev/") {
+                problem("camera.device", format!("{:?} is not a device path under /dev", raw.camera.device));
+            }
+            let format = match raw.camera.format.as_str() {
+                "mjpeg" => PixelFormat::Mjpeg,
+                "yuyv" => PixelFormat::Yuyv,
+                other => {
+                    problem(
+                        "camera.format",
+                        format!("unknown pixel format {other:?} (expected \"mjpeg\" or \"yuyv\")"),
+                    );
+                    PixelFormat::Mjpeg
+                }
+            };
+            CameraConfig::V4l2 { device: PathBuf::from(&raw.camera.device), format, resolution: raw.camera.resolution }
+        }
         "synthetic" => CameraConfig::Synthetic {
             formulary: raw.model.formulary.clone(),
             products: raw.camera.products.clone(),
@@ -373,7 +404,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             resolution: raw.camera.resolution,
         },
         other => {
-            problem("camera.source", format!("unknown source {other:?} (expected \"none\", \"dir\" or \"synthetic\")"));
+            problem(
+                "camera.source",
+                format!("unknown source {other:?} (expected \"none\", \"v4l2\", \"dir\" or \"synthetic\")"),
+            );
             CameraConfig::None
         }
     };

@@ -5,12 +5,15 @@
 //! * [`classify`] — a loaded bundle with its engines: image bytes in, top-k
 //!   classes out. The `classify` and `selftest` commands stand on it, and so
 //!   will the counter verification path.
-//! * [`camera`] — frame sources behind one trait (`dir` replay today).
+//! * [`camera`] — frame sources behind one trait: a V4L2 camera (nokhwa)
+//!   with reconnection, a folder replay, the renderer.
 //! * [`counter`] — pill localisation on the tray and the verdict rules
 //!   (MATCH / MISMATCH / UNCERTAIN / IDENTIFIED / NO_PILL / BAD_IMAGE).
 //! * [`scan`] — one scan wired end to end: quality gate, localisation,
 //!   engines, verdict, and the durable audit record before the answer.
 //! * [`api`] — the local HTTP API under `/v1`, `/metrics`.
+//! * [`control`] — the Unix control socket through which the `audit`
+//!   commands reach a running daemon (which holds the store's lock).
 //! * [`service`] — `rxvisiond run`: assembles the parts from the
 //!   configuration, serves, shuts down gracefully on SIGTERM.
 //! * [`eval`] — the counter path over a labelled dataset: top-1/top-3, ECE,
@@ -28,6 +31,7 @@ pub mod audit;
 pub mod camera;
 pub mod classify;
 pub mod config;
+pub mod control;
 pub mod counter;
 pub mod eval;
 pub mod scan;

@@ -5,14 +5,15 @@
 //! bad usage or a bad configuration; 65 a bad model bundle; 69 the requested
 //! engine is unavailable.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use rxvision_daemon::audit::{parse_time, AuditLog, KeyRing};
+use rxvision_daemon::audit::{parse_time, AuditLog, ExportSummary, KeyRing, PruneSummary, VerifyReport};
 use rxvision_daemon::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
-use rxvision_daemon::config;
+use rxvision_daemon::{config, control};
 use rxvision_models::engine::{
     probe_adapter, Engine, EngineError, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
 };
@@ -72,6 +73,12 @@ enum Command {
     },
     /// Print the annotated default configuration.
     PrintDefaultConfig,
+    /// List the V4L2 cameras of this machine, their stable names and formats (for `[camera] device`).
+    Cameras {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the appliance service: the local API over the camera, model and audit log.
     Run {
         /// The configuration file.
@@ -136,11 +143,26 @@ struct AuditArgs {
     previous_keys: Vec<PathBuf>,
 }
 
+/// Where the `audit` commands work: in the running daemon (which holds the
+/// store's lock) or on the store directly.
+enum Store {
+    Daemon(control::Client),
+    Local(AuditLog),
+}
+
 impl AuditArgs {
-    fn open(&self) -> Result<AuditLog, String> {
+    fn open(&self) -> Result<Store, String> {
         let (dir, key, mut previous) = match (&self.config, &self.dir, &self.key) {
             (Some(path), _, _) => {
                 let config = config::load(path).map_err(|e| e.to_string())?;
+                match control::Client::connect(&config.state_dir) {
+                    Ok(client) => {
+                        eprintln!("rxvisiond: the daemon is running; asking it through {}", client.socket().display());
+                        return Ok(Store::Daemon(client));
+                    }
+                    Err(control::ClientError::NotRunning(_)) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
                 let key = config.audit.key_path()?;
                 (config.audit.dir, key, config.audit.previous_key_files)
             }
@@ -149,7 +171,36 @@ impl AuditArgs {
         };
         previous.extend(self.previous_keys.iter().cloned());
         let keys = KeyRing::load(&key, &previous).map_err(|e| e.to_string())?;
-        AuditLog::open(&dir, keys).map_err(|e| e.to_string())
+        AuditLog::open(&dir, keys).map(Store::Local).map_err(|e| {
+            format!("{e} (with --config, the audit commands go through a running daemon's control socket)")
+        })
+    }
+}
+
+impl Store {
+    fn verify(&self) -> Result<VerifyReport, String> {
+        match self {
+            Store::Daemon(client) => client.verify().map_err(|e| e.to_string()),
+            Store::Local(log) => log.verify().map_err(|e| e.to_string()),
+        }
+    }
+
+    fn export(&self, from_ms: u64, to_ms: u64, operator: &str, out: &mut dyn Write) -> Result<ExportSummary, String> {
+        match self {
+            Store::Daemon(client) => client
+                .export(&control::ExportRequest { from_ms, to_ms, operator: operator.to_string() }, out)
+                .map_err(|e| e.to_string()),
+            Store::Local(log) => log.export(from_ms, to_ms, operator, out).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn prune(&self, before_ms: u64, operator: &str) -> Result<PruneSummary, String> {
+        match self {
+            Store::Daemon(client) => client
+                .prune(&control::PruneRequest { before_ms, operator: operator.to_string() })
+                .map_err(|e| e.to_string()),
+            Store::Local(log) => log.prune(before_ms, operator).map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -256,6 +307,7 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             return ExitCode::SUCCESS;
         }
+        Command::Cameras { json } => return cameras(json),
     };
     result.unwrap_or_else(|e| {
         eprintln!("rxvisiond: {e}");
@@ -345,8 +397,8 @@ fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError
 
 fn audit(command: AuditCommand) -> ExitCode {
     let result = match command {
-        AuditCommand::Verify { store, json } => store.open().and_then(|log| {
-            let report = log.verify().map_err(|e| e.to_string())?;
+        AuditCommand::Verify { store, json } => store.open().and_then(|store| {
+            let report = store.verify()?;
             if json {
                 println!("{}", serde_json::to_string(&report).expect("report serialises"));
             } else {
@@ -375,7 +427,7 @@ fn audit(command: AuditCommand) -> ExitCode {
             if from_ms >= to_ms {
                 return Err(format!("--from {from} is not before --to {to}"));
             }
-            let log = store.open()?;
+            let store = store.open()?;
             let summary = match &out {
                 Some(path) => {
                     let file = std::fs::OpenOptions::new()
@@ -384,11 +436,10 @@ fn audit(command: AuditCommand) -> ExitCode {
                         .open(path)
                         .map_err(|e| format!("{}: {e}", path.display()))?;
                     let mut writer = std::io::BufWriter::new(file);
-                    log.export(from_ms, to_ms, &operator, &mut writer)
+                    store.export(from_ms, to_ms, &operator, &mut writer)
                 }
-                None => log.export(from_ms, to_ms, &operator, &mut std::io::stdout().lock()),
-            }
-            .map_err(|e| e.to_string())?;
+                None => store.export(from_ms, to_ms, &operator, &mut std::io::stdout().lock()),
+            }?;
             eprintln!(
                 "rxvisiond: exported {} records; the export is audit record {}",
                 summary.count, summary.audit_seq
@@ -397,8 +448,7 @@ fn audit(command: AuditCommand) -> ExitCode {
         })(),
         AuditCommand::Prune { store, before, operator } => (|| {
             let before_ms = parse_time(&before)?;
-            let log = store.open()?;
-            let summary = log.prune(before_ms, &operator).map_err(|e| e.to_string())?;
+            let summary = store.open()?.prune(before_ms, &operator)?;
             match summary.audit_seq {
                 None => println!("nothing to prune: no record is older than {before}"),
                 Some(seq) => println!(
@@ -418,6 +468,45 @@ fn audit(command: AuditCommand) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn cameras(json: bool) -> ExitCode {
+    let cameras = match rxvision_daemon::camera::v4l2::list_cameras() {
+        Ok(cameras) => cameras,
+        Err(e) => {
+            eprintln!("rxvisiond: cannot list V4L2 cameras: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        let list: Vec<_> = cameras
+            .iter()
+            .map(|c| {
+                let (formats, error) = match &c.formats {
+                    Ok(f) => (f.clone(), None),
+                    Err(e) => (Vec::new(), Some(e.clone())),
+                };
+                serde_json::json!({ "device": c.device, "stable_names": c.stable_names, "name": c.name, "formats": formats, "error": error })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return ExitCode::SUCCESS;
+    }
+    if cameras.is_empty() {
+        println!("no V4L2 camera found: is it plugged in, and may this user open /dev/video* (group \"video\")?");
+    }
+    for camera in &cameras {
+        println!("{}  {}", camera.device, camera.name);
+        for name in &camera.stable_names {
+            println!("    also {name}");
+        }
+        match &camera.formats {
+            Ok(formats) if formats.is_empty() => println!("    offers neither MJPEG nor YUYV: not usable"),
+            Ok(formats) => println!("    {}", formats.join(", ")),
+            Err(e) => println!("    formats unreadable: {e}"),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_eval(model: &ModelArgs, dataset: &std::path::Path, json: bool) -> Result<ExitCode, ClassifyError> {

@@ -209,6 +209,11 @@ impl Scanner {
         &self.audit
     }
 
+    /// The audit log, shared (for the control socket).
+    pub fn shared_audit(&self) -> Arc<AuditLog> {
+        self.audit.clone()
+    }
+
     /// Verifies the pills in one encoded frame and records the scan.
     pub fn scan(&self, request: &ScanRequest, frame: &[u8]) -> Result<ScanResult, ScanError> {
         let analysis = self.path.analyse(request, frame)?;

@@ -2,6 +2,7 @@
 
 mod audit;
 mod audit_crash;
+mod camera;
 mod cli;
 mod scan;
 mod service;

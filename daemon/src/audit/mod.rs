@@ -242,7 +242,7 @@ pub struct Appended {
 }
 
 /// The first problem verification found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tamper {
     /// The first bad sequence number.
     pub seq: u64,
@@ -251,7 +251,7 @@ pub struct Tamper {
 }
 
 /// The outcome of [`AuditLog::verify`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Records whose tag and chain link were checked.
     pub checked: u64,
@@ -268,7 +268,7 @@ pub struct VerifyReport {
 }
 
 /// What an export wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExportSummary {
     /// Records written.
     pub count: u64,
@@ -281,7 +281,7 @@ pub struct ExportSummary {
 }
 
 /// What a pruning removed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PruneSummary {
     /// Records removed now.
     pub removed: u64,

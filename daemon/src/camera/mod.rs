@@ -1,5 +1,8 @@
 //! Frame sources behind one trait: where the counter path gets its pictures.
 //!
+//! * [`LiveCamera`] reads a USB/UVC camera through V4L2 (nokhwa) on its own
+//!   thread and re-opens it when it is unplugged and plugged back in
+//!   ([`link`] is its state machine).
 //! * [`DirSource`] replays image files (JPEG/PNG) from a directory, in name
 //!   order, once or in a loop — for replaying a day's scans.
 //! * [`SyntheticSource`] renders counter photos of formulary products with the
@@ -11,11 +14,15 @@
 //! restart.
 
 mod dir;
+pub mod link;
 mod synthetic;
+pub mod v4l2;
 
 pub use dir::DirSource;
+pub use link::CameraHealth;
 use rxvision_models::preprocess::{PreprocessError, RgbImage};
 pub use synthetic::SyntheticSource;
+pub use v4l2::{LiveCamera, PixelFormat};
 
 /// Why a source gave no frame.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +60,11 @@ pub struct Frame {
 pub trait FrameSource: Send {
     /// One line saying what this source is (`dir /srv/scans (loop)`).
     fn describe(&self) -> String;
+    /// A live device's state now; `None` for sources that are not a device
+    /// (files, renderer), whose health shows only when a frame is asked for.
+    fn health(&self) -> Option<CameraHealth> {
+        None
+    }
     /// The next frame, or why there is none right now.
     fn next_frame(&mut self) -> Result<Frame, CameraError>;
 }
