@@ -11,10 +11,13 @@ separated, no ``..``); ``ndc`` is the class key and must match the formulary's
 required: a dataset converted from other sources (NLM C3PI, a pharmacy's own
 photos; see ``convert_index`` and the README) may leave the rest empty.
 
-Training-time images go through ``Augment`` (small rotation, a 180-degree turn,
-small shift, mild colour jitter; no mirror by default: a mirrored imprint never
-occurs on a real pill) and then the reference preprocessing; evaluation images
-go through the reference preprocessing only.
+Training-time augmentation is defined here by ``Augment`` (small rotation, a
+180-degree turn, small shift, mild colour jitter; no mirror by default: a
+mirrored imprint never occurs on a real pill), applied before the reference
+preprocessing; evaluation images go through the reference preprocessing only.
+The default training path (``tensordata``) decodes every image once with
+``decode_for_training`` and runs the same augmentation batched in torch; the
+Pillow classes here remain the ``--loader pil`` path and the reference.
 """
 from __future__ import annotations
 
@@ -335,17 +338,26 @@ class AugmentConfig:
     saturation: float = 0.08
 
 
+def border_fill(a: np.ndarray) -> tuple[int, int, int]:
+    """Median colour of an (H, W, 3) image's outermost pixels: what a rotation or shift fills the corners with."""
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]], axis=0)
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
 class Augment:
-    """Deterministic per (seed, epoch, index) augmentation on the decoded image."""
+    """Deterministic per (seed, epoch, index) augmentation on the decoded image (Pillow, one image at a time).
+
+    The reference definition of the training augmentation and the ``--loader pil``
+    path; the default path is ``tensordata.TensorAugment``, the same augmentation
+    batched in torch on the training device.
+    """
 
     def __init__(self, cfg: AugmentConfig | None = None):
         self.cfg = cfg or AugmentConfig()
 
     @staticmethod
     def _border_fill(img: Image.Image) -> tuple[int, int, int]:
-        a = np.asarray(img)
-        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]], axis=0)
-        return tuple(int(v) for v in np.median(border, axis=0))
+        return border_fill(np.asarray(img))
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         c = self.cfg
@@ -367,6 +379,27 @@ class Augment:
             if amount > 0:
                 img = enhancer(img).enhance(float(rng.uniform(1.0 - amount, 1.0 + amount)))
         return img
+
+
+# --------------------------------------------------------------------------- decoding for the tensor path
+def decode_for_training(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One image as the tensor path stores it: the reference resize to ``size`` (uint8 (size, size, 3),
+    exactly what ``preprocess_pil`` normalises) and the border fill colour of the full-resolution image."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        fill = border_fill(np.asarray(im))
+        small = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(small, dtype=np.uint8), fill
+
+
+def decode_chunk(job: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_for_training`` over a list of paths (a process-pool task): (k, size, size, 3) and (k, 3) uint8."""
+    paths, size = job
+    imgs = np.empty((len(paths), size, size, 3), np.uint8)
+    fills = np.empty((len(paths), 3), np.uint8)
+    for k, p in enumerate(paths):
+        imgs[k], fills[k] = decode_for_training(Path(p), size)
+    return imgs, fills
 
 
 # --------------------------------------------------------------------------- torch datasets

@@ -44,7 +44,8 @@ from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, O
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
 from .profile import build_profile
-from .train import TrainConfig, default_workers, predict_logits, resolve_device, seed_everything, train
+from .train import (LoaderSource, TrainConfig, default_workers, outlier_batch_size, predict_logits, resolve_device,
+                    seed_everything, train)
 
 log = logging.getLogger("rxvision_trainer")
 
@@ -81,7 +82,14 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds for the training loop (0: none); after epoch 1 the epoch count is cut to what "
                          "fits, and the run equals one with --epochs set to that count (warm-up >= 1 epoch)")
-    ap.add_argument("--workers", type=int, default=-1, help="data loader workers (default: by device)")
+    ap.add_argument("--loader", default="tensor", choices=["tensor", "pil"],
+                    help="tensor (default): decode every image once, augment batches on the training device; "
+                         "pil: Pillow decoding and augmentation per image in DataLoader workers (the old path)")
+    ap.add_argument("--workers", type=int, default=-1,
+                    help="tensor loader: decoding processes (default: CPU count, at most 16); pil loader: DataLoader "
+                         "workers (default: by device)")
+    ap.add_argument("--no-decode-cache", action="store_true",
+                    help="tensor loader: do not read or write the decoded-image cache (DATASET/.rxv-decoded/)")
     ap.add_argument("--val-fraction", type=float, default=0.15, help="validation share when no --val-data")
     ap.add_argument("--calib-images", type=int, default=256, help="training images for int8 calibration")
     ap.add_argument("--selftest-max", type=int, default=24, help="most self-test images (one per class)")
@@ -184,22 +192,43 @@ def run(args: argparse.Namespace) -> dict:
     print(f"architecture: {arch.describe()}; {cost.macs / 1e6:.1f} MMAC, {cost.params} parameters "
           f"at {args.size}x{args.size}", flush=True)
     aug_cfg = AugmentConfig(p_mirror=args.mirror)
-    train_ds = ImageDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed)
-    val_ds = ImageDataset(val_s, class_of, args.size)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
                       workers=args.workers, seed=args.seed, time_budget=args.time_budget)
-    outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed) \
-        if args.outlier_weight > 0 else None
-    log.info("training on %s", device)
-    history = train(model, train_ds, cfg, device, val_ds=val_ds, outlier_ds=outlier_ds)
+    loader = getattr(args, "loader", "tensor")
+    t_data = time.perf_counter()
+    if loader == "tensor":
+        from .tensordata import TensorAugment, TensorEvalSet, TensorTrainSource, load_decoded
+
+        cache = not getattr(args, "no_decode_cache", False)
+        dec = load_decoded(args.data, data, args.size, workers=args.workers, cache=cache).to(device)
+        dec_val = (load_decoded(args.val_data, val_all, args.size, workers=args.workers, cache=cache).to(device)
+                   if args.val_data else dec)
+        source = TensorTrainSource(dec, train_s, class_of, TensorAugment(aug_cfg), args.seed, args.batch_size,
+                                   device, outlier_batch=outlier_batch_size(cfg))
+        val_ds = TensorEvalSet(dec_val, val_s, class_of, device)
+        eval_workers = 0
+    else:
+        train_ds = ImageDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed)
+        val_ds = ImageDataset(val_s, class_of, args.size)
+        outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed) \
+            if args.outlier_weight > 0 else None
+        source = LoaderSource(train_ds, outlier_ds, cfg, device)
+        eval_workers = default_workers(device) if args.workers < 0 else args.workers
+    t_data = time.perf_counter() - t_data
+    log.info("training on %s (%s loader)", device, loader)
+    history = train(model, source, cfg, device, val_ds=val_ds)
     t_train = time.perf_counter()
 
     # ---- calibration (float32)
     y_val = np.asarray(val_ds.targets)
-    logits_val = predict_logits(model, val_ds, device,
-                                workers=default_workers(device) if args.workers < 0 else args.workers)
+    logits_val = predict_logits(model, val_ds, device, workers=eval_workers)
+    del source, val_ds  # the decoded images (GBs with the tensor loader) are not needed any more
+    if loader == "tensor":
+        del dec, dec_val
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     temperature = fit_temperature(logits_val, y_val, lo=args.min_temperature)
     if temperature <= args.min_temperature * 1.01:
         log.warning("temperature hit its lower bound %.3g (validation nearly separable or the model "
@@ -365,6 +394,7 @@ def run(args: argparse.Namespace) -> dict:
                     "command": command,
                     "seed": args.seed,
                     "device": str(device),
+                    "loader": loader,
                     "torch": torch.__version__,
                     "onnx": onnx.__version__,
                     "onnxruntime": ort.__version__,
@@ -401,7 +431,8 @@ def run(args: argparse.Namespace) -> dict:
     log.info("bundle %s verified: %d self-test cases, max |diff| %.2g", dest, check["cases"], check["max_abs_diff"])
     summary = {
         "bundle": str(dest), "seconds_total": round(time.perf_counter() - t_start, 1),
-        "seconds_training": round(t_train - t_start, 1), "selftest_ort": check,
+        "seconds_training": round(t_train - t_start, 1), "seconds_data_preparation": round(t_data, 1),
+        "loader": loader, "selftest_ort": check,
         "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
         "thresholds": thresholds, "open_set": metrics["open_set"],
     }

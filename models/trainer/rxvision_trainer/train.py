@@ -1,9 +1,17 @@
 """The training loop: AdamW, linear warm-up then cosine decay, cross-entropy.
 
-Runs on CUDA (bf16 autocast, channels-last) or the CPU; ``resolve_device``
-turns ``auto`` into whichever is there. Deterministic in the seed on the CPU;
-on CUDA as far as cuDNN allows (``deterministic`` requests its deterministic
-kernels).
+Runs on CUDA (bf16 autocast, channels-last, fused AdamW) or the CPU;
+``resolve_device`` turns ``auto`` into whichever is there. Deterministic in the
+seed on the CPU; on CUDA as far as cuDNN allows (``deterministic`` requests its
+deterministic kernels).
+
+Batches come from a *source*: an object with ``len()`` (batches per epoch) and
+``epoch(e)`` yielding ``(x, y, x_out)`` on the device - normalised inputs,
+class indices, and a batch of synthetic unknown pills for outlier exposure or
+None. ``tensordata.TensorTrainSource`` (decode once, augment on the device) is
+the default; ``LoaderSource`` is the Pillow path (``--loader pil``).
+Validation data is anything ``predict_logits`` takes: a ``TensorEvalSet`` or an
+``ImageDataset``.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageDataset
+from .data import ImageDataset, OutlierDataset
 
 log = logging.getLogger("rxvision_trainer")
 
@@ -34,7 +42,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     outlier_weight: float = 0.5    # weight of the outlier-exposure loss (0: off)
     outlier_fraction: float = 0.25  # outlier images per batch, as a share of the batch size
-    workers: int = -1          # -1: pick from the device and CPU count
+    workers: int = -1          # --loader pil only (DataLoader workers); -1: pick from the device and CPU count
     seed: int = 0
     deterministic: bool = True
     # Wall-clock budget for the whole training loop in seconds (0: none). After the
@@ -54,6 +62,13 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cuda", "cpu"):
         raise SystemExit(f"--device {name!r}: use cuda, cpu or auto")
     return torch.device(name)
+
+
+def outlier_batch_size(cfg: TrainConfig) -> int:
+    """Outlier images per batch (0: outlier exposure off)."""
+    if cfg.outlier_weight <= 0:
+        return 0
+    return max(1, int(round(cfg.batch_size * cfg.outlier_fraction)))
 
 
 def default_workers(device: torch.device) -> int:
@@ -90,14 +105,57 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+class LoaderSource:
+    """The Pillow path (``--loader pil``): decoding and ``Augment`` per image in DataLoader workers.
+
+    Same shuffling and outlier streams as before the tensor path existed, so
+    its runs repeat the earlier ones exactly.
+    """
+
+    def __init__(self, ds: ImageDataset, outlier_ds: OutlierDataset | None, cfg: TrainConfig,
+                 device: torch.device):
+        self.ds, self.outlier_ds, self.device, self.seed = ds, outlier_ds, device, cfg.seed
+        self.workers = default_workers(device) if cfg.workers < 0 else cfg.workers
+        self.oe_batch = outlier_batch_size(cfg) if outlier_ds is not None and len(outlier_ds) else 0
+        self.loader = make_loader(ds, cfg.batch_size, True, self.workers, cfg.seed, device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        self.ds.set_epoch(epoch)
+        oe_iter = None
+        if self.oe_batch:
+            self.outlier_ds.set_epoch(epoch)
+            oe_iter = iter(make_loader(self.outlier_ds, self.oe_batch, True, self.workers,
+                                       self.seed + 7919 * (epoch + 1), self.device))
+        for x, y in self.loader:
+            x_out = None
+            if oe_iter is not None:
+                try:
+                    x_out, _ = next(oe_iter)
+                except StopIteration:
+                    oe_iter = None
+                else:
+                    x_out = x_out.to(self.device, non_blocking=True)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), x_out
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, ds: ImageDataset, device: torch.device, batch_size: int = 128,
+def predict_logits(model: nn.Module, data, device: torch.device, batch_size: int = 128,
                    workers: int = 0) -> np.ndarray:
-    """float32 logits (N, C) in dataset order, eval mode, full precision."""
+    """float32 logits (N, C) in dataset order, eval mode, full precision.
+
+    ``data``: a ``tensordata.TensorEvalSet`` (its ``batches``) or an ``ImageDataset``
+    (a DataLoader with ``workers``).
+    """
     model.eval()
     out = []
-    loader = make_loader(ds, batch_size, False, workers, 0, device)
-    for x, _y in loader:
+    if hasattr(data, "batches"):
+        xs = data.batches(batch_size)
+    else:
+        xs = (x for x, _y in make_loader(data, batch_size, False, workers, 0, device))
+    for x in xs:
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -105,16 +163,15 @@ def predict_logits(model: nn.Module, ds: ImageDataset, device: torch.device, bat
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
 
 
-def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: torch.device,
-          val_ds: ImageDataset | None = None, class_weights: Sequence[float] | None = None,
-          outlier_ds=None) -> list[dict]:
+def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_ds=None,
+          class_weights: Sequence[float] | None = None) -> list[dict]:
     """Trains in place; returns one dict of statistics per epoch.
 
-    With ``outlier_ds`` (and ``cfg.outlier_weight`` > 0), every batch also
-    carries ``outlier_fraction`` x batch synthetic unknown images whose loss is
-    the cross-entropy to the uniform distribution (outlier exposure).
+    ``source``: a ``tensordata.TensorTrainSource`` or a ``LoaderSource``. When it
+    yields outlier batches (``cfg.outlier_weight`` > 0), their loss is the
+    cross-entropy to the uniform distribution (outlier exposure), weighted by
+    ``cfg.outlier_weight``.
     """
-    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -122,11 +179,9 @@ def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: to
     for name, p in model.named_parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    loader = make_loader(train_ds, cfg.batch_size, True, workers, cfg.seed, device)
-    use_oe = outlier_ds is not None and cfg.outlier_weight > 0 and len(outlier_ds) > 0
-    oe_batch = max(1, int(round(cfg.batch_size * cfg.outlier_fraction)))
-    steps_per_epoch = max(1, len(loader))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    steps_per_epoch = max(1, len(source))
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(0, total - 1))
 
@@ -144,26 +199,18 @@ def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: to
     epoch = 0
     while epoch < epochs:
         t0 = time.perf_counter()
-        train_ds.set_epoch(epoch)
-        oe_iter = None
-        if use_oe:
-            outlier_ds.set_epoch(epoch)
-            oe_iter = iter(make_loader(outlier_ds, oe_batch, True, workers, cfg.seed + 7919 * (epoch + 1), device))
         model.train()
-        n, loss_sum, correct, oe_sum = 0, 0.0, 0, 0.0
-        for x, y in loader:
+        # sums stay on the device: no host synchronisation per step
+        n = 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        oe_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for x, y, x_out in source.epoch(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             n_known = len(y)
-            if oe_iter is not None:
-                try:
-                    x_out, _ = next(oe_iter)
-                except StopIteration:
-                    oe_iter = None
-                else:
-                    x = torch.cat([x, x_out], dim=0)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+            if x_out is not None and cfg.outlier_weight > 0:
+                x = torch.cat([x, x_out], dim=0)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
@@ -174,19 +221,19 @@ def train(model: nn.Module, train_ds: ImageDataset, cfg: TrainConfig, device: to
                     # cross-entropy to the uniform distribution: mean over classes of -log p
                     oe = -torch.log_softmax(all_logits[n_known:], dim=1).mean()
                     loss = loss + cfg.outlier_weight * oe
-                    oe_sum += float(oe.detach()) * n_known
+                    oe_sum += oe.detach().double() * n_known
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            n += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-        stats = {"epoch": epoch + 1, "loss": loss_sum / max(1, n), "train_top1": correct / max(1, n),
-                 "outlier_loss": oe_sum / max(1, n),
+            n += n_known
+            loss_sum += loss.detach().double() * n_known
+            correct += (logits.detach().argmax(1) == y).sum()
+        stats = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, n), "train_top1": int(correct) / max(1, n),
+                 "outlier_loss": float(oe_sum) / max(1, n),
                  "lr": lr_at(max(0, step - 1)), "seconds": 0.0}
         if val_ds is not None and len(val_ds):
-            logits = predict_logits(model, val_ds, device, workers=workers)
+            logits = predict_logits(model, val_ds, device, workers=getattr(source, "workers", 0))
             stats["val_top1"] = float((logits.argmax(1) == np.asarray(val_ds.targets)).mean())
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(stats)

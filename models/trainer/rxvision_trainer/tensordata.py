@@ -1,0 +1,449 @@
+"""Training data as tensors: decode every image once, augment whole batches on the training device.
+
+The Pillow path (``--loader pil``: ``data.ImageDataset`` / ``data.OutlierDataset``
+in DataLoader workers) decodes a JPEG and runs Pillow's rotate and three
+enhancers for every image of every epoch; on a 16-core H100 host that took
+~25 s per epoch for 23,100 images while the GPU needs 2-3 s. This module is the
+default path (``--loader tensor``):
+
+- **Decode once.** Every row of a dataset's ``labels.csv`` is decoded by a
+  process pool (``--workers`` processes) into one uint8 tensor
+  ``(N, 3, S, S)`` at the *training size* S, with exactly the reference resize
+  (``data.decode_for_training``: Pillow 12 bilinear, what ``preprocess_pil``
+  does), plus each image's border fill colour measured at full resolution (what
+  ``Augment`` fills rotated corners with). 23,100 images at 160 px are 1.8 GB,
+  kept on the GPU when it has room (else in host memory).
+- **Why S and not a larger pre-size (176/192/224 px).** Storing the reference
+  resize itself makes an un-augmented training image *bit-identical* to the
+  evaluation input (the same uint8 pixels, the same float arithmetic), so the
+  validation pass during training and the temperature fit can read the same
+  tensors, and the store is half the size of a 224 px one. The price: rotation
+  and shift are resampled at S instead of at the render size before the
+  downscale, i.e. slightly more interpolation blur on rotated images (a
+  bilinear warp at 160 px instead of 224 px); the augmentation's shift fills
+  the uncovered border with the fill colour either way, so no margin is needed.
+- **Disk cache.** The decoded arrays are saved next to the dataset
+  (``DATASET/.rxv-decoded/decoded-<S>px-<key>.npz``, key = SHA-256 of
+  labels.csv, every listed file's size and mtime, S, the Pillow version and
+  the format version); a rerun loads it instead of decoding. One file per size
+  is kept (a new key replaces the old); ``--no-decode-cache`` turns it off; an
+  unwritable dataset folder only logs a warning.
+- **Augment on the device** (``TensorAugment``): the parameters of ``Augment``
+  drawn per image from NumPy generators seeded by (seed, epoch, batch), so a
+  run is the same on any device and worker count; the warp is one
+  ``affine_grid``/``grid_sample`` (bilinear) per batch with the fill colour
+  outside the image, then brightness, contrast and saturation with Pillow's
+  ``ImageEnhance`` formulas (luma 0.299/0.587/0.114), clamped to [0, 255] after
+  each, rounded to whole levels once at the end (Pillow truncates after each
+  step), then normalised with the reference arithmetic. With every jitter set
+  to zero the result equals the reference preprocessing exactly (tested).
+- **Outliers** (``TensorTrainSource._outliers``): the same recipe as
+  ``OutlierDataset`` - hue-turned saturated pills and two-class chimeras - made
+  from the same store, batched.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import LABELS_CSV, AugmentConfig, OutlierDataset, Sample, decode_chunk
+from .preprocess import MEAN, SCALE, STD
+
+log = logging.getLogger("rxvision_trainer")
+
+CACHE_FORMAT = 1
+CACHE_DIR = ".rxv-decoded"
+DECODE_CHUNK = 64  # images per process-pool task
+
+# NumPy seed streams: [seed, STREAM, epoch, (batch)]
+STREAM_ORDER, STREAM_AUG, STREAM_OE_ORDER, STREAM_OE = 101, 102, 103, 104
+
+
+def default_decode_workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+# --------------------------------------------------------------------------- decoding and the cache
+@dataclass
+class Decoded:
+    """A dataset decoded at one size: rows in ``labels.csv`` order."""
+
+    images: torch.Tensor  # (N, 3, S, S) uint8: the reference resize of each image
+    fill: torch.Tensor    # (N, 3) uint8: border median colour of the full-resolution image
+    row_of: dict          # labels.csv ``file`` -> row
+    size: int
+    source: str = "decoded"  # or "cache"
+
+    def rows(self, samples: Sequence[Sample]) -> torch.Tensor:
+        try:
+            idx = [self.row_of[s.file] for s in samples]
+        except KeyError as e:
+            raise ValueError(f"{e.args[0]} is not an image of this decoded dataset") from None
+        return torch.tensor(idx, dtype=torch.long, device=self.images.device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() + self.fill.numel()
+
+    def to(self, device: torch.device) -> "Decoded":
+        """Moves the store to ``device``; on CUDA only if it takes under half the free memory (else pinned host)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            if self.nbytes < 0.5 * free:
+                return Decoded(self.images.to(device), self.fill.to(device), self.row_of, self.size, self.source)
+            log.warning("decoded images (%.1f GB) stay in host memory: %.1f GB free on %s", self.nbytes / 1e9,
+                        free / 1e9, device)
+            return Decoded(self.images.pin_memory(), self.fill.pin_memory(), self.row_of, self.size, self.source)
+        return self
+
+
+def cache_key(root: Path, samples: Sequence[Sample], size: int) -> str:
+    import PIL
+
+    h = hashlib.sha256(f"rxvision decoded v{CACHE_FORMAT} {size}px pillow {PIL.__version__}\n".encode())
+    h.update((Path(root) / LABELS_CSV).read_bytes())
+    for s in samples:
+        st = s.path.stat()
+        h.update(f"{s.file}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _pool_context():
+    import multiprocessing as mp
+
+    # fork, like torch's DataLoader: the children only run Pillow and NumPy (never torch or CUDA), and
+    # forkserver/spawn would re-import the caller's __main__, which fails for unguarded scripts
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def decode_paths(paths: Sequence[Path], size: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3, S, S) and (N, 3) uint8 for the files, in order; ``workers`` > 1 uses a process pool."""
+    n = len(paths)
+    images = np.empty((n, 3, size, size), np.uint8)
+    fills = np.empty((n, 3), np.uint8)
+    jobs = [([str(p) for p in paths[i:i + DECODE_CHUNK]], size) for i in range(0, n, DECODE_CHUNK)]
+
+    def put(i: int, res) -> None:
+        imgs, f = res
+        images[i * DECODE_CHUNK: i * DECODE_CHUNK + len(imgs)] = imgs.transpose(0, 3, 1, 2)
+        fills[i * DECODE_CHUNK: i * DECODE_CHUNK + len(f)] = f
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            put(i, decode_chunk(job))
+    else:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as ex:
+            for i, res in enumerate(ex.map(decode_chunk, jobs)):
+                put(i, res)
+    return images, fills
+
+
+def load_decoded(root: str | Path, samples: Sequence[Sample], size: int, workers: int | None = None,
+                 cache: bool = True) -> Decoded:
+    """Every sample of the dataset at ``root`` (normally all of ``read_dataset(root)``) at ``size``."""
+    root = Path(root)
+    workers = default_decode_workers() if workers is None or workers < 1 else workers
+    row_of = {s.file: i for i, s in enumerate(samples)}
+    t0 = time.perf_counter()
+    path = None
+    if cache:
+        key = cache_key(root, samples, size)
+        path = root / CACHE_DIR / f"decoded-{size}px-{key}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    images, fills = z["images"], z["fill"]
+                if images.shape == (len(samples), 3, size, size) and fills.shape == (len(samples), 3):
+                    log.info("%s: %d decoded images from the cache %s (%.1f s)", root, len(samples), path.name,
+                             time.perf_counter() - t0)
+                    return Decoded(torch.from_numpy(images), torch.from_numpy(fills), row_of, size, "cache")
+                log.warning("%s: shape mismatch, decoding again", path)
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("%s: unreadable (%s), decoding again", path, e)
+    images, fills = decode_paths([s.path for s in samples], size, workers)
+    dt = time.perf_counter() - t0
+    log.info("%s: decoded %d images to %dx%d in %.1f s (%.0f images/s, %d process%s)", root, len(samples), size,
+             size, dt, len(samples) / max(dt, 1e-9), workers, "" if workers == 1 else "es")
+    if path is not None:
+        _write_cache(path, images, fills)
+    return Decoded(torch.from_numpy(images), torch.from_numpy(fills), row_of, size, "decoded")
+
+
+def _write_cache(path: Path, images: np.ndarray, fills: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, fill=fills)
+        os.replace(tmp, path)
+        prefix = path.name.rsplit("-", 1)[0]  # decoded-<S>px: one cache per size
+        for old in path.parent.glob(prefix + "-*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        log.info("decoded images cached in %s (%.2f GB)", path, path.stat().st_size / 1e9)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        log.warning("could not write the decode cache %s: %s (training goes on)", path, e)
+
+
+# --------------------------------------------------------------------------- normalisation and augmentation
+_NORM: dict = {}
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """float32 pixel levels (B, 3, H, W) -> the model input, with ``preprocess_pil``'s float32 arithmetic."""
+    dev = x.device
+    if dev not in _NORM:
+        _NORM[dev] = (torch.tensor(SCALE, dtype=torch.float32, device=dev),
+                      torch.tensor(MEAN, dtype=torch.float32, device=dev).view(1, 3, 1, 1),
+                      torch.tensor(STD, dtype=torch.float32, device=dev).view(1, 3, 1, 1))
+    scale, mean, std = _NORM[dev]
+    return (x.float() * scale - mean) / std
+
+
+@dataclass
+class AugParams:
+    """One value per image (NumPy arrays); ``angle`` in degrees counter-clockwise, 180-degree turn included;
+    ``dx``/``dy`` as fractions of the image size (positive: right/down)."""
+
+    mirror: np.ndarray
+    angle: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    brightness: np.ndarray
+    contrast: np.ndarray
+    saturation: np.ndarray
+
+    def as_tensor(self, device: torch.device | None = None) -> torch.Tensor:
+        """(n, 7) float64, the columns in field order (what ``TensorAugment`` slices per batch)."""
+        cols = [self.mirror, self.angle, self.dx, self.dy, self.brightness, self.contrast, self.saturation]
+        t = torch.from_numpy(np.stack([np.asarray(c, np.float64) for c in cols], axis=1))
+        return t if device is None else t.to(device)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    # Pillow's RGB -> L weights (ITU-R 601-2)
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+class TensorAugment:
+    """``data.Augment`` for a batch of stored images, on whatever device they are on."""
+
+    def __init__(self, cfg: AugmentConfig | None = None):
+        self.cfg = cfg or AugmentConfig()
+
+    def draw(self, n: int, rng: np.random.Generator) -> AugParams:
+        c = self.cfg
+        mirror = rng.random(n) < c.p_mirror
+        angle = rng.uniform(-c.max_rotation_deg, c.max_rotation_deg, n)
+        angle = angle + 180.0 * (rng.random(n) < c.p_turn180)
+        dx = rng.uniform(-c.max_shift, c.max_shift, n)
+        dy = rng.uniform(-c.max_shift, c.max_shift, n)
+        factors = [rng.uniform(1.0 - a, 1.0 + a, n) for a in (c.brightness, c.contrast, c.saturation)]
+        return AugParams(mirror, angle, dx, dy, *factors)
+
+    @staticmethod
+    def theta(p: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 3) float32 from (B, 7) parameters: output -> input in ``affine_grid``'s normalised coordinates.
+
+        Pillow's ``rotate(angle, translate=(dx, dy))`` samples input = R (output - centre - t) + centre with
+        R = [[cos, -sin], [sin, cos]] in pixel coordinates (y down); a mirror applied before it negates the
+        input's x. For a square image the normalised form is the same with t scaled to 2 * (dx, dy).
+        """
+        p = p.double()
+        a = torch.deg2rad(p[:, 1])
+        cos, sin = torch.cos(a), torch.sin(a)
+        m = 1.0 - 2.0 * p[:, 0]
+        tx, ty = 2.0 * p[:, 2], 2.0 * p[:, 3]
+        r00, r01, r10, r11 = m * cos, -m * sin, sin, cos
+        row0 = torch.stack([r00, r01, -(r00 * tx + r01 * ty)], dim=1)
+        row1 = torch.stack([r10, r11, -(r10 * tx + r11 * ty)], dim=1)
+        return torch.stack([row0, row1], dim=1).float()
+
+    def __call__(self, x: torch.Tensor, fill: torch.Tensor, p: AugParams | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S), fill (B, 3) and parameters -> float32 (B, 3, S, S) of whole levels in [0, 255]."""
+        c = self.cfg
+        b, _, h, w = x.shape
+        dev = x.device
+        p = (p.as_tensor() if isinstance(p, AugParams) else p).to(dev)
+        x = x.float()
+        f = fill.to(dev).float().view(b, 3, 1, 1)
+        grid = F.affine_grid(self.theta(p), [b, 3, h, w], align_corners=False)
+        # zeros outside the image after subtracting the fill = the fill colour there, blended at the edge
+        x = F.grid_sample(x - f, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + f
+        factors = p[:, 4:7].float().view(b, 3, 1, 1, 1)
+        if c.brightness > 0:  # blend with black
+            x = (x * factors[:, 0]).clamp_(0.0, 255.0)
+        if c.contrast > 0:  # blend with the mean grey level, rounded as Pillow does
+            mean = torch.floor(_luma(x).mean(dim=(1, 2)) + 0.5).view(b, 1, 1, 1)
+            x = (mean + factors[:, 1] * (x - mean)).clamp_(0.0, 255.0)
+        if c.saturation > 0:  # blend with the grey version
+            grey = _luma(x).unsqueeze(1)
+            x = (grey + factors[:, 2] * (x - grey)).clamp_(0.0, 255.0)
+        return x.round_().clamp_(0.0, 255.0)
+
+
+def hue_turn(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Turns the HSV hue of float levels (B, 3, H, W) by ``turn`` (B,) of a full turn; S and V kept."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    v = x.amax(dim=1)
+    d = v - x.amin(dim=1)
+    s = torch.where(v > 0, d / v.clamp(min=1e-6), torch.zeros_like(v))
+    dd = d.clamp(min=1e-6)
+    h = torch.where(v == r, (g - b) / dd, torch.where(v == g, 2.0 + (b - r) / dd, 4.0 + (r - g) / dd))
+    h = torch.where(d > 0, h / 6.0, torch.zeros_like(h))
+    h = torch.remainder(h + turn.view(-1, 1, 1), 1.0) * 6.0
+    i = torch.floor(h)
+    fr = h - i
+    i = i.long() % 6
+    p_ = v * (1.0 - s)
+    q = v * (1.0 - s * fr)
+    t = v * (1.0 - s * (1.0 - fr))
+    rr = torch.stack([v, q, p_, p_, t, v], 1).gather(1, i.unsqueeze(1))
+    gg = torch.stack([t, v, v, q, p_, p_], 1).gather(1, i.unsqueeze(1))
+    bb = torch.stack([p_, p_, t, v, v, q], 1).gather(1, i.unsqueeze(1))
+    return torch.cat([rr, gg, bb], 1).round_().clamp_(0.0, 255.0)
+
+
+def centre_saturation(x: torch.Tensor) -> torch.Tensor:
+    """Mean HSV saturation (0-255, Pillow's scale) of the central half of each image: (B,)."""
+    h, w = x.shape[2:]
+    c = x[:, :, h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    v = c.amax(dim=1)
+    s = torch.where(v > 0, (v - c.amin(dim=1)) * 255.0 / v.clamp(min=1e-6), torch.zeros_like(v))
+    return s.mean(dim=(1, 2))
+
+
+# --------------------------------------------------------------------------- sources for train.train
+class TensorTrainSource:
+    """Shuffled, augmented training batches (with outlier batches) from a ``Decoded`` store.
+
+    ``epoch(e)`` yields ``(x, y, x_out)`` on ``device``: normalised float32
+    inputs, class indices, and ``outlier_batch`` synthetic unknown pills (None
+    when off, or once the epoch's outlier order is used up, as the Pillow path
+    does). Every random choice of an epoch is drawn up front on the host from
+    NumPy generators seeded by (seed, stream, epoch) and sent to the device in
+    one copy, so a run is the same on any device and the loop never waits for
+    the host.
+    """
+
+    def __init__(self, decoded: Decoded, samples: Sequence[Sample], class_of: dict[str, int],
+                 augment: TensorAugment, seed: int, batch_size: int, device: torch.device,
+                 outlier_batch: int = 0, p_hue: float = 0.4):
+        self.store, self.augment, self.seed = decoded, augment, seed
+        self.batch_size, self.outlier_batch, self.p_hue = batch_size, outlier_batch, p_hue
+        self.device = torch.device(device)
+        self.rows = decoded.rows(samples)
+        t = np.asarray([class_of[s.ndc] for s in samples], np.int64)
+        self.targets_np = t
+        self.targets = torch.from_numpy(t).to(self.device)
+        self.n = len(samples)
+        self.classes = np.unique(t)
+        # positions grouped by class: members[start[k]:start[k] + count[k]] are class classes[k]
+        self.members = np.argsort(t, kind="stable")
+        self.count = np.asarray([(t == c).sum() for c in self.classes])
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]])
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(self.n / self.batch_size))
+
+    def _images(self, pos: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Augmented pixel levels (float32, whole numbers 0-255) of the samples at ``pos`` (device tensor)."""
+        rows = self.rows[pos.to(self.rows.device)]
+        x, f = self.store.images[rows], self.store.fill[rows]
+        if x.device != self.device:
+            x, f = x.to(self.device, non_blocking=True), f.to(self.device, non_blocking=True)
+        return self.augment(x, f, params)
+
+    def _plan_outliers(self, pos: np.ndarray, rng: np.random.Generator) -> dict:
+        """``OutlierDataset``'s choices for the outlier slots ``pos``: hue turn or chimera partner and cut."""
+        k = len(pos)
+        plan = {"pos": pos, "a": self.augment.draw(k, rng).as_tensor()}
+        try_hue = rng.random(k) < self.p_hue
+        turn = rng.integers(64, 193, k) / 256.0
+        if len(self.classes) >= 2:
+            # another class, uniformly: draw among the other classes (skip the own one), then one of its images
+            own_k = np.searchsorted(self.classes, self.targets_np[pos])
+            r = rng.integers(0, len(self.classes) - 1, k)
+            other_k = r + (r >= own_k)
+            partner = self.members[self.start[other_k] + (rng.random(k) * self.count[other_k]).astype(np.int64)]
+            plan.update(partner=partner, b=self.augment.draw(k, rng).as_tensor())
+            cut = np.round(self.store.size * rng.uniform(0.35, 0.65, k))
+            across = rng.random(k) < 0.5  # cut the width (columns from the partner) or the height
+            plan["cut"] = np.stack([cut, across], axis=1)
+        plan["hue"] = np.stack([try_hue, turn], axis=1)
+        return plan
+
+    def _outliers(self, plan: dict, sl: slice) -> torch.Tensor:
+        pos = plan["pos"][sl]
+        k = len(pos)
+        a = self._images(pos, plan["a"][sl])
+        if "partner" in plan:
+            bimg = self._images(plan["partner"][sl], plan["b"][sl])
+            s = a.shape[-1]
+            cut, across = plan["cut"][sl, 0].view(k, 1), plan["cut"][sl, 1].bool().view(k, 1, 1, 1)
+            m = torch.arange(s, device=a.device).view(1, s) >= cut  # (k, S)
+            mask = torch.where(across, m.view(k, 1, 1, s), m.view(k, 1, s, 1))
+            other = torch.where(mask, bimg, a)
+        else:
+            other = a
+        hue = hue_turn(a, plan["hue"][sl, 1].float())
+        use_hue = plan["hue"][sl, 0].bool() & (centre_saturation(a) >= OutlierDataset.MIN_SATURATION)
+        return normalise(torch.where(use_hue.view(k, 1, 1, 1), hue, other))
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        dev = self.device
+        order = np.random.default_rng([self.seed, STREAM_ORDER, epoch]).permutation(self.n)
+        params = self.augment.draw(self.n, np.random.default_rng([self.seed, STREAM_AUG, epoch]))
+        order_t = torch.from_numpy(order).to(dev)
+        params_t = params.as_tensor(dev)
+        bs, ob = self.batch_size, self.outlier_batch
+        n_out = min(self.n, len(self) * ob)
+        plan = None
+        if n_out:
+            oe_order = np.random.default_rng([self.seed, STREAM_OE_ORDER, epoch]).permutation(self.n)[:n_out]
+            host = self._plan_outliers(oe_order, np.random.default_rng([self.seed, STREAM_OE, epoch]))
+            plan = {k: (torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v).to(dev)
+                    for k, v in host.items()}
+        for b in range(len(self)):
+            sl = slice(b * bs, min((b + 1) * bs, self.n))
+            pos = order_t[sl]
+            x = normalise(self._images(pos, params_t[sl]))
+            y = self.targets[pos]
+            x_out = None
+            if plan is not None and b * ob < n_out:
+                x_out = self._outliers(plan, slice(b * ob, min((b + 1) * ob, n_out)))
+            yield x, y, x_out
+
+
+class TensorEvalSet:
+    """Un-augmented images of a ``Decoded`` store: exactly the reference preprocessing, batched."""
+
+    def __init__(self, decoded: Decoded, samples: Sequence[Sample], class_of: dict[str, int],
+                 device: torch.device):
+        self.store, self.device = decoded, torch.device(device)
+        self.rows = decoded.rows(samples)
+        self.targets = [class_of[s.ndc] for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.rows), batch_size):
+            x = self.store.images[self.rows[i:i + batch_size]]
+            yield normalise(x.to(self.device, non_blocking=True))

@@ -1,0 +1,222 @@
+"""The tensor training path (``rxvision_trainer.tensordata``) against the reference preprocessing and ``Augment``.
+
+Tolerances, and why:
+
+- decoded store -> ``normalise``: **bit-identical** to ``preprocess_pil`` (the
+  store holds Pillow's own resize output; the float32 arithmetic is the same).
+- ``TensorAugment`` with every jitter zero (identity warp, factors 1): **1e-5**
+  in normalised units. On the CPU it is exact (the identity ``grid_sample``
+  lands within ~1e-5 of each pixel centre and the final rounding restores the
+  integer level); the allowance is a thousandth of one grey level (one level is
+  1/255/std = 0.017-0.018 here), room for another device's float path, far
+  below anything that changes a pixel.
+- ``TensorAugment`` with real jitter vs Pillow's ``rotate`` + ``ImageEnhance``
+  on the same stored image: not equal by design: Pillow truncates to uint8
+  after every step (we round once), which makes its images 1.5-2.4 levels
+  darker on average (measured), and it blends nothing at the rotated image's
+  edge (we blend the fill colour over one pixel). Signed mean difference in
+  [0, 3] levels, 99th percentile of |diff| <= 5 levels and of the difference
+  around its mean <= 3: enough to catch a wrong sign, axis, centre or formula,
+  which move whole images by tens of levels.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from rxvision_trainer.data import (AugmentConfig, ImageDataset, OutlierDataset, Augment, decode_for_training,
+                                   load_eval_array, read_dataset, write_labels_csv)
+from rxvision_trainer.preprocess import MEAN, SCALE, STD, preprocess_pil
+from rxvision_trainer.smoke import draw
+from rxvision_trainer.tensordata import (AugParams, TensorAugment, TensorEvalSet, TensorTrainSource, cache_key,
+                                         centre_saturation, decode_paths, hue_turn, load_decoded, normalise)
+from rxvision_trainer.train import LoaderSource, TrainConfig, predict_logits, train
+
+ZERO = AugmentConfig(max_rotation_deg=0, p_turn180=0, p_mirror=0, max_shift=0, brightness=0, contrast=0,
+                     saturation=0)
+LEVEL = 1.0 / 255.0 / max(STD)  # one grey level in normalised units (the smallest of the three)
+
+
+def _dataset(root: Path, classes: int = 3, per_class: int = 6, size=(96, 80)) -> list:
+    """Pillow-drawn pills (smoke.draw), a mix of PNG and JPEG, not square (the store squashes like eval)."""
+    rows = []
+    for c in range(classes):
+        for i in range(per_class):
+            img = draw(c, np.random.default_rng([5, c, i])).resize(size)
+            jpg = i % 3 == 2
+            rel = f"images/c{c}/{i:02d}.{'jpg' if jpg else 'png'}"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(root / rel, **({"format": "JPEG", "quality": 90} if jpg else {"format": "PNG"}))
+            rows.append({"file": rel, "ndc": f"0000{c}-0000-00"})
+    write_labels_csv(root, rows)
+    return read_dataset(root)
+
+
+def _reference(samples, size) -> np.ndarray:
+    return load_eval_array(samples, size)
+
+
+def test_store_and_eval_set_are_the_reference_preprocessing(tmp_path):
+    samples = _dataset(tmp_path)
+    # odd sources: RGBA and L images go through convert("RGB") like the reference
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 4), np.uint8), "RGBA").save(samples[0].path)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64), np.uint8), "L").save(samples[1].path)
+    for size in (48, 64):
+        dec = load_decoded(tmp_path, samples, size, workers=1, cache=False)
+        assert dec.images.dtype == torch.uint8 and dec.images.shape == (len(samples), 3, size, size)
+        assert dec.fill.dtype == torch.uint8 and dec.fill.shape == (len(samples), 3)
+        ref = _reference(samples, size)
+        got = normalise(dec.images).numpy()
+        assert got.dtype == np.float32 and np.array_equal(got, ref)
+        ev = TensorEvalSet(dec, samples, {s.ndc: int(s.ndc[4]) for s in samples}, torch.device("cpu"))
+        assert np.array_equal(torch.cat(list(ev.batches(5))).numpy(), ref)
+    # two processes give the same bytes as one
+    a, fa = decode_paths([s.path for s in samples], 32, 1)
+    b, fb = decode_paths([s.path for s in samples], 32, 2)
+    assert np.array_equal(a, b) and np.array_equal(fa, fb)
+
+
+def test_zero_jitter_augmentation_is_the_reference(tmp_path):
+    samples = _dataset(tmp_path, per_class=4)
+    size = 64
+    dec = load_decoded(tmp_path, samples, size, workers=1, cache=False)
+    ref = _reference(samples, size)
+    n = len(samples)
+    aug = TensorAugment(ZERO)
+    p = aug.draw(n, np.random.default_rng(0))
+    out = aug(dec.images, dec.fill, p)
+    assert out.dtype == torch.float32 and out.shape == (n, 3, size, size)
+    assert float(out.min()) >= 0 and float(out.max()) <= 255 and torch.equal(out, out.round())
+    assert np.abs(normalise(out).numpy() - ref).max() <= 1e-5
+    # the colour formulas themselves with factor 1 (amounts on, factors forced to 1)
+    on = TensorAugment(AugmentConfig(max_rotation_deg=0, p_turn180=0))
+    ones = np.ones(n)
+    p1 = AugParams(np.zeros(n, bool), np.zeros(n), np.zeros(n), np.zeros(n), ones, ones, ones)
+    assert np.abs(normalise(on(dec.images, dec.fill, p1)).numpy() - ref).max() <= 1e-5
+    # a 180-degree turn is an exact flip of both axes
+    p180 = AugParams(np.zeros(n, bool), np.full(n, 180.0), np.zeros(n), np.zeros(n), ones, ones, ones)
+    assert torch.equal(aug(dec.images, dec.fill, p180), dec.images.flip(2, 3).float())
+
+
+def _pil_augment(img: Image.Image, fill, p: AugParams, i: int) -> np.ndarray:
+    """What data.Augment does with the same parameters, on the same stored image."""
+    w, h = img.size
+    if p.mirror[i]:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = img.rotate(float(p.angle[i]), resample=Image.Resampling.BILINEAR,
+                     translate=(float(p.dx[i]) * w, float(p.dy[i]) * h), fillcolor=tuple(int(v) for v in fill))
+    for enh, f in ((ImageEnhance.Brightness, p.brightness[i]), (ImageEnhance.Contrast, p.contrast[i]),
+                   (ImageEnhance.Color, p.saturation[i])):
+        img = enh(img).enhance(float(f))
+    return np.asarray(img).astype(np.int16).transpose(2, 0, 1)
+
+
+def test_jittered_augmentation_follows_pillow(tmp_path):
+    samples = _dataset(tmp_path, per_class=4)
+    size = 96
+    dec = load_decoded(tmp_path, samples, size, workers=1, cache=False)
+    n = len(samples)
+    cfg = AugmentConfig(max_rotation_deg=25, p_mirror=0.5, max_shift=0.08, brightness=0.2, contrast=0.2,
+                        saturation=0.2)
+    aug = TensorAugment(cfg)
+    p = aug.draw(n, np.random.default_rng(3))
+    assert p.mirror.any() and (p.angle > 90).any() and (p.angle < 90).any()
+    out = aug(dec.images, dec.fill, p).numpy().astype(np.int16)
+    for i in range(n):
+        img = Image.fromarray(dec.images[i].permute(1, 2, 0).numpy())
+        signed = out[i] - _pil_augment(img, dec.fill[i].numpy(), p, i)
+        d = np.abs(signed)
+        # Pillow truncates four times (rotate, three enhancers): up to a level darker per step, ~2 in all
+        assert 0.0 <= signed.mean() <= 3.0 and d.mean() <= 3.0, (i, signed.mean(), d.mean())
+        assert np.percentile(np.abs(signed - signed.mean()), 99) <= 3.0, i
+        assert np.percentile(d, 99) <= 5, (i, np.percentile(d, 99))
+
+
+def test_train_source_batches_outliers_and_determinism(tmp_path):
+    samples = _dataset(tmp_path, classes=4, per_class=5)
+    class_of = {f"0000{c}-0000-00": c for c in range(4)}
+    dec = load_decoded(tmp_path, samples, 64, workers=1, cache=False)
+
+    def source(seed=1, ob=3):
+        return TensorTrainSource(dec, samples, class_of, TensorAugment(), seed, 8, torch.device("cpu"),
+                                 outlier_batch=ob)
+
+    src = source()
+    assert len(src) == 3  # 20 images, batch 8
+    batches = list(src.epoch(0))
+    lo = (0.0 - max(MEAN)) / min(STD) - 1e-6
+    hi = (1.0 - min(MEAN)) / min(STD) + 1e-6
+    seen = []
+    for x, y, x_out in batches:
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 64, 64) and y.dtype == torch.int64
+        assert x_out.dtype == torch.float32 and x_out.shape == (3, 3, 64, 64)
+        assert lo <= float(x.min()) and float(x.max()) <= hi and lo <= float(x_out.min()) and float(x_out.max()) <= hi
+        seen += y.tolist()
+    assert [x.shape[0] for x, _, _ in batches] == [8, 8, 4] and sorted(seen) == sorted(src.targets_np.tolist())
+    again = list(source().epoch(0))
+    for (x, y, o), (x2, y2, o2) in zip(batches, again):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(o, o2)
+    other = next(iter(src.epoch(1)))[0]
+    assert not torch.equal(other, batches[0][0])
+    assert all(o is None for _, _, o in source(ob=0).epoch(0))
+    # the outlier plan: chimera partners always come from another class, cuts at 35-65 %
+    plan = src._plan_outliers(np.arange(20), np.random.default_rng(4))
+    own, other = src.targets_np[plan["pos"]], src.targets_np[plan["partner"]]
+    assert (own != other).all() and len(set(other.tolist())) > 1
+    assert ((plan["cut"][:, 0] >= 0.35 * 64 - 0.5) & (plan["cut"][:, 0] <= 0.65 * 64 + 0.5)).all()
+    hue = plan["hue"]
+    assert set(np.unique(hue[:, 0])) <= {0.0, 1.0} and ((hue[:, 1] >= 0.25) & (hue[:, 1] <= 0.75)).all()
+
+
+def test_outlier_recipe_pieces():
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 200.0
+    green = hue_turn(red, torch.tensor([1.0 / 3.0]))
+    assert torch.allclose(green[0, :, 0, 0], torch.tensor([0.0, 200.0, 0.0]), atol=1.0)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 16, 16))).float()
+    assert (hue_turn(x, torch.zeros(2)) - x).abs().max() <= 1.0
+    grey = torch.full((1, 3, 8, 8), 128.0)
+    assert float(centre_saturation(grey)) == 0.0 and float(centre_saturation(red)) == pytest.approx(255.0)
+
+
+def test_decode_cache_is_used_and_keyed(tmp_path, caplog):
+    samples = _dataset(tmp_path, per_class=2)
+    a = load_decoded(tmp_path, samples, 32, workers=1)
+    b = load_decoded(tmp_path, samples, 32, workers=1)
+    assert (a.source, b.source) == ("decoded", "cache")
+    assert torch.equal(a.images, b.images) and torch.equal(a.fill, b.fill)
+    files = list((tmp_path / ".rxv-decoded").glob("decoded-32px-*.npz"))
+    assert len(files) == 1
+    key = cache_key(tmp_path, samples, 32)
+    Image.new("RGB", (96, 80), (10, 200, 30)).save(samples[0].path)  # same name, new content
+    assert cache_key(tmp_path, samples, 32) != key
+    c = load_decoded(tmp_path, samples, 32, workers=1)
+    assert c.source == "decoded" and not torch.equal(c.images[0], a.images[0])
+    assert len(list((tmp_path / ".rxv-decoded").glob("decoded-32px-*.npz"))) == 1  # the stale one is gone
+    assert load_decoded(tmp_path, samples, 32, workers=1, cache=False).source == "decoded"
+
+
+def test_both_loaders_train(tmp_path):
+    from rxvision_trainer.model import ArchConfig, PillNet
+
+    samples = _dataset(tmp_path, classes=3, per_class=4)
+    class_of = {f"0000{c}-0000-00": c for c in range(3)}
+    cfg = TrainConfig(epochs=1, batch_size=4, workers=0, seed=2)
+    dev = torch.device("cpu")
+    dec = load_decoded(tmp_path, samples, 32, workers=1, cache=False)
+    sources = {
+        "tensor": TensorTrainSource(dec, samples, class_of, TensorAugment(), 2, 4, dev, outlier_batch=1),
+        "pil": LoaderSource(ImageDataset(samples, class_of, 32, Augment(), seed=2),
+                            OutlierDataset(samples, class_of, 32, Augment(), seed=2), cfg, dev),
+    }
+    for name, src in sources.items():
+        torch.manual_seed(0)
+        model = PillNet(3, ArchConfig((8, 8, 8, 8), (0, 0, 0, 0)))
+        hist = train(model, src, cfg, dev, val_ds=TensorEvalSet(dec, samples, class_of, dev))
+        assert len(hist) == 1 and math.isfinite(hist[0]["loss"]) and hist[0]["outlier_loss"] > 0, name
+        assert predict_logits(model, ImageDataset(samples, class_of, 32), dev).shape == (len(samples), 3)
