@@ -1,6 +1,7 @@
 """Smoke run of the whole pipeline on a tiny Pillow-drawn dataset (CI: must stay under 2 minutes on 2 cores).
 
     python -m rxvision_trainer.smoke [--keep DIR] [--device cpu|cuda|auto] [--epochs 1] [--per-class 16]
+        [--loader tensor|pil]
 
 Draws 6 classes x 16 images of coloured shapes (NDCs of the first 6 formulary
 products) plus 8 images of a 7th product that is held out (open set), in the
@@ -145,7 +146,7 @@ def check_bundle(bundle: Path) -> dict:
 
 
 def run_smoke(work: Path, device: str = "cpu", epochs: int = 1, per_class: int = PER_CLASS,
-              verbose: bool = False, batch_size: int = 8) -> dict:
+              verbose: bool = False, batch_size: int = 8, loader: str = "tensor") -> dict:
     from .__main__ import main as cli
 
     t0 = time.perf_counter()
@@ -160,7 +161,7 @@ def run_smoke(work: Path, device: str = "cpu", epochs: int = 1, per_class: int =
     bundle = work / "bundle"
     rc = cli([*([] if verbose else ["-q"]), "train", "--data", str(data), "--out", str(bundle), "--version", "0.0.1",
               "--epochs", str(epochs), "--seed", "1", "--device", device, "--holdout-ndc", holdout,
-              "--batch-size", str(batch_size), "--lr", "3e-3",
+              "--batch-size", str(batch_size), "--lr", "3e-3", "--loader", loader,
               "--warmup-epochs", "0.25", "--val-fraction", "0.25", "--calib-images", "64", "--name", "pillnet-smoke",
               "--created", "2026-01-01T00:00:00Z", "--no-mlflow",
               "--data-note", "Smoke-test data: coloured shapes drawn with Pillow, not pills."])
@@ -179,10 +180,11 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--per-class", type=int, default=PER_CLASS, help=f"images per class (default {PER_CLASS})")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--loader", default="tensor", choices=["tensor", "pil"], help="training data path (train --loader)")
     ap.add_argument("--verbose", action="store_true", help="show the trainer's log (per-epoch times)")
     args = ap.parse_args(argv)
     kw = dict(device=args.device, epochs=args.epochs, per_class=args.per_class, verbose=args.verbose,
-              batch_size=args.batch_size)
+              batch_size=args.batch_size, loader=args.loader)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         res = run_smoke(args.keep, **kw)

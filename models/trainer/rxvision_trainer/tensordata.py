@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,9 +145,13 @@ def decode_paths(paths: Sequence[Path], size: int, workers: int) -> tuple[np.nda
         for i, job in enumerate(jobs):
             put(i, decode_chunk(job))
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as ex:
-            for i, res in enumerate(ex.map(decode_chunk, jobs)):
-                put(i, res)
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a process with threads (torch's); see _pool_context
+            warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks",
+                                    category=DeprecationWarning)
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as ex:
+                for i, res in enumerate(ex.map(decode_chunk, jobs)):
+                    put(i, res)
     return images, fills
 
 
