@@ -11,6 +11,8 @@
 //!   on the CPU (int8 as shipped) and wonnx on the GPU (float graph derived at
 //!   load time), and [`engine::Engines`], the `auto | gpu | cpu` selector with
 //!   per-request fallback to the CPU.
+//! * [`counter`] — the counter path's image analysis: the quality gate and
+//!   the pill localiser (shared by the daemon and the training-data writer).
 //! * [`selftest`] — parity of an engine with ONNX Runtime on the bundle's
 //!   golden images.
 //! * [`synth`] — the synthetic pill renderer behind `rxvision-synth`
@@ -36,6 +38,7 @@
 //! ```
 
 pub mod bundle;
+pub mod counter;
 pub mod engine;
 pub mod preprocess;
 pub mod selftest;

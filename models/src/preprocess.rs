@@ -131,7 +131,8 @@ impl<'a> RgbView<'a> {
         self.height
     }
 
-    fn row(&self, r: usize) -> &'a [u8] {
+    /// Row `r`'s packed RGB bytes.
+    pub fn row(&self, r: usize) -> &'a [u8] {
         let start = r * self.stride;
         &self.data[start..start + self.width as usize * 3]
     }

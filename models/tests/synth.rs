@@ -382,6 +382,79 @@ fn dataset_end_to_end_with_exclusions_and_features() {
 }
 
 #[test]
+fn pill_crops_are_what_the_counter_shows_the_model() {
+    use rxvision_models::counter::localise::{localise, LocaliseOptions};
+    use rxvision_models::synth::dataset::pill_crop;
+    let f = formulary();
+    let product = f.get("59762-3719-01").unwrap();
+    // A clean frame: the crop is the localiser's square box around the pill.
+    let frame =
+        render_sample(product, Face::Front, &[], 7, &SceneOptions { clean: true, ..SceneOptions::camera(640, 480) });
+    let jpeg = frame.to_jpeg().unwrap();
+    let decoded = decode(&jpeg).unwrap();
+    let found = localise(&decoded, LocaliseOptions::default());
+    assert_eq!(found.pills.len(), 1);
+    let crop = decode(&pill_crop(&jpeg).unwrap().expect("a clean pill is cropped")).unwrap();
+    assert_eq!((crop.width, crop.height), (found.pills[0].w, found.pills[0].h));
+    assert!(crop.width < 300 && crop.width == crop.height, "{}x{}", crop.width, crop.height);
+    // The crop's centre is the pill, its corners the tray.
+    let px = |img: &RgbImage, x: u32, y: u32| img.data[((y * img.width + x) * 3) as usize];
+    let tray = px(&crop, 2, 2);
+    assert!(px(&crop, crop.width / 2, crop.height / 2).abs_diff(tray) > 40, "the pill is in the middle");
+
+    // What the counter would not classify is left out: an empty tray, a blurred pill.
+    let empty = image::RgbImage::from_pixel(640, 480, image::Rgb([40, 90, 160]));
+    let mut empty_jpeg = Vec::new();
+    empty.write_to(&mut std::io::Cursor::new(&mut empty_jpeg), image::ImageFormat::Jpeg).unwrap();
+    assert_eq!(pill_crop(&empty_jpeg).unwrap(), None);
+    let sharp = image::load_from_memory(&jpeg).unwrap();
+    let mut blurred_jpeg = Vec::new();
+    sharp.blur(8.0).write_to(&mut std::io::Cursor::new(&mut blurred_jpeg), image::ImageFormat::Jpeg).unwrap();
+    assert_eq!(pill_crop(&blurred_jpeg).unwrap(), None, "a blurred pill fails the sharpness gate");
+    assert!(pill_crop(b"not a jpeg").unwrap_err().to_string().contains("cannot crop the pill"));
+}
+
+#[test]
+fn the_dataset_command_writes_pill_crops_and_counts_what_it_left_out() {
+    let f = formulary();
+    let keep = ["00093-0832-01", "00093-3145-01"];
+    let exclude: Vec<&str> = f.products.iter().map(|p| p.ndc.as_str()).filter(|n| !keep.contains(n)).collect();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = synth(&[
+        "dataset",
+        "--out",
+        out_dir.path().to_str().unwrap(),
+        "--per-class",
+        "6",
+        "--seed",
+        "3",
+        "--size",
+        "640x480",
+        "--px-per-mm",
+        "9",
+        "--exclude",
+        &exclude.join(","),
+        "--formulary",
+        formulary_path().to_str().unwrap(),
+        "--pill-crops",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(out_dir.path().join("labels.csv")).unwrap();
+    let rows = &labels::parse(&csv).unwrap()[1..];
+    let left_out = stderr(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("rxvision-synth: ")?.split(" frames left out").next()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    assert_eq!(rows.len() + left_out, 12, "{}", stderr(&out));
+    assert!(rows.len() >= 6, "most frames pass the counter's gate: {}", stderr(&out));
+    for r in rows {
+        let img = decode(&std::fs::read(out_dir.path().join(&r[0])).unwrap()).unwrap();
+        assert_eq!(img.width, img.height, "{}: crops are square", r[0]);
+        assert!(img.width > 60 && img.width < 400, "{}: {}", r[0], img.width);
+    }
+}
+
+#[test]
 fn tray_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let formulary = formulary_path();

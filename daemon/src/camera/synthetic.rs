@@ -62,7 +62,7 @@ impl FrameSource for SyntheticSource {
         let product = &self.products[(index as usize / 2) % self.products.len()];
         let face = if index.is_multiple_of(2) { Face::Front } else { Face::Back };
         let seed = image_seed(self.seed, &product.ndc, index as u32);
-        let picture = render_sample(product, face, &[], seed, &SceneOptions::crop(self.width, self.height));
+        let picture = render_sample(product, face, &[], seed, &SceneOptions::camera(self.width, self.height));
         let encoded = picture.to_jpeg().map_err(|e| CameraError::Unavailable(format!("renderer: {e}")))?;
         let image = rxvision_models::preprocess::decode(&encoded).map_err(|error| CameraError::BadFrame {
             source_name: format!("synthetic {} #{index}", product.ndc),

@@ -3,7 +3,9 @@
 //! pharmacist is told about them ([`verdict`]).
 //! The service that takes frames from the camera, runs the engines and
 //! writes the audit record before answering builds on these.
+//!
+//! The quality gate and the localiser are `rxvision_models::counter`'s: the
+//! training data is cropped by the same code (see there).
 
-pub mod localise;
-pub mod quality;
+pub use rxvision_models::counter::{localise, quality};
 pub mod verdict;

@@ -2,7 +2,7 @@
 //! the drift features.
 //!
 //! ```text
-//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...]
+//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--pill-crops]
 //! rxvision-synth tray     --out DIR --n N --seed S [--size WxH]
 //! rxvision-synth features DIR            # CSV on stdout
 //! rxvision-synth sample   --ndc NDC --seed S --out FILE.png|.jpg [--face back] [--clean]
@@ -47,6 +47,12 @@ enum Command {
         /// Products to leave out (comma-separated NDCs), e.g. for open-set tests.
         #[arg(long, value_name = "NDC,...", value_delimiter = ',', value_parser = parse_ndc)]
         exclude: Vec<String>,
+        /// Write each frame's pill as the counter crops it (quality gate,
+        /// localiser, square crop with margin) instead of the whole frame;
+        /// frames the counter would not classify are left out. For training
+        /// sets: the model then learns from what the counter shows it.
+        #[arg(long)]
+        pill_crops: bool,
     },
     /// Render multi-pill count-mode scenes: DIR/trays/*.jpg and DIR/trays.json.
     Tray {
@@ -186,14 +192,15 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Dataset { common, per_class, size, exclude } => {
+        Command::Dataset { common, per_class, size, exclude, pill_crops } => {
             let formulary = load(&common.formulary)?;
             let mut options = SceneOptions::crop(size.0, size.1);
             if let Some(s) = common.px_per_mm {
                 options.px_per_mm = s;
             }
             let threads = threads(common.threads);
-            let spec = DatasetSpec { out: common.out, per_class, seed: common.seed, options, exclude, threads };
+            let spec =
+                DatasetSpec { out: common.out, per_class, seed: common.seed, options, exclude, threads, pill_crops };
             let start = Instant::now();
             let summary = dataset::write_dataset(&formulary, &spec)?;
             let secs = start.elapsed().as_secs_f64();
@@ -204,6 +211,12 @@ fn run(command: Command) -> Result<(), Failure> {
                 1000.0 * secs * threads as f64 / summary.images as f64,
                 summary.labels.display()
             );
+            if summary.skipped > 0 {
+                eprintln!(
+                    "rxvision-synth: {} frames left out: the counter would not classify them (no whole pill, too dark, over-exposed or blurred)",
+                    summary.skipped
+                );
+            }
             Ok(())
         }
         Command::Tray { common, n, size } => {

@@ -14,7 +14,7 @@
 //! as one; a pill the colour of the tray is not found (use a tray that
 //! contrasts with the pills, as counting trays do).
 
-use rxvision_models::preprocess::RgbImage;
+use crate::preprocess::RgbImage;
 use serde::Serialize;
 
 /// The working resolution's longest side.

@@ -6,7 +6,7 @@
 //! usual focus measure). Every rejection carries a message a technician can
 //! act on. Brightness is Rec. 601 luma, 0–255.
 
-use rxvision_models::preprocess::RgbImage;
+use crate::preprocess::RgbImage;
 use serde::Serialize;
 
 use super::localise::PillBox;

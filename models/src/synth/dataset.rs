@@ -59,6 +59,9 @@ pub struct DatasetSpec {
     pub exclude: Vec<String>,
     /// Worker threads (≥ 1).
     pub threads: usize,
+    /// Write each frame's pill as the counter crops it (see [`pill_crop`])
+    /// instead of the whole frame.
+    pub pill_crops: bool,
 }
 
 /// What a dataset run wrote.
@@ -68,6 +71,10 @@ pub struct DatasetSummary {
     pub images: usize,
     /// Products rendered.
     pub products: usize,
+    /// Frames left out because the counter would not ask the model about
+    /// them (`--pill-crops` only): no whole pill found, or the frame or the
+    /// pill fails the quality gate.
+    pub skipped: usize,
     /// The index.
     pub labels: PathBuf,
 }
@@ -107,14 +114,23 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
     std::fs::create_dir_all(&images).map_err(|source| DatasetError::Write { path: images.clone(), source })?;
 
     let jobs: Vec<(&Product, u32)> = products.iter().flat_map(|&p| (0..spec.per_class).map(move |i| (p, i))).collect();
-    let rows = par_map(&jobs, spec.threads, |&(product, index)| -> Result<LabelRow, DatasetError> {
+    let rows = par_map(&jobs, spec.threads, |&(product, index)| -> Result<Option<LabelRow>, DatasetError> {
         let face = face_of(index);
         let seed = image_seed(spec.seed, &product.ndc, index);
         let picture = render_sample(product, face, &products, seed, &spec.options);
         let file = image_name(&product.ndc, index, face);
         let path = spec.out.join(&file);
-        std::fs::write(&path, picture.to_jpeg()?).map_err(|source| DatasetError::Write { path, source })?;
-        Ok(LabelRow {
+        let jpeg = picture.to_jpeg()?;
+        let bytes = if spec.pill_crops {
+            match pill_crop(&jpeg)? {
+                Some(crop) => crop,
+                None => return Ok(None),
+            }
+        } else {
+            jpeg
+        };
+        std::fs::write(&path, bytes).map_err(|source| DatasetError::Write { path, source })?;
+        Ok(Some(LabelRow {
             file,
             ndc: product.ndc.clone(),
             face: face.as_str().to_owned(),
@@ -122,14 +138,61 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
             strength: product.strength.clone(),
             lookalike_group: product.lookalike_group.clone().unwrap_or_default(),
             seed,
-        })
+        }))
     });
     let mut csv = format!("{HEADER}\n");
+    let mut written = 0;
     for row in rows {
-        csv.push_str(&row?.to_csv());
+        if let Some(row) = row? {
+            csv.push_str(&row.to_csv());
+            written += 1;
+        }
     }
     write_atomically(&labels, csv.as_bytes())?;
-    Ok(DatasetSummary { images: jobs.len(), products: products.len(), labels })
+    Ok(DatasetSummary { images: written, products: products.len(), skipped: jobs.len() - written, labels })
+}
+
+/// JPEG quality of the crops `--pill-crops` writes (one generation after the camera's).
+pub const CROP_JPEG_QUALITY: u8 = 95;
+
+/// The pill of a camera frame (JPEG bytes) as the counter path would show it
+/// to the model: the frame decoded, passed through the quality gate, the
+/// pill localised, its square crop checked for sharpness. `None` when the
+/// counter would not ask the model (no whole pill, too dark, over-exposed,
+/// blurred). With several whole pills, the one nearest the centre.
+pub fn pill_crop(jpeg: &[u8]) -> Result<Option<Vec<u8>>, SceneError> {
+    use crate::counter::localise::{localise, LocaliseOptions};
+    use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
+    let frame = crate::preprocess::decode(jpeg).map_err(|e| SceneError::Crop(e.to_string()))?;
+    let limits = QualityLimits::default();
+    if check_frame(&frame, limits).is_err() {
+        return Ok(None);
+    }
+    let (cx, cy) = (frame.width as f32 / 2.0, frame.height as f32 / 2.0);
+    let off_centre = |b: &crate::counter::localise::PillBox| {
+        let (x, y) = (b.x as f32 + b.w as f32 / 2.0, b.y as f32 + b.h as f32 / 2.0);
+        (x - cx).powi(2) + (y - cy).powi(2)
+    };
+    let found = localise(&frame, LocaliseOptions::default());
+    let Some(pill) = found.pills.into_iter().min_by(|a, b| off_centre(a).total_cmp(&off_centre(b))) else {
+        return Ok(None);
+    };
+    if check_sharpness(&frame, pill, limits).is_err() {
+        return Ok(None);
+    }
+    let view = frame.region(pill.x, pill.y, pill.w, pill.h).map_err(|e| SceneError::Crop(e.to_string()))?;
+    let mut rgb = Vec::with_capacity(pill.w as usize * pill.h as usize * 3);
+    for row in 0..pill.h {
+        rgb.extend_from_slice(view.row(row as usize));
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, CROP_JPEG_QUALITY).encode(
+        &rgb,
+        pill.w,
+        pill.h,
+        image::ExtendedColorType::Rgb8,
+    )?;
+    Ok(Some(out))
 }
 
 /// `trays.json`: the index of a tray set.

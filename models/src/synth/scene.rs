@@ -55,6 +55,9 @@ pub enum SceneError {
     /// The JPEG or PNG encoder failed.
     #[error("cannot encode image: {0}")]
     Encode(#[from] image::ImageError),
+    /// The rendered frame could not be read back to crop its pill.
+    #[error("cannot crop the pill: {0}")]
+    Crop(String),
 }
 
 /// Size and scale of the images, and whether camera nuisances are on.
@@ -80,9 +83,18 @@ impl SceneOptions {
         SceneOptions { width, height, px_per_mm, clean: false }
     }
 
-    /// Tray scenes of `width × height` at the native scale.
-    pub fn tray(width: usize, height: usize) -> SceneOptions {
+    /// Frames of the counter camera, `width × height` at the native scale: a
+    /// bigger frame shows more tray, not a bigger pill, and the largest
+    /// capsules (about 23 mm) fit a 640x480 frame in any orientation. The
+    /// synthetic camera, count-mode trays and `--pill-crops` training sets
+    /// use it.
+    pub fn camera(width: usize, height: usize) -> SceneOptions {
         SceneOptions { width, height, px_per_mm: NATIVE_PX_PER_MM, clean: false }
+    }
+
+    /// Tray scenes of `width × height`: the counter camera's frames.
+    pub fn tray(width: usize, height: usize) -> SceneOptions {
+        SceneOptions::camera(width, height)
     }
 }
 
