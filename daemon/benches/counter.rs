@@ -1,5 +1,5 @@
 //! Counter-path benchmark: one frame → verdict with its durable audit record,
-//! on the CPU, next to a Python reference pipeline doing the same job in the
+//! on the CPU (and on the GPU engine when an adapter is present), next to a Python reference pipeline doing the same job in the
 //! same run (Pillow decode and resize, numpy normalise, onnxruntime on the same
 //! bundle, a durable sqlite3 insert): p50/p95 and the ratio. Also the peak
 //! resident memory of this process after the run.
@@ -18,7 +18,7 @@ use std::time::Instant;
 use rxvision_daemon::audit::{AuditKey, AuditLog, KeyRing};
 use rxvision_daemon::classify::Classifier;
 use rxvision_daemon::scan::{ScanRequest, Scanner};
-use rxvision_models::engine::{EngineOptions, EnginePreference};
+use rxvision_models::engine::{probe_adapter, EngineOptions, EnginePreference};
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
@@ -32,17 +32,10 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn main() {
-    let bundle = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/fixture-cnn/0.1.0"));
-    let iters: usize = std::env::var("RXVISION_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    let threads = 2;
+/// p50/p95 of whole scans (after a warm-up) with `options`; also the frame used.
+fn measure(bundle: &Path, options: EngineOptions, iters: usize) -> (PathBuf, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let options = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: threads, ..EngineOptions::default() };
-    let classifier = Classifier::open(Some(&bundle), &[], options).unwrap();
+    let classifier = Classifier::open(Some(bundle), &[], options).unwrap();
     let case = classifier.bundle().selftest.cases[0].clone();
     let expected_ndc = classifier.bundle().labels[case.label_index].ndc.clone();
     let image_path = bundle.join(classifier.bundle().selftest_path(&case));
@@ -54,21 +47,43 @@ fn main() {
     for _ in 0..20 {
         scanner.scan(&request, &frame).unwrap();
     }
+    let wanted = if options.preference == EnginePreference::Gpu { "gpu" } else { "cpu" };
     let samples: Vec<f64> = (0..iters)
         .map(|_| {
             let t = Instant::now();
-            scanner.scan(&request, &frame).unwrap();
+            let result = scanner.scan(&request, &frame).unwrap();
+            assert_eq!(result.engine, wanted, "the scan ran on the engine measured (no fallback)");
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
     let (p50, p95) = percentiles(samples);
-    println!(
-        "frame {} ({} bytes), {iters} scans, CPU engine with {threads} threads",
-        image_path.display(),
-        frame.len()
-    );
+    (image_path, p50, p95)
+}
+
+fn main() {
+    let bundle = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/fixture-cnn/0.1.0"));
+    let iters: usize = std::env::var("RXVISION_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let threads = 2;
+    let cpu = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: threads, ..EngineOptions::default() };
+    let (image_path, cpu_p50, cpu_p95) = measure(&bundle, cpu, iters);
+    let frame_len = std::fs::metadata(&image_path).map_or(0, |m| m.len());
+    println!("frame {} ({frame_len} bytes), {iters} scans, CPU engine with {threads} threads", image_path.display());
     println!("{:<58} {:>8} {:>8}", "pipeline", "p50 ms", "p95 ms");
-    println!("{:<58} {:>8.2} {:>8.2}", "rxvisiond scan (quality, localise, crop, tract, verdict, audit)", p50, p95);
+    println!("{:<58} {:>8.2} {:>8.2}", "rxvisiond scan (quality, localise, crop, tract, verdict, audit)", cpu_p50, cpu_p95);
+    match probe_adapter() {
+        Ok(adapter) => {
+            let gpu = EngineOptions { preference: EnginePreference::Gpu, ..cpu };
+            let (_, p50, p95) = measure(&bundle, gpu, iters);
+            let kind = if adapter.software { "software adapter" } else { "hardware adapter" };
+            println!("{:<58} {:>8.2} {:>8.2}", format!("rxvisiond scan, wonnx on {} ({kind})", adapter.name), p50, p95);
+        }
+        Err(why) => println!("GPU engine not measured: no adapter ({why})"),
+    }
+    let (p50, p95) = (cpu_p50, cpu_p95);
     let python = std::env::var("RXVISION_PYTHON")
         .unwrap_or_else(|_| format!("{}/../.venv/bin/python", env!("CARGO_MANIFEST_DIR")));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/reference_counter.py");
