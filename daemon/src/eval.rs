@@ -7,11 +7,14 @@
 //! thresholds — in identification mode (no expected NDC), so that the
 //! thresholds decide UNCERTAIN exactly as they would at the counter.
 //!
-//! Scoring:
-//! * products in the model's formulary: top-1 / top-3 of the first pill found
-//!   (an image where no pill is found counts as wrong), ECE of the top-1
-//!   probability in 15 equal-width bins, the UNCERTAIN rate, accuracy per
-//!   look-alike group, and the confusions;
+//! Scoring covers the images the model was asked about. An image the counter
+//! refuses before the model — no whole pill found, too dark, over-exposed,
+//! blurred — is the counter asking for a new picture, not an identification:
+//! it is counted in `not_analysed` (and, for known products, listed among the
+//! confusions as `NO_PILL` / `BAD_IMAGE`), not scored.
+//! * products in the model's formulary: top-1 / top-3 of the first pill, ECE
+//!   of the top-1 probability in 15 equal-width bins, the UNCERTAIN rate,
+//!   accuracy per look-alike group, and the confusions;
 //! * products **not** in the formulary (open set): correct exactly when the
 //!   verdict is UNCERTAIN (`open_set.uncertain_rate`).
 
@@ -47,7 +50,7 @@ pub struct Confusion {
 /// The open-set part of the report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OpenSet {
-    /// Images of products the model does not know.
+    /// Images of products the model does not know, that the model was asked about.
     pub n: usize,
     /// Share answered UNCERTAIN (the right answer for them).
     pub uncertain_rate: f64,
@@ -56,7 +59,7 @@ pub struct OpenSet {
 /// What `rxvisiond eval` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
-    /// Images of products in the formulary.
+    /// Images of products in the formulary that the model was asked about.
     pub n: usize,
     /// Top-1 accuracy on them.
     pub top1: f64,
@@ -72,7 +75,8 @@ pub struct EvalReport {
     pub confusions: Vec<Confusion>,
     /// Products absent from the formulary.
     pub open_set: OpenSet,
-    /// Images where no pill was found or the picture was rejected.
+    /// Images (of any product) the counter refused before the model: no
+    /// whole pill found, or the frame or the pill failed the quality gate.
     pub not_analysed: usize,
 }
 
@@ -107,18 +111,22 @@ pub fn evaluate(path: &CounterPath, dataset: &Path) -> Result<EvalReport, String
         };
         let bytes = std::fs::read(dataset.join(file)).map_err(|e| format!("{file}: cannot read: {e}"))?;
         let analysis = path.analyse(&request, &bytes).map_err(|e| format!("{file}: {e}"))?;
-        if !known.contains_key(ndc.as_str()) {
+        let is_known = known.contains_key(ndc.as_str());
+        let Some(pill) = analysis.pills.first().filter(|p| !p.top_k.is_empty()) else {
+            not_analysed += 1;
+            if is_known {
+                let refusal = analysis.pills.first().map_or(analysis.verdict, |p| p.verdict);
+                let refusal = serde_json::to_value(refusal).ok().and_then(|v| v.as_str().map(String::from));
+                *confusions.entry((ndc.clone(), refusal.unwrap_or_default())).or_default() += 1;
+            }
+            continue;
+        };
+        if !is_known {
             open.0 += 1;
             open.1 += usize::from(analysis.verdict == Verdict::Uncertain);
             continue;
         }
         n += 1;
-        let Some(pill) = analysis.pills.first().filter(|p| !p.top_k.is_empty()) else {
-            not_analysed += 1;
-            let predicted = serde_json::to_value(analysis.verdict).ok().and_then(|v| v.as_str().map(String::from));
-            *confusions.entry((ndc.clone(), predicted.unwrap_or_default())).or_default() += 1;
-            continue;
-        };
         let right = pill.top_k[0].ndc == *ndc;
         top1 += usize::from(right);
         top3 += usize::from(pill.top_k.iter().any(|r| r.ndc == *ndc));

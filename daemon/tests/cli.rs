@@ -320,11 +320,16 @@ mod eval_command {
         // A product the model does not know.
         std::fs::copy(&golden_images()[0].0, dir.path().join("unknown.png")).unwrap();
         csv.push_str("unknown.png,99999-0000-01,front,y,,,9\n");
+        // Empty trays, of a known and of an unknown product: refused before the model, not scored.
+        let tray = image::RgbImage::from_fn(200, 160, |x, y| image::Rgb([120 + ((x * 3 + y) % 5) as u8, 124, 128]));
+        tray.save(dir.path().join("empty.png")).unwrap();
+        csv.push_str("empty.png,fixture-00,front,x,,G1,10\nempty.png,99999-0000-01,front,y,,,11\n");
         std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
         let out = rxvisiond(&["eval", "--engine", "cpu", "--json", "--dataset", dir.path().to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
         let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
         assert_eq!(report["n"], 8, "{report}");
+        assert_eq!(report["not_analysed"], 2, "{report}");
         assert_eq!(report["top1"], 1.0, "{report}");
         assert_eq!(report["top3"], 1.0);
         assert_eq!(report["per_group"]["G1"]["n"], 4);
@@ -333,7 +338,11 @@ mod eval_command {
         assert_eq!(report["open_set"]["n"], 1);
         // The fixture is sure of itself: the unknown product is not caught.
         assert_eq!(report["open_set"]["uncertain_rate"], 0.0);
-        assert_eq!(report["confusions"].as_array().unwrap().len(), 0);
+        assert_eq!(
+            report["confusions"],
+            serde_json::json!([{"expected": "fixture-00", "predicted": "NO_PILL", "count": 1}]),
+            "a refusal is listed, not scored"
+        );
     }
 
     #[test]
