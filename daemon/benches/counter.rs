@@ -73,7 +73,10 @@ fn main() {
     let frame_len = std::fs::metadata(&image_path).map_or(0, |m| m.len());
     println!("frame {} ({frame_len} bytes), {iters} scans, CPU engine with {threads} threads", image_path.display());
     println!("{:<58} {:>8} {:>8}", "pipeline", "p50 ms", "p95 ms");
-    println!("{:<58} {:>8.2} {:>8.2}", "rxvisiond scan (quality, localise, crop, tract, verdict, audit)", cpu_p50, cpu_p95);
+    println!(
+        "{:<58} {:>8.2} {:>8.2}",
+        "rxvisiond scan (quality, localise, crop, tract, verdict, audit)", cpu_p50, cpu_p95
+    );
     match probe_adapter() {
         Ok(adapter) => {
             let gpu = EngineOptions { preference: EnginePreference::Gpu, ..cpu };
