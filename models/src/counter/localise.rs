@@ -38,7 +38,7 @@ impl Default for LocaliseOptions {
 }
 
 /// A pill found in the frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct PillBox {
     /// Left edge of the crop, frame pixels.
     pub x: u32,
@@ -50,6 +50,15 @@ pub struct PillBox {
     pub h: u32,
     /// True when the pill touches the frame's edge (partly out of view).
     pub partial: bool,
+    /// Length and width (frame pixels) of the smallest rectangle around the
+    /// pill: how the formulary measures most shapes (an oblong's or a
+    /// rectangle's sides, a round pill's diameter, a hexagon's corners and
+    /// flats, a triangle's side and height).
+    pub rectangle_px: [f32; 2],
+    /// Its extents along its principal axes (frame pixels, longer first):
+    /// how the formulary measures a diamond (its diagonals). Arbitrary for
+    /// shapes without a long axis.
+    pub axes_px: [f32; 2],
 }
 
 /// Everything the localiser found.
@@ -84,7 +93,12 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
         let (x0, y0) = (component.x0.saturating_sub(1), component.y0.saturating_sub(1));
         let (x1, y1) = ((component.x1 + 1).min(w - 1), (component.y1 + 1).min(h - 1));
         let touches_edge = x0 == 0 || y0 == 0 || x1 == w - 1 || y1 == h - 1;
-        let bx = square_crop(frame, [x0, y0, x1, y1].map(|v| v as f32 * scale), scale, options.margin, touches_edge);
+        let mut bx =
+            square_crop(frame, [x0, y0, x1, y1].map(|v| v as f32 * scale), scale, options.margin, touches_edge);
+        // The extents, with the final erosion (1 px each side) undone.
+        let to_frame = |[l, w]: [f32; 2]| [(l + 2.0) * scale, (w + 2.0) * scale];
+        bx.rectangle_px = to_frame(component.bounding_rectangle());
+        bx.axes_px = to_frame(component.principal_extents());
         if touches_edge {
             partial.push(bx);
         } else {
@@ -103,7 +117,15 @@ fn square_crop(frame: &RgbImage, [x0, y0, x1, y1]: [f32; 4], scale: f32, margin:
     let top = (cy - half).max(0.0) as u32;
     let right = ((cx + half) as u32).min(frame.width);
     let bottom = ((cy + half) as u32).min(frame.height);
-    PillBox { x: left, y: top, w: right.saturating_sub(left).max(1), h: bottom.saturating_sub(top).max(1), partial }
+    PillBox {
+        x: left,
+        y: top,
+        w: right.saturating_sub(left).max(1),
+        h: bottom.saturating_sub(top).max(1),
+        partial,
+        rectangle_px: [0.0; 2],
+        axes_px: [0.0; 2],
+    }
 }
 
 /// Box-averages the frame down to at most [`WORK_SIDE`] per side; returns the
@@ -205,6 +227,51 @@ struct Component {
     y0: usize,
     x1: usize,
     y1: usize,
+    pixels: Vec<(u32, u32)>,
+}
+
+impl Component {
+    /// The pixels' extents along direction `angle` and across it, each
+    /// pixel counted with its footprint (1 at 0°, √2 at 45°).
+    fn extents_at(&self, angle: f64) -> [f64; 2] {
+        let (c, s) = (angle.cos(), angle.sin());
+        let (mut u0, mut u1, mut v0, mut v1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in &self.pixels {
+            let (x, y) = (f64::from(x), f64::from(y));
+            let (u, v) = (x * c + y * s, -x * s + y * c);
+            (u0, u1, v0, v1) = (u0.min(u), u1.max(u), v0.min(v), v1.max(v));
+        }
+        let footprint = c.abs() + s.abs();
+        [u1 - u0 + footprint, v1 - v0 + footprint]
+    }
+
+    /// Length and width of the smallest-area rectangle around the pixels
+    /// (directions every degree), longer first, in working pixels.
+    fn bounding_rectangle(&self) -> [f32; 2] {
+        let best = (0..90)
+            .map(|i| self.extents_at((i as f64).to_radians()))
+            .min_by(|a, b| (a[0] * a[1]).total_cmp(&(b[0] * b[1])))
+            .expect("90 directions");
+        [best[0].max(best[1]) as f32, best[0].min(best[1]) as f32]
+    }
+
+    /// Extents along the principal axes of the pixels (the eigenvectors of
+    /// their covariance), longer first, in working pixels. Meaningful for
+    /// elongated shapes only: a round or regular shape has no principal axis.
+    fn principal_extents(&self) -> [f32; 2] {
+        let n = self.pixels.len() as f64;
+        let (mx, my) = self.pixels.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + f64::from(x), b + f64::from(y)));
+        let (mx, my) = (mx / n, my / n);
+        let (mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0);
+        for &(x, y) in &self.pixels {
+            let (dx, dy) = (f64::from(x) - mx, f64::from(y) - my);
+            sxx += dx * dx;
+            syy += dy * dy;
+            sxy += dx * dy;
+        }
+        let e = self.extents_at(0.5 * (2.0 * sxy).atan2(sxx - syy));
+        [e[0].max(e[1]) as f32, e[0].min(e[1]) as f32]
+    }
 }
 
 /// 8-connected components of `mask`.
@@ -218,10 +285,11 @@ fn components(mask: &[bool], w: usize, h: usize) -> Vec<Component> {
         }
         seen[start] = true;
         stack.push(start);
-        let mut c = Component { area: 0, x0: usize::MAX, y0: usize::MAX, x1: 0, y1: 0 };
+        let mut c = Component { area: 0, x0: usize::MAX, y0: usize::MAX, x1: 0, y1: 0, pixels: Vec::new() };
         while let Some(i) = stack.pop() {
             let (x, y) = (i % w, i / w);
             c.area += 1;
+            c.pixels.push((x as u32, y as u32));
             c.x0 = c.x0.min(x);
             c.y0 = c.y0.min(y);
             c.x1 = c.x1.max(x);
@@ -316,5 +384,37 @@ mod tests {
         let b = found.pills[0];
         assert!(b.x < 810 && b.x + b.w > 1110 && b.y < 460 && b.y + b.h > 620, "{b:?}");
         assert!(b.x + b.w <= 1920 && b.y + b.h <= 1080);
+        // The extents come back in frame pixels too (300 x 160).
+        assert!((b.rectangle_px[0] - 300.0).abs() < 8.0 && (b.rectangle_px[1] - 160.0).abs() < 8.0, "{b:?}");
+    }
+
+    #[test]
+    fn a_pill_is_measured_along_its_axes_at_any_angle() {
+        // An oblong 120 x 40 px (rounded ends), rotated; a round pill of 70 px.
+        for degrees in [0.0f32, 30.0, 45.0, 90.0, 135.0] {
+            let (c, s) = (degrees.to_radians().cos(), degrees.to_radians().sin());
+            let mut frame = tray(640, 480, &[(470.0, 240.0, 35.0, 35.0, [235, 235, 230])]);
+            for y in 0..480u32 {
+                for x in 0..640u32 {
+                    let (dx, dy) = (x as f32 + 0.5 - 220.0, y as f32 + 0.5 - 240.0);
+                    let (u, v) = (dx * c + dy * s, -dx * s + dy * c);
+                    let along = (u.abs() - 40.0).max(0.0);
+                    if along * along + v * v <= 20.0 * 20.0 {
+                        let i = ((y * 640 + x) * 3) as usize;
+                        frame.data[i..i + 3].copy_from_slice(&[240, 200, 60]);
+                    }
+                }
+            }
+            let found = localise(&frame, LocaliseOptions::default());
+            assert_eq!(found.pills.len(), 2, "{degrees}°");
+            let oblong = found.pills.iter().find(|p| p.x < 320).unwrap();
+            let round = found.pills.iter().find(|p| p.x >= 320).unwrap();
+            for extents in [oblong.rectangle_px, oblong.axes_px] {
+                assert!((extents[0] - 120.0).abs() <= 5.0, "{degrees}°: {oblong:?}");
+                assert!((extents[1] - 40.0).abs() <= 5.0, "{degrees}°: {oblong:?}");
+            }
+            let [l, w] = round.rectangle_px;
+            assert!((l - 70.0).abs() <= 5.0 && (w - 70.0).abs() <= 5.0, "{round:?}");
+        }
     }
 }
