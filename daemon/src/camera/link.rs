@@ -84,25 +84,6 @@ pub struct CameraLink {
     started: Instant,
 }
 
-/// A transition worth a log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkEvent {
-    /// The camera opened (again); `after` the time it was down.
-    Opened {
-        /// How long it had been down.
-        after: Duration,
-        /// How many attempts it took.
-        attempts: u32,
-    },
-    /// The first failure of a run of failed opens (later ones are quiet).
-    OpenFailing,
-    /// A streaming camera was lost.
-    Lost {
-        /// Frames delivered while it was up.
-        frames: u64,
-    },
-}
-
 impl CameraLink {
     /// A camera not opened yet; the first attempt is due at once.
     pub fn new(started: Instant) -> CameraLink {
@@ -126,21 +107,22 @@ impl CameraLink {
         }
     }
 
-    /// The device opened and streams.
-    pub fn opened(&mut self, now: Instant) -> LinkEvent {
-        let event = match &self.state {
-            State::Starting => LinkEvent::Opened { after: now.saturating_duration_since(self.started), attempts: 1 },
-            State::Down { since, attempts, .. } => {
-                LinkEvent::Opened { after: now.saturating_duration_since(*since), attempts: attempts + 1 }
-            }
-            State::Streaming { .. } => LinkEvent::Opened { after: Duration::ZERO, attempts: 0 },
+    /// The device opened and streams. Returns how long it was down and how
+    /// many attempts opening it took (for the log).
+    pub fn opened(&mut self, now: Instant) -> (Duration, u32) {
+        let down = match &self.state {
+            State::Starting => (now.saturating_duration_since(self.started), 1),
+            State::Down { since, attempts, .. } => (now.saturating_duration_since(*since), attempts + 1),
+            State::Streaming { .. } => (Duration::ZERO, 0),
         };
         self.state = State::Streaming { last_frame: now, frames: 0 };
-        event
+        down
     }
 
-    /// An open attempt failed with `reason`; the next one waits a little longer.
-    pub fn open_failed(&mut self, reason: String, now: Instant) -> Option<LinkEvent> {
+    /// An open attempt failed with `reason`; the next one waits a little
+    /// longer. Returns whether the failure is worth a log line (the first of
+    /// a run, or a new reason; repeats are quiet).
+    pub fn open_failed(&mut self, reason: String, now: Instant) -> bool {
         match &mut self.state {
             State::Down { reason: r, attempts, next_try, backoff, .. } => {
                 let first = *attempts == 0 || *r != reason;
@@ -148,13 +130,13 @@ impl CameraLink {
                 *attempts += 1;
                 *next_try = now + *backoff;
                 *backoff = (*backoff * 2).min(RETRY_MAX);
-                first.then_some(LinkEvent::OpenFailing)
+                first
             }
             State::Starting | State::Streaming { .. } => {
                 let since = if matches!(self.state, State::Starting) { self.started } else { now };
                 self.state =
                     State::Down { since, reason, attempts: 1, next_try: now + RETRY_MIN, backoff: RETRY_MIN * 2 };
-                Some(LinkEvent::OpenFailing)
+                true
             }
         }
     }
@@ -168,14 +150,14 @@ impl CameraLink {
     }
 
     /// Reading failed (the camera was unplugged or reset): it is down and is
-    /// re-opened after [`RETRY_MIN`].
-    pub fn lost(&mut self, reason: String, now: Instant) -> LinkEvent {
+    /// re-opened after [`RETRY_MIN`]. Returns the frames delivered while it was up.
+    pub fn lost(&mut self, reason: String, now: Instant) -> u64 {
         let frames = match self.state {
             State::Streaming { frames, .. } => frames,
             State::Starting | State::Down { .. } => 0,
         };
         self.state = State::Down { since: now, reason, attempts: 0, next_try: now + RETRY_MIN, backoff: RETRY_MIN };
-        LinkEvent::Lost { frames }
+        frames
     }
 
     /// The camera's health at `now`.
@@ -213,7 +195,7 @@ mod tests {
         let mut link = CameraLink::new(t0);
         assert!(link.should_open(t0));
         assert_eq!(link.health(t0), CameraHealth::Starting);
-        assert_eq!(link.opened(t0 + ms(5)), LinkEvent::Opened { after: ms(5), attempts: 1 });
+        assert_eq!(link.opened(t0 + ms(5)), (ms(5), 1));
         link.frame_arrived(t0 + ms(40));
         assert_eq!(link.health(t0 + ms(50)), CameraHealth::Up);
         assert!(!link.should_open(t0 + ms(50)));
@@ -227,8 +209,8 @@ mod tests {
         let mut waits = Vec::new();
         for attempt in 0..8 {
             assert!(link.should_open(now));
-            let event = link.open_failed("No such file or directory".into(), now);
-            assert_eq!(event.is_some(), attempt == 0, "attempt {attempt}");
+            let loud = link.open_failed("No such file or directory".into(), now);
+            assert_eq!(loud, attempt == 0, "attempt {attempt}");
             let wait = link.wait_before_open(now);
             waits.push(wait);
             assert!(!link.should_open(now + wait - ms(1)));
@@ -246,7 +228,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A different failure is worth a log line again.
-        assert_eq!(link.open_failed("Permission denied".into(), now), Some(LinkEvent::OpenFailing));
+        assert!(link.open_failed("Permission denied".into(), now));
     }
 
     #[test]
@@ -257,20 +239,16 @@ mod tests {
         for i in 1..=3 {
             link.frame_arrived(t0 + ms(33 * i));
         }
-        assert_eq!(link.lost("No such device".into(), t0 + ms(200)), LinkEvent::Lost { frames: 3 });
+        assert_eq!(link.lost("No such device".into(), t0 + ms(200)), 3, "frames delivered while up");
         let health = link.health(t0 + ms(300));
         assert!(!health.is_up());
         assert!(health.to_string().contains("No such device"), "{health}");
         assert!(!link.should_open(t0 + ms(300)));
         assert!(link.should_open(t0 + ms(200) + RETRY_MIN));
-        assert_eq!(link.open_failed("No such file or directory".into(), t0 + ms(500)), Some(LinkEvent::OpenFailing));
-        assert_eq!(
-            link.open_failed("No such file or directory".into(), t0 + ms(900)),
-            None,
-            "the same failure again is quiet"
-        );
+        assert!(link.open_failed("No such file or directory".into(), t0 + ms(500)), "a new reason is logged");
+        assert!(!link.open_failed("No such file or directory".into(), t0 + ms(900)), "the same failure again is quiet");
         let back = t0 + ms(900) + link.wait_before_open(t0 + ms(900));
-        assert_eq!(link.opened(back), LinkEvent::Opened { after: back - (t0 + ms(200)), attempts: 3 });
+        assert_eq!(link.opened(back), (back - (t0 + ms(200)), 3));
         assert!(link.health(back).is_up());
     }
 
@@ -278,7 +256,7 @@ mod tests {
     fn a_camera_missing_at_start_is_down_from_the_start() {
         let t0 = Instant::now();
         let mut link = CameraLink::new(t0);
-        assert_eq!(link.open_failed("No such file or directory".into(), t0 + ms(30)), Some(LinkEvent::OpenFailing));
+        assert!(link.open_failed("No such file or directory".into(), t0 + ms(30)));
         assert_eq!(
             link.health(t0 + ms(30)),
             CameraHealth::Down { reason: "No such file or directory".into(), attempts: 1, down_for: ms(30) }

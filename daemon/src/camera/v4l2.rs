@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use rxvision_models::preprocess::{decode, RgbImage};
 
-use super::link::{CameraHealth, CameraLink, LinkEvent};
+use super::link::{CameraHealth, CameraLink};
 use super::{CameraError, Frame, FrameSource};
 
 /// The longest a scan waits for a fresh frame.
@@ -153,12 +153,11 @@ fn capture_loop(name: &str, opener: &dyn DeviceOpener, shared: &Shared) {
             match result {
                 Ok(d) => {
                     device = Some(d);
-                    if let LinkEvent::Opened { after, attempts } = state.0.opened(Instant::now()) {
-                        tracing::info!(camera = name, attempts, down_s = after.as_secs_f64(), "camera open");
-                    }
+                    let (after, attempts) = state.0.opened(Instant::now());
+                    tracing::info!(camera = name, attempts, down_s = after.as_secs_f64(), "camera open");
                 }
                 Err(reason) => {
-                    if state.0.open_failed(reason.clone(), Instant::now()).is_some() {
+                    if state.0.open_failed(reason.clone(), Instant::now()) {
                         tracing::warn!(camera = name, %reason, "camera cannot be opened; retrying");
                     }
                 }
@@ -176,7 +175,7 @@ fn capture_loop(name: &str, opener: &dyn DeviceOpener, shared: &Shared) {
                 state.1 = Some(Latest { captured: now, number, raw });
             }
             Err(reason) => {
-                let LinkEvent::Lost { frames } = state.0.lost(reason.clone(), now) else { unreachable!() };
+                let frames = state.0.lost(reason.clone(), now);
                 tracing::warn!(camera = name, %reason, frames, "camera lost; re-opening when it is back");
                 state.1 = None;
                 drop(state);
