@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::camera::PixelFormat;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
+use rxvision_models::synth::scene::NATIVE_PX_PER_MM;
 use serde::Deserialize;
 
 /// The configuration layout this build reads.
@@ -103,6 +104,8 @@ pub struct RawCamera {
     pub looping: bool,
     /// Frame size for `v4l2` and `synthetic`.
     pub resolution: [u32; 2],
+    /// The camera's scale at the tray, pixels per millimetre (0: unknown).
+    pub px_per_mm: f32,
     /// Products for `synthetic` (empty: all).
     pub products: Vec<String>,
     /// Seed for `synthetic`.
@@ -184,6 +187,10 @@ pub struct Config {
     pub engine: EngineOptions,
     /// Where frames come from when a request has no image.
     pub camera: CameraConfig,
+    /// The counter camera's scale at the tray (pixels per millimetre), when
+    /// known: configured, or the renderer's own for the synthetic camera.
+    /// It turns on the size cue (uploads are assumed to come from the same camera).
+    pub px_per_mm: Option<f32>,
     /// The local API.
     pub api: ApiConfig,
     /// Audit store and keys.
@@ -415,6 +422,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     if !(64..=4096).contains(&w) || !(64..=4096).contains(&h) {
         problem("camera.resolution", format!("{w}x{h} is outside 64..=4096 per side"));
     }
+    let scale = raw.camera.px_per_mm;
+    let px_per_mm = if scale == 0.0 {
+        matches!(camera, CameraConfig::Synthetic { .. }).then_some(NATIVE_PX_PER_MM)
+    } else if (1.0..=100.0).contains(&scale) {
+        Some(scale)
+    } else {
+        problem("camera.px_per_mm", format!("{scale} is outside 1..=100 (0: unknown)"));
+        None
+    };
     let listen = match raw.api.listen.parse::<std::net::SocketAddr>() {
         Ok(addr) => addr,
         Err(e) => {
@@ -457,6 +473,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             gpu_timeout: Duration::from_millis(raw.model.gpu_timeout_ms),
         },
         camera,
+        px_per_mm,
         api: ApiConfig { listen, key: api_key, max_body_bytes: raw.api.max_body_bytes as usize },
         audit: AuditConfig {
             dir: raw.audit.dir,
@@ -541,6 +558,19 @@ mod tests {
                 let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
                 assert_eq!(paths, ["version", "model.engine", "model.cpu_threads", "audit.key_credential"]);
             }
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_camera_scale_is_configured_implied_by_the_renderer_or_unknown() {
+        assert_eq!(parse(DEFAULT_CONFIG, "default").unwrap().px_per_mm, None, "unknown by default");
+        let set = parse(&with("px_per_mm = 0.0", "px_per_mm = 11.5"), "t").unwrap();
+        assert_eq!(set.px_per_mm, Some(11.5));
+        let synthetic = parse(&with("source = \"none\"", "source = \"synthetic\""), "t").unwrap();
+        assert_eq!(synthetic.px_per_mm, Some(NATIVE_PX_PER_MM), "the renderer knows its own scale");
+        match parse(&with("px_per_mm = 0.0", "px_per_mm = 500.0"), "t") {
+            Err(ConfigError::Invalid { problems, .. }) => assert_eq!(problems[0].path, "camera.px_per_mm"),
             other => panic!("expected invalid, got {other:?}"),
         }
     }

@@ -57,6 +57,13 @@ enum Command {
         /// Directory holding labels.csv and the images it names.
         #[arg(long)]
         dataset: PathBuf,
+        /// The camera's scale (pixels per millimetre) the images were taken at: turns on the
+        /// size cue, as `[camera] px_per_mm` does for the service (9 for rxvision-synth frames).
+        #[arg(long)]
+        px_per_mm: Option<f32>,
+        /// The formulary the size cue takes product sizes from.
+        #[arg(long, default_value = "models/formulary/formulary.json")]
+        formulary: PathBuf,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -268,7 +275,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
-        Command::Eval { model, dataset, json } => run_eval(&model, &dataset, json),
+        Command::Eval { model, dataset, px_per_mm, formulary, json } => {
+            run_eval(&model, &dataset, px_per_mm.map(|s| (s, formulary)), json)
+        }
         Command::Audit { command } => return audit(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             return match config::load(&file) {
@@ -509,10 +518,35 @@ fn cameras(json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run_eval(model: &ModelArgs, dataset: &std::path::Path, json: bool) -> Result<ExitCode, ClassifyError> {
+fn run_eval(
+    model: &ModelArgs,
+    dataset: &std::path::Path,
+    size_cue: Option<(f32, PathBuf)>,
+    json: bool,
+) -> Result<ExitCode, ClassifyError> {
     let classifier = model.open()?;
     eprintln!("rxvisiond: model {} — engine {}", classifier.bundle(), classifier.engines().choice());
-    let path = rxvision_daemon::scan::CounterPath::new(std::sync::Arc::new(classifier));
+    let mut path = rxvision_daemon::scan::CounterPath::new(std::sync::Arc::new(classifier));
+    if let Some((scale, formulary)) = size_cue {
+        if !(1.0..=100.0).contains(&scale) {
+            eprintln!("rxvisiond: --px-per-mm {scale} is outside 1..=100");
+            return Ok(ExitCode::from(64));
+        }
+        let formulary = match rxvision_models::synth::formulary::Formulary::load(&formulary) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("rxvisiond: --formulary: {e}");
+                return Ok(ExitCode::from(64));
+            }
+        };
+        let cue = rxvision_daemon::counter::size::SizeCue::from_formulary(
+            scale,
+            &path.classifier().bundle().labels,
+            &formulary,
+        );
+        eprintln!("rxvisiond: size cue at {scale} px/mm ({} classes with a formulary size)", cue.known());
+        path = path.with_size_cue(cue);
+    }
     let report = match rxvision_daemon::eval::evaluate(&path, dataset) {
         Ok(report) => report,
         Err(e) => {

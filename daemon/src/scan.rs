@@ -18,6 +18,7 @@ use crate::audit::{AuditError, AuditEvent, AuditLog, RankedClass, RecordKind};
 use crate::classify::{Classifier, Ranked};
 use crate::counter::localise::{localise, LocaliseOptions, PillBox};
 use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
+use crate::counter::size::SizeCue;
 use crate::counter::verdict::{judge_pill, overall, Verdict};
 
 /// How many classes each pill reports.
@@ -104,12 +105,25 @@ pub struct CounterPath {
     classifier: Arc<Classifier>,
     quality: QualityLimits,
     localise: LocaliseOptions,
+    size_cue: Option<SizeCue>,
 }
 
 impl CounterPath {
-    /// The counter path answering with `classifier`.
+    /// The counter path answering with `classifier` (no size cue).
     pub fn new(classifier: Arc<Classifier>) -> CounterPath {
-        CounterPath { classifier, quality: QualityLimits::default(), localise: LocaliseOptions::default() }
+        CounterPath {
+            classifier,
+            quality: QualityLimits::default(),
+            localise: LocaliseOptions::default(),
+            size_cue: None,
+        }
+    }
+
+    /// Weighs the model's probabilities by each pill's measured size (see
+    /// [`crate::counter::size`]).
+    pub fn with_size_cue(mut self, cue: SizeCue) -> CounterPath {
+        self.size_cue = Some(cue);
+        self
     }
 
     /// The classifier (model, engines).
@@ -172,12 +186,14 @@ impl CounterPath {
             return Ok(PillResult { top_k: Vec::new(), verdict: Verdict::BadImage, reason: rejection.message, region });
         }
         let view = image.region(region.x, region.y, region.w, region.h).expect("localiser boxes lie inside the frame");
-        let inference = self.classifier.infer(view)?;
+        let mut probs = self.classifier.infer(view)?.probs;
+        if let Some(cue) = &self.size_cue {
+            cue.weigh(&mut probs, &region);
+        }
         let bundle = self.classifier.bundle();
-        let judged =
-            judge_pill(&inference.probs, &bundle.labels, bundle.manifest.thresholds, request.expected_ndc.as_deref());
+        let judged = judge_pill(&probs, &bundle.labels, bundle.manifest.thresholds, request.expected_ndc.as_deref());
         Ok(PillResult {
-            top_k: self.classifier.top_k(&inference.probs, TOP_K),
+            top_k: self.classifier.top_k(&probs, TOP_K),
             verdict: judged.verdict,
             reason: judged.reason,
             region,
@@ -196,7 +212,12 @@ pub struct Scanner {
 impl Scanner {
     /// A scanner answering with `classifier` and recording into `audit`.
     pub fn new(classifier: Arc<Classifier>, audit: Arc<AuditLog>) -> Scanner {
-        Scanner { path: CounterPath::new(classifier), audit }
+        Scanner::with_path(CounterPath::new(classifier), audit)
+    }
+
+    /// A scanner answering through `path` and recording into `audit`.
+    pub fn with_path(path: CounterPath, audit: Arc<AuditLog>) -> Scanner {
+        Scanner { path, audit }
     }
 
     /// The classifier (model, engines).

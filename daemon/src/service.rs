@@ -19,7 +19,8 @@ use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
 use crate::classify::Classifier;
 use crate::config::{CameraConfig, Config};
 use crate::control;
-use crate::scan::Scanner;
+use crate::counter::size::SizeCue;
+use crate::scan::{CounterPath, Scanner};
 use rxvision_models::synth::formulary::Formulary;
 
 /// How long requests in flight may take to finish after SIGTERM.
@@ -63,7 +64,17 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
             None
         }
     };
-    let scanner = Scanner::new(Arc::new(classifier), Arc::new(audit));
+    let mut path = CounterPath::new(Arc::new(classifier));
+    match (config.px_per_mm, &formulary) {
+        (Some(scale), Some(formulary)) => {
+            let cue = SizeCue::from_formulary(scale, &path.classifier().bundle().labels, formulary);
+            tracing::info!(px_per_mm = scale, classes_with_size = cue.known(), "size cue on");
+            path = path.with_size_cue(cue);
+        }
+        (None, _) => tracing::info!("size cue off: camera.px_per_mm is not set"),
+        (Some(_), None) => tracing::warn!("size cue off: no formulary to take product sizes from"),
+    }
+    let scanner = Scanner::with_path(path, Arc::new(audit));
     Ok(AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary))
 }
 

@@ -8,4 +8,5 @@
 //! training data is cropped by the same code (see there).
 
 pub use rxvision_models::counter::{localise, quality};
+pub mod size;
 pub mod verdict;

@@ -59,6 +59,9 @@ pub struct PillBox {
     /// how the formulary measures a diamond (its diagonals). Arbitrary for
     /// shapes without a long axis.
     pub axes_px: [f32; 2],
+    /// Mean colour distance (0–441) of the pill's pixels from the tray: how
+    /// far to trust the measured size (a pill like its tray loses its rim).
+    pub contrast: f32,
 }
 
 /// Everything the localiser found.
@@ -99,6 +102,7 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
         let to_frame = |[l, w]: [f32; 2]| [(l + 2.0) * scale, (w + 2.0) * scale];
         bx.rectangle_px = to_frame(component.bounding_rectangle());
         bx.axes_px = to_frame(component.principal_extents());
+        bx.contrast = component.contrast(&small, tray);
         if touches_edge {
             partial.push(bx);
         } else {
@@ -125,6 +129,7 @@ fn square_crop(frame: &RgbImage, [x0, y0, x1, y1]: [f32; 4], scale: f32, margin:
         partial,
         rectangle_px: [0.0; 2],
         axes_px: [0.0; 2],
+        contrast: 0.0,
     }
 }
 
@@ -253,6 +258,20 @@ impl Component {
             .min_by(|a, b| (a[0] * a[1]).total_cmp(&(b[0] * b[1])))
             .expect("90 directions");
         [best[0].max(best[1]) as f32, best[0].min(best[1]) as f32]
+    }
+
+    /// Mean colour distance of the pixels from `tray` in `image`.
+    fn contrast(&self, image: &RgbImage, tray: [u8; 3]) -> f32 {
+        let total: f32 = self
+            .pixels
+            .iter()
+            .map(|&(x, y)| {
+                let i = ((y * image.width + x) * 3) as usize;
+                let d = [0, 1, 2].map(|c| f32::from(image.data[i + c]) - f32::from(tray[c]));
+                (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt()
+            })
+            .sum();
+        total / self.pixels.len().max(1) as f32
     }
 
     /// Extents along the principal axes of the pixels (the eigenvectors of

@@ -152,7 +152,16 @@ mod tests {
                 }
             }
         }
-        let all = PillBox { x: 0, y: 0, w: 64, h: 64, partial: false, rectangle_px: [0.0; 2], axes_px: [0.0; 2] };
+        let all = PillBox {
+            x: 0,
+            y: 0,
+            w: 64,
+            h: 64,
+            partial: false,
+            rectangle_px: [0.0; 2],
+            axes_px: [0.0; 2],
+            contrast: 0.0,
+        };
         assert!(check_sharpness(&frame, all, QualityLimits::default()).is_ok());
         let smooth = flat(64, 64, [128, 128, 128]);
         let err = check_sharpness(&smooth, all, QualityLimits::default()).unwrap_err();
