@@ -5,12 +5,16 @@
 //! input alike and size is invisible to it; look-alikes told apart by size
 //! alone (sildenafil 25/50/100 mg, the blank backs of pantoprazole 20/40 mg)
 //! would stay UNCERTAIN. The localiser measures the pill in frame pixels; the
-//! camera's scale (px/mm) turns that into millimetres; each class's
-//! probability is multiplied by how well its formulary size fits, and the
-//! probabilities are normalised again.
+//! camera's scale (px/mm) turns that into millimetres, and each class's
+//! formulary size is compared with it.
 //!
-//! The cue only sharpens a choice the model already finds plausible. It is
-//! left out when the measurement is not to be trusted:
+//! The cue only decides between look-alikes: among the model's best class
+//! and the members of its look-alike group the model finds plausible
+//! (within [`PLAUSIBLE`] of its best), their total probability is
+//! redistributed by fit; every other class is left alone. So size never
+//! makes the model surer of a group than it was, and an unknown product the
+//! model spreads over several groups stays UNCERTAIN. It is left out when
+//! the measurement is not to be trusted:
 //! * the pill barely differs from the tray ([`MIN_CONTRAST`]): its shaded
 //!   rim merges with the tray and it measures small;
 //! * the size fits none of the classes the model finds plausible (within
@@ -34,7 +38,7 @@ pub const PLAUSIBLE: f32 = 0.1;
 pub const MIN_FIT: f32 = 0.1;
 
 /// A product's size as the formulary states it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Nominal {
     /// Length, mm.
     pub length_mm: f32,
@@ -43,6 +47,8 @@ pub struct Nominal {
     /// Measured along its principal axes (a diamond's diagonals) rather than
     /// by its bounding rectangle.
     pub by_axes: bool,
+    /// Its look-alike group: size decides only between members of one.
+    pub group: Option<String>,
 }
 
 /// The size cue of one appliance: its camera scale and the size of each
@@ -69,6 +75,7 @@ impl SizeCue {
                     length_mm: p.length_mm,
                     width_mm: p.width_mm,
                     by_axes: p.shape == Shape::Diamond,
+                    group: p.lookalike_group.clone(),
                 })
             })
             .collect();
@@ -96,18 +103,24 @@ impl SizeCue {
                 }
             })
             .collect();
-        let best = probs.iter().cloned().fold(0.0f32, f32::max);
-        let plausible_fit =
-            probs.iter().zip(&fits).filter(|(p, _)| **p >= PLAUSIBLE * best).map(|(_, f)| *f).fold(0.0f32, f32::max);
-        if plausible_fit < MIN_FIT {
+        // The model's best class and its look-alikes it finds plausible.
+        let Some(top) = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])) else { return false };
+        let Some(group) = self.nominal[top].as_ref().and_then(|n| n.group.as_ref()) else { return false };
+        let plausible: Vec<usize> = (0..probs.len())
+            .filter(|&i| {
+                probs[i] >= PLAUSIBLE * probs[top]
+                    && self.nominal[i].as_ref().is_some_and(|n| n.group.as_ref() == Some(group))
+            })
+            .collect();
+        let best_fit = plausible.iter().map(|&i| fits[i]).fold(0.0f32, f32::max);
+        if plausible.len() < 2 || best_fit < MIN_FIT {
             return false;
         }
-        for (p, f) in probs.iter_mut().zip(&fits) {
-            *p *= f;
-        }
-        let total: f32 = probs.iter().sum();
-        if total > 0.0 {
-            probs.iter_mut().for_each(|p| *p /= total);
+        // Redistribute the plausible classes' mass by fit; the rest is untouched.
+        let mass: f32 = plausible.iter().map(|&i| probs[i]).sum();
+        let weighted: f32 = plausible.iter().map(|&i| probs[i] * fits[i]).sum();
+        for &i in &plausible {
+            probs[i] = mass * probs[i] * fits[i] / weighted;
         }
         true
     }
@@ -131,12 +144,16 @@ mod tests {
     }
 
     fn oval(length_mm: f32, width_mm: f32) -> Option<Nominal> {
-        Some(Nominal { length_mm, width_mm, by_axes: false })
+        Some(Nominal { length_mm, width_mm, by_axes: false, group: Some("LA".into()) })
     }
 
-    /// Pantoprazole 20 mg (9.3 x 5.2), 40 mg (11.8 x 6.1), and an orange shield (10.4 x 8.9).
+    fn alone(length_mm: f32, width_mm: f32) -> Option<Nominal> {
+        Some(Nominal { length_mm, width_mm, by_axes: false, group: None })
+    }
+
+    /// Pantoprazole 20 mg (9.3 x 5.2) and 40 mg (11.8 x 6.1), look-alikes, and a shield (10.4 x 8.9) of its own.
     fn cue() -> SizeCue {
-        SizeCue::new(9.0, vec![oval(9.3, 5.2), oval(11.8, 6.1), oval(10.4, 8.9)])
+        SizeCue::new(9.0, vec![oval(9.3, 5.2), oval(11.8, 6.1), alone(10.4, 8.9)])
     }
 
     #[test]
@@ -153,15 +170,30 @@ mod tests {
         assert!(cue().weigh(&mut probs, &pill([11.6, 6.0], 200.0)));
         assert!(probs[1] > 0.85, "{probs:?}");
         assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert_eq!(probs[2], 0.02, "an implausible class is left alone");
         let mut probs = [0.50, 0.48, 0.02];
         assert!(cue().weigh(&mut probs, &pill([9.5, 5.3], 200.0)));
         assert!(probs[0] > 0.85, "{probs:?}");
     }
 
     #[test]
+    fn size_decides_only_between_look_alikes() {
+        // A pill the model spreads over a look-alike pair and an unrelated product:
+        // the pair keeps its share (0.75), however well the size fits one of them.
+        let mut probs = [0.30, 0.45, 0.25];
+        assert!(cue().weigh(&mut probs, &pill([9.3, 5.2], 200.0)));
+        assert_eq!(probs[2], 0.25, "{probs:?}");
+        assert!((probs[0] + probs[1] - 0.75).abs() < 1e-5 && probs[0] > 0.6, "{probs:?}");
+        // A best class without look-alikes: nothing for size to decide.
+        let mut probs = [0.05, 0.05, 0.90];
+        assert!(!cue().weigh(&mut probs, &pill([10.4, 8.9], 200.0)));
+        assert_eq!(probs, [0.05, 0.05, 0.90]);
+    }
+
+    #[test]
     fn a_size_that_fits_no_plausible_class_is_not_used() {
-        // Half of a capsule found: the model is sure, the size fits nothing it finds plausible.
-        let mut probs = [0.01, 0.97, 0.02];
+        // Half of a capsule found: the size fits none of the plausible look-alikes.
+        let mut probs = [0.40, 0.58, 0.02];
         let before = probs;
         assert!(!cue().weigh(&mut probs, &pill([5.5, 3.0], 200.0)));
         assert_eq!(probs, before);
@@ -179,13 +211,9 @@ mod tests {
 
     #[test]
     fn diamonds_are_measured_along_their_diagonals() {
-        let cue = SizeCue::new(
-            9.0,
-            vec![
-                Some(Nominal { length_mm: 8.9, width_mm: 6.2, by_axes: true }),
-                Some(Nominal { length_mm: 11.2, width_mm: 7.8, by_axes: true }),
-            ],
-        );
+        let diamond =
+            |length_mm, width_mm| Some(Nominal { length_mm, width_mm, by_axes: true, group: Some("LA08".into()) });
+        let cue = SizeCue::new(9.0, vec![diamond(8.9, 6.2), diamond(11.2, 7.8)]);
         // A 50 mg diamond: diagonals 11.2 x 7.8, bounding rectangle (side-aligned) smaller.
         let mut p = pill([9.0, 6.5], 200.0);
         p.axes_px = [11.1 * 9.0, 7.7 * 9.0];
