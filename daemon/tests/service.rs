@@ -653,6 +653,119 @@ impl Browser {
     }
 }
 
+/// The pill fixture: a small model of nine formulary products trained on
+/// the renderer's pill crops (models/fixture/make_fixture_pills.sh).
+fn fixture_pills() -> PathBuf {
+    workspace().join("models/bundles/fixture-pills/0.1.0")
+}
+
+const PANTOPRAZOLE_40: &str = "00008-0841-81"; // "P 40" yellow oval
+const PANTOPRAZOLE_20: &str = "00008-0843-81"; // "P 20", its look-alike (group LA12)
+const LOSARTAN_50: &str = "00006-0952-54"; // green teardrop, not in the fixture's formulary
+
+/// Like [`write_synthetic_config`], with the pill fixture as the model and
+/// the camera showing `products` in turn (front, back, next product …).
+fn write_pill_fixture_config(dir: &Path, products: &[&str]) -> PathBuf {
+    let config = write_synthetic_config(dir);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replacen(
+            &format!("bundle = {:?}", fixture().display().to_string()),
+            &format!("bundle = {:?}", fixture_pills().display().to_string()),
+            1,
+        )
+        .replacen("products = []", &format!("products = {products:?}"), 1);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Scans `n` camera frames through the API with `expected` and returns the
+/// verdicts of those the model was asked about (the counter refuses blurred
+/// or unfound pills: BAD_IMAGE / NO_PILL, with a reason, not scored here).
+fn camera_verdicts(d: &Daemon, expected: Option<&str>, n: usize) -> Vec<Value> {
+    let mut analysed = Vec::new();
+    for _ in 0..n {
+        let mut body = json!({"operator_id": "tech-1", "rx_ref": "RX-77"});
+        if let Some(ndc) = expected {
+            body["expected_ndc"] = json!(ndc);
+        }
+        let (status, r) = post(d, "/v1/verify", &body);
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["model_version"], "0.1.0");
+        match r["verdict"].as_str().unwrap() {
+            "BAD_IMAGE" | "NO_PILL" => assert!(!r["reason"].as_str().unwrap().is_empty(), "{r}"),
+            _ => analysed.push(r),
+        }
+    }
+    analysed
+}
+
+fn verdicts(scans: &[Value]) -> Vec<&str> {
+    scans.iter().map(|r| r["verdict"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn the_synthetic_camera_through_the_api_match_mismatch_uncertain_no_pill_bad_image() {
+    // The camera shows pantoprazole 40 mg ("P 40"), front and back in turn.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_pill_fixture_config(dir.path(), &[PANTOPRAZOLE_40]);
+    let d = spawn(&config);
+    // The right NDC: MATCH (the blank back may be UNCERTAIN), never MISMATCH.
+    let right = camera_verdicts(&d, Some(PANTOPRAZOLE_40), 8);
+    assert!(verdicts(&right).iter().all(|v| ["MATCH", "UNCERTAIN"].contains(v)), "{right:?}");
+    let matched = right.iter().find(|r| r["verdict"] == "MATCH").unwrap_or_else(|| panic!("no MATCH: {right:?}"));
+    assert_eq!(matched["count"], 1);
+    assert_eq!(matched["pills"][0]["top_k"][0]["ndc"], PANTOPRAZOLE_40, "{matched}");
+    // Its look-alike prescribed: MISMATCH (or UNCERTAIN), never MATCH.
+    let wrong = camera_verdicts(&d, Some(PANTOPRAZOLE_20), 8);
+    assert!(verdicts(&wrong).iter().all(|v| ["MISMATCH", "UNCERTAIN"].contains(v)), "{wrong:?}");
+    let mismatched =
+        wrong.iter().find(|r| r["verdict"] == "MISMATCH").unwrap_or_else(|| panic!("no MISMATCH: {wrong:?}"));
+
+    // No pill, a corrupt picture.
+    let tray = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([40, 90 + ((x + y) % 3) as u8, 160]));
+    let (_, empty) = post(
+        &d,
+        "/v1/verify",
+        &json!({"expected_ndc": PANTOPRAZOLE_40, "operator_id": "tech-1", "image": b64(&png(&tray))}),
+    );
+    assert_eq!(empty["verdict"], "NO_PILL", "{empty}");
+    let corrupt = b64(b"\xff\xd8\xff\xe0 not a whole jpeg");
+    let (_, bad) =
+        post(&d, "/v1/verify", &json!({"expected_ndc": PANTOPRAZOLE_40, "operator_id": "tech-1", "image": corrupt}));
+    assert_eq!(bad["verdict"], "BAD_IMAGE", "{bad}");
+
+    // Feedback: the match confirmed, the mismatch's real product recorded.
+    let confirm = json!({"audit_seq": matched["audit_seq"], "confirmed": true, "operator_id": "rph-1"});
+    assert_eq!(post(&d, "/v1/feedback", &confirm).0, 200);
+    let correct = json!({"audit_seq": mismatched["audit_seq"], "correct_ndc": PANTOPRAZOLE_40, "operator_id": "rph-1"});
+    assert_eq!(post(&d, "/v1/feedback", &correct).0, 200);
+
+    // Every answer is in the audit log (16 scans, 2 uploads, 2 feedbacks), and it verifies.
+    let mut d = d;
+    let _ = Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status();
+    assert!(d.child.wait().unwrap().success());
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["audit", "verify", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("20 records checked"), "{report}");
+
+    // A product the model does not know (losartan): with it prescribed the
+    // answer is UNCERTAIN by rule; identified without a prescription, the
+    // model's own open-set thresholds decide (printed, measured by eval).
+    let dir = tempfile::tempdir().unwrap();
+    let d = spawn(&write_pill_fixture_config(dir.path(), &[LOSARTAN_50]));
+    let unknown = camera_verdicts(&d, Some(LOSARTAN_50), 4);
+    assert!(!unknown.is_empty(), "every losartan frame was refused");
+    assert!(verdicts(&unknown).iter().all(|v| *v == "UNCERTAIN"), "{unknown:?}");
+    assert!(unknown[0]["reason"].as_str().unwrap().contains("not in this model's formulary"), "{}", unknown[0]);
+    let identified = camera_verdicts(&d, None, 6);
+    println!("losartan identified without a prescription: {:?}", verdicts(&identified));
+}
+
 #[test]
 fn the_counter_page_scans_with_the_synthetic_camera_and_records_a_confirmation() {
     let Some(browser) = Browser::start() else { return };

@@ -661,16 +661,22 @@ fn read_tar_gz(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
 
 /// Finds the bundle to use when none is named: the newest version among the
 /// bundle directories below each root (`<root>/<name>/<version>/manifest.json`),
-/// preferring production bundles over fixtures. Unreadable candidates are
-/// skipped with a warning; the chosen one is loaded and verified by the caller.
+/// preferring production bundles over fixtures. Ties (same purpose and
+/// version) go to the earlier root, then to the bundle name that sorts first
+/// (`fixture-cnn` before `fixture-pills`), so the choice never depends on the
+/// order a directory happens to list. Unreadable candidates are skipped with a
+/// warning; the chosen one is loaded and verified by the caller.
 pub fn find_newest(roots: &[PathBuf]) -> Option<PathBuf> {
+    fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        paths
+    }
     let mut best: Option<((bool, semver::Version), PathBuf)> = None;
     for root in roots {
-        let Ok(names) = std::fs::read_dir(root) else { continue };
-        for name in names.flatten() {
-            let Ok(versions) = std::fs::read_dir(name.path()) else { continue };
-            for version in versions.flatten() {
-                let dir = version.path();
+        for name in sorted_dirs(root) {
+            for dir in sorted_dirs(&name) {
                 let Ok(bytes) = std::fs::read(dir.join(MANIFEST)) else { continue };
                 let manifest = match parse_manifest(&bytes) {
                     Ok(m) => m,

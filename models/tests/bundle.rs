@@ -1,6 +1,7 @@
 //! Bundle loading: verification, corruption, inconsistency, archives.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use rxvision_models::bundle::{find_newest, Bundle, BundleError, Purpose};
 
@@ -228,4 +229,28 @@ fn the_newest_production_bundle_wins_over_fixtures() {
     std::fs::write(root.path().join("junk/0.0.1/manifest.json"), b"{").unwrap();
     assert_eq!(find_newest(&[root.path().to_path_buf()]), Some(newest));
     assert_eq!(find_newest(&[root.path().join("absent")]), None);
+}
+
+#[test]
+fn equal_bundles_are_decided_by_root_order_then_name_not_by_listing_order() {
+    let pristine = read_tree(&fixture_dir());
+    let place = |root: &Path, name: &str| {
+        let mut files = pristine.clone();
+        let mut manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+        manifest["name"] = name.into();
+        reseal(&mut files, manifest);
+        let dir = root.join(name).join("0.1.0");
+        write_tree(&dir, &files);
+        dir
+    };
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Several same-version fixtures, created out of name order: the listing order of a
+    // directory is the file system's business, the choice must not follow it.
+    for name in ["fixture-pills", "fixture-zeta", "fixture-cnn", "fixture-pills-b", "fixture-dots"] {
+        place(first.path(), name);
+    }
+    let in_second = place(second.path(), "fixture-aaa");
+    let roots = [first.path().to_path_buf(), second.path().to_path_buf()];
+    assert_eq!(find_newest(&roots), Some(first.path().join("fixture-cnn/0.1.0")));
+    assert_eq!(find_newest(&[second.path().to_path_buf(), first.path().to_path_buf()]), Some(in_second));
 }

@@ -1,9 +1,10 @@
-"""Command line: ``python -m rxvision_trainer {train,verify,convert} ...``.
+"""Command line: ``python -m rxvision_trainer {train,verify,card-append,convert} ...``.
 
     python -m rxvision_trainer train --data DIR [--val-data DIR] --out BUNDLE_DIR --version X.Y.Z \
         --epochs N --seed S [--size 128] [--device auto|cuda|cpu] [--synth PATH] [--formulary PATH] \
         [--holdout-ndc NDC,...]
     python -m rxvision_trainer verify BUNDLE_DIR
+    python -m rxvision_trainer card-append BUNDLE_DIR --section FILE.md
     python -m rxvision_trainer convert --index TABLE --images DIR --out DIR --file-col C --ndc-col C ...
 
 Exit codes: 0 ok, 1 failed, 2 bad usage (argparse), 65 bad data.
@@ -29,6 +30,11 @@ def main(argv=None) -> int:
     ve = sub.add_parser("verify", help="check a bundle's files, hashes, contract and ORT self-test")
     ve.add_argument("bundle", type=Path)
 
+    ca = sub.add_parser("card-append", help="append a Markdown section to a bundle's MODEL_CARD.md and re-hash "
+                                            "the manifest (facts measured after training)")
+    ca.add_argument("bundle", type=Path)
+    ca.add_argument("--section", type=Path, required=True, help="Markdown file to append")
+
     co = sub.add_parser("convert", help="make a labels.csv dataset from an image index (e.g. NLM C3PI)")
     co.add_argument("--index", type=Path, required=True, help="CSV/TSV with a header: one row per image")
     co.add_argument("--images", type=Path, required=True, help="folder searched (recursively) for the images")
@@ -53,6 +59,9 @@ def main(argv=None) -> int:
         elif args.cmd == "verify":
             from .bundle import verify_bundle
             print(json.dumps(verify_bundle(args.bundle)))
+        elif args.cmd == "card-append":
+            from .bundle import append_card_section
+            print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
         elif args.cmd == "convert":
             from .data import Formulary, convert_index
             fpath = args.formulary or Formulary.default_path()

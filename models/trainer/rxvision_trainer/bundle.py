@@ -1,6 +1,7 @@
 """Writes and verifies a bundle exactly in the layout ``models/src/bundle.rs`` checks.
 
-    manifest.json          schema_version 1, name, semver version, purpose "production", created,
+    manifest.json          schema_version 1, name, semver version, purpose ("production", or "fixture"
+                           with ``train --purpose fixture``), created,
                            description, model, labels, profile, num_classes, input, output,
                            thresholds, selftest, provenance, metrics, files (SHA-256 of every other file)
     manifest.json.sha256   "<sha256>  manifest.json\\n"
@@ -12,6 +13,7 @@
     selftest/expected.json golden held-out images with ONNX Runtime's outputs
     selftest/*.png|jpg     the golden images (copied byte for byte from the dataset)
 
+``append_card_section`` adds a section measured later (and re-hashes).
 ``verify_bundle`` re-checks a written bundle the way the Rust loader does
 (checksums, listed/unlisted files, labels, self-test cases, graph I/O) and
 re-runs the self-test with ONNX Runtime.
@@ -192,6 +194,27 @@ def check_replaceable(dest: Path, name: str) -> None:
         raise SystemExit(f"refusing to overwrite {dest}: not empty and not a {name} bundle")
 
 
+def append_card_section(root: str | Path, text: str) -> dict:
+    """Appends ``text`` (a Markdown section) to the bundle's MODEL_CARD.md and re-hashes the bundle.
+
+    For facts measured after training (e.g. ``rxvisiond eval`` on a fresh set). The bundle must verify
+    first (hashes and contract); the manifest keeps every field and gets the card's new SHA-256, and
+    ``manifest.json.sha256`` is rewritten. Returns ``verify_bundle``'s result on the amended bundle.
+    """
+    root = Path(root)
+    verify_bundle(root, run_selftest=False)
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    if "MODEL_CARD.md" not in manifest["files"]:
+        raise BundleCheckError("MODEL_CARD.md is not listed in the manifest")
+    if not text.strip():
+        raise ValueError("empty model card section")
+    card = root / "MODEL_CARD.md"
+    card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text.strip("\n") + "\n",
+                    encoding="utf-8")
+    finalize(root, manifest)
+    return verify_bundle(root)
+
+
 # --------------------------------------------------------------------------- verification
 class BundleCheckError(AssertionError):
     pass
@@ -322,9 +345,17 @@ def model_card(info: dict) -> str:
     else:
         open_set = "- No products were held out (`--holdout-ndc`): the open-set UNCERTAIN rate is unmeasured.\n"
     features = info["profile_features_note"]
+    fixture = ""
+    if info.get("purpose", "production") == "fixture":
+        fixture = (
+            "**This is a test fixture (`purpose: fixture`), not a pill model.** It knows only the "
+            f"{m['num_classes']} products listed under Classes, was trained on a small synthetic set for tests and "
+            "demos, and must never be used to identify or verify real medication. Default bundle discovery "
+            "prefers any production bundle over it.\n\n"
+        )
     return f"""# MODEL CARD: {info['name']} {info['version']}
 
-A pill classifier for the RxVision counter: one cropped top-down photo of a
+{fixture}A pill classifier for the RxVision counter: one cropped top-down photo of a
 pill in, a calibrated probability for each of {m['num_classes']} formulary products out.
 **Trained and measured on synthetic images only. Its accuracy on real
 photos is unmeasured. Not for clinical use** until it has been validated on
@@ -421,5 +452,5 @@ products), the class mix, and the drift features: {features}
 """
 
 
-__all__ = ["model_card", "finalize", "labels_json", "select_selftest", "verify_bundle", "input_spec",
-           "check_replaceable", "write_json", "sha256_file"]
+__all__ = ["model_card", "finalize", "append_card_section", "labels_json", "select_selftest", "verify_bundle",
+           "input_spec", "check_replaceable", "write_json", "sha256_file"]

@@ -66,6 +66,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--formulary", type=Path, help="formulary.json (default: the checkout's models/formulary)")
     ap.add_argument("--holdout-ndc", default="", help="comma-separated NDCs to leave out of training (open set)")
     ap.add_argument("--name", default="pillnet", help="model family name (default pillnet)")
+    ap.add_argument("--purpose", default="production", choices=["production", "fixture"],
+                    help="manifest purpose (default production); fixture: a test/demo bundle that loses to any "
+                         "production bundle in default discovery, said so in the description and the model card")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
@@ -99,6 +102,12 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--min-margin", type=float, default=0.2, help="threshold when nothing is held out")
     ap.add_argument("--mirror", type=float, default=0.0,
                     help="probability of a mirror flip in augmentation (default 0: mirrors imprints)")
+    ap.add_argument("--max-rotation", type=float, default=AugmentConfig.max_rotation_deg,
+                    help=f"largest small rotation in augmentation, degrees (default "
+                         f"{AugmentConfig.max_rotation_deg:g}; the 180-degree turn is separate)")
+    ap.add_argument("--max-shift", type=float, default=AugmentConfig.max_shift,
+                    help=f"largest shift in augmentation, fraction of the image size (default "
+                         f"{AugmentConfig.max_shift:g})")
     ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE, help="one line on the data for the model card")
     ap.add_argument("--artifacts", type=Path,
                     help="also keep the float ONNX model, the torch checkpoint and the history here")
@@ -191,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     log.info("cost at %dx%d: %s", args.size, args.size, cost.summary())
     print(f"architecture: {arch.describe()}; {cost.macs / 1e6:.1f} MMAC, {cost.params} parameters "
           f"at {args.size}x{args.size}", flush=True)
-    aug_cfg = AugmentConfig(p_mirror=args.mirror)
+    aug_cfg = AugmentConfig(p_mirror=args.mirror, max_rotation_deg=args.max_rotation, max_shift=args.max_shift)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
@@ -352,7 +361,8 @@ def run(args: argparse.Namespace) -> dict:
                 fingerprints[str(args.val_data)] = _fingerprint(args.val_data)
             thresholds = {"min_confidence": choice.min_confidence, "min_margin": choice.min_margin}
             info = {
-                "name": args.name, "version": args.version, "size": args.size, "arch": arch.describe(),
+                "name": args.name, "version": args.version, "purpose": args.purpose, "size": args.size,
+                "arch": arch.describe(),
                 "metrics": metrics, "thresholds": choice.as_dict(), "labels": labels,
                 "calib_images": len(calib) - len(calib) % min(32, len(calib)),
                 "ops": ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())),
@@ -377,10 +387,13 @@ def run(args: argparse.Namespace) -> dict:
                 "schema_version": 1,
                 "name": args.name,
                 "version": args.version,
-                "purpose": "production",
+                "purpose": args.purpose,
                 "created": _created(args.created),
-                "description": (f"{args.name} {args.version}: {len(classes)}-product pill classifier, plain 3x3 "
-                                f"CNN, int8 QDQ; trained and measured on synthetic images only."),
+                "description": (f"{args.name} {args.version}: "
+                                + ("TEST FIXTURE (for tests and demos, not for real medication): "
+                                   if args.purpose == "fixture" else "")
+                                + f"{len(classes)}-product pill classifier, plain 3x3 CNN, int8 QDQ; trained and "
+                                  f"measured on synthetic images only."),
                 "model": "model.onnx",
                 "labels": "labels.json",
                 "profile": "profile.json",
