@@ -17,10 +17,22 @@
 //!   accuracy per look-alike group, and the confusions;
 //! * products **not** in the formulary (open set): correct exactly when the
 //!   verdict is UNCERTAIN (`open_set.uncertain_rate`).
+//!
+//! **Twin faces.** Some pills show a face that another product of the model
+//! shares exactly: the blank bisected backs of prednisone 20 mg and trazodone
+//! 50 mg (white rounds of 9.5 mm), or of hydrocodone/APAP `M365` and `M367`.
+//! No picture of that face can tell them apart; the pharmacist must turn the
+//! pill over. Given the formulary and a `face` column, such images (of known
+//! products and of the open set alike) are scored apart in `twin_faces`
+//! rather than in the figures above, which then measure what a picture can
+//! decide. Whether two faces are twins follows
+//! [`Product::face_twin`](rxvision_models::synth::formulary::Product::face_twin):
+//! with the size cue, products of different measured size are not twins.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use rxvision_models::synth::formulary::{Face, Formulary};
 use rxvision_models::synth::labels;
 use serde::Serialize;
 
@@ -78,10 +90,39 @@ pub struct EvalReport {
     /// Images (of any product) the counter refused before the model: no
     /// whole pill found, or the frame or the pill failed the quality gate.
     pub not_analysed: usize,
+    /// Images showing a face that another product of the model shares
+    /// exactly, scored apart (absent without a formulary or a `face` column).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub twin_faces: Option<TwinFaces>,
 }
 
-/// Runs every image of `dataset` through `path` and scores it.
-pub fn evaluate(path: &CounterPath, dataset: &Path) -> Result<EvalReport, String> {
+/// Images of faces no picture can identify (see the module's docs).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TwinFaces {
+    /// Such images of products the model knows.
+    pub n: usize,
+    /// Share of them whose top-1 was still the right product (by chance).
+    pub top1: f64,
+    /// Share of them answered UNCERTAIN (the safe answer).
+    pub uncertain_rate: f64,
+    /// Such images of products the model does not know (a known product looks the same).
+    pub open_set_n: usize,
+    /// Share of those answered UNCERTAIN.
+    pub open_set_uncertain_rate: f64,
+}
+
+/// Which faces are twins: the formulary, and whether the size cue is on.
+#[derive(Debug, Clone, Copy)]
+pub struct TwinRule<'a> {
+    /// Product descriptions.
+    pub formulary: &'a Formulary,
+    /// Whether the counter weighs by measured size (then sizes must agree too).
+    pub by_size: bool,
+}
+
+/// Runs every image of `dataset` through `path` and scores it; with `twins`,
+/// images of twin faces are scored apart.
+pub fn evaluate(path: &CounterPath, dataset: &Path, twins: Option<TwinRule<'_>>) -> Result<EvalReport, String> {
     let labels_path = dataset.join("labels.csv");
     let text =
         std::fs::read_to_string(&labels_path).map_err(|e| format!("{}: cannot read: {e}", labels_path.display()))?;
@@ -94,6 +135,20 @@ pub fn evaluate(path: &CounterPath, dataset: &Path) -> Result<EvalReport, String
     };
     let group_col = column("lookalike_group");
     let known: HashMap<&str, ()> = path.classifier().bundle().labels.iter().map(|l| (l.ndc.as_str(), ())).collect();
+    let twins = twins.zip(column("face"));
+    // Whether image `ndc`/`face` shows a face some *other* known product shares.
+    let is_twin = |ndc: &str, face: &str| -> bool {
+        let Some((rule, _)) = twins else { return false };
+        let face = match face {
+            "front" => Face::Front,
+            "back" => Face::Back,
+            _ => return false,
+        };
+        let Some(product) = rule.formulary.get(ndc) else { return false };
+        known.keys().filter_map(|k| rule.formulary.get(k)).any(|other| product.face_twin(face, other, rule.by_size))
+    };
+    let mut twin_known = (0usize, 0usize, 0usize); // (images, top-1 right, UNCERTAIN)
+    let mut twin_open = (0usize, 0usize); // (images, UNCERTAIN)
 
     let mut n = 0usize;
     let (mut top1, mut top3, mut uncertain, mut not_analysed) = (0usize, 0usize, 0usize, 0usize);
@@ -121,16 +176,28 @@ pub fn evaluate(path: &CounterPath, dataset: &Path) -> Result<EvalReport, String
             }
             continue;
         };
+        let right = pill.top_k[0].ndc == *ndc;
+        let said_uncertain = analysis.verdict == Verdict::Uncertain;
+        if is_twin(ndc, twins.and_then(|(_, c)| row.get(c)).map_or("", String::as_str)) {
+            if is_known {
+                twin_known.0 += 1;
+                twin_known.1 += usize::from(right);
+                twin_known.2 += usize::from(said_uncertain);
+            } else {
+                twin_open.0 += 1;
+                twin_open.1 += usize::from(said_uncertain);
+            }
+            continue;
+        }
         if !is_known {
             open.0 += 1;
-            open.1 += usize::from(analysis.verdict == Verdict::Uncertain);
+            open.1 += usize::from(said_uncertain);
             continue;
         }
         n += 1;
-        let right = pill.top_k[0].ndc == *ndc;
         top1 += usize::from(right);
         top3 += usize::from(pill.top_k.iter().any(|r| r.ndc == *ndc));
-        uncertain += usize::from(analysis.verdict == Verdict::Uncertain);
+        uncertain += usize::from(said_uncertain);
         let confidence = f64::from(pill.top_k[0].prob);
         let bin = ((confidence * 15.0) as usize).min(14);
         bins[bin].0 += 1;
@@ -171,5 +238,12 @@ pub fn evaluate(path: &CounterPath, dataset: &Path) -> Result<EvalReport, String
         confusions,
         open_set: OpenSet { n: open.0, uncertain_rate: share(open.1, open.0) },
         not_analysed,
+        twin_faces: twins.map(|_| TwinFaces {
+            n: twin_known.0,
+            top1: share(twin_known.1, twin_known.0),
+            uncertain_rate: share(twin_known.2, twin_known.0),
+            open_set_n: twin_open.0,
+            open_set_uncertain_rate: share(twin_open.1, twin_open.0),
+        }),
     })
 }

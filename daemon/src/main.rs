@@ -61,9 +61,10 @@ enum Command {
         /// size cue, as `[camera] px_per_mm` does for the service (9 for rxvision-synth frames).
         #[arg(long)]
         px_per_mm: Option<f32>,
-        /// The formulary the size cue takes product sizes from.
-        #[arg(long, default_value = "models/formulary/formulary.json")]
-        formulary: PathBuf,
+        /// The formulary: product sizes for the size cue, and which faces are twins (scored
+        /// apart). Default models/formulary/formulary.json when it exists.
+        #[arg(long)]
+        formulary: Option<PathBuf>,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -276,7 +277,7 @@ fn main() -> ExitCode {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
         Command::Eval { model, dataset, px_per_mm, formulary, json } => {
-            run_eval(&model, &dataset, px_per_mm.map(|s| (s, formulary)), json)
+            run_eval(&model, &dataset, px_per_mm, formulary, json)
         }
         Command::Audit { command } => return audit(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
@@ -521,33 +522,49 @@ fn cameras(json: bool) -> ExitCode {
 fn run_eval(
     model: &ModelArgs,
     dataset: &std::path::Path,
-    size_cue: Option<(f32, PathBuf)>,
+    px_per_mm: Option<f32>,
+    formulary: Option<PathBuf>,
     json: bool,
 ) -> Result<ExitCode, ClassifyError> {
+    const DEFAULT_FORMULARY: &str = "models/formulary/formulary.json";
+    if let Some(scale) = px_per_mm.filter(|s| !(1.0..=100.0).contains(s)) {
+        eprintln!("rxvisiond: --px-per-mm {scale} is outside 1..=100");
+        return Ok(ExitCode::from(64));
+    }
+    let formulary = match formulary {
+        Some(path) => Some(path),
+        None if std::path::Path::new(DEFAULT_FORMULARY).is_file() => Some(PathBuf::from(DEFAULT_FORMULARY)),
+        None if px_per_mm.is_some() => {
+            eprintln!("rxvisiond: --px-per-mm needs the formulary's sizes: give --formulary");
+            return Ok(ExitCode::from(64));
+        }
+        None => {
+            eprintln!("rxvisiond: no formulary ({DEFAULT_FORMULARY} is missing): twin faces are not scored apart");
+            None
+        }
+    };
+    let formulary = match formulary.map(|p| rxvision_models::synth::formulary::Formulary::load(&p)).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("rxvisiond: --formulary: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
     let classifier = model.open()?;
     eprintln!("rxvisiond: model {} — engine {}", classifier.bundle(), classifier.engines().choice());
     let mut path = rxvision_daemon::scan::CounterPath::new(std::sync::Arc::new(classifier));
-    if let Some((scale, formulary)) = size_cue {
-        if !(1.0..=100.0).contains(&scale) {
-            eprintln!("rxvisiond: --px-per-mm {scale} is outside 1..=100");
-            return Ok(ExitCode::from(64));
-        }
-        let formulary = match rxvision_models::synth::formulary::Formulary::load(&formulary) {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("rxvisiond: --formulary: {e}");
-                return Ok(ExitCode::from(64));
-            }
-        };
+    if let (Some(scale), Some(formulary)) = (px_per_mm, &formulary) {
         let cue = rxvision_daemon::counter::size::SizeCue::from_formulary(
             scale,
             &path.classifier().bundle().labels,
-            &formulary,
+            formulary,
         );
         eprintln!("rxvisiond: size cue at {scale} px/mm ({} classes with a formulary size)", cue.known());
         path = path.with_size_cue(cue);
     }
-    let report = match rxvision_daemon::eval::evaluate(&path, dataset) {
+    let twins =
+        formulary.as_ref().map(|formulary| rxvision_daemon::eval::TwinRule { formulary, by_size: px_per_mm.is_some() });
+    let report = match rxvision_daemon::eval::evaluate(&path, dataset, twins) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("rxvisiond: eval: {e}");
@@ -565,6 +582,12 @@ fn run_eval(
             println!("  group {group}: {} images, top-1 {:.4}", score.n, score.top1);
         }
         println!("open set: {} images, UNCERTAIN {:.4}", report.open_set.n, report.open_set.uncertain_rate);
+        if let Some(t) = &report.twin_faces {
+            println!(
+                "twin faces (scored apart): {} images, top-1 {:.4}, UNCERTAIN {:.4}; open set {} images, UNCERTAIN {:.4}",
+                t.n, t.top1, t.uncertain_rate, t.open_set_n, t.open_set_uncertain_rate
+            );
+        }
         for c in &report.confusions {
             println!("  {} taken for {}: {}", c.expected, c.predicted, c.count);
         }

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog, RankedClass, RecordKind};
 use crate::classify::{Classifier, Ranked};
+use crate::counter::crop::crop_pill;
 use crate::counter::localise::{localise, LocaliseOptions, PillBox};
 use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
 use crate::counter::size::SizeCue;
@@ -185,8 +186,8 @@ impl CounterPath {
         if let Err(rejection) = check_sharpness(image, region, self.quality) {
             return Ok(PillResult { top_k: Vec::new(), verdict: Verdict::BadImage, reason: rejection.message, region });
         }
-        let view = image.region(region.x, region.y, region.w, region.h).expect("localiser boxes lie inside the frame");
-        let mut probs = self.classifier.infer(view)?.probs;
+        let crop = crop_pill(image, &region, self.classifier.bundle().manifest.input.crop, self.localise.margin);
+        let mut probs = self.classifier.infer(crop.view())?.probs;
         if let Some(cue) = &self.size_cue {
             cue.weigh(&mut probs, &region);
         }

@@ -345,6 +345,47 @@ mod eval_command {
         );
     }
 
+    /// Sildenafil 25 mg shows "Pfizer" on its front like the 50 and 100 mg tablets, at another
+    /// size; its back reads VGR25. Without the size cue the fronts are twin faces, scored apart;
+    /// with it they are not.
+    #[test]
+    fn eval_scores_twin_faces_apart() {
+        use rxvision_models::synth::formulary::{Face, Formulary};
+        use rxvision_models::synth::scene::{render_sample, SceneOptions};
+        let formulary = Formulary::load(&super::workspace().join("models/formulary/formulary.json")).unwrap();
+        let sildenafil = formulary.get("00069-4200-30").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("file,ndc,face,lookalike_group\n");
+        for (i, face) in [Face::Front, Face::Back, Face::Front, Face::Back].into_iter().enumerate() {
+            let options = SceneOptions { clean: true, ..SceneOptions::camera(640, 480) };
+            let frame = render_sample(sildenafil, face, &[], 40 + i as u64, &options);
+            std::fs::write(dir.path().join(format!("{i}.jpg")), frame.to_jpeg().unwrap()).unwrap();
+            csv.push_str(&format!("{i}.jpg,00069-4200-30,{face},LA08\n"));
+        }
+        std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
+        let bundle = super::workspace().join("models/bundles/fixture-pills/0.1.0");
+        let eval = |extra: &[&str]| -> serde_json::Value {
+            let mut args = vec!["eval", "--bundle", bundle.to_str().unwrap(), "--engine", "cpu", "--json"];
+            args.extend(["--dataset", dir.path().to_str().unwrap()]);
+            args.extend(extra);
+            let out = rxvisiond(&args);
+            assert!(out.status.success(), "{}", stderr(&out));
+            serde_json::from_str(stdout(&out).trim()).unwrap()
+        };
+        let without_cue = eval(&[]);
+        assert_eq!(without_cue["not_analysed"], 0, "{without_cue}");
+        assert_eq!(without_cue["twin_faces"]["n"], 2, "the fronts: {without_cue}");
+        assert_eq!(without_cue["n"], 2, "the backs are scored: {without_cue}");
+        assert_eq!(without_cue["per_group"]["LA08"]["n"], 2);
+        let with_cue = eval(&["--px-per-mm", "9"]);
+        assert_eq!(with_cue["twin_faces"]["n"], 0, "{with_cue}");
+        assert_eq!(with_cue["n"], 4, "{with_cue}");
+        // A formulary that cannot be read is refused before anything is scored.
+        let out = rxvisiond(&["eval", "--dataset", dir.path().to_str().unwrap(), "--formulary", "/nonexistent.json"]);
+        assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+        assert!(stderr(&out).contains("--formulary"), "{}", stderr(&out));
+    }
+
     #[test]
     fn eval_refuses_a_dataset_without_labels() {
         let dir = tempfile::tempdir().unwrap();

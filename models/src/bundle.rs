@@ -190,6 +190,42 @@ pub struct InputSpec {
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by after subtracting the mean.
     pub std: [f32; 3],
+    /// How the counter cuts a pill out of a camera frame before this
+    /// preprocessing (absent: [`PillCrop::Square`], the first bundles' crop).
+    #[serde(default, skip_serializing_if = "PillCrop::is_square")]
+    pub crop: PillCrop,
+}
+
+/// How the counter cuts one pill out of a camera frame for the model; the
+/// training crops must have been cut the same way (`rxvision-synth dataset
+/// --pill-crops --crop …`). See [`crate::counter::crop`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PillCrop {
+    /// The frame's pixels in a square around the pill, as they are.
+    #[default]
+    Square,
+    /// A square turned so that an elongated pill's long axis lies
+    /// horizontal (round and regular pills are cut as `square`): the model
+    /// then reads an oblong's imprint in one of two orientations, not any.
+    Upright,
+}
+
+impl PillCrop {
+    fn is_square(&self) -> bool {
+        *self == PillCrop::Square
+    }
+}
+
+impl std::str::FromStr for PillCrop {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PillCrop, String> {
+        match s {
+            "square" => Ok(PillCrop::Square),
+            "upright" => Ok(PillCrop::Upright),
+            other => Err(format!("unknown crop {other:?} (square or upright)")),
+        }
+    }
 }
 
 /// The graph output engines read.

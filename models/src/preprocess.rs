@@ -421,6 +421,7 @@ mod tests {
             scale: 1.0 / 255.0,
             mean: [0.0; 3],
             std: [1.0; 3],
+            crop: Default::default(),
         }
     }
 

@@ -139,8 +139,9 @@ fn labels_must_match_the_manifest() {
 fn manifest_values_out_of_range_are_refused_by_key() {
     let pristine = read_tree(&fixture_dir());
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(&str, Edit); 5] = [
+    let cases: [(&str, Edit); 6] = [
         ("input.layout", |m| m["input"]["layout"] = "NHWC".into()),
+        ("unknown variant `diagonal`", |m| m["input"]["crop"] = "diagonal".into()),
         ("input.resize", |m| m["input"]["resize"] = "nearest".into()),
         ("thresholds", |m| m["thresholds"]["min_confidence"] = 1.5.into()),
         ("input.mean", |m| m["input"]["std"][1] = 0.0.into()),
@@ -152,6 +153,15 @@ fn manifest_values_out_of_range_are_refused_by_key() {
         let message = load_tree(&files).unwrap_err().to_string();
         assert!(message.starts_with("manifest.json") && message.contains(words), "{words}: {message}");
     }
+}
+
+#[test]
+fn the_crop_is_read_from_the_manifest_and_defaults_to_square() {
+    use rxvision_models::bundle::PillCrop;
+    assert_eq!(fixture().manifest.input.crop, PillCrop::Square, "bundles without the field");
+    let mut files = read_tree(&fixture_dir());
+    with_manifest(&mut files, |m| m["input"]["crop"] = "upright".into());
+    assert_eq!(load_tree(&files).unwrap().manifest.input.crop, PillCrop::Upright);
 }
 
 fn tar_gz(files: &BTreeMap<String, Vec<u8>>, prefix: &str) -> Vec<u8> {

@@ -384,6 +384,7 @@ fn dataset_end_to_end_with_exclusions_and_features() {
 
 #[test]
 fn pill_crops_are_what_the_counter_shows_the_model() {
+    use rxvision_models::bundle::PillCrop;
     use rxvision_models::counter::localise::{localise, LocaliseOptions};
     use rxvision_models::synth::dataset::pill_crop;
     let f = formulary();
@@ -395,8 +396,14 @@ fn pill_crops_are_what_the_counter_shows_the_model() {
     let decoded = decode(&jpeg).unwrap();
     let found = localise(&decoded, LocaliseOptions::default());
     assert_eq!(found.pills.len(), 1);
-    let crop = decode(&pill_crop(&jpeg).unwrap().expect("a clean pill is cropped")).unwrap();
+    let crop = decode(&pill_crop(&jpeg, PillCrop::Square).unwrap().expect("a clean pill is cropped")).unwrap();
     assert_eq!((crop.width, crop.height), (found.pills[0].w, found.pills[0].h));
+    // Upright: the oval's long axis is turned horizontal, whatever its angle in the frame.
+    let upright = decode(&pill_crop(&jpeg, PillCrop::Upright).unwrap().unwrap()).unwrap();
+    assert_ne!(found.pills[0].angle_deg, 0.0, "an oval has a long axis");
+    let up = localise(&upright, LocaliseOptions { min_area_fraction: 0.02, ..LocaliseOptions::default() });
+    assert_eq!(up.pills.len(), 1, "{up:?}");
+    assert!(up.pills[0].angle_deg.abs() < 4.0, "upright crop at {}°", up.pills[0].angle_deg);
     assert!(crop.width < 300 && crop.width == crop.height, "{}x{}", crop.width, crop.height);
     // The crop's centre is the pill, its corners the tray.
     let px = |img: &RgbImage, x: u32, y: u32| img.data[((y * img.width + x) * 3) as usize];
@@ -407,12 +414,12 @@ fn pill_crops_are_what_the_counter_shows_the_model() {
     let empty = image::RgbImage::from_pixel(640, 480, image::Rgb([40, 90, 160]));
     let mut empty_jpeg = Vec::new();
     empty.write_to(&mut std::io::Cursor::new(&mut empty_jpeg), image::ImageFormat::Jpeg).unwrap();
-    assert_eq!(pill_crop(&empty_jpeg).unwrap(), None);
+    assert_eq!(pill_crop(&empty_jpeg, PillCrop::Square).unwrap(), None);
     let sharp = image::load_from_memory(&jpeg).unwrap();
     let mut blurred_jpeg = Vec::new();
     sharp.blur(8.0).write_to(&mut std::io::Cursor::new(&mut blurred_jpeg), image::ImageFormat::Jpeg).unwrap();
-    assert_eq!(pill_crop(&blurred_jpeg).unwrap(), None, "a blurred pill fails the sharpness gate");
-    assert!(pill_crop(b"not a jpeg").unwrap_err().to_string().contains("cannot crop the pill"));
+    assert_eq!(pill_crop(&blurred_jpeg, PillCrop::Upright).unwrap(), None, "a blurred pill fails the sharpness gate");
+    assert!(pill_crop(b"not a jpeg", PillCrop::Square).unwrap_err().to_string().contains("cannot crop the pill"));
 }
 
 #[test]
@@ -488,6 +495,8 @@ fn the_dataset_command_writes_pill_crops_and_counts_what_it_left_out() {
         "--formulary",
         formulary_path().to_str().unwrap(),
         "--pill-crops",
+        "--crop",
+        "upright",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let csv = std::fs::read_to_string(out_dir.path().join("labels.csv")).unwrap();
@@ -579,4 +588,40 @@ fn bad_input_is_a_clear_error_and_leaves_no_index() {
     let out = synth(&["features", dir.path().join("missing").to_str().unwrap()]);
     assert_ne!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn twin_faces_are_the_faces_no_picture_can_tell_apart() {
+    let f = formulary();
+    let p = |ndc: &str| f.get(ndc).unwrap();
+    let (prednisone, trazodone_50, clonazepam_2) = (p("00054-4760-25"), p("50111-0433-01"), p("00093-0834-01"));
+    // Blank bisected backs of two white 9.5 mm rounds: twins, with or without the size cue.
+    for by_size in [false, true] {
+        assert!(prednisone.face_twin(Face::Back, trazodone_50, by_size));
+        assert!(trazodone_50.face_twin(Face::Back, prednisone, by_size));
+    }
+    // Their fronts carry different imprints.
+    assert!(!prednisone.face_twin(Face::Front, trazodone_50, true));
+    // Clonazepam 2 mg's back is blank and bisected too, but 7.1 mm: apart only when the size is measured.
+    assert!(prednisone.face_twin(Face::Back, clonazepam_2, false));
+    assert!(!prednisone.face_twin(Face::Back, clonazepam_2, true));
+    // Trazodone 100 mg (10.3 mm) is within the measurement's spread of 9.5 mm: still a twin.
+    assert!(prednisone.face_twin(Face::Back, p("50111-0434-01"), true));
+    // The sildenafil fronts ("Pfizer") differ only in size; their backs (VGR25/50/100) differ.
+    let (s25, s100) = (p("00069-4200-30"), p("00069-4220-30"));
+    assert!(s25.face_twin(Face::Front, s100, false) && !s25.face_twin(Face::Front, s100, true));
+    assert!(!s25.face_twin(Face::Back, s100, false));
+    // Gabapentin 100 mg shows "D;02" on both sides; never its own twin, and never an unscored face's.
+    let gabapentin = p("65862-0198-01");
+    assert!(!gabapentin.face_twin(Face::Front, gabapentin, false));
+    assert!(!p("64380-0904-06").face_twin(Face::Back, p("00093-0834-01"), false), "unscored vs bisected back");
+    // Every look-alike group has at least one product with a face of its own.
+    let twins_of = |q: &Product, face: Face| f.products.iter().filter(|o| q.face_twin(face, o, true)).count();
+    let mut groups: BTreeMap<&str, bool> = BTreeMap::new();
+    for q in &f.products {
+        if let Some(g) = &q.lookalike_group {
+            *groups.entry(g).or_default() |= twins_of(q, Face::Front) == 0 || twins_of(q, Face::Back) == 0;
+        }
+    }
+    assert!(groups.values().all(|&own| own), "{groups:?}");
 }

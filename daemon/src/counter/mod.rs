@@ -4,9 +4,9 @@
 //! The service that takes frames from the camera, runs the engines and
 //! writes the audit record before answering builds on these.
 //!
-//! The quality gate and the localiser are `rxvision_models::counter`'s: the
+//! The quality gate, the localiser and the crop are `rxvision_models::counter`'s: the
 //! training data is cropped by the same code (see there).
 
-pub use rxvision_models::counter::{localise, quality};
+pub use rxvision_models::counter::{crop, localise, quality};
 pub mod size;
 pub mod verdict;

@@ -140,7 +140,18 @@ mod tests {
 
     fn pill(mm: [f32; 2], contrast: f32) -> PillBox {
         let px = mm.map(|v| v * 9.0);
-        PillBox { x: 0, y: 0, w: 100, h: 100, partial: false, rectangle_px: px, axes_px: px, contrast }
+        PillBox {
+            x: 0,
+            y: 0,
+            w: 100,
+            h: 100,
+            partial: false,
+            rectangle_px: px,
+            axes_px: px,
+            contrast,
+            centre_px: [50.0; 2],
+            angle_deg: 0.0,
+        }
     }
 
     fn oval(length_mm: f32, width_mm: f32) -> Option<Nominal> {

@@ -60,7 +60,8 @@ pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: Thresholds, expec
         return PillVerdict {
             verdict: Verdict::Uncertain,
             reason: format!(
-                "low confidence: best guess {} at {:.0}% (needs {:.0}%, and {:.0} points ahead of the next)",
+                "low confidence: best guess {} at {:.0}% (needs {:.0}%, and {:.0} points ahead of the next); \
+                 turn the pill over (a blank face can belong to several products) or verify by hand",
                 name(top1),
                 p1 * 100.0,
                 thresholds.min_confidence * 100.0,

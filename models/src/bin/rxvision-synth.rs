@@ -2,7 +2,7 @@
 //! the drift features.
 //!
 //! ```text
-//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--pill-crops]
+//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--pill-crops [--crop square|upright]]
 //! rxvision-synth tray     --out DIR --n N --seed S [--size WxH]
 //! rxvision-synth features DIR            # CSV on stdout
 //! rxvision-synth sample   --ndc NDC --seed S --out FILE.png|.jpg [--face back] [--clean]
@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+use rxvision_models::bundle::PillCrop;
 use rxvision_models::synth::dataset::{self, DatasetError, DatasetSpec};
 use rxvision_models::synth::features::{self, CSV_HEADER};
 use rxvision_models::synth::formulary::{self, Face, Formulary};
@@ -53,6 +54,11 @@ enum Command {
         /// sets: the model then learns from what the counter shows it.
         #[arg(long)]
         pill_crops: bool,
+        /// How `--pill-crops` cuts the pill (the model bundle's `input.crop`):
+        /// `square` as it lies, or `upright` with an elongated pill's long
+        /// axis turned horizontal.
+        #[arg(long, requires = "pill_crops", default_value = "square")]
+        crop: PillCrop,
     },
     /// Render multi-pill count-mode scenes: DIR/trays/*.jpg and DIR/trays.json.
     Tray {
@@ -192,7 +198,8 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Dataset { common, per_class, size, exclude, pill_crops } => {
+        Command::Dataset { common, per_class, size, exclude, pill_crops, crop } => {
+            let pill_crops = pill_crops.then_some(crop);
             let formulary = load(&common.formulary)?;
             let mut options = SceneOptions::crop(size.0, size.1);
             if let Some(s) = common.px_per_mm {

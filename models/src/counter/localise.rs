@@ -62,7 +62,18 @@ pub struct PillBox {
     /// Mean colour distance (0–441) of the pill's pixels from the tray: how
     /// far to trust the measured size (a pill like its tray loses its rim).
     pub contrast: f32,
+    /// The pill's centre (centroid of its pixels), frame pixels.
+    pub centre_px: [f32; 2],
+    /// Direction of the pill's long axis in the frame, degrees clockwise
+    /// from the x axis (y points down), in (-90, 90]; 0 for a pill without a
+    /// long axis (its principal extents within [`ELONGATED`] of each other:
+    /// round, square, regular shapes).
+    pub angle_deg: f32,
 }
+
+/// A pill is elongated, and has a direction, when its principal extents
+/// differ by at least this ratio.
+pub const ELONGATED: f32 = 1.15;
 
 /// Everything the localiser found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -101,7 +112,10 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
         // The extents, with the final erosion (1 px each side) undone.
         let to_frame = |[l, w]: [f32; 2]| [(l + 2.0) * scale, (w + 2.0) * scale];
         bx.rectangle_px = to_frame(component.bounding_rectangle());
-        bx.axes_px = to_frame(component.principal_extents());
+        let (axes, angle) = component.principal_axes();
+        bx.axes_px = to_frame(axes);
+        bx.angle_deg = if bx.axes_px[0] >= ELONGATED * bx.axes_px[1] { angle } else { 0.0 };
+        bx.centre_px = component.centroid().map(|v| (v as f32 + 0.5) * scale);
         bx.contrast = component.contrast(&small, tray);
         if touches_edge {
             partial.push(bx);
@@ -130,6 +144,8 @@ fn square_crop(frame: &RgbImage, [x0, y0, x1, y1]: [f32; 4], scale: f32, margin:
         rectangle_px: [0.0; 2],
         axes_px: [0.0; 2],
         contrast: 0.0,
+        centre_px: [0.0; 2],
+        angle_deg: 0.0,
     }
 }
 
@@ -274,13 +290,19 @@ impl Component {
         total / self.pixels.len().max(1) as f32
     }
 
+    /// Mean position of the pixels, working pixels.
+    fn centroid(&self) -> [f64; 2] {
+        let n = self.pixels.len().max(1) as f64;
+        let (sx, sy) = self.pixels.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + f64::from(x), b + f64::from(y)));
+        [sx / n, sy / n]
+    }
+
     /// Extents along the principal axes of the pixels (the eigenvectors of
-    /// their covariance), longer first, in working pixels. Meaningful for
-    /// elongated shapes only: a round or regular shape has no principal axis.
-    fn principal_extents(&self) -> [f32; 2] {
-        let n = self.pixels.len() as f64;
-        let (mx, my) = self.pixels.iter().fold((0.0, 0.0), |(a, b), &(x, y)| (a + f64::from(x), b + f64::from(y)));
-        let (mx, my) = (mx / n, my / n);
+    /// their covariance), longer first, in working pixels, and the direction
+    /// of the longer one (degrees clockwise from x, in (-90, 90]). Meaningful
+    /// for elongated shapes only: a round or regular shape has no principal axis.
+    fn principal_axes(&self) -> ([f32; 2], f32) {
+        let [mx, my] = self.centroid();
         let (mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0);
         for &(x, y) in &self.pixels {
             let (dx, dy) = (f64::from(x) - mx, f64::from(y) - my);
@@ -288,8 +310,19 @@ impl Component {
             syy += dy * dy;
             sxy += dx * dy;
         }
-        let e = self.extents_at(0.5 * (2.0 * sxy).atan2(sxx - syy));
-        [e[0].max(e[1]) as f32, e[0].min(e[1]) as f32]
+        let mut angle = 0.5 * (2.0 * sxy).atan2(sxx - syy);
+        let e = self.extents_at(angle);
+        if e[0] < e[1] {
+            angle += std::f64::consts::FRAC_PI_2;
+        }
+        let mut degrees = angle.to_degrees();
+        while degrees > 90.0 {
+            degrees -= 180.0;
+        }
+        while degrees <= -90.0 {
+            degrees += 180.0;
+        }
+        ([e[0].max(e[1]) as f32, e[0].min(e[1]) as f32], degrees as f32)
     }
 }
 

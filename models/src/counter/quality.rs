@@ -161,6 +161,8 @@ mod tests {
             rectangle_px: [0.0; 2],
             axes_px: [0.0; 2],
             contrast: 0.0,
+            centre_px: [32.0; 2],
+            angle_deg: 0.0,
         };
         assert!(check_sharpness(&frame, all, QualityLimits::default()).is_ok());
         let smooth = flat(64, 64, [128, 128, 128]);

@@ -21,6 +21,7 @@ use super::labels::{LabelRow, HEADER};
 use super::par_map;
 use super::rng::{image_seed, tray_seed};
 use super::scene::{render_sample, render_tray, SceneError, SceneOptions};
+use crate::bundle::PillCrop;
 
 /// Why a dataset could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +60,9 @@ pub struct DatasetSpec {
     pub exclude: Vec<String>,
     /// Worker threads (≥ 1).
     pub threads: usize,
-    /// Write each frame's pill as the counter crops it (see [`pill_crop`])
-    /// instead of the whole frame.
-    pub pill_crops: bool,
+    /// Write each frame's pill as the counter crops it with this crop (see
+    /// [`pill_crop`]) instead of the whole frame.
+    pub pill_crops: Option<PillCrop>,
 }
 
 /// What a dataset run wrote.
@@ -121,8 +122,8 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
         let file = image_name(&product.ndc, index, face);
         let path = spec.out.join(&file);
         let jpeg = picture.to_jpeg()?;
-        let bytes = if spec.pill_crops {
-            match pill_crop(&jpeg)? {
+        let bytes = if let Some(mode) = spec.pill_crops {
+            match pill_crop(&jpeg, mode)? {
                 Some(crop) => crop,
                 None => return Ok(None),
             }
@@ -157,10 +158,11 @@ pub const CROP_JPEG_QUALITY: u8 = 95;
 
 /// The pill of a camera frame (JPEG bytes) as the counter path would show it
 /// to the model: the frame decoded, passed through the quality gate, the
-/// pill localised, its square crop checked for sharpness. `None` when the
-/// counter would not ask the model (no whole pill, too dark, over-exposed,
-/// blurred). With several whole pills, the one nearest the centre.
-pub fn pill_crop(jpeg: &[u8]) -> Result<Option<Vec<u8>>, SceneError> {
+/// pill localised and checked for sharpness, then cut with `mode`. `None`
+/// when the counter would not ask the model (no whole pill, too dark,
+/// over-exposed, blurred). With several whole pills, the one nearest the centre.
+pub fn pill_crop(jpeg: &[u8], mode: PillCrop) -> Result<Option<Vec<u8>>, SceneError> {
+    use crate::counter::crop::crop_pill;
     use crate::counter::localise::{localise, LocaliseOptions};
     use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
     let frame = crate::preprocess::decode(jpeg).map_err(|e| SceneError::Crop(e.to_string()))?;
@@ -173,23 +175,20 @@ pub fn pill_crop(jpeg: &[u8]) -> Result<Option<Vec<u8>>, SceneError> {
         let (x, y) = (b.x as f32 + b.w as f32 / 2.0, b.y as f32 + b.h as f32 / 2.0);
         (x - cx).powi(2) + (y - cy).powi(2)
     };
-    let found = localise(&frame, LocaliseOptions::default());
+    let options = LocaliseOptions::default();
+    let found = localise(&frame, options);
     let Some(pill) = found.pills.into_iter().min_by(|a, b| off_centre(a).total_cmp(&off_centre(b))) else {
         return Ok(None);
     };
     if check_sharpness(&frame, pill, limits).is_err() {
         return Ok(None);
     }
-    let view = frame.region(pill.x, pill.y, pill.w, pill.h).map_err(|e| SceneError::Crop(e.to_string()))?;
-    let mut rgb = Vec::with_capacity(pill.w as usize * pill.h as usize * 3);
-    for row in 0..pill.h {
-        rgb.extend_from_slice(view.row(row as usize));
-    }
+    let crop = crop_pill(&frame, &pill, mode, options.margin);
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, CROP_JPEG_QUALITY).encode(
-        &rgb,
-        pill.w,
-        pill.h,
+        &crop.data,
+        crop.width,
+        crop.height,
         image::ExtendedColorType::Rgb8,
     )?;
     Ok(Some(out))

@@ -150,6 +150,36 @@ impl Product {
     pub fn is_capsule(&self) -> bool {
         self.shape == Shape::Capsule
     }
+
+    /// Whether `face` of this product looks exactly like a face of `other`
+    /// from above: the same outline, colours, imprint text and style, and
+    /// score lines. With `by_size` (the counter measures the pill, see the
+    /// daemon's size cue) lengths and widths must also agree within the
+    /// measurement's spread (7 % + 0.4 mm); without it only the proportions
+    /// must (within 7 %), since a crop around the pill hides its size.
+    ///
+    /// Such a face cannot identify the product: the blank bisected back of
+    /// prednisone 20 mg and of trazodone 50 mg, both white 9.5 mm rounds.
+    pub fn face_twin(&self, face: Face, other: &Product, by_size: bool) -> bool {
+        let near = |a: f32, b: f32| (a - b).abs() <= 0.07 * a.max(b) + 0.4;
+        let sizes_agree = if by_size {
+            near(self.length_mm, other.length_mm) && near(self.width_mm, other.width_mm)
+        } else {
+            let (a, b) = (self.width_mm / self.length_mm, other.width_mm / other.length_mm);
+            (a - b).abs() <= 0.07 * a.max(b)
+        };
+        self.ndc != other.ndc
+            && self.shape == other.shape
+            && self.color_rgb == other.color_rgb
+            && sizes_agree
+            && [Face::Front, Face::Back].into_iter().any(|theirs| {
+                let scored = self.scored_on(face);
+                self.imprint(face) == other.imprint(theirs)
+                    && (self.imprint(face).is_empty() || self.imprint_style == other.imprint_style)
+                    && scored == other.scored_on(theirs)
+                    && (!scored || self.score == other.score)
+            })
+    }
 }
 
 /// The products, in file order.

@@ -58,9 +58,19 @@ def write_json(p: Path, obj) -> None:
     p.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def input_spec(size: int) -> dict:
-    return {"name": INPUT_NAME, "width": size, "height": size, "layout": "NCHW", "color": "RGB",
+CROPS = ("square", "upright")
+
+
+def input_spec(size: int, crop: str = "square") -> dict:
+    """The manifest's ``input``. ``crop`` names how the counter cuts the pill out of the frame
+    (``rxvision-synth dataset --pill-crops --crop``); ``square``, the default, is left out."""
+    if crop not in CROPS:
+        raise ValueError(f"crop {crop!r} is not one of {CROPS}")
+    spec = {"name": INPUT_NAME, "width": size, "height": size, "layout": "NCHW", "color": "RGB",
             "resize": "bilinear", "scale": SCALE, "mean": list(MEAN), "std": list(STD)}
+    if crop != "square":
+        spec["crop"] = crop
+    return spec
 
 
 # --------------------------------------------------------------------------- labels
@@ -247,7 +257,8 @@ def verify_bundle(root: str | Path, run_selftest: bool = True) -> dict:
     if m["purpose"] not in ("production", "fixture"):
         fail("purpose")
     inp = m["input"]
-    if set(inp) != set(input_spec(1)) or inp["layout"] != "NCHW" or inp["color"] != "RGB" or inp["resize"] != "bilinear":
+    if (set(inp) - {"crop"} != set(input_spec(1)) or inp["layout"] != "NCHW" or inp["color"] != "RGB"
+            or inp["resize"] != "bilinear" or inp.get("crop", "square") not in CROPS):
         fail(f"input spec {inp}")
     if set(m["output"]) != {"name", "kind"} or m["output"]["kind"] != "probabilities":
         fail(f"output spec {m['output']}")

@@ -61,6 +61,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--epochs", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--size", type=int, default=128, help="square model input size (default 128)")
+    ap.add_argument("--crop", default="square", choices=["square", "upright"],
+                    help="how the data's pill crops were cut (rxvision-synth dataset --pill-crops --crop); "
+                         "written to the manifest so the counter cuts the same way (default square)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--synth", help="path to the rxvision-synth binary (drift features for profile.json)")
     ap.add_argument("--formulary", type=Path, help="formulary.json (default: the checkout's models/formulary)")
@@ -398,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
                 "labels": "labels.json",
                 "profile": "profile.json",
                 "num_classes": len(classes),
-                "input": input_spec(args.size),
+                "input": input_spec(args.size, args.crop),
                 "output": {"name": "probs", "kind": "probabilities"},
                 "thresholds": thresholds,
                 "selftest": {"expected": "selftest/expected.json", "tolerance": SELFTEST_TOLERANCE},

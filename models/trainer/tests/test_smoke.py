@@ -67,3 +67,22 @@ def test_tampering_is_caught(smoke, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleCheckError, match="manifest.json.sha256"):
         verify_bundle(b)
+
+
+def test_the_crop_is_part_of_the_input_contract(smoke, tmp_path):
+    """``input.crop`` may say how the counter cuts the pill (upright); anything else is refused."""
+    import hashlib
+    work, _ = smoke
+    for crop, ok in (("upright", True), ("square", True), ("diagonal", False)):
+        b = tmp_path / crop
+        shutil.copytree(work / "bundle", b)
+        m = json.loads((b / "manifest.json").read_text())
+        m["input"]["crop"] = crop
+        (b / "manifest.json").write_text(json.dumps(m))
+        digest = hashlib.sha256((b / "manifest.json").read_bytes()).hexdigest()
+        (b / "manifest.json.sha256").write_text(f"{digest}  manifest.json\n")
+        if ok:
+            assert verify_bundle(b)["cases"] >= 1
+        else:
+            with pytest.raises(BundleCheckError, match="input spec"):
+                verify_bundle(b)
