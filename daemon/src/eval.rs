@@ -83,7 +83,8 @@ pub struct EvalReport {
     pub uncertain_rate: f64,
     /// Top-1 accuracy per look-alike group.
     pub per_group: BTreeMap<String, GroupScore>,
-    /// The most frequent mistakes, most frequent first (at most 20).
+    /// The most frequent mistakes (at most 20): wrong products first, then
+    /// refusals (`NO_PILL` / `BAD_IMAGE`), each most frequent first.
     pub confusions: Vec<Confusion>,
     /// Products absent from the formulary.
     pub open_set: OpenSet,
@@ -223,7 +224,9 @@ pub fn evaluate(path: &CounterPath, dataset: &Path, twins: Option<TwinRule<'_>>)
         .sum();
     let mut confusions: Vec<Confusion> =
         confusions.into_iter().map(|((expected, predicted), count)| Confusion { expected, predicted, count }).collect();
-    confusions.sort_by(|a, b| b.count.cmp(&a.count).then(a.expected.cmp(&b.expected)));
+    let refusal = |c: &Confusion| c.predicted == "NO_PILL" || c.predicted == "BAD_IMAGE";
+    confusions
+        .sort_by(|a, b| refusal(a).cmp(&refusal(b)).then(b.count.cmp(&a.count)).then(a.expected.cmp(&b.expected)));
     confusions.truncate(20);
     Ok(EvalReport {
         n,
