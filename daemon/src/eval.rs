@@ -68,6 +68,50 @@ pub struct OpenSet {
     pub uncertain_rate: f64,
 }
 
+/// One scored image whose top-1 was wrong, for looking at the mistakes
+/// themselves (`rxvisiond eval --mistakes FILE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Mistake {
+    /// The image, as `labels.csv` names it.
+    pub file: String,
+    /// The pill's NDC.
+    pub expected: String,
+    /// The face in view (`front` / `back`; empty without a `face` column).
+    pub face: String,
+    /// The model's top-1 NDC.
+    pub predicted: String,
+    /// Its probability (after the size cue, when on).
+    pub confidence: f32,
+    /// The verdict the counter gave.
+    pub verdict: Verdict,
+    /// The pill's measured length and width, frame pixels (smallest rectangle).
+    pub rectangle_px: [f32; 2],
+    /// Its mean colour distance from the tray (0–441).
+    pub contrast: f32,
+}
+
+impl Mistake {
+    /// The CSV header of [`Mistake::csv_row`].
+    pub const CSV_HEADER: &'static str = "file,expected,face,predicted,confidence,verdict,length_px,width_px,contrast";
+
+    /// One CSV row.
+    pub fn csv_row(&self) -> String {
+        let verdict = serde_json::to_value(self.verdict).ok().and_then(|v| v.as_str().map(String::from));
+        [
+            labels::quote(&self.file),
+            labels::quote(&self.expected),
+            labels::quote(&self.face),
+            labels::quote(&self.predicted),
+            format!("{:.4}", self.confidence),
+            verdict.unwrap_or_default(),
+            format!("{:.1}", self.rectangle_px[0]),
+            format!("{:.1}", self.rectangle_px[1]),
+            format!("{:.1}", self.contrast),
+        ]
+        .join(",")
+    }
+}
+
 /// What `rxvisiond eval` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -95,6 +139,10 @@ pub struct EvalReport {
     /// exactly, scored apart (absent without a formulary or a `face` column).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub twin_faces: Option<TwinFaces>,
+    /// Every scored image of a known product whose top-1 was wrong, in
+    /// dataset order (not printed with the report).
+    #[serde(skip)]
+    pub mistakes: Vec<Mistake>,
 }
 
 /// Images of faces no picture can identify (see the module's docs).
@@ -157,6 +205,8 @@ pub fn evaluate(path: &CounterPath, dataset: &Path, twins: Option<TwinRule<'_>>)
     let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut confusions: HashMap<(String, String), usize> = HashMap::new();
     let mut open = (0usize, 0usize);
+    let mut mistakes = Vec::new();
+    let face_col = column("face");
     let request = ScanRequest { expected_ndc: None, operator_id: "eval".into(), rx_ref: None };
     for (i, row) in rows.iter().enumerate() {
         if row.len() == 1 && row[0].is_empty() {
@@ -211,6 +261,16 @@ pub fn evaluate(path: &CounterPath, dataset: &Path, twins: Option<TwinRule<'_>>)
         }
         if !right {
             *confusions.entry((ndc.clone(), pill.top_k[0].ndc.clone())).or_default() += 1;
+            mistakes.push(Mistake {
+                file: file.clone(),
+                expected: ndc.clone(),
+                face: face_col.and_then(|c| row.get(c)).cloned().unwrap_or_default(),
+                predicted: pill.top_k[0].ndc.clone(),
+                confidence: pill.top_k[0].prob,
+                verdict: analysis.verdict,
+                rectangle_px: pill.region.rectangle_px,
+                contrast: pill.region.contrast,
+            });
         }
     }
     let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
@@ -248,5 +308,6 @@ pub fn evaluate(path: &CounterPath, dataset: &Path, twins: Option<TwinRule<'_>>)
             open_set_n: twin_open.0,
             open_set_uncertain_rate: share(twin_open.1, twin_open.0),
         }),
+        mistakes,
     })
 }

@@ -68,6 +68,10 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Also write every scored image whose top-1 was wrong to this CSV file (file,
+        /// expected, face, predicted, confidence, verdict, measured size in pixels, contrast).
+        #[arg(long, value_name = "FILE")]
+        mistakes: Option<PathBuf>,
     },
     /// Verify, export or prune the encrypted audit log.
     Audit {
@@ -276,8 +280,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => run_selftest(&model, json),
-        Command::Eval { model, dataset, px_per_mm, formulary, json } => {
-            run_eval(&model, &dataset, px_per_mm, formulary, json)
+        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes } => {
+            run_eval(&model, &dataset, px_per_mm, formulary, json, mistakes.as_deref())
         }
         Command::Audit { command } => return audit(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
@@ -525,6 +529,7 @@ fn run_eval(
     px_per_mm: Option<f32>,
     formulary: Option<PathBuf>,
     json: bool,
+    mistakes: Option<&std::path::Path>,
 ) -> Result<ExitCode, ClassifyError> {
     const DEFAULT_FORMULARY: &str = "models/formulary/formulary.json";
     if let Some(scale) = px_per_mm.filter(|s| !(1.0..=100.0).contains(s)) {
@@ -571,6 +576,18 @@ fn run_eval(
             return Ok(ExitCode::from(1));
         }
     };
+    if let Some(out) = mistakes {
+        let mut csv = String::from(rxvision_daemon::eval::Mistake::CSV_HEADER);
+        for m in &report.mistakes {
+            csv.push('\n');
+            csv.push_str(&m.csv_row());
+        }
+        csv.push('\n');
+        if let Err(e) = std::fs::write(out, csv) {
+            eprintln!("rxvisiond: --mistakes {}: {e}", out.display());
+            return Ok(ExitCode::from(1));
+        }
+    }
     if json {
         println!("{}", serde_json::to_string(&report).expect("report serialises"));
     } else {

@@ -45,7 +45,8 @@ fn golden_images() -> Vec<(PathBuf, usize)> {
 #[test]
 fn classify_json_prints_one_object_per_image_with_the_documented_fields() {
     let images = golden_images();
-    let mut args = vec!["classify", "--engine", "cpu", "--json", "--top", "2"];
+    let fixture = fixture_dir();
+    let mut args = vec!["classify", "--bundle", fixture.to_str().unwrap(), "--engine", "cpu", "--json", "--top", "2"];
     let paths: Vec<String> = images.iter().map(|(p, _)| p.display().to_string()).collect();
     args.extend(paths.iter().map(String::as_str));
     let out = rxvisiond(&args);
@@ -112,7 +113,9 @@ fn selftest_passes_on_the_gpu_engine() {
     // lavapipe shares two cores with the rest of the suite: the first
     // request compiles shaders and can take seconds, so the watchdog (tested
     // on its own in rxvision-models) is widened here.
-    let out = rxvisiond(&["selftest", "--engine", "gpu", "--gpu-timeout-ms", "60000"]);
+    let fixture = fixture_dir();
+    let out =
+        rxvisiond(&["selftest", "--engine", "gpu", "--gpu-timeout-ms", "60000", "--bundle", fixture.to_str().unwrap()]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}{}", stderr(&out));
     assert!(text.contains("wonnx") && text.contains("PASS"), "{text}");
@@ -325,7 +328,17 @@ mod eval_command {
         tray.save(dir.path().join("empty.png")).unwrap();
         csv.push_str("empty.png,fixture-00,front,x,,G1,10\nempty.png,99999-0000-01,front,y,,,11\n");
         std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
-        let out = rxvisiond(&["eval", "--engine", "cpu", "--json", "--dataset", dir.path().to_str().unwrap()]);
+        let fixture = super::fixture_dir();
+        let out = rxvisiond(&[
+            "eval",
+            "--bundle",
+            fixture.to_str().unwrap(),
+            "--engine",
+            "cpu",
+            "--json",
+            "--dataset",
+            dir.path().to_str().unwrap(),
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
         assert_eq!(report["n"], 8, "{report}");
@@ -384,6 +397,60 @@ mod eval_command {
         let out = rxvisiond(&["eval", "--dataset", dir.path().to_str().unwrap(), "--formulary", "/nonexistent.json"]);
         assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
         assert!(stderr(&out).contains("--formulary"), "{}", stderr(&out));
+    }
+
+    /// `--mistakes` lists each wrongly identified image with what the model said instead.
+    #[test]
+    fn eval_writes_the_mistakes_it_scored() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = golden_images();
+        let ((right_path, right_class), (wrong_path, wrong_class)) = (&images[0], &images[1]);
+        assert_ne!(right_class, wrong_class);
+        std::fs::copy(right_path, dir.path().join("right.png")).unwrap();
+        std::fs::copy(wrong_path, dir.path().join("mislabelled.png")).unwrap();
+        // The second image is labelled as the first image's class: the model will disagree.
+        let csv = format!(
+            "file,ndc,face\nright.png,fixture-0{right_class},front\nmislabelled.png,fixture-0{right_class},back\n"
+        );
+        std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
+        let fixture = super::fixture_dir();
+        let mistakes = dir.path().join("mistakes.csv");
+        let eval = |out: &std::path::Path| {
+            rxvisiond(&[
+                "eval",
+                "--bundle",
+                fixture.to_str().unwrap(),
+                "--engine",
+                "cpu",
+                "--json",
+                "--dataset",
+                dir.path().to_str().unwrap(),
+                "--mistakes",
+                out.to_str().unwrap(),
+            ])
+        };
+        let out = eval(&mistakes);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        assert_eq!(report["n"], 2, "{report}");
+        assert_eq!(report["top1"], 0.5, "{report}");
+        assert!(report.get("mistakes").is_none(), "the list goes to the file only: {report}");
+        let text = std::fs::read_to_string(&mistakes).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0], "file,expected,face,predicted,confidence,verdict,length_px,width_px,contrast");
+        let fields: Vec<&str> = lines[1].split(',').collect();
+        assert_eq!(
+            fields[..4],
+            ["mislabelled.png", &format!("fixture-0{right_class}"), "back", &format!("fixture-0{wrong_class}")]
+        );
+        let confidence: f32 = fields[4].parse().unwrap();
+        assert!(confidence > 0.0 && confidence <= 1.0, "{text}");
+        assert!(fields[6].parse::<f32>().unwrap() > 0.0, "a measured length: {text}");
+        // An unwritable file is an error, not a silent loss.
+        let out = eval(&dir.path().join("no/such/dir/mistakes.csv"));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("--mistakes"), "{}", stderr(&out));
     }
 
     #[test]
