@@ -188,10 +188,13 @@ impl CounterPath {
         }
         let crop = crop_pill(image, &region, self.classifier.bundle().manifest.input.crop, self.localise.margin);
         let mut probs = self.classifier.infer(crop.view())?.probs;
-        if let Some(cue) = &self.size_cue {
-            cue.weigh(&mut probs, &region);
-        }
         let bundle = self.classifier.bundle();
+        if let Some(cue) = &self.size_cue {
+            if let Err(refusal) = cue.apply(&mut probs, &region) {
+                let reason = refusal.reason(&bundle.labels);
+                return Ok(PillResult { top_k: Vec::new(), verdict: Verdict::BadImage, reason, region });
+            }
+        }
         let judged = judge_pill(&probs, &bundle.labels, bundle.manifest.thresholds, request.expected_ndc.as_deref());
         Ok(PillResult {
             top_k: self.classifier.top_k(&probs, TOP_K),

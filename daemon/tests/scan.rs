@@ -106,3 +106,57 @@ fn an_empty_tray_a_corrupt_upload_and_a_dark_frame_are_answered_and_recorded() {
     let report = scanner.audit().verify().unwrap();
     assert_eq!(report.checked, 3);
 }
+
+/// A green-and-white capsule on a green or a white tray shows only part of itself: the
+/// localiser finds its other half. Such a pill measures far shorter than the capsule it
+/// looks like, and the counter asks for a new picture instead of naming a product. On the
+/// blue and grey trays the whole capsule is measured and identified, unless the localiser
+/// splits it at the seam.
+#[test]
+fn a_capsule_half_the_colour_of_the_tray_is_refused_by_its_size() {
+    use rxvision_daemon::counter::localise::{localise, LocaliseOptions};
+    use rxvision_daemon::counter::size::SizeCue;
+    use rxvision_daemon::scan::CounterPath;
+    use rxvision_models::preprocess::decode;
+    use rxvision_models::synth::formulary::{Face, Formulary};
+    use rxvision_models::synth::scene::{render_sample, SceneOptions};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let formulary = Formulary::load(&root.join("models/formulary/formulary.json")).unwrap();
+    let options = EngineOptions { preference: EnginePreference::Cpu, ..EngineOptions::default() };
+    let classifier = Classifier::open(Some(&root.join("models/bundles/fixture-pills/0.1.0")), &[], options).unwrap();
+    let cue = SizeCue::from_formulary(9.0, &classifier.bundle().labels, &formulary);
+    let path = CounterPath::new(Arc::new(classifier)).with_size_cue(cue);
+    let cephalexin = formulary.get("00093-3145-01").unwrap();
+    let distance = |a: [u8; 3], b: [u8; 3]| {
+        a.iter().zip(b).map(|(&x, y)| (f32::from(x) - f32::from(y)).powi(2)).sum::<f32>().sqrt()
+    };
+    let (mut refused, mut whole) = (0, 0);
+    for seed in 0..12 {
+        let options = SceneOptions { clean: true, ..SceneOptions::camera(640, 480) };
+        let jpeg = render_sample(cephalexin, Face::Front, &[], seed, &options).to_jpeg().unwrap();
+        let tray = localise(&decode(&jpeg).unwrap(), LocaliseOptions::default()).tray_rgb;
+        let shares_a_colour = [[58, 138, 88], [245, 244, 238]].iter().any(|&c| distance(c, tray) < 60.0);
+        let analysis = path.analyse(&request(None), &jpeg).unwrap();
+        let pill = analysis.pills.first().unwrap_or_else(|| panic!("seed {seed}: no pill found: {analysis:?}"));
+        let length_mm = pill.region.rectangle_px[0] / 9.0;
+        if pill.reason.contains("measures") {
+            // Or the localiser found the two halves apart (the seam splits them on some grey
+            // trays): each half is then refused in the same way, never named.
+            let halves_apart = analysis.pills.len() == 2;
+            assert!(shares_a_colour || halves_apart, "seed {seed}: refused on a {tray:?} tray: {analysis:?}");
+            assert_eq!(pill.verdict, Verdict::BadImage, "{pill:?}");
+            assert!(pill.top_k.is_empty(), "no product is named: {pill:?}");
+            assert!(length_mm < 12.0, "refused at {length_mm:.1} mm, more than two thirds of 18 mm: {pill:?}");
+            refused += 1;
+        } else if shares_a_colour {
+            // Part of the tray-coloured half found (its shading, its imprint): measured short,
+            // and the size cue may then take it for the shorter fluoxetine capsule.
+            assert!(length_mm < 17.0, "seed {seed}: {length_mm:.1} mm on a {tray:?} tray: {pill:?}");
+        } else {
+            assert!((15.0..=21.0).contains(&length_mm), "seed {seed}: the whole capsule, {length_mm:.1} mm: {pill:?}");
+            assert_eq!(pill.verdict, Verdict::Identified, "seed {seed}: {pill:?}");
+            whole += 1;
+        }
+    }
+    assert!(refused > 0 && whole > 0, "12 trays drawn from 4 colours: {refused} refused, {whole} whole");
+}

@@ -31,7 +31,9 @@ pub enum Verdict {
     Identified,
     /// No pill in view.
     NoPill,
-    /// The image is unusable (corrupt, too dark, over-exposed, blurred).
+    /// The image is unusable (corrupt, too dark, over-exposed, blurred), or
+    /// the pill in it measures unlike the product it looks like (part of it
+    /// the tray's colour, say): take a new picture.
     BadImage,
 }
 
