@@ -243,9 +243,7 @@ impl SizeCue {
         }
         true
     }
-}
 
-impl SizeCue {
     /// Whether the measured size of `pill` contradicts the best class of
     /// `probs` (call after [`SizeCue::weigh`]): the pill is measured with
     /// trust, the class has a formulary size, and the size fits it worse than
