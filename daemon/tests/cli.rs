@@ -310,6 +310,15 @@ mod config_commands {
 mod eval_command {
     use super::{golden_images, rxvisiond, stderr, stdout};
 
+    /// `rxvisiond eval --json` with the shape fixture on the CPU over `dataset`, plus `extra`.
+    fn eval_fixture(dataset: &std::path::Path, extra: &[&str]) -> std::process::Output {
+        let fixture = super::fixture_dir();
+        let mut args = vec!["eval", "--bundle", fixture.to_str().unwrap(), "--engine", "cpu", "--json"];
+        args.extend(["--dataset", dataset.to_str().unwrap()]);
+        args.extend(extra);
+        rxvisiond(&args)
+    }
+
     #[test]
     fn eval_scores_a_labelled_dataset_with_groups_and_an_open_set() {
         let dir = tempfile::tempdir().unwrap();
@@ -328,17 +337,7 @@ mod eval_command {
         tray.save(dir.path().join("empty.png")).unwrap();
         csv.push_str("empty.png,fixture-00,front,x,,G1,10\nempty.png,99999-0000-01,front,y,,,11\n");
         std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
-        let fixture = super::fixture_dir();
-        let out = rxvisiond(&[
-            "eval",
-            "--bundle",
-            fixture.to_str().unwrap(),
-            "--engine",
-            "cpu",
-            "--json",
-            "--dataset",
-            dir.path().to_str().unwrap(),
-        ]);
+        let out = eval_fixture(dir.path(), &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
         assert_eq!(report["n"], 8, "{report}");
@@ -413,22 +412,8 @@ mod eval_command {
             "file,ndc,face\nright.png,fixture-0{right_class},front\nmislabelled.png,fixture-0{right_class},back\n"
         );
         std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
-        let fixture = super::fixture_dir();
         let mistakes = dir.path().join("mistakes.csv");
-        let eval = |out: &std::path::Path| {
-            rxvisiond(&[
-                "eval",
-                "--bundle",
-                fixture.to_str().unwrap(),
-                "--engine",
-                "cpu",
-                "--json",
-                "--dataset",
-                dir.path().to_str().unwrap(),
-                "--mistakes",
-                out.to_str().unwrap(),
-            ])
-        };
+        let eval = |out: &std::path::Path| eval_fixture(dir.path(), &["--mistakes", out.to_str().unwrap()]);
         let out = eval(&mistakes);
         assert!(out.status.success(), "{}", stderr(&out));
         let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
