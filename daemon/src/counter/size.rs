@@ -173,7 +173,7 @@ impl SizeCue {
     /// finds plausible (within [`PLAUSIBLE`] of its best); empty when the
     /// best class has no group.
     fn plausible_lookalikes(&self, probs: &[f32]) -> Vec<usize> {
-        let Some(top) = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b])) else { return Vec::new() };
+        let Some(top) = best_class(probs) else { return Vec::new() };
         let Some(group) = self.nominal[top].as_ref().and_then(|n| n.group.as_ref()) else { return Vec::new() };
         (0..probs.len())
             .filter(|&i| {
@@ -204,7 +204,7 @@ impl SizeCue {
     /// measured size contradicts the best class.
     pub fn apply(&self, probs: &mut [f32], pill: &PillBox) -> Result<bool, SizeRefusal> {
         if !self.measurable(probs, pill) {
-            let top = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b]));
+            let top = best_class(probs);
             return match top.filter(|_| !pill.partial && self.needs_size(probs)) {
                 Some(class) => Err(SizeRefusal::Unmeasurable { class, contrast: pill.contrast }),
                 None => Ok(false),
@@ -252,12 +252,17 @@ impl SizeCue {
         if !self.measurable(probs, pill) {
             return None;
         }
-        let class = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b]))?;
+        let class = best_class(probs)?;
         let nominal = self.nominal[class].as_ref()?;
         let measured_mm = self.measured_mm(pill, nominal);
         let nominal_mm = [nominal.length_mm, nominal.width_mm];
         (fit(measured_mm, nominal_mm) < CONTRADICTS).then_some(Contradiction { class, measured_mm, nominal_mm })
     }
+}
+
+/// The class the model finds most probable (`None` for no classes).
+fn best_class(probs: &[f32]) -> Option<usize> {
+    (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
 }
 
 /// How well a measured size (mm, longer first) fits a nominal one: 1 for a
