@@ -7,7 +7,8 @@
     python -m rxvision_trainer card-append BUNDLE_DIR --section FILE.md
     python -m rxvision_trainer convert --index TABLE --images DIR --out DIR --file-col C --ndc-col C ...
 
-Exit codes: 0 ok, 1 failed, 2 bad usage (argparse), 65 bad data.
+Exit codes: 0 ok, 1 failed, 2 bad usage (argparse), 65 bad data, 75 training paused at
+``--pause-at`` (the ``--checkpoint`` holds the run; the same command goes on).
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from .data import DataError
+    from .pipeline import TrainingPaused
+    from .train import CheckpointError
     try:
         if args.cmd == "train":
             from .pipeline import run, summary_json
@@ -70,9 +73,12 @@ def main(argv=None) -> int:
                               filter_values=[v for v in args.filter_values.split(",") if v],
                               formulary=Formulary(fpath) if fpath else None, link=not args.copy)
             print(f"wrote {n} images to {args.out}")
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 65
+    except TrainingPaused as e:
+        print(str(e), file=sys.stderr)
+        return 75
     return 0
 
 

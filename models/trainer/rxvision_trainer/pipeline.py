@@ -44,8 +44,8 @@ from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, O
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
 from .profile import build_profile
-from .train import (LoaderSource, TrainConfig, default_workers, outlier_batch_size, predict_logits, resolve_device,
-                    seed_everything, train)
+from .train import (LoaderSource, Resumable, TrainConfig, default_workers, outlier_batch_size, predict_logits,
+                    resolve_device, seed_everything, train)
 
 log = logging.getLogger("rxvision_trainer")
 
@@ -88,6 +88,12 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds for the training loop (0: none); after epoch 1 the epoch count is cut to what "
                          "fits, and the run equals one with --epochs set to that count (warm-up >= 1 epoch)")
+    ap.add_argument("--checkpoint", type=Path,
+                    help="train across sessions: resume from this file when it exists (it must be this run's: same "
+                         "recipe, classes and image bytes) and save the state there after every epoch")
+    ap.add_argument("--pause-at", type=_deadline, metavar="TIME",
+                    help="with --checkpoint: end this session after the last epoch expected to finish before TIME "
+                         "(ISO 8601 with a zone, e.g. 2026-11-28T06:30Z); exits 75, to be run again to go on")
     ap.add_argument("--loader", default="tensor", choices=["tensor", "pil"],
                     help="tensor (default): decode every image once, augment batches on the training device; "
                          "pil: Pillow decoding and augmentation per image in DataLoader workers (the old path)")
@@ -116,6 +122,42 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
                     help="also keep the float ONNX model, the torch checkpoint and the history here")
     ap.add_argument("--created", help="RFC 3339 creation time (default: SOURCE_DATE_EPOCH or now)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to mlflow even if it is installed")
+
+
+class TrainingPaused(Exception):
+    """The session's deadline came before the last epoch; the checkpoint holds the run."""
+
+
+def _deadline(text: str) -> float:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-28T06:30Z)") from None
+    if t.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +HH:MM)")
+    return t.timestamp()
+
+
+def content_fingerprint(d: Path, samples: list[Sample]) -> str:
+    """SHA-256 of labels.csv and the bytes of every image it lists, in its order (what a resumed run must see)."""
+    h = hashlib.sha256((d / "labels.csv").read_bytes())
+    for s in samples:
+        h.update(s.file.encode() + b"\0")
+        h.update(s.path.read_bytes())
+    return h.hexdigest()
+
+
+def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], val_all: list[Sample] | None) -> dict:
+    """What makes a resumable run this run: every input of the training loop except the device and the deadline."""
+    ident = {k: getattr(args, k) for k in ("epochs", "seed", "size", "batch_size", "lr", "weight_decay",
+                                           "warmup_epochs", "label_smoothing", "outlier_weight", "outlier_fraction",
+                                           "widths", "depths", "mirror", "max_rotation", "max_shift")}
+    ident["loader"] = getattr(args, "loader", "tensor")
+    ident["classes"] = [c.ndc for c in classes]
+    ident["data"] = content_fingerprint(args.data, data)
+    if val_all is not None:
+        ident["val_data"] = content_fingerprint(args.val_data, val_all)
+    return ident
 
 
 def _created(arg: str | None) -> str:
@@ -171,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     class_of = {c.ndc: c.index for c in classes}
     known = [s for s in data if s.ndc in class_of]
     unknown_select = [s for s in data if s.ndc in holdout]
+    val_all = None
     missing = holdout - {s.ndc for s in data}
     if missing:
         log.warning("held-out NDC(s) without images in --data: %s", ", ".join(sorted(missing)))
@@ -194,6 +237,17 @@ def run(args: argparse.Namespace) -> dict:
              0 if report_is_selection else len(unknown_report))
 
     # ---- model and training
+    resumable = None
+    checkpoint = getattr(args, "checkpoint", None)
+    if getattr(args, "pause_at", None) is not None and checkpoint is None:
+        raise SystemExit("--pause-at needs --checkpoint (where the paused run is kept)")
+    if checkpoint is not None:
+        if args.time_budget:
+            raise SystemExit("--time-budget shortens the schedule; --checkpoint keeps it over sessions: use one")
+        t_fp = time.perf_counter()
+        resumable = Resumable(checkpoint, run_identity(args, classes, data, val_all), getattr(args, "pause_at", None))
+        log.info("resumable run: checkpoint %s (data fingerprinted in %.1f s)", checkpoint,
+                 time.perf_counter() - t_fp)
     device = resolve_device(args.device)
     seed_everything(args.seed, deterministic=True)
     arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")))
@@ -230,7 +284,10 @@ def run(args: argparse.Namespace) -> dict:
         eval_workers = default_workers(device) if args.workers < 0 else args.workers
     t_data = time.perf_counter() - t_data
     log.info("training on %s (%s loader)", device, loader)
-    history = train(model, source, cfg, device, val_ds=val_ds)
+    history = train(model, source, cfg, device, val_ds=val_ds, resumable=resumable)
+    if len(history) < cfg.epochs:
+        raise TrainingPaused(f"training paused after epoch {len(history)} of {cfg.epochs}; the run is kept in "
+                             f"{checkpoint}: run the same command again to go on")
     t_train = time.perf_counter()
 
     # ---- calibration (float32)

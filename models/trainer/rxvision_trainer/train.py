@@ -12,6 +12,19 @@ None. ``tensordata.TensorTrainSource`` (decode once, augment on the device) is
 the default; ``LoaderSource`` is the Pillow path (``--loader pil``).
 Validation data is anything ``predict_logits`` takes: a ``TensorEvalSet`` or an
 ``ImageDataset``.
+
+**Training across sessions** (``Resumable``): after every epoch the whole state
+(weights, optimizer moments, step, history, torch's random state) is written
+atomically to a checkpoint file, together with the run's *identity* (the
+recipe, the classes and a fingerprint of the images' bytes). A later process
+given the same file and identity continues at the next epoch; the learning-rate
+schedule is over the full ``cfg.epochs``, so a run paused and resumed any
+number of times is the same run as one without pauses (bit-identical on the
+CPU, tested). A checkpoint of another run is refused (``CheckpointError``),
+never silently restarted or mixed. ``pause_at`` (a wall-clock deadline) ends a
+session after the last epoch expected to finish before it (judged by the
+session's slowest epoch); at least one epoch runs per session, so every
+session makes progress.
 """
 from __future__ import annotations
 
@@ -21,6 +34,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -50,6 +64,72 @@ class TrainConfig:
     # With warmup_epochs >= 1 the first epoch is warm-up only, so the run is
     # exactly the run with --epochs set to the reduced count.
     time_budget: float = 0.0
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is unreadable or belongs to another run (recipe, classes or data differ)."""
+
+
+@dataclass
+class Resumable:
+    """Where a run keeps its state between sessions, and when this session ends.
+
+    ``identity``: JSON-able facts that make a run this run (hyper-parameters,
+    architecture, classes, data fingerprint); a checkpoint whose identity
+    differs is refused. ``pause_at``: ``time.time()`` deadline of this session
+    (None: train to the end).
+    """
+
+    path: Path
+    identity: dict
+    pause_at: float | None = None
+
+
+def _differences(saved: dict, wanted: dict) -> list[str]:
+    keys = sorted(set(saved) | set(wanted))
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def load_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, list]:
+    """Restores model, optimizer and torch's RNG from ``resumable.path`` when it exists.
+
+    Returns (epochs done, steps done, history); (0, 0, []) without a checkpoint.
+    Raises ``CheckpointError`` for another run's checkpoint or a file that is
+    not a readable checkpoint; the model, optimizer and file are then unchanged.
+    """
+    path = Path(resumable.path)
+    if not path.exists():
+        return 0, 0, []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                              f"move it away to start this run afresh") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} rxvision training checkpoint")
+    diff = _differences(state["identity"], resumable.identity)
+    if diff:
+        raise CheckpointError(f"checkpoint {path} belongs to another run; it differs in: " + "; ".join(diff))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]), int(state["step"]), list(state["history"])
+
+
+def save_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
+                    history: list) -> None:
+    """Writes the state after ``epoch`` completed epochs (a temporary file renamed over the old one)."""
+    path = Path(resumable.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": CHECKPOINT_FORMAT, "identity": resumable.identity, "epoch": epoch, "step": step,
+                "history": history, "model": model_state, "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,8 +244,14 @@ def predict_logits(model: nn.Module, data, device: torch.device, batch_size: int
 
 
 def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_ds=None,
-          class_weights: Sequence[float] | None = None) -> list[dict]:
-    """Trains in place; returns one dict of statistics per epoch.
+          class_weights: Sequence[float] | None = None, resumable: Resumable | None = None) -> list[dict]:
+    """Trains in place; returns one dict of statistics per epoch trained so far.
+
+    With ``resumable`` the run starts from its checkpoint (if any), saves one
+    after every epoch, and returns early - fewer than ``cfg.epochs`` entries -
+    when ``pause_at`` comes before the next epoch would end; the model is then
+    mid-schedule, to be resumed, not exported. ``resumable`` and
+    ``cfg.time_budget`` exclude each other (the budget changes the schedule).
 
     ``source``: a ``tensordata.TensorTrainSource`` or a ``LoaderSource``. When it
     yields outlier batches (``cfg.outlier_weight`` > 0), their loss is the
@@ -191,12 +277,20 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
         t = (step - warmup) / max(1, total - warmup)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if resumable is not None and cfg.time_budget > 0:
+        raise ValueError("a time budget shortens the schedule; a resumable run keeps it: use one or the other")
     history = []
     step = 0
-    epochs = cfg.epochs
     epoch = 0
+    if resumable is not None:
+        epoch, step, history = load_checkpoint(resumable, model, opt)
+        if epoch:
+            log.info("resumed from %s after epoch %d of %d", resumable.path, epoch, cfg.epochs)
+
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    epochs = cfg.epochs
+    slowest = 0.0  # this session's slowest epoch, to judge whether another fits before the deadline
     while epoch < epochs:
         t0 = time.perf_counter()
         model.train()
@@ -248,5 +342,12 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
                 epochs = fit
                 total = epochs * steps_per_epoch  # lr_at reads it: the cosine now ends at the new last step
         epoch += 1
+        if resumable is not None:
+            save_checkpoint(resumable, model, opt, epoch, step, history)
+            slowest = max(slowest, stats["seconds"])
+            if epoch < epochs and resumable.pause_at is not None and time.time() + slowest > resumable.pause_at:
+                log.warning("pausing after epoch %d of %d: the next would end after the session's deadline; "
+                            "the state is in %s", epoch, epochs, resumable.path)
+                break
     model.eval()
     return history
