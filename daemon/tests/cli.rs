@@ -125,7 +125,8 @@ fn selftest_passes_on_the_gpu_engine() {
 fn without_bundle_the_newest_shipped_one_is_used() {
     let out = rxvisiond(&["classify", "--engine", "cpu", golden_images()[0].0.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("models/bundles/"), "{}", stderr(&out));
+    // The shipped pill model is the one production bundle: it wins over the fixtures.
+    assert!(stderr(&out).contains("models/bundles/pillnet/"), "{}", stderr(&out));
 }
 
 #[test]

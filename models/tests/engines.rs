@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use rxvision_models::bundle::Bundle;
 use rxvision_models::engine::{
     probe_adapter, Engine, EngineError, EngineKind, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
 };
@@ -50,6 +51,42 @@ fn wonnx_matches_onnx_runtime() {
     let bundle = fixture();
     let engine = WonnxEngine::prepare(&bundle, adapter, Duration::from_secs(30)).unwrap();
     assert_parity(&engine);
+}
+
+/// Every bundle committed under `models/bundles/` (the shipped pill model
+/// and the fixtures) reproduces ONNX Runtime's self-test outputs on both
+/// engines, so a bundle that stops loading or drifts from its reference
+/// fails here rather than at a counter.
+#[test]
+fn every_committed_bundle_passes_its_selftest_on_both_engines() {
+    fn sorted_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut dirs: Vec<_> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+        dirs.sort();
+        dirs
+    }
+    let adapter = adapter_or_skip();
+    let mut checked = Vec::new();
+    for name in sorted_dirs(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bundles")) {
+        for dir in sorted_dirs(&name) {
+            let bundle = Bundle::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let mut engines: Vec<Box<dyn Engine>> = vec![Box::new(TractEngine::prepare(&bundle, 2).unwrap())];
+            if let Some(adapter) = &adapter {
+                // lavapipe compiles shaders on the first request: a wide watchdog.
+                engines
+                    .push(Box::new(WonnxEngine::prepare(&bundle, adapter.clone(), Duration::from_secs(120)).unwrap()));
+            }
+            for engine in &engines {
+                let report = selftest::run(&bundle, engine.as_ref()).expect("self-test runs");
+                println!("{} on {}:\n{}", dir.display(), engine.describe(), report.table());
+                assert!(report.passed(), "{} on {}: {}", dir.display(), engine.describe(), report.failure_summary());
+                assert_eq!(report.cases.len(), bundle.selftest.cases.len());
+            }
+            checked.push(format!("{}/{}", bundle.manifest.name, bundle.manifest.version));
+        }
+    }
+    assert!(checked.iter().any(|b| b.starts_with("pillnet/")), "no shipped pill model among {checked:?}");
+    assert!(checked.iter().any(|b| b.starts_with("fixture-cnn/")), "{checked:?}");
 }
 
 #[test]
