@@ -4,7 +4,7 @@
 //! bundle, a durable sqlite3 insert): p50/p95 and the ratio. Also the peak
 //! resident memory of this process after the run.
 //!
-//! `cargo bench -p rxvision-daemon --bench counter [-- BUNDLE]`
+//! `cargo bench -p rxvision-daemon --bench counter [-- BUNDLE]` (BUNDLE relative to the workspace root)
 //!
 //! Budget (design brief): p95 ≤ 30 ms on 2 cores; resident memory ≤ 200 MB.
 //! Our path does more than the reference: it also checks quality, finds the
@@ -61,11 +61,12 @@ fn measure(bundle: &Path, options: EngineOptions, iters: usize) -> (PathBuf, f64
 }
 
 fn main() {
-    let bundle = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/fixture-cnn/0.1.0"));
+    // cargo runs benches in the package directory: a relative BUNDLE is read
+    // from the workspace root, where the command is typed.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bundle = workspace.join(
+        std::env::args().skip(1).find(|a| !a.starts_with('-')).as_deref().unwrap_or("models/bundles/fixture-cnn/0.1.0"),
+    );
     let iters: usize = std::env::var("RXVISION_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let threads = 2;
     let cpu = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: threads, ..EngineOptions::default() };
