@@ -1,5 +1,6 @@
 //! Both engines against ONNX Runtime's outputs, selection and fallback.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rxvision_models::bundle::Bundle;
@@ -59,7 +60,7 @@ fn wonnx_matches_onnx_runtime() {
 /// fails here rather than at a counter.
 #[test]
 fn every_committed_bundle_passes_its_selftest_on_both_engines() {
-    fn sorted_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
         let mut dirs: Vec<_> =
             std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
         dirs.sort();
@@ -67,7 +68,7 @@ fn every_committed_bundle_passes_its_selftest_on_both_engines() {
     }
     let adapter = adapter_or_skip();
     let mut checked = Vec::new();
-    for name in sorted_dirs(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bundles")) {
+    for name in sorted_dirs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("bundles")) {
         for dir in sorted_dirs(&name) {
             let bundle = Bundle::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
             let mut engines: Vec<Box<dyn Engine>> = vec![Box::new(TractEngine::prepare(&bundle, 2).unwrap())];
