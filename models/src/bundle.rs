@@ -26,6 +26,24 @@
 //!   shape, output name and class count, and the class count of `labels.json`.
 //! * A loaded [`Bundle`] holds the verified bytes in memory; nothing is re-read
 //!   from disk afterwards, so a file changed after loading cannot slip in.
+//! * A bundle holds regular files and folders only. In a directory bundle a
+//!   symbolic link, FIFO, socket or device is refused by its own metadata
+//!   (`lstat`: links are never followed, and nothing but a regular file is
+//!   ever opened, so a FIFO cannot block the loader and a link to
+//!   `/dev/zero` cannot feed it forever); a `.tar.gz` entry that is a
+//!   symbolic or hard link, a device, a FIFO or anything but a regular file
+//!   or folder is refused likewise. The bundle path itself may be a link to a
+//!   directory or an archive, but must be one or the other.
+//! * Sizes are bounded before anything is read into memory ([`BundleLimits`],
+//!   by default): at most [`MAX_FILE_BYTES`] (256 MiB) a file,
+//!   [`MAX_TOTAL_BYTES`] (1 GiB) for all files together and [`MAX_ENTRIES`]
+//!   (10,000) files and folders. A directory is walked whole (sizes from
+//!   `lstat`) before any file is read; an archive's entries are counted as
+//!   it streams, each header's size before its data, and its decompressed
+//!   stream is cut a little above the total limit (2 KiB an entry for
+//!   headers and padding, plus 1 MiB), whatever its headers claim. Archive
+//!   entries have safe relative paths (no `..`, no absolute part) and appear
+//!   once.
 //!
 //! Every error names the file and the problem.
 
@@ -49,7 +67,41 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// Largest single file accepted in a bundle (a corrupt tarball must not be
 /// able to exhaust memory).
-const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Largest total size of all files of a bundle.
+pub const MAX_TOTAL_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Most entries (files and folders, archive members) a bundle may hold.
+pub const MAX_ENTRIES: usize = 10_000;
+
+/// What a bundle may hold; [`Bundle::load`] uses the default, the constants
+/// above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleLimits {
+    /// Largest single file.
+    pub max_file_bytes: u64,
+    /// Largest total of all files.
+    pub max_total_bytes: u64,
+    /// Most entries (files and folders, archive members).
+    pub max_entries: usize,
+}
+
+impl Default for BundleLimits {
+    fn default() -> Self {
+        BundleLimits { max_file_bytes: MAX_FILE_BYTES, max_total_bytes: MAX_TOTAL_BYTES, max_entries: MAX_ENTRIES }
+    }
+}
+
+impl BundleLimits {
+    /// Most bytes an archive's decompressed stream may hold: the files, plus
+    /// four 512-byte blocks an entry (header, extension header and its data,
+    /// padding), plus 1 MiB.
+    fn max_archive_stream(&self) -> u64 {
+        let per_entry = 4 * 512u64;
+        self.max_total_bytes.saturating_add((self.max_entries as u64).saturating_mul(per_entry)).saturating_add(1 << 20)
+    }
+}
 
 /// Why a bundle could not be loaded. Every variant names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -320,10 +372,26 @@ impl fmt::Display for Bundle {
 }
 
 impl Bundle {
-    /// Loads a bundle from a directory or a `.tar.gz`/`.tgz` archive and verifies it.
+    /// Loads a bundle from a directory or a `.tar.gz`/`.tgz` archive and
+    /// verifies it, within the default [`BundleLimits`].
     pub fn load(path: &Path) -> Result<Bundle, BundleError> {
+        Self::load_with_limits(path, &BundleLimits::default())
+    }
+
+    /// Loads a bundle as [`Bundle::load`] does, within `limits`.
+    pub fn load_with_limits(path: &Path, limits: &BundleLimits) -> Result<Bundle, BundleError> {
+        // The bundle path itself may be a link (e.g. `current` → a version).
         let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
-        let files = if meta.is_dir() { read_dir_files(path)? } else { read_tar_gz(path)? };
+        let files = if meta.is_dir() {
+            read_dir_files(path, limits)?
+        } else if meta.is_file() {
+            read_tar_gz(path, limits)?
+        } else {
+            return Err(BundleError::invalid(
+                &path.display().to_string(),
+                format!("is a {}, neither a bundle directory nor a .tar.gz", file_kind(&meta.file_type())),
+            ));
+        };
         Self::from_files(path.to_path_buf(), files)
     }
 
@@ -623,60 +691,208 @@ fn is_safe_relative(name: &str) -> bool {
         && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
-fn read_dir_files(root: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
-    let mut files = BTreeMap::new();
+/// What kind of file system object `kind` is, in words.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_symlink() {
+        "symbolic link"
+    } else if kind.is_dir() {
+        "directory"
+    } else if kind.is_file() {
+        "regular file"
+    } else if kind.is_fifo() {
+        "FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    }
+}
+
+/// Running totals of a bundle being read, against its limits.
+struct Budget<'a> {
+    limits: &'a BundleLimits,
+    entries: usize,
+    bytes: u64,
+}
+
+impl<'a> Budget<'a> {
+    fn new(limits: &'a BundleLimits) -> Self {
+        Budget { limits, entries: 0, bytes: 0 }
+    }
+
+    /// Counts one more entry; `whole` names the bundle.
+    fn entry(&mut self, whole: &str) -> Result<(), BundleError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(BundleError::invalid(
+                whole,
+                format!("holds more than {} files and folders, the limit for a bundle", self.limits.max_entries),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts `len` more bytes for the file `name`.
+    fn bytes(&mut self, name: &str, len: u64) -> Result<(), BundleError> {
+        let (max_file, max_total) = (self.limits.max_file_bytes, self.limits.max_total_bytes);
+        if len > max_file {
+            return Err(BundleError::invalid(name, format!("is {len} bytes, above the {max_file}-byte limit")));
+        }
+        self.bytes = self.bytes.saturating_add(len);
+        if self.bytes > max_total {
+            return Err(BundleError::invalid(
+                name,
+                format!("takes the bundle's files past the {max_total}-byte limit for all files together"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a bundle directory: first the whole tree is walked with `lstat`
+/// (links never followed) and checked against `limits` and for anything but
+/// regular files and folders, then the files are read.
+fn read_dir_files(root: &Path, limits: &BundleLimits) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
+    use std::os::unix::fs::MetadataExt;
+
+    let whole = root.display().to_string();
+    let mut budget = Budget::new(limits);
+    let mut found: Vec<(String, PathBuf, std::fs::Metadata)> = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
             let entry = entry.map_err(|e| io_err(&dir, e))?;
+            budget.entry(&whole)?;
             let path = entry.path();
-            let kind = entry.file_type().map_err(|e| io_err(&path, e))?;
+            let Ok(rel) = path.strip_prefix(root) else {
+                return Err(BundleError::invalid(&path.display().to_string(), "is not below the bundle directory"));
+            };
+            let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            // lstat: the entry itself, never what a link points to.
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| io_err(&path, e))?;
+            let kind = meta.file_type();
             if kind.is_dir() {
                 stack.push(path);
                 continue;
             }
-            let rel = path.strip_prefix(root).expect("walked below root");
-            let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-            let len = entry.metadata().map_err(|e| io_err(&path, e))?.len();
-            if len > MAX_FILE_BYTES {
+            if !kind.is_file() {
+                let target = match std::fs::read_link(&path) {
+                    Ok(target) if kind.is_symlink() => format!(" to {}", target.display()),
+                    _ => String::new(),
+                };
                 return Err(BundleError::invalid(
                     &name,
-                    format!("is {len} bytes, above the {MAX_FILE_BYTES}-byte limit"),
+                    format!(
+                        "is a {}{target}: a bundle holds only regular files and folders (links are not followed)",
+                        file_kind(&kind)
+                    ),
                 ));
             }
-            files.insert(name, std::fs::read(&path).map_err(|e| io_err(&path, e))?);
+            budget.bytes(&name, meta.len())?;
+            found.push((name, path, meta));
         }
+    }
+    let mut files = BTreeMap::new();
+    for (name, path, meta) in found {
+        let file = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+        // The file opened must be the one inspected (not swapped since).
+        let opened = file.metadata().map_err(|e| io_err(&path, e))?;
+        if !opened.is_file() || opened.dev() != meta.dev() || opened.ino() != meta.ino() {
+            return Err(BundleError::invalid(&name, "changed while the bundle was being read"));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(meta.len().saturating_add(1)).read_to_end(&mut bytes).map_err(|e| io_err(&path, e))?;
+        if bytes.len() as u64 != meta.len() {
+            return Err(BundleError::invalid(&name, "changed size while the bundle was being read"));
+        }
+        files.insert(name, bytes);
     }
     Ok(files)
 }
 
-fn read_tar_gz(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
+/// Reads at most `left` bytes of `inner`, then fails if there is more: an
+/// archive's decompressed stream is bounded whatever its headers say.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!("decompressed archive is larger than {} bytes", self.limit))),
+            };
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let read = self.inner.read(&mut buf[..want])?;
+        self.left -= read as u64;
+        Ok(read)
+    }
+}
+
+/// What a tar entry type is, in words.
+fn tar_kind(kind: tar::EntryType) -> String {
+    if kind.is_symlink() {
+        "a symbolic link".into()
+    } else if kind.is_hard_link() {
+        "a hard link".into()
+    } else if kind.is_character_special() {
+        "a character device".into()
+    } else if kind.is_block_special() {
+        "a block device".into()
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)".into()
+    } else {
+        format!("of tar entry type {:?}", char::from(kind.as_byte()))
+    }
+}
+
+fn read_tar_gz(path: &Path, limits: &BundleLimits) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
     let archive_name = path.display().to_string();
     let bad_archive =
         |e: std::io::Error| BundleError::invalid(&archive_name, format!("not a readable .tar.gz bundle: {e}"));
     let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let limit = limits.max_archive_stream();
+    let stream = Bounded { inner: flate2::read::GzDecoder::new(file), left: limit, limit };
+    let mut archive = tar::Archive::new(stream);
     let mut raw = BTreeMap::new();
+    let mut budget = Budget::new(limits);
     for entry in archive.entries().map_err(bad_archive)? {
         let mut entry = entry.map_err(bad_archive)?;
+        budget.entry(&archive_name)?;
         let kind = entry.header().entry_type();
+        let name = entry.path().map_err(bad_archive)?.to_string_lossy().trim_start_matches("./").to_string();
+        // Even a skipped entry's data is streamed through: count it.
+        budget.bytes(&name, entry.size())?;
         if kind.is_dir() {
             continue;
         }
-        let name = entry.path().map_err(bad_archive)?.to_string_lossy().trim_start_matches("./").to_string();
         if !kind.is_file() {
-            return Err(BundleError::invalid(&archive_name, format!("entry {name:?} is not a regular file")));
+            return Err(BundleError::invalid(
+                &archive_name,
+                format!("entry {name:?} is {}, not a regular file", tar_kind(kind)),
+            ));
         }
         if !is_safe_relative(&name) {
             return Err(BundleError::invalid(&archive_name, format!("entry {name:?} has an unsafe path")));
         }
-        if entry.size() > MAX_FILE_BYTES {
-            return Err(BundleError::invalid(
-                &name,
-                format!("is {} bytes, above the {MAX_FILE_BYTES}-byte limit", entry.size()),
-            ));
+        if raw.contains_key(&name) {
+            return Err(BundleError::invalid(&archive_name, format!("entry {name:?} appears twice")));
         }
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // Grown as data arrives: a header's size is a claim, not a promise.
+        let mut bytes = Vec::with_capacity(entry.size().min(1 << 20) as usize);
         entry.read_to_end(&mut bytes).map_err(bad_archive)?;
         raw.insert(name, bytes);
     }
@@ -688,8 +904,18 @@ fn read_tar_gz(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
         raw.keys().filter_map(|k| k.split_once('/').map(|(p, _)| p)).collect();
     match prefixes.into_iter().collect::<Vec<_>>().as_slice() {
         [prefix] if raw.contains_key(&format!("{prefix}/manifest.json")) => {
-            let strip = format!("{prefix}/");
-            Ok(raw.into_iter().map(|(k, v)| (k.strip_prefix(&strip).map(str::to_string).unwrap_or(k), v)).collect())
+            let (prefix, strip) = (prefix.to_string(), format!("{prefix}/"));
+            let mut files = BTreeMap::new();
+            for (name, bytes) in raw {
+                let Some(inner) = name.strip_prefix(&strip) else {
+                    return Err(BundleError::invalid(
+                        &archive_name,
+                        format!("entry {name:?} lies outside the archive's top-level folder {prefix:?}"),
+                    ));
+                };
+                files.insert(inner.to_string(), bytes);
+            }
+            Ok(files)
         }
         _ => Err(BundleError::Missing { file: "manifest.json".into() }),
     }
@@ -700,8 +926,9 @@ fn read_tar_gz(path: &Path) -> Result<BTreeMap<String, Vec<u8>>, BundleError> {
 /// preferring production bundles over fixtures. Ties (same purpose and
 /// version) go to the earlier root, then to the bundle name that sorts first
 /// (`fixture-cnn` before `fixture-pills`), so the choice never depends on the
-/// order a directory happens to list. Unreadable candidates are skipped with a
-/// warning; the chosen one is loaded and verified by the caller.
+/// order a directory happens to list. Unreadable candidates, and those whose
+/// `manifest.json` is not a regular file (a link, a FIFO: never opened), are
+/// skipped with a warning; the chosen one is loaded and verified by the caller.
 pub fn find_newest(roots: &[PathBuf]) -> Option<PathBuf> {
     fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
@@ -713,7 +940,19 @@ pub fn find_newest(roots: &[PathBuf]) -> Option<PathBuf> {
     for root in roots {
         for name in sorted_dirs(root) {
             for dir in sorted_dirs(&name) {
-                let Ok(bytes) = std::fs::read(dir.join(MANIFEST)) else { continue };
+                let path = dir.join(MANIFEST);
+                // As in a bundle: a regular file, never a link, FIFO or device.
+                let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+                if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
+                    tracing::warn!(
+                        bundle = %dir.display(),
+                        "skipping bundle: manifest.json is a {} of {} bytes, not a regular file within the limit",
+                        file_kind(&meta.file_type()),
+                        meta.len()
+                    );
+                    continue;
+                }
+                let Ok(bytes) = std::fs::read(&path) else { continue };
                 let manifest = match parse_manifest(&bytes) {
                     Ok(m) => m,
                     Err(e) => {

@@ -3,7 +3,11 @@
 //! The steps, which a third party can reproduce with Pillow and numpy:
 //!
 //! 1. decode JPEG or PNG and convert to 8-bit RGB (alpha dropped, grey
-//!    replicated) — `Image.open(f).convert("RGB")`;
+//!    replicated) — `Image.open(f).convert("RGB")`. The width and height are
+//!    read from the header first and checked against [`ImageLimits`] (by
+//!    default at most 40 megapixels and 16,384 pixels a side, at least 32
+//!    pixels a side), so a decompression bomb is refused before its pixels
+//!    are allocated;
 //! 2. resize to `width`×`height` with Pillow's bilinear filter —
 //!    `img.resize((width, height), Image.Resampling.BILINEAR)`. This is a
 //!    separable triangle filter whose support widens with the downscale factor
@@ -24,8 +28,69 @@ use std::io::Cursor;
 
 use crate::bundle::InputSpec;
 
-/// Largest image side accepted from a file or an upload.
-pub const MAX_IMAGE_SIDE: u32 = 8192;
+/// What the decoder accepts from a file, an upload or a camera, checked
+/// against the width and height in the image's header *before* a single
+/// pixel is decoded: a 200 KB PNG may claim 8192×8192 pixels (≈ 200 MB
+/// decoded), and is refused without allocating them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Most pixels (width × height) an image may have.
+    pub max_pixels: u64,
+    /// Longest side, in pixels.
+    pub max_side: u32,
+    /// Shortest side, in pixels: smaller images cannot show a pill to
+    /// measure or identify.
+    pub min_side: u32,
+}
+
+impl Default for ImageLimits {
+    /// 40 megapixels, at most 16,384 and at least 32 pixels a side.
+    fn default() -> Self {
+        ImageLimits { max_pixels: 40_000_000, max_side: 16_384, min_side: 32 }
+    }
+}
+
+impl ImageLimits {
+    /// Whether a `width`×`height` image is acceptable; the error says why not.
+    pub fn check(&self, width: u32, height: u32) -> Result<(), PreprocessError> {
+        let reason = if width.max(height) > self.max_side {
+            DimensionProblem::SideTooLong { max: self.max_side }
+        } else if u64::from(width) * u64::from(height) > self.max_pixels {
+            DimensionProblem::TooManyPixels { max: self.max_pixels }
+        } else if width.min(height) < self.min_side.max(1) {
+            DimensionProblem::SideTooShort { min: self.min_side.max(1) }
+        } else {
+            return Ok(());
+        };
+        Err(PreprocessError::Dimensions { width, height, reason })
+    }
+}
+
+/// Most memory the image crate may allocate while decoding one image.
+const MAX_DECODE_ALLOC: u64 = 512 * 1024 * 1024;
+
+/// Which of the [`ImageLimits`] an image's header breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DimensionProblem {
+    /// More pixels than [`ImageLimits::max_pixels`].
+    #[error("more than {max} pixels")]
+    TooManyPixels {
+        /// The limit.
+        max: u64,
+    },
+    /// A side longer than [`ImageLimits::max_side`].
+    #[error("a side longer than {max} pixels")]
+    SideTooLong {
+        /// The limit.
+        max: u32,
+    },
+    /// A side shorter than [`ImageLimits::min_side`].
+    #[error("a side shorter than {min} pixels")]
+    SideTooShort {
+        /// The limit.
+        min: u32,
+    },
+}
 
 /// Why an image could not become a model input.
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +106,16 @@ pub enum PreprocessError {
         /// The decoder's complaint.
         reason: String,
     },
-    /// The image is larger than [`MAX_IMAGE_SIDE`] or empty.
-    #[error("image is {width}x{height}, outside 1..={MAX_IMAGE_SIDE} pixels per side")]
-    BadSize {
-        /// Decoded width.
+    /// The image's size, read from its header, is outside the
+    /// [`ImageLimits`]; nothing was decoded.
+    #[error("image is {width}x{height} pixels, {reason}: refused before decoding")]
+    Dimensions {
+        /// Width in the header.
         width: u32,
-        /// Decoded height.
+        /// Height in the header.
         height: u32,
+        /// Which limit it breaks.
+        reason: DimensionProblem,
     },
     /// A crop rectangle does not lie inside the image.
     #[error("region {x},{y} {width}x{height} is not inside the {image_width}x{image_height} image")]
@@ -138,14 +206,52 @@ impl<'a> RgbView<'a> {
     }
 }
 
-/// Decodes JPEG or PNG bytes to 8-bit RGB, refusing anything else.
+/// Decodes JPEG or PNG bytes to 8-bit RGB, refusing anything else, within
+/// the default [`ImageLimits`].
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
+    decode_with_limits(bytes, &ImageLimits::default())
+}
+
+/// Decodes JPEG or PNG bytes to 8-bit RGB, refusing anything else and any
+/// image whose header's width and height break `limits`: the header is read
+/// first, and an image out of limits is refused before its pixels are
+/// decoded or their buffer allocated.
+pub fn decode_with_limits(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, PreprocessError> {
     let format = match image::guess_format(bytes) {
         Ok(image::ImageFormat::Jpeg) => image::ImageFormat::Jpeg,
         Ok(image::ImageFormat::Png) => image::ImageFormat::Png,
         _ => return Err(PreprocessError::UnsupportedFormat),
     };
     let format_name = if format == image::ImageFormat::Jpeg { "JPEG" } else { "PNG" };
+    let corrupt = |e: image::ImageError| match e {
+        image::ImageError::Limits(_) => PreprocessError::Corrupt {
+            format: format_name,
+            reason: format!("exceeds the decoder's {}-pixel side or memory limit", limits.max_side),
+        },
+        other => PreprocessError::Corrupt { format: format_name, reason: other.to_string() },
+    };
+    // The image crate's own limits agree with ours: no side beyond max_side,
+    // and a bounded allocation whatever the header says.
+    let decoder_limits = || {
+        let mut decoder_limits = image::Limits::default();
+        decoder_limits.max_image_width = Some(limits.max_side);
+        decoder_limits.max_image_height = Some(limits.max_side);
+        decoder_limits.max_alloc = Some(MAX_DECODE_ALLOC);
+        decoder_limits
+    };
+    let reader = |limits: image::Limits| {
+        let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+        reader.limits(limits);
+        reader
+    };
+    // The header alone: width and height, no pixels. The decoder's side
+    // limit is left out here so that an oversized image gets the clear
+    // dimension error below rather than the decoder's.
+    let mut header_limits = decoder_limits();
+    header_limits.max_image_width = None;
+    header_limits.max_image_height = None;
+    let (width, height) = reader(header_limits).into_dimensions().map_err(corrupt)?;
+    limits.check(width, height)?;
     if format == image::ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The JPEG decoder pads a truncated scan with grey; a half-received
         // photo must not be classified.
@@ -154,22 +260,16 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
             reason: "truncated: no end-of-image marker after the last scan".into(),
         });
     }
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    limits.max_alloc = Some(512 * 1024 * 1024);
-    reader.limits(limits);
-    let decoded = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => PreprocessError::Corrupt {
+    let decoded = reader(decoder_limits()).decode().map_err(corrupt)?;
+    if (decoded.width(), decoded.height()) != (width, height) {
+        return Err(PreprocessError::Corrupt {
             format: format_name,
-            reason: format!("exceeds the {MAX_IMAGE_SIDE}-pixel or memory limit"),
-        },
-        other => PreprocessError::Corrupt { format: format_name, reason: other.to_string() },
-    })?;
-    let (width, height) = (decoded.width(), decoded.height());
-    if width == 0 || height == 0 || width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE {
-        return Err(PreprocessError::BadSize { width, height });
+            reason: format!(
+                "the header says {width}x{height} but {}x{} pixels decoded",
+                decoded.width(),
+                decoded.height()
+            ),
+        });
     }
     let rgb = decoded.into_rgb8();
     Ok(RgbImage { width, height, data: rgb.into_raw() })

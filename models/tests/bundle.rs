@@ -264,3 +264,260 @@ fn equal_bundles_are_decided_by_root_order_then_name_not_by_listing_order() {
     assert_eq!(find_newest(&roots), Some(first.path().join("fixture-cnn/0.1.0")));
     assert_eq!(find_newest(&[second.path().to_path_buf(), first.path().to_path_buf()]), Some(in_second));
 }
+
+/// The fixture written to a fresh directory, and the directory.
+fn fixture_copy() -> (tempfile::TempDir, BTreeMap<String, Vec<u8>>) {
+    let files = read_tree(&fixture_dir());
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), &files);
+    (dir, files)
+}
+
+fn expect_refused(result: Result<Bundle, BundleError>, file: &str, words: &[&str]) {
+    match result {
+        Err(BundleError::Invalid { file: f, problem }) => {
+            assert_eq!(f, file, "{problem}");
+            for w in words {
+                assert!(problem.contains(w), "{file}: {problem:?} lacks {w:?}");
+            }
+        }
+        Err(other) => panic!("expected {file} to be refused ({words:?}), got: {other}"),
+        Ok(_) => panic!("expected {file} to be refused ({words:?}), the bundle loaded"),
+    }
+}
+
+/// Runs `load` with a FIFO at `fifo`. Should `load` open it (the fault under
+/// test: opening a FIFO blocks until a writer comes), a writer thread lets
+/// that open return and the test fails on its assertions instead of hanging.
+fn without_hanging_on<T>(fifo: &Path, load: impl FnOnce() -> T) -> T {
+    let path = fifo.to_path_buf();
+    let writer = std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(&path)));
+    let result = load();
+    // Releases the writer whether or not a reader came: on Linux, opening a
+    // FIFO for reading and writing at once never blocks.
+    let release = std::fs::OpenOptions::new().read(true).write(true).open(fifo).unwrap();
+    writer.join().unwrap();
+    drop(release);
+    result
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
+fn links_in_a_directory_bundle_are_refused_never_followed() {
+    use std::os::unix::fs::symlink;
+
+    // A link to an exact copy of the file: following it would load the bundle.
+    let (dir, files) = fixture_copy();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("labels.json"), &files["labels.json"]).unwrap();
+    std::fs::remove_file(dir.path().join("labels.json")).unwrap();
+    symlink(elsewhere.path().join("labels.json"), dir.path().join("labels.json")).unwrap();
+    expect_refused(Bundle::load(dir.path()), "labels.json", &["symbolic link", "not followed"]);
+
+    // A link to /dev/zero would feed the loader forever.
+    let (dir, _) = fixture_copy();
+    let image = dir.path().join("selftest/c00_white_round.png");
+    std::fs::remove_file(&image).unwrap();
+    symlink("/dev/zero", &image).unwrap();
+    expect_refused(Bundle::load(dir.path()), "selftest/c00_white_round.png", &["symbolic link to /dev/zero"]);
+
+    // A link to a directory holding the very same files.
+    let (dir, _) = fixture_copy();
+    let selftest = elsewhere.path().join("selftest");
+    std::fs::rename(dir.path().join("selftest"), &selftest).unwrap();
+    symlink(&selftest, dir.path().join("selftest")).unwrap();
+    expect_refused(Bundle::load(dir.path()), "selftest", &["symbolic link"]);
+
+    // The bundle path itself may be a link (`current` → a version).
+    let (dir, _) = fixture_copy();
+    let current = elsewhere.path().join("current");
+    symlink(dir.path(), &current).unwrap();
+    assert_eq!(Bundle::load(&current).unwrap().model_bytes(), fixture().model_bytes());
+}
+
+#[test]
+fn fifos_sockets_and_devices_are_refused_without_being_opened() {
+    // A FIFO among the files.
+    let (dir, _) = fixture_copy();
+    let fifo = dir.path().join("selftest/c01_yellow_oval.jpg");
+    std::fs::remove_file(&fifo).unwrap();
+    mkfifo(&fifo);
+    let result = without_hanging_on(&fifo, || Bundle::load(dir.path()));
+    expect_refused(result, "selftest/c01_yellow_oval.jpg", &["FIFO"]);
+
+    // A socket among the files.
+    let (dir, _) = fixture_copy();
+    let socket = dir.path().join("MODEL_CARD.md");
+    std::fs::remove_file(&socket).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    expect_refused(Bundle::load(dir.path()), "MODEL_CARD.md", &["socket"]);
+
+    // A FIFO or a device as the bundle path.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fifo = elsewhere.path().join("bundle.tar.gz");
+    mkfifo(&fifo);
+    let result = without_hanging_on(&fifo, || Bundle::load(&fifo));
+    expect_refused(result, &fifo.display().to_string(), &["FIFO", "neither a bundle directory nor a .tar.gz"]);
+    expect_refused(Bundle::load(Path::new("/dev/zero")), "/dev/zero", &["character device"]);
+}
+
+#[test]
+fn archive_entries_other_than_files_and_folders_are_refused_by_kind() {
+    let files = read_tree(&fixture_dir());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.tar.gz");
+    for (kind, link, words) in [
+        (tar::EntryType::Symlink, Some("/dev/zero"), "is a symbolic link"),
+        (tar::EntryType::Link, Some("model.onnx"), "is a hard link"),
+        (tar::EntryType::Char, None, "is a character device"),
+        (tar::EntryType::Block, None, "is a block device"),
+        (tar::EntryType::Fifo, None, "is a FIFO"),
+    ] {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (name, bytes) in &files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, bytes.as_slice()).unwrap();
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(0);
+        header.set_mode(0o644);
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        header.set_path("selftest/special.png").unwrap();
+        header.set_cksum();
+        builder.append(&header, std::io::empty()).unwrap();
+        std::fs::write(&path, builder.into_inner().unwrap().finish().unwrap()).unwrap();
+        expect_refused(
+            Bundle::load(&path),
+            &path.display().to_string(),
+            &["\"selftest/special.png\"", words, "not a regular file"],
+        );
+    }
+}
+
+/// A `.tar.gz` of regular files, in the order given.
+fn tar_gz_in_order<'a>(entries: impl IntoIterator<Item = (String, &'a [u8])>) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (name, bytes) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        builder.append_data(&mut header, &name, bytes).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn an_archive_entry_that_appears_twice_or_outside_the_folder_is_refused() {
+    let files = read_tree(&fixture_dir());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.tar.gz");
+    let pristine = || files.iter().map(|(k, v)| (k.clone(), v.as_slice()));
+
+    // A second labels.json after the first: which one would count?
+    let twice = pristine().chain([("labels.json".to_string(), &b"[]"[..])]);
+    std::fs::write(&path, tar_gz_in_order(twice)).unwrap();
+    expect_refused(Bundle::load(&path), &path.display().to_string(), &["\"labels.json\" appears twice"]);
+
+    // A file beside the bundle's top-level folder.
+    let stray =
+        pristine().map(|(k, v)| (format!("fixture-cnn-0.1.0/{k}"), v)).chain([("stray.txt".to_string(), &b"x"[..])]);
+    std::fs::write(&path, tar_gz_in_order(stray)).unwrap();
+    expect_refused(Bundle::load(&path), &path.display().to_string(), &["\"stray.txt\" lies outside"]);
+}
+
+#[test]
+fn bundles_beyond_the_total_size_and_file_size_limits_are_refused() {
+    use rxvision_models::bundle::BundleLimits;
+
+    let (dir, files) = fixture_copy();
+    let archive = dir.path().with_extension("tar.gz");
+    std::fs::write(&archive, tar_gz(&files, "")).unwrap();
+    let total: u64 = files.values().map(|v| v.len() as u64).sum();
+    let exact = BundleLimits { max_total_bytes: total, ..BundleLimits::default() };
+    let under = BundleLimits { max_total_bytes: total - 1, ..BundleLimits::default() };
+    let largest = files.values().map(|v| v.len() as u64).max().unwrap();
+    let small_files = BundleLimits { max_file_bytes: largest - 1, ..BundleLimits::default() };
+    for path in [dir.path(), archive.as_path()] {
+        Bundle::load_with_limits(path, &exact).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let message = Bundle::load_with_limits(path, &under).unwrap_err().to_string();
+        assert!(message.contains(&format!("past the {}-byte limit for all files together", total - 1)), "{message}");
+        let message = Bundle::load_with_limits(path, &small_files).unwrap_err().to_string();
+        assert!(message.contains(&format!("above the {}-byte limit", largest - 1)), "{message}");
+    }
+    assert_eq!(
+        BundleLimits::default(),
+        BundleLimits { max_file_bytes: 256 << 20, max_total_bytes: 1 << 30, max_entries: 10_000 }
+    );
+    let _ = std::fs::remove_file(&archive);
+}
+
+#[test]
+fn bundles_with_more_than_ten_thousand_entries_are_refused() {
+    use rxvision_models::bundle::MAX_ENTRIES;
+
+    let (dir, files) = fixture_copy();
+    std::fs::create_dir(dir.path().join("extra")).unwrap();
+    for i in 0..MAX_ENTRIES {
+        std::fs::write(dir.path().join(format!("extra/{i}")), b"").unwrap();
+    }
+    let whole = dir.path().display().to_string();
+    expect_refused(Bundle::load(dir.path()), &whole, &["more than 10000 files and folders"]);
+
+    let mut many = files.clone();
+    for i in 0..MAX_ENTRIES {
+        many.insert(format!("extra/{i}"), Vec::new());
+    }
+    let archive = tempfile::tempdir().unwrap();
+    let path = archive.path().join("bundle.tar.gz");
+    std::fs::write(&path, tar_gz(&many, "")).unwrap();
+    expect_refused(Bundle::load(&path), &path.display().to_string(), &["more than 10000 files and folders"]);
+}
+
+#[test]
+fn an_archive_whose_stream_outgrows_its_limits_is_cut() {
+    use rxvision_models::bundle::BundleLimits;
+
+    // A 2 MB GNU long name is no file's data, but it is streamed and kept in
+    // memory by the tar reader: the decompressed stream is bounded anyway.
+    let files = read_tree(&fixture_dir());
+    let long = ("a/".repeat(1 << 20) + "b", &b"x"[..]);
+    let entries = [long].into_iter().chain(files.iter().map(|(k, v)| (k.clone(), v.as_slice())));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bundle.tar.gz");
+    std::fs::write(&path, tar_gz_in_order(entries)).unwrap();
+    let limits = BundleLimits { max_total_bytes: 400_000, max_entries: 20, ..BundleLimits::default() };
+    let message = Bundle::load_with_limits(&path, &limits).unwrap_err().to_string();
+    assert!(message.contains("decompressed archive is larger than"), "{message}");
+}
+
+/// A candidate whose manifest is a FIFO (opening it would block) or a link
+/// to /dev/zero (reading it would never end) is skipped, not opened.
+#[test]
+fn the_newest_bundle_search_skips_manifests_that_are_not_regular_files() {
+    let root = tempfile::tempdir().unwrap();
+    let files = read_tree(&fixture_dir());
+    let good = root.path().join("fixture-cnn/0.1.0");
+    write_tree(&good, &files);
+    for (name, make) in [("pillnet/9.0.0", "fifo"), ("pillnet/9.1.0", "zero")] {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = dir.join("manifest.json");
+        match make {
+            "fifo" => mkfifo(&manifest),
+            _ => std::os::unix::fs::symlink("/dev/zero", &manifest).unwrap(),
+        }
+    }
+    let fifo = root.path().join("pillnet/9.0.0/manifest.json");
+    let found = without_hanging_on(&fifo, || find_newest(&[root.path().to_path_buf()]));
+    assert_eq!(found, Some(good));
+}

@@ -13,7 +13,9 @@ use std::process::Command;
 
 use image::{ImageEncoder, Rgb, RgbImage as ImageRgb};
 use rxvision_models::bundle::InputSpec;
-use rxvision_models::preprocess::{decode, Preprocessor};
+use rxvision_models::preprocess::{
+    decode, decode_with_limits, DimensionProblem, ImageLimits, PreprocessError, Preprocessor,
+};
 
 use crate::support::{fixture, fixture_script, reference_python};
 
@@ -36,9 +38,11 @@ fn reference(python: &Path, image: &Path, spec: &InputSpec) -> Vec<f32> {
 }
 
 fn ours(bytes: &[u8], spec: &InputSpec) -> Vec<f32> {
+    // Sources below the counter's 32-pixel minimum side test the resize too.
+    let image = decode_with_limits(bytes, &ImageLimits { min_side: 1, ..ImageLimits::default() }).unwrap();
     let mut p = Preprocessor::new(spec);
     let mut out = vec![0.0; p.tensor_len()];
-    p.preprocess_bytes(bytes, &mut out).unwrap();
+    p.preprocess(image.view(), &mut out);
     out
 }
 
@@ -173,4 +177,132 @@ fn truncated_and_garbage_images_are_errors_not_panics() {
     }
     let message = p.preprocess_bytes(b"BM\x00\x00 a bitmap", &mut out).unwrap_err().to_string();
     assert!(message.contains("unsupported image format"), "{message}");
+}
+
+/// Counts the bytes each thread allocates, so a test can show that refusing
+/// an image allocated nothing like its pixel buffer. The only unsafe code of
+/// the tests: a pass-through to the system allocator.
+#[allow(unsafe_code)]
+mod allocations {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCATED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn count(bytes: usize) {
+        // `try_with`: never fails the allocation, even while a thread ends.
+        let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(bytes as u64)));
+    }
+
+    struct Counting;
+
+    // SAFETY: every call is forwarded unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count(layout.size());
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            count(layout.size());
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count(new_size.saturating_sub(layout.size()));
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// `f`'s result and the bytes this thread allocated while it ran (an
+    /// upper bound of its peak).
+    pub fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, u64) {
+        let before = ALLOCATED.with(Cell::get);
+        let result = f();
+        (result, ALLOCATED.with(Cell::get) - before)
+    }
+}
+
+fn black_png(width: u32, height: u32) -> Vec<u8> {
+    encode_png(&vec![0u8; width as usize * height as usize], width, height, image::ExtendedColorType::L8)
+}
+
+fn assert_dimensions(
+    result: Result<rxvision_models::preprocess::RgbImage, PreprocessError>,
+    want: (u32, u32, DimensionProblem),
+) {
+    match result {
+        Err(PreprocessError::Dimensions { width, height, reason }) => {
+            assert_eq!((width, height, reason), want);
+        }
+        Err(other) => panic!("expected a dimension error {want:?}, got {other}"),
+        Ok(image) => panic!("expected a dimension error {want:?}, decoded {}x{}", image.width, image.height),
+    }
+}
+
+/// An 8192x8192 black PNG is a few hundred KB that would decode to 200 MB
+/// (RGB): it is refused from its header, and the refusal allocates a few
+/// KB, nothing like the pixels.
+#[test]
+fn a_decompression_bomb_is_refused_from_its_header_before_decoding() {
+    // The counter counts: a buffer the size of a small image's pixels shows.
+    let (_, counted) = allocations::allocated_by(|| std::hint::black_box(vec![1u8; 8 << 20]));
+    assert!(counted >= 8 << 20, "the allocation counter saw {counted} bytes");
+    let bomb = black_png(8192, 8192);
+    assert!(bomb.len() < 1024 * 1024, "the bomb is {} bytes", bomb.len());
+    let (result, allocated) = allocations::allocated_by(|| decode(&bomb));
+    let message = result.as_ref().map(|_| ()).unwrap_err().to_string();
+    assert_dimensions(result, (8192, 8192, DimensionProblem::TooManyPixels { max: 40_000_000 }));
+    assert!(allocated < 4 * 1024 * 1024, "refusing the bomb allocated {allocated} bytes");
+    assert!(message.contains("8192x8192") && message.contains("40000000 pixels"), "{message}");
+    // Only the header is read: the same bomb cut in the middle of its pixel
+    // data gets the same answer, not a decoder error.
+    assert_dimensions(
+        decode(&bomb[..bomb.len() / 2]),
+        (8192, 8192, DimensionProblem::TooManyPixels { max: 40_000_000 }),
+    );
+    // A side beyond 16,384 pixels, whatever the pixel count.
+    assert_dimensions(decode(&black_png(20_000, 40)), (20_000, 40, DimensionProblem::SideTooLong { max: 16_384 }));
+}
+
+#[test]
+fn images_too_small_to_show_a_pill_are_refused_and_32_pixels_pass() {
+    let too_small = DimensionProblem::SideTooShort { min: 32 };
+    for (w, h) in [(1, 1), (4000, 10), (10, 4000), (31, 32), (32, 31)] {
+        assert_dimensions(decode(&black_png(w, h)), (w, h, too_small));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&pattern(w, h)).unwrap();
+        assert_dimensions(decode(&jpeg), (w, h, too_small));
+    }
+    let image = decode(&black_png(32, 32)).unwrap();
+    assert_eq!((image.width, image.height, image.data.len()), (32, 32, 32 * 32 * 3));
+    let message = decode(&black_png(1, 1)).unwrap_err().to_string();
+    assert!(message.contains("1x1") && message.contains("shorter than 32 pixels"), "{message}");
+}
+
+#[test]
+fn the_limits_are_the_callers_and_the_decoder_keeps_to_them() {
+    let limits = ImageLimits { max_pixels: 10_000, max_side: 200, min_side: 1 };
+    let tiny = decode_with_limits(&black_png(1, 1), &limits).unwrap();
+    assert_eq!((tiny.width, tiny.height), (1, 1));
+    assert_dimensions(
+        decode_with_limits(&black_png(201, 2), &limits),
+        (201, 2, DimensionProblem::SideTooLong { max: 200 }),
+    );
+    assert_dimensions(
+        decode_with_limits(&black_png(101, 100), &limits),
+        (101, 100, DimensionProblem::TooManyPixels { max: 10_000 }),
+    );
+    assert!(decode_with_limits(&black_png(100, 100), &limits).is_ok());
+    assert!(limits.check(200, 50).is_ok() && limits.check(0, 50).is_err());
+    assert_eq!(ImageLimits::default(), ImageLimits { max_pixels: 40_000_000, max_side: 16_384, min_side: 32 });
 }

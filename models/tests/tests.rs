@@ -2,6 +2,7 @@
 
 mod bundle;
 mod engines;
+mod fuzz;
 mod preprocess;
 mod support;
 mod synth;

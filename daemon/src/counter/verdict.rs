@@ -10,9 +10,12 @@
 //! | top-1 is the expected NDC | `MATCH` |
 //! | otherwise | `MISMATCH` |
 //!
-//! Several pills: any `MISMATCH` makes the whole scan a `MISMATCH`; else any
-//! `UNCERTAIN` makes it `UNCERTAIN`; else `MATCH` (or `IDENTIFIED`). No pill
-//! at all is `NO_PILL`; an unreadable image is `BAD_IMAGE`.
+//! Several pills: any `MISMATCH` makes the whole scan a `MISMATCH`, whatever
+//! the other pills say (a wrong pill in the tray is the one thing the
+//! pharmacist must not miss); else any `BAD_IMAGE` pill makes it `BAD_IMAGE`;
+//! else any `UNCERTAIN` makes it `UNCERTAIN`; else `IDENTIFIED` if any pill
+//! was identified, else `MATCH`. No pill at all is `NO_PILL`; an unreadable
+//! image is `BAD_IMAGE`.
 
 use rxvision_models::bundle::{Label, Thresholds};
 use serde::Serialize;
@@ -90,14 +93,15 @@ pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: Thresholds, expec
     }
 }
 
-/// The verdict of a whole scan from its pills' verdicts.
+/// The verdict of a whole scan from its pills' verdicts: `MISMATCH` wins
+/// over everything, then `BAD_IMAGE`, `UNCERTAIN`, `IDENTIFIED`, `MATCH`.
 pub fn overall(pills: &[Verdict]) -> Verdict {
     if pills.is_empty() {
         Verdict::NoPill
-    } else if pills.contains(&Verdict::BadImage) {
-        Verdict::BadImage
     } else if pills.contains(&Verdict::Mismatch) {
         Verdict::Mismatch
+    } else if pills.contains(&Verdict::BadImage) {
+        Verdict::BadImage
     } else if pills.contains(&Verdict::Uncertain) {
         Verdict::Uncertain
     } else if pills.contains(&Verdict::Identified) {
@@ -175,5 +179,25 @@ mod tests {
         assert_eq!(overall(&[Identified, Identified]), Identified);
         assert_eq!(overall(&[]), NoPill);
         assert_eq!(overall(&[Match, BadImage]), BadImage);
+    }
+
+    #[test]
+    fn a_mismatch_wins_over_every_other_verdict_in_any_order() {
+        use Verdict::*;
+        // A blurred or badly measured pill beside a wrong one must not hide it.
+        assert_eq!(overall(&[BadImage, Mismatch]), Mismatch);
+        assert_eq!(overall(&[Mismatch, BadImage]), Mismatch);
+        assert_eq!(overall(&[Match, BadImage, Mismatch, Uncertain, Identified]), Mismatch);
+        // Below it: BAD_IMAGE, then UNCERTAIN, IDENTIFIED, MATCH.
+        assert_eq!(overall(&[Uncertain, BadImage, Match]), BadImage);
+        assert_eq!(overall(&[Identified, Uncertain]), Uncertain);
+        assert_eq!(overall(&[Match, Identified]), Identified);
+        let ranked = [Mismatch, BadImage, Uncertain, Identified, Match];
+        for (i, &winner) in ranked.iter().enumerate() {
+            for &lower in &ranked[i..] {
+                assert_eq!(overall(&[lower, winner]), winner, "{winner:?} over {lower:?}");
+                assert_eq!(overall(&[winner, lower]), winner, "{winner:?} over {lower:?}");
+            }
+        }
     }
 }

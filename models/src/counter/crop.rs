@@ -18,17 +18,31 @@ use crate::preprocess::RgbImage;
 
 /// Cuts `pill` out of `frame` as `mode` says. `margin` is the localiser's
 /// margin (a fraction of the pill's length on each side).
+///
+/// Any frame of at least 1×1 gives a crop of at least 1×1: a box reaching
+/// outside the frame is clipped to it, and an upright crop is never larger
+/// than twice the frame's width plus height (a pill is never longer than the
+/// frame's diagonal). An empty frame gives an empty crop.
 pub fn crop_pill(frame: &RgbImage, pill: &PillBox, mode: PillCrop, margin: f32) -> RgbImage {
+    let empty = RgbImage { width: 0, height: 0, data: Vec::new() };
+    if frame.width == 0
+        || frame.height == 0
+        || frame.data.len() as u64 != u64::from(frame.width) * u64::from(frame.height) * 3
+    {
+        return empty;
+    }
     if mode == PillCrop::Square || pill.angle_deg == 0.0 {
         return square(frame, pill);
     }
     let length = pill.rectangle_px[0].max(pill.axes_px[0]);
-    let side = (length * (1.0 + 2.0 * margin)).round().max(1.0);
+    let largest = 2.0 * (frame.width as f32 + frame.height as f32);
+    // NaN (from a hand-made box) falls to 1 through max().
+    let side = (length * (1.0 + 2.0 * margin)).round().max(1.0).min(largest);
     let n = side as u32;
     let (sin, cos) = pill.angle_deg.to_radians().sin_cos();
     let [cx, cy] = pill.centre_px;
     let half = side / 2.0;
-    let mut data = Vec::with_capacity((n * n * 3) as usize);
+    let mut data = Vec::with_capacity(n as usize * n as usize * 3);
     for j in 0..n {
         let v = j as f32 + 0.5 - half;
         for i in 0..n {
@@ -42,13 +56,21 @@ pub fn crop_pill(frame: &RgbImage, pill: &PillBox, mode: PillCrop, margin: f32) 
     RgbImage { width: n, height: n, data }
 }
 
+/// The frame's pixels in the pill's box, clipped to the frame (at least one
+/// pixel of a non-empty frame).
 fn square(frame: &RgbImage, pill: &PillBox) -> RgbImage {
-    let view = frame.region(pill.x, pill.y, pill.w, pill.h).expect("localiser boxes lie inside the frame");
-    let mut data = Vec::with_capacity(pill.w as usize * pill.h as usize * 3);
-    for row in 0..pill.h as usize {
+    let x = pill.x.min(frame.width - 1);
+    let y = pill.y.min(frame.height - 1);
+    let w = pill.w.clamp(1, frame.width - x);
+    let h = pill.h.clamp(1, frame.height - y);
+    let Ok(view) = frame.region(x, y, w, h) else {
+        return RgbImage { width: 0, height: 0, data: Vec::new() };
+    };
+    let mut data = Vec::with_capacity(w as usize * h as usize * 3);
+    for row in 0..h as usize {
         data.extend_from_slice(view.row(row));
     }
-    RgbImage { width: pill.w, height: pill.h, data }
+    RgbImage { width: w, height: h, data }
 }
 
 /// The frame's colour at continuous position (x, y) (pixel centres at

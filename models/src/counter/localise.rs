@@ -86,8 +86,17 @@ pub struct Localisation {
     pub tray_rgb: [u8; 3],
 }
 
-/// Finds the pills in `frame`.
+/// Finds the pills in `frame`. Any frame size is accepted: a frame too
+/// small to hold a pill (down to 1×1, or a 4000×10 strip) has none, and an
+/// empty or inconsistent image (`data` not `width`×`height` RGB triples)
+/// has none either.
 pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
+    let consistent = frame.width > 0
+        && frame.height > 0
+        && frame.data.len() as u64 == u64::from(frame.width) * u64::from(frame.height) * 3;
+    if !consistent {
+        return Localisation { pills: Vec::new(), partial: Vec::new(), tray_rgb: [0; 3] };
+    }
     let (small, scale) = shrink(frame);
     let (w, h) = (small.width as usize, small.height as usize);
     let tray = tray_colour(&small);
@@ -131,8 +140,9 @@ fn square_crop(frame: &RgbImage, [x0, y0, x1, y1]: [f32; 4], scale: f32, margin:
     let (cx, cy) = ((x0 + x1 + scale) / 2.0, (y0 + y1 + scale) / 2.0);
     let side = ((x1 - x0).max(y1 - y0) + scale) * (1.0 + 2.0 * margin);
     let half = side / 2.0;
-    let left = (cx - half).max(0.0) as u32;
-    let top = (cy - half).max(0.0) as u32;
+    // Inside the frame whatever the margin (the frame is at least 1×1).
+    let left = ((cx - half).max(0.0) as u32).min(frame.width.saturating_sub(1));
+    let top = ((cy - half).max(0.0) as u32).min(frame.height.saturating_sub(1));
     let right = ((cx + half) as u32).min(frame.width);
     let bottom = ((cy + half) as u32).min(frame.height);
     PillBox {
@@ -150,43 +160,49 @@ fn square_crop(frame: &RgbImage, [x0, y0, x1, y1]: [f32; 4], scale: f32, margin:
 }
 
 /// Box-averages the frame down to at most [`WORK_SIDE`] per side; returns the
-/// copy and the frame pixels per working pixel.
+/// copy and the frame pixels per working pixel. A side shorter than the
+/// shrink factor (a thin strip) keeps one working pixel, the average of the
+/// frame pixels there are.
 fn shrink(frame: &RgbImage) -> (RgbImage, f32) {
     let factor = frame.width.max(frame.height).div_ceil(WORK_SIDE).max(1);
-    let (w, h) = (frame.width / factor, frame.height / factor);
     if factor == 1 {
         return (frame.clone(), 1.0);
     }
-    let mut data = vec![0u8; (w * h * 3) as usize];
-    let n = factor * factor;
+    let (w, h) = ((frame.width / factor).max(1), (frame.height / factor).max(1));
+    let mut data = vec![0u8; w as usize * h as usize * 3];
     for y in 0..h {
+        let rows = y * factor..((y + 1) * factor).min(frame.height);
         for x in 0..w {
+            let (x0, x1) = (x * factor, ((x + 1) * factor).min(frame.width));
+            let n = rows.len() as u32 * (x1 - x0);
             let mut sum = [0u32; 3];
-            for dy in 0..factor {
-                let row = ((y * factor + dy) * frame.width + x * factor) as usize * 3;
-                for px in frame.data[row..row + factor as usize * 3].chunks_exact(3) {
+            for row in rows.clone() {
+                let start = (row as usize * frame.width as usize + x0 as usize) * 3;
+                for px in frame.data[start..start + (x1 - x0) as usize * 3].chunks_exact(3) {
                     sum[0] += u32::from(px[0]);
                     sum[1] += u32::from(px[1]);
                     sum[2] += u32::from(px[2]);
                 }
             }
-            let out = ((y * w + x) * 3) as usize;
+            let out = (y as usize * w as usize + x as usize) * 3;
             for c in 0..3 {
-                data[out + c] = (sum[c] / n) as u8;
+                data[out + c] = (sum[c] / n.max(1)) as u8;
             }
         }
     }
     (RgbImage { width: w, height: h, data }, factor as f32)
 }
 
-/// Per-channel median of the outer ring (4% of the shorter side, at least 2 px).
+/// Per-channel median of the outer ring (4% of the shorter side, at least 2
+/// px, at most half of it, and at least 1 px: a frame one pixel wide is all
+/// border). An empty image has a black tray.
 fn tray_colour(image: &RgbImage) -> [u8; 3] {
     let (w, h) = (image.width as usize, image.height as usize);
-    let ring = (w.min(h) / 25).max(2).min(w.min(h) / 2);
+    let ring = (w.min(h) / 25).max(2).min(w.min(h) / 2).max(1);
     let mut channels: [Vec<u8>; 3] = Default::default();
     for y in 0..h {
         for x in 0..w {
-            if x < ring || y < ring || x >= w - ring || y >= h - ring {
+            if x < ring || y < ring || x + ring >= w || y + ring >= h {
                 let px = &image.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
                 for c in 0..3 {
                     channels[c].push(px[c]);
@@ -195,6 +211,9 @@ fn tray_colour(image: &RgbImage) -> [u8; 3] {
         }
     }
     channels.map(|mut v| {
+        if v.is_empty() {
+            return 0;
+        }
         let mid = v.len() / 2;
         *v.select_nth_unstable(mid).1
     })
@@ -438,6 +457,102 @@ mod tests {
         assert!(b.x + b.w <= 1920 && b.y + b.h <= 1080);
         // The extents come back in frame pixels too (300 x 160).
         assert!((b.rectangle_px[0] - 300.0).abs() < 8.0 && (b.rectangle_px[1] - 160.0).abs() < 8.0, "{b:?}");
+    }
+
+    /// Every part of the counter's analysis takes frames of any size down to
+    /// 1x1 (a tiny or thin upload once crashed the scan): no panic, boxes
+    /// inside the frame, crops of at least one pixel, a rejection or no pill.
+    #[test]
+    fn frames_of_any_size_are_analysed_without_panicking() {
+        use crate::bundle::PillCrop;
+        use crate::counter::crop::crop_pill;
+        use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
+
+        let sizes = [(1, 1), (2, 2), (3, 3), (4000, 10), (10, 4000), (32, 32), (641, 1), (1, 641), (960, 2), (5, 321)];
+        for (w, h) in sizes {
+            let flat = RgbImage { width: w, height: h, data: [40u8, 90, 160].repeat((w * h) as usize) };
+            let noisy = RgbImage {
+                width: w,
+                height: h,
+                data: (0..w * h * 3).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
+            };
+            let pill = tray(w, h, &[(w as f32 / 2.0, h as f32 / 2.0, w as f32 / 4.0, h as f32 / 4.0, [250, 250, 245])]);
+            for (kind, frame) in [("flat", &flat), ("noisy", &noisy), ("pill", &pill)] {
+                let found = localise(frame, LocaliseOptions::default());
+                let _ = check_frame(frame, QualityLimits::default());
+                if kind == "flat" {
+                    assert!(found.pills.is_empty() && found.partial.is_empty(), "{w}x{h} {kind}: {found:?}");
+                    assert_eq!(found.tray_rgb, [40, 90, 160], "{w}x{h}");
+                    assert!(check_frame(frame, QualityLimits::default()).is_ok(), "{w}x{h}");
+                }
+                for b in found.pills.iter().chain(&found.partial) {
+                    assert!(b.w >= 1 && b.h >= 1 && b.x + b.w <= w && b.y + b.h <= h, "{w}x{h} {kind}: {b:?}");
+                    let _ = check_sharpness(frame, *b, QualityLimits::default());
+                }
+                // As the counter does: pills in full view are cut out.
+                for b in &found.pills {
+                    for mode in [PillCrop::Square, PillCrop::Upright] {
+                        let crop = crop_pill(frame, b, mode, 0.3);
+                        assert!(crop.width >= 1 && crop.height >= 1, "{w}x{h} {kind} {mode:?}");
+                        assert_eq!(crop.data.len(), (crop.width * crop.height * 3) as usize);
+                    }
+                }
+            }
+            // The whole frame as a pill's box: too small to measure sharpness is blurred, not a panic.
+            let whole = PillBox {
+                x: 0,
+                y: 0,
+                w,
+                h,
+                partial: false,
+                rectangle_px: [w.min(h) as f32; 2],
+                axes_px: [w.min(h) as f32; 2],
+                contrast: 0.0,
+                centre_px: [w as f32 / 2.0, h as f32 / 2.0],
+                angle_deg: 30.0,
+            };
+            let sharp = check_sharpness(&flat, whole, QualityLimits::default());
+            assert_eq!(sharp.unwrap_err().code, "blurred", "{w}x{h}");
+            for mode in [PillCrop::Square, PillCrop::Upright] {
+                let crop = crop_pill(&flat, &whole, mode, 0.3);
+                assert!(crop.width >= 1 && crop.height >= 1, "{w}x{h} {mode:?}");
+            }
+        }
+        // A 1x1 frame has nothing to find.
+        let one = RgbImage { width: 1, height: 1, data: vec![250, 250, 250] };
+        let found = localise(&one, LocaliseOptions::default());
+        assert!(found.pills.is_empty() && found.partial.is_empty());
+    }
+
+    /// Boxes made by hand (outside the frame, overflowing, absurd sizes)
+    /// are clipped, never a panic or an enormous crop.
+    #[test]
+    fn boxes_outside_the_frame_are_clipped() {
+        use crate::bundle::PillCrop;
+        use crate::counter::crop::crop_pill;
+        use crate::counter::quality::sharpness;
+
+        let frame = tray(40, 30, &[]);
+        let outside = PillBox {
+            x: u32::MAX - 3,
+            y: 100,
+            w: 50,
+            h: u32::MAX,
+            partial: false,
+            rectangle_px: [f32::INFINITY, 3.0],
+            axes_px: [f32::NAN, 1.0],
+            contrast: 0.0,
+            centre_px: [-1e9, 1e9],
+            angle_deg: 45.0,
+        };
+        assert_eq!(sharpness(&frame, outside), 0.0);
+        let square = crop_pill(&frame, &outside, PillCrop::Square, 0.3);
+        assert_eq!((square.width, square.height), (1, 1));
+        let upright = crop_pill(&frame, &outside, PillCrop::Upright, 0.3);
+        assert!(upright.width <= 2 * (40 + 30) && upright.width >= 1, "{}", upright.width);
+        let empty = RgbImage { width: 0, height: 0, data: Vec::new() };
+        assert!(localise(&empty, LocaliseOptions::default()).pills.is_empty());
+        assert_eq!(crop_pill(&empty, &outside, PillCrop::Upright, 0.3).width, 0);
     }
 
     #[test]

@@ -86,11 +86,17 @@ pub fn check_frame(frame: &RgbImage, limits: QualityLimits) -> Result<Measures, 
     Ok(m)
 }
 
-/// Variance of the 4-neighbour Laplacian of the grey image inside `region`.
+/// Variance of the 4-neighbour Laplacian of the grey image inside `region`
+/// (clipped to the frame). A region without an inner pixel (under 3×3, or
+/// outside the frame) has no measurable sharpness: 0.
 pub fn sharpness(frame: &RgbImage, region: PillBox) -> f32 {
-    let (x0, y0) = (region.x as usize, region.y as usize);
-    let (x1, y1) = ((region.x + region.w) as usize, (region.y + region.h) as usize);
-    let w = frame.width as usize;
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    if frame.data.len() != w * h * 3 {
+        return 0.0;
+    }
+    let (x0, y0) = ((region.x as usize).min(w), (region.y as usize).min(h));
+    let x1 = (region.x.saturating_add(region.w) as usize).min(w);
+    let y1 = (region.y.saturating_add(region.h) as usize).min(h);
     let at = |x: usize, y: usize| luma(&frame.data[(y * w + x) * 3..(y * w + x) * 3 + 3]);
     let (mut sum, mut sum2, mut n) = (0f64, 0f64, 0f64);
     for y in (y0 + 1)..y1.saturating_sub(1) {

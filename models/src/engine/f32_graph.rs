@@ -52,6 +52,9 @@ pub enum DeriveError {
     /// tract could not infer the float graph's shapes.
     #[error("shape inference on the derived graph failed: {0}")]
     Shapes(String),
+    /// The graph contradicts itself (e.g. tensors renamed in a cycle).
+    #[error("malformed graph: {0}")]
+    Malformed(String),
 }
 
 fn unsupported(node: &NodeProto, problem: impl Into<String>) -> DeriveError {
@@ -61,6 +64,35 @@ fn unsupported(node: &NodeProto, problem: impl Into<String>) -> DeriveError {
         node.get_name().to_string()
     };
     DeriveError::Unsupported { node: name, op: node.get_op_type().to_string(), problem: problem.into() }
+}
+
+/// The node's `i`-th input, which must be present and named: `what` says
+/// what it is for the error.
+fn input<'a>(node: &'a NodeProto, i: usize, what: &str) -> Result<&'a str, DeriveError> {
+    node.get_input()
+        .get(i)
+        .filter(|n| !n.is_empty())
+        .map(String::as_str)
+        .ok_or_else(|| unsupported(node, format!("has no {what} (input {i})")))
+}
+
+/// The node's first output, which must be present and named.
+fn first_output(node: &NodeProto) -> Result<&str, DeriveError> {
+    node.get_output()
+        .first()
+        .filter(|n| !n.is_empty())
+        .map(String::as_str)
+        .ok_or_else(|| unsupported(node, "has no output"))
+}
+
+/// A tensor's dims as sizes, and their product, refusing negative or
+/// overflowing dims.
+fn tensor_dims(node: &NodeProto, tensor: &TensorProto) -> Result<(Vec<usize>, usize), DeriveError> {
+    let bad = || unsupported(node, format!("tensor {:?} has invalid dims {:?}", tensor.get_name(), tensor.get_dims()));
+    let dims: Vec<usize> =
+        tensor.get_dims().iter().map(|&d| usize::try_from(d).map_err(|_| bad())).collect::<Result<_, _>>()?;
+    let count = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(bad)?;
+    Ok((dims, count))
 }
 
 /// The derived float model, ready for wonnx.
@@ -104,8 +136,9 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
     for node in &nodes {
         match node.get_op_type() {
             "QuantizeLinear" => {
-                let out = node.get_output().first().ok_or_else(|| unsupported(node, "has no output"))?;
-                let users = consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default();
+                let out = first_output(node)?;
+                let float_input = input(node, 0, "input")?.to_string();
+                let users = consumers.get(out).map(Vec::as_slice).unwrap_or_default();
                 if users.is_empty()
                     || graph_outputs.contains(out)
                     || users.iter().any(|u| u.get_op_type() != "DequantizeLinear")
@@ -117,17 +150,17 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
                 // Runtime removes ReLUs for exactly that reason): keep it.
                 let source = if clamps_at_zero(node, &initializers)? {
                     let relu_out = format!("{out}__relu");
-                    relus.insert(node as *const _, (node.get_input()[0].clone(), relu_out.clone()));
+                    relus.insert(node as *const _, (float_input, relu_out.clone()));
                     relu_out
                 } else {
-                    node.get_input()[0].clone()
+                    float_input
                 };
                 for dq in users {
-                    renamed.insert(dq.get_output()[0].clone(), source.clone());
+                    renamed.insert(first_output(dq)?.to_string(), source.clone());
                     folded.insert(*dq as *const _);
                 }
             }
-            "DequantizeLinear" if initializers.contains_key(&node.get_input()[0]) => {
+            "DequantizeLinear" if node.get_input().first().is_some_and(|n| initializers.contains_key(n)) => {
                 let tensor = dequantise(node, &initializers)?;
                 dequantised.push(tensor);
                 folded.insert(node as *const _);
@@ -155,12 +188,19 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
         initializers.insert(tensor.get_name().to_string(), tensor);
     }
 
-    let resolve = |name: &str| -> String {
+    // Follows folded pairs to the tensor a name now stands for. Each step
+    // consumes one renaming, so more steps than renamings is a cycle.
+    let resolve = |name: &str| -> Result<String, DeriveError> {
         let mut current = name;
-        while let Some(next) = renamed.get(current) {
-            current = next;
+        for _ in 0..=renamed.len() {
+            match renamed.get(current) {
+                Some(next) => current = next,
+                None => return Ok(current.to_string()),
+            }
         }
-        current.to_string()
+        Err(DeriveError::Malformed(format!(
+            "tensor {name:?} is renamed in a cycle by QuantizeLinear/DequantizeLinear pairs"
+        )))
     };
 
     let mut kept: Vec<NodeProto> = Vec::new();
@@ -170,7 +210,7 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
             let mut relu = NodeProto::new();
             relu.set_op_type("Relu".into());
             relu.set_name(format!("{}__relu", node.get_name()));
-            relu.set_input(RepeatedField::from_vec(vec![resolve(input)]));
+            relu.set_input(RepeatedField::from_vec(vec![resolve(input)?]));
             relu.set_output(RepeatedField::from_vec(vec![output.clone()]));
             used_names.insert(relu.get_name().to_string());
             kept.push(relu);
@@ -179,14 +219,25 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
             continue;
         }
         let mut node = node.clone();
-        let inputs: Vec<String> =
-            node.get_input().iter().map(|n| if n.is_empty() { n.clone() } else { resolve(n) }).collect();
+        let inputs: Vec<String> = node
+            .get_input()
+            .iter()
+            .map(|n| if n.is_empty() { Ok(n.clone()) } else { resolve(n) })
+            .collect::<Result<_, _>>()?;
         node.set_input(RepeatedField::from_vec(inputs));
         if node.get_op_type() == "Conv" && !node.get_attribute().iter().any(|a| a.get_name() == "kernel_shape") {
             let weight = initializers
-                .get(&node.get_input()[1])
+                .get(input(&node, 1, "weight")?)
                 .ok_or_else(|| unsupported(&node, "weight is not a constant, cannot infer kernel_shape"))?;
-            let kernel: Vec<i64> = weight.get_dims()[2..].to_vec();
+            let kernel: Vec<i64> = match weight.get_dims() {
+                [_, _, kernel @ ..] if !kernel.is_empty() && kernel.iter().all(|&k| k > 0) => kernel.to_vec(),
+                dims => {
+                    return Err(unsupported(
+                        &node,
+                        format!("weight has dims {dims:?}, expected [out, in, kernel...] with positive kernel sizes"),
+                    ))
+                }
+            };
             node.mut_attribute().push(ints_attribute("kernel_shape", kernel));
         }
         if node.get_op_type() == "Gemm" {
@@ -205,7 +256,7 @@ pub fn derive(onnx: &[u8], input_name: &str, input_shape: [usize; 4]) -> Result<
     }
     // A graph output produced by a folded pair is re-exposed through Identity.
     for output in graph.get_output() {
-        let source = resolve(output.get_name());
+        let source = resolve(output.get_name())?;
         if source != output.get_name() {
             let mut identity = NodeProto::new();
             identity.set_op_type("Identity".into());
@@ -266,7 +317,7 @@ fn dequantise(node: &NodeProto, initializers: &HashMap<String, TensorProto>) -> 
                 .ok_or_else(|| unsupported(node, format!("input {name:?} is not a constant"))),
         }
     };
-    let q = constant(0)?.expect("checked by caller");
+    let q = constant(0)?.ok_or_else(|| unsupported(node, "has no input to dequantise"))?;
     let scale = constant(1)?.ok_or_else(|| unsupported(node, "has no scale"))?;
     let zero_point = constant(2)?;
 
@@ -279,13 +330,12 @@ fn dequantise(node: &NodeProto, initializers: &HashMap<String, TensorProto>) -> 
     if zeros.len() != scales.len() {
         return Err(unsupported(node, "scale and zero point differ in length"));
     }
-    let dims: Vec<usize> = q.get_dims().iter().map(|&d| d as usize).collect();
-    let count: usize = dims.iter().product();
+    let (dims, count) = tensor_dims(node, q)?;
     if values.len() != count {
         return Err(unsupported(node, format!("tensor holds {} values for dims {dims:?}", values.len())));
     }
-    let out: Vec<f32> = if scales.len() == 1 {
-        values.iter().map(|&v| (v - zeros[0]) * scales[0]).collect()
+    let out: Vec<f32> = if let ([scale], [zero]) = (&scales[..], &zeros[..]) {
+        values.iter().map(|&v| (v - zero) * scale).collect()
     } else {
         let axis_attr = node.get_attribute().iter().find(|a| a.get_name() == "axis").map_or(1, |a| a.get_i());
         let axis = if axis_attr < 0 { axis_attr + dims.len() as i64 } else { axis_attr } as usize;
@@ -295,6 +345,7 @@ fn dequantise(node: &NodeProto, initializers: &HashMap<String, TensorProto>) -> 
                 format!("per-axis scale of length {} does not fit axis {axis_attr} of {dims:?}", scales.len()),
             ));
         }
+        // Sizes of a tensor whose total fits, so this product fits too.
         let inner: usize = dims[axis + 1..].iter().product();
         values
             .iter()
@@ -305,7 +356,7 @@ fn dequantise(node: &NodeProto, initializers: &HashMap<String, TensorProto>) -> 
             })
             .collect()
     };
-    Ok(float_tensor(&node.get_output()[0], q.get_dims().to_vec(), out))
+    Ok(float_tensor(first_output(node)?, q.get_dims().to_vec(), out))
 }
 
 /// The values of an int8 / uint8 / int32 / float initializer, as f32.
@@ -366,14 +417,17 @@ fn rewrite_gemm(node: &mut NodeProto, initializers: &mut HashMap<String, TensorP
     if trans_b == 0 && alpha == 1.0 && beta == 1.0 {
         return Ok(());
     }
-    let b_name = node.get_input()[1].clone();
+    let b_name = input(node, 1, "weight")?.to_string();
     let b = initializers.get(&b_name).ok_or_else(|| unsupported(node, "transB/alpha need a constant weight"))?;
     let dims = b.get_dims().to_vec();
-    if dims.len() != 2 {
+    let (shape, count) = tensor_dims(node, b)?;
+    let [rows, cols] = shape[..] else {
         return Err(unsupported(node, format!("weight has dims {dims:?}, expected 2")));
-    }
+    };
     let values = tensor_values(b).map_err(|p| unsupported(node, p))?;
-    let (rows, cols) = (dims[0] as usize, dims[1] as usize);
+    if values.len() != count {
+        return Err(unsupported(node, format!("weight holds {} values for dims {dims:?}", values.len())));
+    }
     let (new_dims, new_values) = if trans_b != 0 {
         let mut t = vec![0f32; values.len()];
         for r in 0..rows {
@@ -381,7 +435,7 @@ fn rewrite_gemm(node: &mut NodeProto, initializers: &mut HashMap<String, TensorP
                 t[c * rows + r] = alpha * values[r * cols + c];
             }
         }
-        (vec![dims[1], dims[0]], t)
+        (vec![cols as i64, rows as i64], t)
     } else {
         (dims.clone(), values.iter().map(|v| alpha * v).collect())
     };
@@ -430,26 +484,17 @@ fn ints_attribute(name: &str, values: Vec<i64>) -> AttributeProto {
 /// Fills `value_info` (and any shapeless graph output) with static f32
 /// shapes inferred by tract on the float graph.
 fn annotate_shapes(model: &mut ModelProto, input_shape: [usize; 4]) -> Result<(), DeriveError> {
-    use tract_onnx::prelude::*;
-
     let bytes = model.write_to_bytes().map_err(|e| DeriveError::Shapes(e.to_string()))?;
-    let mut inference = tract_onnx::onnx()
-        .model_for_read(&mut &*bytes)
-        .and_then(|m| m.with_input_fact(0, f32::fact(input_shape).into()))
-        .map_err(|e| DeriveError::Shapes(format!("{e:#}")))?;
-    inference.analyse(false).map_err(|e| DeriveError::Shapes(format!("{e:#}")))?;
-
-    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
-    for node in inference.nodes() {
-        for ix in 0..node.outputs.len() {
-            let outlet = OutletId::new(node.id, ix);
-            let Some(label) = inference.outlet_label(outlet) else { continue };
-            let fact = inference.outlet_fact(outlet).map_err(|e| DeriveError::Shapes(e.to_string()))?;
-            if let Ok(Some(dims)) = fact.shape.as_concrete_finite() {
-                shapes.insert(label.to_string(), dims.to_vec());
-            }
-        }
-    }
+    // tract's analysis of a hostile graph is not ours to vouch for: a panic
+    // in it is an error of this graph, not of the process.
+    let shapes = std::panic::catch_unwind(|| infer_shapes(&bytes, input_shape)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into());
+        DeriveError::Shapes(format!("tract panicked: {why}"))
+    })??;
 
     let graph = model.mut_graph();
     let known: HashSet<String> = graph
@@ -477,6 +522,30 @@ fn annotate_shapes(model: &mut ModelProto, input_shape: [usize; 4]) -> Result<()
     }
     graph.set_value_info(RepeatedField::from_vec(value_info));
     Ok(())
+}
+
+/// Every labelled tensor's static shape, as tract infers it.
+fn infer_shapes(bytes: &[u8], input_shape: [usize; 4]) -> Result<HashMap<String, Vec<usize>>, DeriveError> {
+    use tract_onnx::prelude::*;
+
+    let mut inference = tract_onnx::onnx()
+        .model_for_read(&mut &*bytes)
+        .and_then(|m| m.with_input_fact(0, f32::fact(input_shape).into()))
+        .map_err(|e| DeriveError::Shapes(format!("{e:#}")))?;
+    inference.analyse(false).map_err(|e| DeriveError::Shapes(format!("{e:#}")))?;
+
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    for node in inference.nodes() {
+        for ix in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, ix);
+            let Some(label) = inference.outlet_label(outlet) else { continue };
+            let fact = inference.outlet_fact(outlet).map_err(|e| DeriveError::Shapes(e.to_string()))?;
+            if let Ok(Some(dims)) = fact.shape.as_concrete_finite() {
+                shapes.insert(label.to_string(), dims.to_vec());
+            }
+        }
+    }
+    Ok(shapes)
 }
 
 fn value_info_proto(name: &str, dims: &[usize]) -> ValueInfoProto {
