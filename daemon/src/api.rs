@@ -40,46 +40,152 @@ use rxvision_models::synth::scene::{render_sample, SceneOptions};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::audit::{AuditEvent, RecordKind};
+use crate::audit::{AuditEvent, RecordKind, StoreHealth};
 use crate::camera::{CameraError, FrameSource};
 use crate::scan::{ScanError, ScanRequest, Scanner};
 
-/// An API error: HTTP status, stable code, human message.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+/// Every error the API answers, in one place: its HTTP status, its stable
+/// `code` and the message a person reads. Internal causes are logged where
+/// they happen, never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or a wrong API key.
+    #[error("missing or wrong API key")]
+    Unauthorized,
+    /// The body is not the JSON the endpoint takes.
+    #[error("{0}")]
+    MalformedRequest(String),
+    /// The body is over `api.max_body_bytes`.
+    #[error("the request body is too large")]
+    BodyTooLarge,
+    /// The body was not sent within `api.request_timeout_ms`.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    /// The body is not declared as JSON.
+    #[error("send the request body as JSON (Content-Type: application/json)")]
+    NotJson,
+    /// A field is empty, too long or has control characters.
+    #[error("{field} must be 1-{max} printable characters")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// Its longest allowed length.
+        max: usize,
+    },
+    /// `image` is not base64.
+    #[error("image is not base64: {0}")]
+    BadImageEncoding(String),
+    /// Neither an image nor a camera.
+    #[error("no camera is configured: send the picture as \"image\"")]
+    NoCamera,
+    /// The camera gave no frame.
+    #[error("{0}")]
+    CameraUnavailable(String),
+    /// The audit record could not be written: no answer may be given.
+    #[error("the audit log cannot be written; no answer can be given")]
+    AuditUnavailable,
+    /// An audit record could not be read.
+    #[error("the audit record cannot be read")]
+    AuditUnreadable,
+    /// Every engine failed.
+    #[error("the model could not run")]
+    InferenceFailed,
+    /// As many scans as allowed are running.
+    #[error("the counter is busy with other scans; try again in a second")]
+    Busy,
+    /// The daemon is stopping.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// No such route.
+    #[error("no such endpoint (the API lives under /v1)")]
+    NotFound,
+    /// A reference picture of a product the formulary does not have.
+    #[error("{0} is not in the installed formulary")]
+    UnknownProduct(String),
+    /// The reference picture could not be drawn.
+    #[error("the reference picture could not be drawn")]
+    RenderFailed,
+    /// Feedback must either confirm or correct.
+    #[error("send either \"confirmed\": true or \"correct_ndc\", not both")]
+    InvalidFeedback,
+    /// Feedback about a record that is not a verification.
+    #[error("audit record {0} is not a verification")]
+    NotAVerification(u64),
+    /// Feedback about a record that does not exist.
+    #[error("there is no audit record {0}")]
+    UnknownAuditSeq(u64),
+    /// A task was interrupted (a bug, or the runtime stopping).
+    #[error("the request was interrupted")]
+    Internal,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            MalformedRequest(_)
+            | InvalidField { .. }
+            | BadImageEncoding(_)
+            | NoCamera
+            | InvalidFeedback
+            | NotAVerification(_) => StatusCode::BAD_REQUEST,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            NotFound | UnknownProduct(_) | UnknownAuditSeq(_) => StatusCode::NOT_FOUND,
+            CameraUnavailable(_) | AuditUnavailable | Busy | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AuditUnreadable | InferenceFailed | RenderFailed | Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    /// The stable code clients branch on.
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            Unauthorized => "unauthorized",
+            MalformedRequest(_) => "malformed_request",
+            BodyTooLarge => "body_too_large",
+            RequestTimeout => "request_timeout",
+            NotJson => "not_json",
+            InvalidField { .. } => "invalid_field",
+            BadImageEncoding(_) => "bad_image_encoding",
+            NoCamera => "no_camera",
+            CameraUnavailable(_) => "camera_unavailable",
+            AuditUnavailable => "audit_unavailable",
+            AuditUnreadable => "audit_unreadable",
+            InferenceFailed => "inference_failed",
+            Busy => "busy",
+            ShuttingDown => "shutting_down",
+            NotFound => "not_found",
+            UnknownProduct(_) => "unknown_product",
+            RenderFailed => "render_failed",
+            InvalidFeedback => "invalid_feedback",
+            NotAVerification(_) => "not_a_verification",
+            UnknownAuditSeq(_) => "unknown_audit_seq",
+            Internal => "internal",
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": { "code": self.code, "message": self.message } }))).into_response()
+        let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
+        let mut response = (self.status(), body).into_response();
+        if matches!(self, ApiError::Busy) {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
         match rejection {
-            JsonRejection::BytesRejection(_) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
-            }
-            JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "not_json",
-                "send the request body as JSON (Content-Type: application/json)",
-            ),
-            other => ApiError::bad_request("malformed_request", other.body_text()),
+            JsonRejection::BytesRejection(_) => ApiError::BodyTooLarge,
+            JsonRejection::MissingJsonContentType(_) => ApiError::NotJson,
+            other => ApiError::MalformedRequest(other.body_text()),
         }
     }
 }
@@ -105,6 +211,7 @@ pub struct Metrics {
     fallbacks: Gauge,
     camera_up: Gauge,
     audit_chain_length: Gauge,
+    audit_store_up: Gauge,
 }
 
 impl Metrics {
@@ -138,7 +245,13 @@ impl Metrics {
             "Records in the audit chain (next sequence number)",
             audit_chain_length.clone(),
         );
-        Metrics { registry, predictions, latency, engine, fallbacks, camera_up, audit_chain_length }
+        let audit_store_up = Gauge::default();
+        registry.register(
+            "rxvision_audit_store_up",
+            "1 while the audit store's last write was durable; 0 after a failed write until one succeeds",
+            audit_store_up.clone(),
+        );
+        Metrics { registry, predictions, latency, engine, fallbacks, camera_up, audit_chain_length, audit_store_up }
     }
 }
 
@@ -156,11 +269,36 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// Product attributes for reference pictures, when a formulary is installed.
     pub formulary: Option<Formulary>,
+    /// Body size, scan concurrency and body timeout.
+    pub limits: ApiLimits,
+    /// One permit per scan allowed to run at once.
+    scans: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
     started: Instant,
     /// The last picture shown on the counter page: what the pharmacist saw is what is verified.
     preview: Mutex<Option<(Instant, Vec<u8>)>>,
     references: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+/// What one request may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Scans running at once; more are answered `busy`.
+    pub max_concurrent_scans: usize,
+    /// Time a client has to send its body.
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> ApiLimits {
+        ApiLimits {
+            max_body_bytes: 16 << 20,
+            max_concurrent_scans: 2,
+            request_timeout: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// How long a previewed frame stands in for a new one.
@@ -174,6 +312,7 @@ impl AppState {
         api_key: String,
         device_id: String,
         formulary: Option<Formulary>,
+        limits: ApiLimits,
     ) -> AppState {
         let metrics = Metrics::new();
         metrics.camera_up.set(i64::from(camera.is_some()));
@@ -184,6 +323,8 @@ impl AppState {
             device_id,
             shutting_down: AtomicBool::new(false),
             formulary,
+            limits,
+            scans: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_scans)),
             metrics,
             started: Instant::now(),
             preview: Mutex::new(None),
@@ -192,22 +333,60 @@ impl AppState {
     }
 }
 
-/// The API's routes over `state`, refusing bodies over `max_body_bytes`.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+/// The API's routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let guarded = Router::new()
         .route("/v1/verify", post(verify))
         .route("/v1/feedback", post(feedback))
         .route("/v1/status", get(status))
+        .route("/v1/frame", get(frame))
+        .route("/v1/reference/{ndc}", get(reference))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard));
+    Router::new()
+        .merge(guarded)
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .route("/", get(page))
-        .route("/v1/frame", get(frame))
-        .route("/v1/reference/{ndc}", get(reference))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint (the API lives under /v1)")
-        })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
+}
+
+/// A scan's slot among [`ApiLimits::max_concurrent_scans`], held until the
+/// scan (which runs on the blocking pool) has finished.
+#[derive(Clone)]
+struct ScanPermit(#[allow(dead_code)] Arc<tokio::sync::OwnedSemaphorePermit>);
+
+/// Runs before any guarded handler, in this order, so that nothing costly
+/// happens for a request that will be refused: the API key (from the
+/// headers: the body is not read for a wrong key), a scan slot for
+/// `/v1/verify` (`busy` when none is free), then the body, read within
+/// [`ApiLimits::request_timeout`] and [`ApiLimits::max_body_bytes`].
+async fn guard(
+    State(state): State<Arc<AppState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    authorise(&state, request.headers())?;
+    if request.uri().path() == "/v1/verify" {
+        if state.shutting_down.load(Ordering::Acquire) {
+            return Err(ApiError::ShuttingDown);
+        }
+        let permit = state.scans.clone().try_acquire_owned().map_err(|_| ApiError::Busy)?;
+        request.extensions_mut().insert(ScanPermit(Arc::new(permit)));
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(
+        state.limits.request_timeout,
+        axum::body::to_bytes(body, state.limits.max_body_bytes),
+    )
+    .await
+    {
+        Err(_) => return Err(ApiError::RequestTimeout),
+        Ok(Err(_)) => return Err(ApiError::BodyTooLarge),
+        Ok(Ok(bytes)) => bytes,
+    };
+    Ok(next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await)
 }
 
 fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -222,13 +401,13 @@ fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if same {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key"))
+        Err(ApiError::Unauthorized)
     }
 }
 
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) {
-        return Err(ApiError::bad_request("invalid_field", format!("{field} must be 1-{max} printable characters")));
+        return Err(ApiError::InvalidField { field, max });
     }
     Ok(())
 }
@@ -244,14 +423,10 @@ struct VerifyBody {
 
 async fn verify(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    axum::Extension(permit): axum::Extension<ScanPermit>,
     body: Result<Json<VerifyBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
     let Json(body) = body?;
-    if state.shutting_down.load(Ordering::Acquire) {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the daemon is shutting down"));
-    }
     check_text("operator_id", &body.operator_id, 64)?;
     if let Some(ndc) = &body.expected_ndc {
         check_text("expected_ndc", ndc, 32)?;
@@ -262,29 +437,26 @@ async fn verify(
     let request = ScanRequest { expected_ndc: body.expected_ndc, operator_id: body.operator_id, rx_ref: body.rx_ref };
     let state2 = state.clone();
     let result = tokio::task::spawn_blocking(move || {
+        let _slot = permit; // held until this scan is done, even if the client has gone
         let frame = match body.image {
             Some(b64) => base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
-                .map_err(|e| ApiError::bad_request("bad_image_encoding", format!("image is not base64: {e}")))?,
+                .map_err(|e| ApiError::BadImageEncoding(e.to_string()))?,
             None => recent_preview(&state2).map_or_else(|| take_frame(&state2), Ok)?,
         };
         state2.scanner.scan(&request, &frame).map_err(|e| match e {
             ScanError::Audit(cause) => {
                 tracing::error!(error = %cause, "audit record not written; verification refused");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "audit_unavailable",
-                    "the audit log cannot be written; no answer can be given",
-                )
+                ApiError::AuditUnavailable
             }
             ScanError::Engine(cause) => {
                 tracing::error!(error = %cause, "inference failed on every engine");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "inference_failed", "the model could not run")
+                ApiError::InferenceFailed
             }
         })
     })
     .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the scan was interrupted"))??;
+    .map_err(|_| ApiError::Internal)??;
     let m = &state.metrics;
     let outcome =
         serde_json::to_value(result.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
@@ -295,7 +467,7 @@ async fn verify(
 
 fn take_frame(state: &AppState) -> Result<Vec<u8>, ApiError> {
     let Some(camera) = &state.camera else {
-        return Err(ApiError::bad_request("no_camera", "no camera is configured: send the picture as \"image\""));
+        return Err(ApiError::NoCamera);
     };
     let mut camera = camera.lock().unwrap_or_else(|p| p.into_inner());
     match camera.next_frame() {
@@ -312,7 +484,7 @@ fn take_frame(state: &AppState) -> Result<Vec<u8>, ApiError> {
         Err(e) => {
             state.metrics.camera_up.set(0);
             tracing::warn!(error = %e, camera = %camera.describe(), "no frame from the camera");
-            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "camera_unavailable", e.to_string()))
+            Err(ApiError::CameraUnavailable(e.to_string()))
         }
     }
 }
@@ -328,12 +500,9 @@ async fn page() -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
 }
 
-async fn frame(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
+async fn frame(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let state2 = state.clone();
-    let bytes = tokio::task::spawn_blocking(move || take_frame(&state2))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request was interrupted"))??;
+    let bytes = tokio::task::spawn_blocking(move || take_frame(&state2)).await.map_err(|_| ApiError::Internal)??;
     *state.preview.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), bytes.clone()));
     let mime = if bytes.starts_with(b"\x89PNG") { "image/png" } else { "image/jpeg" };
     Ok(([(axum::http::header::CONTENT_TYPE, mime), (axum::http::header::CACHE_CONTROL, "no-store")], bytes)
@@ -342,38 +511,28 @@ async fn frame(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result
 
 async fn reference(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     axum::extract::Path(ndc): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
     let cached = state.references.lock().unwrap_or_else(|p| p.into_inner()).get(&ndc).cloned();
     let jpeg = match cached {
         Some(jpeg) => jpeg,
         None => {
-            let product =
-                state.formulary.as_ref().and_then(|f| f.products.iter().find(|p| p.ndc == ndc)).cloned().ok_or_else(
-                    || {
-                        ApiError::new(
-                            StatusCode::NOT_FOUND,
-                            "unknown_product",
-                            format!("{ndc} is not in the installed formulary"),
-                        )
-                    },
-                )?;
+            let product = state
+                .formulary
+                .as_ref()
+                .and_then(|f| f.products.iter().find(|p| p.ndc == ndc))
+                .cloned()
+                .ok_or_else(|| ApiError::UnknownProduct(ndc.clone()))?;
             let jpeg = tokio::task::spawn_blocking(move || {
                 let mut options = SceneOptions::crop(320, 240);
                 options.clean = true;
                 render_sample(&product, Face::Front, &[], 0, &options).to_jpeg()
             })
             .await
-            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request was interrupted"))?
+            .map_err(|_| ApiError::Internal)?
             .map_err(|e| {
                 tracing::error!(error = %e, "reference picture not rendered");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "render_failed",
-                    "the reference picture could not be drawn",
-                )
+                ApiError::RenderFailed
             })?;
             state.references.lock().unwrap_or_else(|p| p.into_inner()).insert(ndc, jpeg.clone());
             jpeg
@@ -393,49 +552,41 @@ struct FeedbackBody {
 
 async fn feedback(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<Json<FeedbackBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
     let Json(body) = body?;
     check_text("operator_id", &body.operator_id, 64)?;
     match (&body.confirmed, &body.correct_ndc) {
         (Some(true), None) => {}
         (None, Some(ndc)) => check_text("correct_ndc", ndc, 32)?,
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_feedback",
-                "send either \"confirmed\": true or \"correct_ndc\", not both",
-            ))
-        }
+        _ => return Err(ApiError::InvalidFeedback),
     }
     let state2 = state.clone();
     let seq = tokio::task::spawn_blocking(move || {
         let audit = state2.scanner.audit();
         let target = audit.get(body.audit_seq).map_err(|e| {
             tracing::error!(error = %e, "audit record unreadable");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit_unreadable", "the audit record cannot be read")
+            ApiError::AuditUnreadable
         })?;
         match target {
             Some(r) if r.kind == RecordKind::Verification => {}
-            Some(_) => return Err(ApiError::bad_request("not_a_verification", format!("audit record {} is not a verification", body.audit_seq))),
-            None => return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_audit_seq", format!("there is no audit record {}", body.audit_seq))),
+            Some(_) => return Err(ApiError::NotAVerification(body.audit_seq)),
+            None => return Err(ApiError::UnknownAuditSeq(body.audit_seq)),
         }
         let mut event = AuditEvent::new(RecordKind::Feedback);
         event.operator = Some(body.operator_id);
         event.details = json!({ "audit_seq": body.audit_seq, "confirmed": body.confirmed.unwrap_or(false), "correct_ndc": body.correct_ndc });
         audit.append(event).map(|a| a.seq).map_err(|e| {
             tracing::error!(error = %e, "feedback not recorded");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log cannot be written")
+            ApiError::AuditUnavailable
         })
     })
     .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request was interrupted"))??;
+    .map_err(|_| ApiError::Internal)??;
     Ok(Json(json!({ "audit_seq": seq })).into_response())
 }
 
-async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
+async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let classifier = state.scanner.classifier();
     let manifest = &classifier.bundle().manifest;
     let engines = classifier.engines();
@@ -450,18 +601,29 @@ async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
         "model": { "name": manifest.name, "version": manifest.version.to_string(), "purpose": manifest.purpose },
         "engine": { "active": engines.active(), "choice": engines.choice(), "gpu_degraded": engines.gpu_degraded(), "fallbacks": engines.fallbacks() },
         "camera": camera,
-        "audit": { "next_seq": next_seq, "head": head.iter().map(|b| format!("{b:02x}")).collect::<String>() },
+        "audit": {
+            "next_seq": next_seq,
+            "head": head.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "store": state.scanner.audit().health(),
+        },
         "uptime_s": state.started.elapsed().as_secs(),
     }))
     .into_response())
 }
 
+/// 200 only while scans can be answered: not shutting down, and the audit
+/// store's last write was durable. A load balancer or watchdog reads it.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.shutting_down.load(Ordering::Acquire) {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting_down" }))).into_response()
+    let store = state.scanner.audit().health();
+    let status = if state.shutting_down.load(Ordering::Acquire) {
+        "shutting_down"
+    } else if store != StoreHealth::Ok {
+        "audit_failed"
     } else {
-        Json(json!({ "status": "ok" })).into_response()
-    }
+        "ok"
+    };
+    let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({ "status": status, "audit": store }))).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -472,14 +634,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     m.fallbacks.set(engines.fallbacks() as i64);
     m.audit_chain_length.set(state.scanner.audit().head().0 as i64);
+    m.audit_store_up.set(i64::from(state.scanner.audit().health() == StoreHealth::Ok));
     // A scan holding the camera knows better; otherwise ask a live camera now.
     if let Some(health) = state.camera.as_ref().and_then(|c| c.try_lock().ok()).and_then(|c| c.health()) {
         m.camera_up.set(i64::from(health.is_up()));
     }
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &m.registry).is_err() {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "metrics could not be encoded")
-            .into_response();
+        return ApiError::Internal.into_response();
     }
     ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
         .into_response()

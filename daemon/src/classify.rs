@@ -56,6 +56,18 @@ pub enum ClassifyError {
     Image(#[from] PreprocessError),
 }
 
+impl ClassifyError {
+    /// The process exit code: 65 a bad or missing bundle, 69 the requested
+    /// engine is unavailable, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClassifyError::NoBundle(_) | ClassifyError::Bundle { .. } => 65,
+            ClassifyError::Engine(EngineError::NoGpu(_)) => 69,
+            _ => 1,
+        }
+    }
+}
+
 /// One class in a top-k list.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Ranked {

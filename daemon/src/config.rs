@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::camera::PixelFormat;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
+use rxvision_models::preprocess::ImageLimits;
 use rxvision_models::synth::scene::NATIVE_PX_PER_MM;
 use serde::Deserialize;
 
@@ -85,6 +86,36 @@ pub struct RawConfig {
     pub api: RawApi,
     /// The audit log.
     pub audit: RawAudit,
+    /// Limits on pictures (added after version 1: optional, with defaults).
+    #[serde(default)]
+    pub images: RawImages,
+}
+
+/// `[images]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawImages {
+    /// Largest picture, in pixels (width × height).
+    pub max_pixels: u64,
+    /// Longest side, in pixels.
+    pub max_side: u32,
+    /// Shortest side, in pixels.
+    pub min_side: u32,
+}
+
+impl Default for RawImages {
+    fn default() -> RawImages {
+        let limits = ImageLimits::default();
+        RawImages { max_pixels: limits.max_pixels, max_side: limits.max_side, min_side: limits.min_side }
+    }
+}
+
+fn default_max_concurrent_scans() -> u32 {
+    2
+}
+
+fn default_request_timeout_ms() -> u64 {
+    10_000
 }
 
 /// `[camera]`.
@@ -124,6 +155,12 @@ pub struct RawApi {
     pub api_key_credential: String,
     /// Largest accepted request body.
     pub max_body_bytes: u64,
+    /// Scans running at once; more are answered 503 `busy` (added after version 1: optional).
+    #[serde(default = "default_max_concurrent_scans")]
+    pub max_concurrent_scans: u32,
+    /// Time a client has to send its request body (added after version 1: optional).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
 }
 
 /// `[device]`.
@@ -195,6 +232,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Audit store and keys.
     pub audit: AuditConfig,
+    /// Limits every picture is checked against before it is decoded.
+    pub images: ImageLimits,
 }
 
 /// The validated `[camera]` section.
@@ -240,6 +279,10 @@ pub struct ApiConfig {
     pub key: KeySource,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Scans running at once.
+    pub max_concurrent_scans: usize,
+    /// Time a client has to send its request body.
+    pub request_timeout: Duration,
 }
 
 impl ApiConfig {
@@ -458,6 +501,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     if raw.audit.retention_days == 0 {
         problem("audit.retention_days", "must be at least 1".into());
     }
+    if !(1..=64).contains(&raw.api.max_concurrent_scans) {
+        problem("api.max_concurrent_scans", format!("{} is outside 1..=64", raw.api.max_concurrent_scans));
+    }
+    if !(100..=600_000).contains(&raw.api.request_timeout_ms) {
+        problem("api.request_timeout_ms", format!("{} is outside 100..=600000", raw.api.request_timeout_ms));
+    }
+    let ceiling = ImageLimits::default();
+    if !(1..=ceiling.max_pixels).contains(&raw.images.max_pixels) {
+        problem("images.max_pixels", format!("{} is outside 1..={}", raw.images.max_pixels, ceiling.max_pixels));
+    }
+    if !(1..=ceiling.max_side).contains(&raw.images.max_side) {
+        problem("images.max_side", format!("{} is outside 1..={}", raw.images.max_side, ceiling.max_side));
+    }
+    if raw.images.min_side == 0 || raw.images.min_side > raw.images.max_side {
+        problem("images.min_side", format!("{} is outside 1..=images.max_side", raw.images.min_side));
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -474,12 +533,23 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
         },
         camera,
         px_per_mm,
-        api: ApiConfig { listen, key: api_key, max_body_bytes: raw.api.max_body_bytes as usize },
+        api: ApiConfig {
+            listen,
+            key: api_key,
+            max_body_bytes: raw.api.max_body_bytes as usize,
+            max_concurrent_scans: raw.api.max_concurrent_scans as usize,
+            request_timeout: Duration::from_millis(raw.api.request_timeout_ms),
+        },
         audit: AuditConfig {
             dir: raw.audit.dir,
             key,
             previous_key_files: raw.audit.previous_key_files,
             retention: Duration::from_secs(u64::from(raw.audit.retention_days) * 86_400),
+        },
+        images: ImageLimits {
+            max_pixels: raw.images.max_pixels,
+            max_side: raw.images.max_side,
+            min_side: raw.images.min_side,
         },
     })
 }

@@ -2,8 +2,11 @@
 //!
 //! Exit codes: 0 success; 1 a command ran and failed (an image could not be
 //! classified, the self-test failed, the audit log fails verification); 64
-//! bad usage or a bad configuration; 65 a bad model bundle; 69 the requested
-//! engine is unavailable.
+//! bad usage or a bad configuration; 65 a bad model bundle; 66 `run`: the
+//! audit store is missing, shorter than or forked from the chain this
+//! appliance confirmed (an operator must `audit accept-store`); 69 the
+//! requested engine is unavailable; 74 `run`: the audit store failed and
+//! could not be reopened (systemd restarts the service).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,7 +14,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use rxvision_daemon::audit::{parse_time, AuditLog, ExportSummary, KeyRing, PruneSummary, VerifyReport};
+use rxvision_daemon::audit::{
+    parse_time, Acceptance, AuditLog, AuditOptions, ExportSummary, KeyRing, PruneSummary, VerifyReport,
+};
 use rxvision_daemon::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
 use rxvision_daemon::{config, control};
 use rxvision_models::engine::{
@@ -137,6 +142,21 @@ enum AuditCommand {
         #[arg(long)]
         operator: String,
     },
+    /// Accept an audit store that does not continue the chain this appliance
+    /// confirmed (missing, shorter or forked: a restored backup, a replaced
+    /// disk). The acceptance is recorded as the store's next record. Run it
+    /// with the daemon stopped.
+    AcceptStore {
+        /// The daemon's configuration (store, keys, state directory).
+        #[arg(long)]
+        config: PathBuf,
+        /// Who accepts (recorded in the audit log).
+        #[arg(long)]
+        operator: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Args)]
@@ -164,7 +184,7 @@ enum Store {
 
 impl AuditArgs {
     fn open(&self) -> Result<Store, String> {
-        let (dir, key, mut previous) = match (&self.config, &self.dir, &self.key) {
+        let (dir, key, mut previous, options) = match (&self.config, &self.dir, &self.key) {
             (Some(path), _, _) => {
                 let config = config::load(path).map_err(|e| e.to_string())?;
                 match control::Client::connect(&config.state_dir) {
@@ -176,14 +196,18 @@ impl AuditArgs {
                     Err(e) => return Err(e.to_string()),
                 }
                 let key = config.audit.key_path()?;
-                (config.audit.dir, key, config.audit.previous_key_files)
+                // The daemon's own view: its anchor and retention floor.
+                let options = AuditOptions { create: false, ..rxvision_daemon::service::audit_options(&config) };
+                (config.audit.dir, key, config.audit.previous_key_files, options)
             }
-            (None, Some(dir), Some(key)) => (dir.clone(), key.clone(), Vec::new()),
+            (None, Some(dir), Some(key)) => {
+                (dir.clone(), key.clone(), Vec::new(), AuditOptions { create: false, ..AuditOptions::default() })
+            }
             _ => return Err("give --config, or both --dir and --key".into()),
         };
         previous.extend(self.previous_keys.iter().cloned());
         let keys = KeyRing::load(&key, &previous).map_err(|e| e.to_string())?;
-        AuditLog::open(&dir, keys).map(Store::Local).map_err(|e| {
+        AuditLog::open_with(&dir, keys, options).map(Store::Local).map_err(|e| {
             format!("{e} (with --config, the audit commands go through a running daemon's control socket)")
         })
     }
@@ -312,8 +336,8 @@ fn main() -> ExitCode {
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("rxvisiond: cannot start: {e}");
-                    ExitCode::from(1)
+                    eprintln!("rxvisiond: {e}");
+                    ExitCode::from(e.exit_code())
                 }
             };
         }
@@ -325,16 +349,8 @@ fn main() -> ExitCode {
     };
     result.unwrap_or_else(|e| {
         eprintln!("rxvisiond: {e}");
-        ExitCode::from(exit_code(&e))
+        ExitCode::from(e.exit_code())
     })
-}
-
-fn exit_code(e: &ClassifyError) -> u8 {
-    match e {
-        ClassifyError::NoBundle(_) | ClassifyError::Bundle { .. } => 65,
-        ClassifyError::Engine(EngineError::NoGpu(_)) => 69,
-        _ => 1,
-    }
 }
 
 fn classify(model: &ModelArgs, k: usize, json: bool, images: &[PathBuf]) -> Result<ExitCode, ClassifyError> {
@@ -444,9 +460,12 @@ fn audit(command: AuditCommand) -> ExitCode {
             let store = store.open()?;
             let summary = match &out {
                 Some(path) => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    // Decrypted records: readable by the compliance officer only.
                     let file = std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
+                        .mode(0o600)
                         .open(path)
                         .map_err(|e| format!("{}: {e}", path.display()))?;
                     let mut writer = std::io::BufWriter::new(file);
@@ -471,6 +490,27 @@ fn audit(command: AuditCommand) -> ExitCode {
                     summary.checkpoint.map_or("-".into(), |c| c.through_seq.to_string()),
                 ),
             }
+            Ok(true)
+        })(),
+        AuditCommand::AcceptStore { config, operator, reason } => (|| {
+            let config = config::load(&config).map_err(|e| e.to_string())?;
+            if control::Client::connect(&config.state_dir).is_ok() {
+                return Err("the daemon is running; stop it before accepting a store".into());
+            }
+            let keys = KeyRing::load(&config.audit.key_path()?, &config.audit.previous_key_files)
+                .map_err(|e| e.to_string())?;
+            let options = AuditOptions {
+                accept: Some(Acceptance { operator, reason }),
+                ..rxvision_daemon::service::audit_options(&config)
+            };
+            let log = AuditLog::open_with(&config.audit.dir, keys, options).map_err(|e| e.to_string())?;
+            let (next_seq, head) = log.head();
+            let head: String = head.iter().map(|b| format!("{b:02x}")).collect();
+            println!(
+                "accepted {}: the acceptance is audit record {}; chain head {head}",
+                config.audit.dir.display(),
+                next_seq - 1
+            );
             Ok(true)
         })(),
     };

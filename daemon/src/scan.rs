@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ring::digest::{digest, SHA256};
-use rxvision_models::preprocess::decode;
+use rxvision_models::preprocess::{decode_with_limits, ImageLimits, PreprocessError};
 use serde::Serialize;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog, RankedClass, RecordKind};
@@ -24,6 +24,11 @@ use crate::counter::verdict::{judge_pill, overall, Verdict};
 
 /// How many classes each pill reports.
 pub const TOP_K: usize = 3;
+
+/// Pills described one by one in a scan's audit record; a tray with more is
+/// summarised (counts by verdict), so that a record stays within the audit
+/// log's size limit.
+pub const MAX_PILLS_RECORDED: usize = 16;
 
 /// What the pharmacy system asks.
 #[derive(Debug, Clone, Default)]
@@ -107,6 +112,7 @@ pub struct CounterPath {
     quality: QualityLimits,
     localise: LocaliseOptions,
     size_cue: Option<SizeCue>,
+    images: ImageLimits,
 }
 
 impl CounterPath {
@@ -117,7 +123,14 @@ impl CounterPath {
             quality: QualityLimits::default(),
             localise: LocaliseOptions::default(),
             size_cue: None,
+            images: ImageLimits::default(),
         }
+    }
+
+    /// Checks every picture against `limits` (from its header, before decoding).
+    pub fn with_image_limits(mut self, limits: ImageLimits) -> CounterPath {
+        self.images = limits;
+        self
     }
 
     /// Weighs the model's probabilities by each pill's measured size (see
@@ -146,7 +159,8 @@ impl CounterPath {
             engine: self.classifier.engines().active().to_string(),
             latency_ms: 0.0,
         };
-        match decode(frame) {
+        match decode_with_limits(frame, &self.images) {
+            Err(e @ PreprocessError::Dimensions { .. }) => result.reason = format!("the picture cannot be used: {e}"),
             Err(e) => result.reason = format!("the picture is unreadable: {e}"),
             Ok(image) => match check_frame(&image, self.quality) {
                 Err(rejection) => result.reason = rejection.message,
@@ -267,11 +281,19 @@ impl Scanner {
             "count": result.count,
             "partial": result.partial,
             "reason": result.reason,
-            "pills": result.pills.iter().map(|p| serde_json::json!({
+            "pills": result.pills.iter().take(MAX_PILLS_RECORDED).map(|p| serde_json::json!({
                 "verdict": p.verdict, "box": p.region,
                 "top_k": p.top_k.iter().map(|r| serde_json::json!({"ndc": r.ndc, "prob": r.prob})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
+        if result.pills.len() > MAX_PILLS_RECORDED {
+            let mut by_verdict = std::collections::BTreeMap::<String, usize>::new();
+            for pill in &result.pills[MAX_PILLS_RECORDED..] {
+                let verdict = serde_json::to_value(pill.verdict).ok().and_then(|v| v.as_str().map(str::to_string));
+                *by_verdict.entry(verdict.unwrap_or_default()).or_default() += 1;
+            }
+            event.details["more_pills"] = serde_json::json!(by_verdict);
+        }
         Ok(self.audit.append(event)?.seq)
     }
 }

@@ -7,16 +7,19 @@
 //! (bounded by [`DRAIN_LIMIT`]), flushes the audit log and returns. Nothing
 //! here needs the network beyond the local listener.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::{router, AppState};
-use crate::audit::{AuditLog, KeyRing};
+use tokio::sync::watch;
+
+use crate::api::{router, ApiLimits, AppState};
+use crate::audit::{AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreHealth};
 use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
-use crate::classify::Classifier;
+use crate::classify::{Classifier, ClassifyError};
 use crate::config::{CameraConfig, Config};
 use crate::control;
 use crate::counter::size::SizeCue;
@@ -26,25 +29,94 @@ use rxvision_models::synth::formulary::Formulary;
 /// How long requests in flight may take to finish after SIGTERM.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-/// Why the service could not start (each maps to a clear message and exit code).
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Keys, store, bundle or listener could not be set up.
-    #[error("{0}")]
-    Setup(String),
+/// How often the service looks at the audit store's health.
+const AUDIT_WATCH: Duration = Duration::from_millis(250);
+
+/// The chain-head anchor's file in the state directory.
+pub fn anchor_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("audit-anchor")
 }
 
-fn setup<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> StartError + '_ {
-    move |e| StartError::Setup(format!("{what}: {e}"))
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The audit key could not be loaded.
+    #[error("audit key: {0}")]
+    AuditKey(#[from] KeyError),
+    /// The audit store could not be opened, or was refused.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
+    /// The model bundle or its engines.
+    #[error("model: {0}")]
+    Model(#[from] ClassifyError),
+    /// The camera could not be set up.
+    #[error("camera: {0}")]
+    Camera(String),
+    /// A key named by the configuration cannot be used.
+    #[error("{0}")]
+    Key(String),
+    /// The listener or the async runtime.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// The process exit code (see `main.rs`): 65 bad bundle, 66 audit store
+    /// refused (an operator must act), 69 engine unavailable, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Model(e) => e.exit_code(),
+            StartError::Audit(AuditError::Refused { .. }) => 66,
+            _ => 1,
+        }
+    }
+}
+
+/// Why a running service stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The audit store failed and could not be reopened: exit non-zero so
+    /// that systemd restarts the service on a fresh store handle.
+    #[error("the audit store is lost: {0}")]
+    AuditLost(String),
+    /// The listener failed.
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ServeError {
+    /// The process exit code: 74 (I/O error) for a lost store, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServeError::AuditLost(_) => 74,
+            ServeError::Io(_) => 1,
+        }
+    }
+}
+
+/// The audit options the service opens its store with.
+pub fn audit_options(config: &Config) -> AuditOptions {
+    AuditOptions {
+        create: true,
+        anchor: Some(anchor_path(&config.state_dir)),
+        accept: None,
+        retention_floor: config.audit.retention,
+        ..AuditOptions::default()
+    }
 }
 
 /// Builds the service's state from `config`.
 pub fn assemble(config: &Config) -> Result<AppState, StartError> {
-    let key_path = config.audit.key_path().map_err(StartError::Setup)?;
-    let keys = KeyRing::load(&key_path, &config.audit.previous_key_files).map_err(setup("audit key"))?;
-    let audit = AuditLog::open(&config.audit.dir, keys).map_err(setup("audit log"))?;
+    let key_path = config.audit.key_path().map_err(StartError::Key)?;
+    let keys = KeyRing::load(&key_path, &config.audit.previous_key_files)?;
+    let audit = AuditLog::open_with(&config.audit.dir, keys, audit_options(config))?;
     let roots: Vec<PathBuf> = config.bundle_dirs.clone();
-    let classifier = Classifier::open(config.bundle.as_deref(), &roots, config.engine).map_err(setup("model"))?;
+    let classifier = Classifier::open(config.bundle.as_deref(), &roots, config.engine)?;
     tracing::info!(model = %classifier.bundle(), engine = %classifier.engines().choice(), "model ready");
     let camera: Option<Box<dyn FrameSource>> = match &config.camera {
         CameraConfig::None => None,
@@ -53,10 +125,10 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         }
         CameraConfig::Dir { dir, looping } => Some(Box::new(DirSource::new(dir, *looping))),
         CameraConfig::Synthetic { formulary, products, seed, resolution: [w, h] } => Some(Box::new(
-            SyntheticSource::new(formulary, products, *seed, *w as usize, *h as usize).map_err(setup("camera"))?,
+            SyntheticSource::new(formulary, products, *seed, *w as usize, *h as usize).map_err(StartError::Camera)?,
         )),
     };
-    let api_key = config.api.load_key().map_err(StartError::Setup)?;
+    let api_key = config.api.load_key().map_err(StartError::Key)?;
     let formulary = match Formulary::load(&config.formulary) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -64,7 +136,7 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
             None
         }
     };
-    let mut path = CounterPath::new(Arc::new(classifier));
+    let mut path = CounterPath::new(Arc::new(classifier)).with_image_limits(config.images);
     match (config.px_per_mm, &formulary) {
         (Some(scale), Some(formulary)) => {
             let cue = SizeCue::from_formulary(scale, &path.classifier().bundle().labels, formulary);
@@ -75,108 +147,221 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         (Some(_), None) => tracing::warn!("size cue off: no formulary to take product sizes from"),
     }
     let scanner = Scanner::with_path(path, Arc::new(audit));
-    Ok(AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary))
+    let limits = ApiLimits {
+        max_body_bytes: config.api.max_body_bytes,
+        max_concurrent_scans: config.api.max_concurrent_scans,
+        request_timeout: config.api.request_timeout,
+    };
+    Ok(AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary, limits))
 }
 
-/// Runs the service until SIGTERM or Ctrl-C. `on_listening` is told the bound
+/// What [`serve`] needs besides the API's listener and the state.
+#[derive(Debug)]
+pub struct ServeOptions {
+    /// The control socket, bound (see [`control::bind`]), and the file to
+    /// remove on the way out; `None`: no control socket.
+    pub control: Option<(tokio::net::UnixListener, PathBuf)>,
+    /// The audit retention period.
+    pub retention: Duration,
+}
+
+/// Serves the API on `listener` until `shutdown` resolves or the audit
+/// store is lost. Every background task (control socket, retention, the
+/// audit watch) stops with it. On the way out, scans in flight may finish
+/// (bounded by [`DRAIN_LIMIT`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let control_file = options.control.as_ref().map(|(_, path)| path.clone());
+    if let Some((listener, _)) = options.control {
+        let audit = state.scanner.shared_audit();
+        let stop = stopped(stop.clone());
+        tasks.spawn(async move {
+            if let Err(e) = control::serve(listener, audit, stop).await {
+                tracing::error!(error = %e, "control socket failed");
+            }
+        });
+    }
+    tasks.spawn(enforce_retention(
+        state.scanner.shared_audit(),
+        options.retention,
+        wall_clock_ms,
+        stopped(stop.clone()),
+    ));
+    let lost = Arc::new(std::sync::Mutex::new(None::<String>));
+    let audit = state.scanner.shared_audit();
+    let lost_reason = lost.clone();
+    let audit_lost = async move {
+        let mut ticks = tokio::time::interval(AUDIT_WATCH);
+        loop {
+            ticks.tick().await;
+            if let StoreHealth::Lost { error } = audit.health() {
+                tracing::error!(error = %error, "the audit store is lost; stopping so that the service is restarted");
+                *lost_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+                return;
+            }
+        }
+    };
+    let shutting_down = state.clone();
+    let app = router(state.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down: finishing requests in flight"),
+            () = audit_lost => {}
+        }
+        shutting_down.shutting_down.store(true, Ordering::Release);
+        let _ = stop_tx.send(true);
+    });
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut stop_for_drain = stop.clone();
+    let serving = tokio::spawn(async move {
+        let result = server.await;
+        let _ = done_tx.send(());
+        result
+    });
+    // Once the signal arrived, bound the drain.
+    tokio::select! {
+        _ = done_rx => {}
+        _ = stop_for_drain.wait_for(|stopped| *stopped) => {}
+    }
+    let result = match tokio::time::timeout(DRAIN_LIMIT, serving).await {
+        Ok(Ok(result)) => result.map_err(ServeError::from),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "server task failed");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("requests still in flight after {DRAIN_LIMIT:?}; exiting anyway");
+            Ok(())
+        }
+    };
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if let Some(path) = control_file {
+        let _ = std::fs::remove_file(path);
+    }
+    let (next_seq, _) = state.scanner.audit().head();
+    tracing::info!(records = next_seq, "audit log closed");
+    let lost = lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match lost {
+        Some(error) => Err(ServeError::AuditLost(error)),
+        None => result,
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+fn stopped(mut stop: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    }
+}
+
+/// Why `rxvisiond run` ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// It could not start.
+    #[error("cannot start: {0}")]
+    Start(#[from] StartError),
+    /// It stopped on a failure.
+    #[error("{0}")]
+    Serve(#[from] ServeError),
+}
+
+impl RunError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Start(e) => e.exit_code(),
+            RunError::Serve(e) => e.exit_code(),
+        }
+    }
+}
+
+/// `rxvisiond run`: assembles the service from `config`, binds its address
+/// and serves until SIGTERM or Ctrl-C. `on_listening` is told the bound
 /// address (useful with port 0).
-pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
+pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), RunError> {
     let state = Arc::new(assemble(&config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(setup("async runtime"))?;
+        .map_err(|source| StartError::Io { what: "async runtime", source })?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.api.listen).await.map_err(setup("listen"))?;
-        let addr = listener.local_addr().map_err(setup("listen"))?;
-        let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
-        start_control_socket(&config.state_dir, &state, control_stopped);
+        let listener = tokio::net::TcpListener::bind(config.api.listen)
+            .await
+            .map_err(|source| StartError::Io { what: "listen", source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Io { what: "listen", source })?;
+        let control = bind_control_socket(&config.state_dir);
         on_listening(addr);
         tracing::info!(%addr, "serving the local API");
-        let app = router(state.clone(), config.api.max_body_bytes);
-        tokio::spawn(enforce_retention(state.scanner.shared_audit(), config.audit.retention, wall_clock_ms));
-        let shutting_down = state.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            shutting_down.shutting_down.store(true, Ordering::Release);
-            let _ = stop_control.send(());
-            tracing::info!("shutting down: finishing requests in flight");
-        });
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(async move {
-            let result = server.await;
-            let _ = done_tx.send(());
-            result
-        });
-        // Once the signal arrived, bound the drain.
-        let _ = done_rx.await;
-        match tokio::time::timeout(DRAIN_LIMIT, serving).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
-            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-            Err(_) => tracing::warn!("requests still in flight after {DRAIN_LIMIT:?}; exiting anyway"),
-        }
-        Ok::<(), StartError>(())
-    })?;
-    let _ = std::fs::remove_file(control::socket_path(&config.state_dir));
-    // Every acknowledged record was flushed when it was written; this makes
-    // sure nothing else (feedback in the last instant) is left in memory.
-    let (next_seq, _) = state.scanner.audit().head();
-    tracing::info!(records = next_seq, "audit log closed");
-    Ok(())
+        let options = ServeOptions { control, retention: config.audit.retention };
+        serve(listener, state, options, shutdown_signal()).await?;
+        Ok(())
+    })
 }
 
-/// Serves the control socket (`audit` commands while the daemon holds the
-/// store) until `stop` fires. A socket that cannot be bound is logged, not
-/// fatal: the counter keeps verifying, and the `audit` commands say the
-/// store is in use.
-fn start_control_socket(state_dir: &Path, state: &AppState, stop: tokio::sync::oneshot::Receiver<()>) {
-    let listener = match control::bind(state_dir) {
-        Ok(listener) => listener,
+/// Binds the control socket (`audit` commands while the daemon holds the
+/// store). A socket that cannot be bound is logged, not fatal: the counter
+/// keeps verifying, and the `audit` commands say the store is in use.
+fn bind_control_socket(state_dir: &Path) -> Option<(tokio::net::UnixListener, PathBuf)> {
+    let path = control::socket_path(state_dir);
+    match control::bind(state_dir) {
+        Ok(listener) => Some((listener, path)),
         Err(e) => {
-            tracing::error!(
-                error = %e, socket = %control::socket_path(state_dir).display(),
-                "no control socket: `rxvisiond audit` cannot reach this daemon"
-            );
-            return;
+            tracing::error!(error = %e, socket = %path.display(), "no control socket: `rxvisiond audit` cannot reach this daemon");
+            None
         }
-    };
-    let audit = state.scanner.shared_audit();
-    tokio::spawn(async move {
-        if let Err(e) = control::serve(listener, audit, async move {
-            let _ = stop.await;
-        })
-        .await
-        {
-            tracing::error!(error = %e, "control socket failed");
-        }
-    });
+    }
 }
 
 /// How often the retention policy is applied (and once at start).
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(6 * 3600);
 
 /// Prunes audit records older than `retention`, now and every
-/// [`RETENTION_INTERVAL`]; each pruning leaves a signed checkpoint and an
-/// audit record of its own. A failure is logged as an error (a person must
-/// look: the store may be damaged) and retried next time. `now_ms` is the
-/// wall clock (Unix milliseconds), a parameter so a test can move it.
-async fn enforce_retention(audit: Arc<AuditLog>, retention: Duration, now_ms: fn() -> u64) {
-    let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
-    loop {
-        ticks.tick().await;
-        let audit = audit.clone();
-        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        let outcome = tokio::task::spawn_blocking(move || audit.prune(cutoff, "retention-policy")).await;
-        match outcome {
-            Ok(Ok(summary)) if summary.removed > 0 => {
-                tracing::info!(removed = summary.removed, audit_seq = ?summary.audit_seq, "audit retention applied")
+/// [`RETENTION_INTERVAL`], until `stop` resolves; each pruning leaves a
+/// signed checkpoint and an audit record of its own. The cut-off is the
+/// earlier of "`retention` before the wall clock" and "`retention` before
+/// the newest record", so a clock set years ahead removes nothing the log
+/// itself does not show to be old. A failure is logged as an error (a person
+/// must look: the store may be damaged) and retried next time. `now_ms` is
+/// the wall clock (Unix milliseconds), a parameter so a test can move it.
+async fn enforce_retention(
+    audit: Arc<AuditLog>,
+    retention: Duration,
+    now_ms: fn() -> u64,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let prune_loop = async move {
+        let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
+        loop {
+            ticks.tick().await;
+            let audit = audit.clone();
+            let by_clock = now_ms().saturating_sub(retention.as_millis() as u64);
+            let by_log = audit.newest_time_ms().saturating_sub(retention.as_millis() as u64);
+            let cutoff = by_clock.min(by_log);
+            if cutoff == 0 {
+                continue;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
-            Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+            let outcome = tokio::task::spawn_blocking(move || audit.prune(cutoff, "retention-policy")).await;
+            match outcome {
+                Ok(Ok(summary)) if summary.removed > 0 => {
+                    tracing::info!(removed = summary.removed, audit_seq = ?summary.audit_seq, "audit retention applied")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
+                Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+            }
         }
+    };
+    tokio::select! {
+        () = prune_loop => {}
+        () = stop => {}
     }
 }
 
@@ -220,12 +405,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retention_runs_at_start_and_every_six_hours() {
         let dir = tempfile::tempdir().unwrap();
-        let audit = Arc::new(AuditLog::open(dir.path(), KeyRing::new(AuditKey::from_master(&[7; 32]))).unwrap());
+        let retention = Duration::from_secs(30 * 86_400);
+        let options =
+            AuditOptions { retention_floor: retention, clock: Arc::new(shifted_clock), ..AuditOptions::default() };
+        let audit =
+            Arc::new(AuditLog::open_with(dir.path(), KeyRing::new(AuditKey::from_master(&[7; 32])), options).unwrap());
         for _ in 0..3 {
             audit.append(AuditEvent::new(RecordKind::Verification)).unwrap();
         }
-        let retention = Duration::from_secs(30 * 86_400);
-        let task = tokio::spawn(enforce_retention(audit.clone(), retention, shifted_clock));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(enforce_retention(audit.clone(), retention, shifted_clock, stopped(stop)));
         // Let the tick at start run (and its blocking pruning finish).
         let settle = || async {
             for _ in 0..50 {
@@ -236,17 +425,26 @@ mod tests {
         settle().await;
         assert_eq!(audit.head().0, 3, "nothing is old at start: no pruning, no record");
 
-        // A month and a day later (wall clock), the next 6-hourly tick prunes.
+        // A month and a day later (wall clock) the clock alone prunes nothing:
+        // the newest record is still young.
         SHIFT_MS.store((retention + Duration::from_secs(86_400)).as_millis() as u64, Ordering::SeqCst);
+        tokio::time::advance(RETENTION_INTERVAL).await;
+        settle().await;
+        assert_eq!(audit.head().0, 3, "a clock that moved on alone prunes nothing");
+
+        // Once a record is written a month and a day after the first three, they are old.
+        audit.append(AuditEvent::new(RecordKind::Verification)).unwrap();
         tokio::time::advance(RETENTION_INTERVAL - Duration::from_secs(1)).await;
         settle().await;
-        assert_eq!(audit.head().0, 3, "not before the interval has passed");
+        assert_eq!(audit.head().0, 4, "not before the interval has passed");
         tokio::time::advance(Duration::from_secs(1)).await;
         settle().await;
         let report = audit.verify().unwrap();
         assert_eq!(report.pruned, 3, "{report:?}");
         assert!(report.tamper.is_none(), "{report:?}");
-        assert_eq!(audit.head().0, 4, "the pruning is itself recorded");
-        task.abort();
+        assert_eq!(audit.head().0, 5, "the pruning is itself recorded");
+
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("the task stops on the signal").unwrap();
     }
 }

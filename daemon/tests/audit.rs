@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use rxvision_daemon::audit::{AuditEvent, AuditKey, AuditLog, KeyRing, RankedClass, RecordKind};
+use rxvision_daemon::audit::{AuditEvent, AuditKey, AuditLog, AuditOptions, KeyRing, RankedClass, RecordKind};
 
 fn ring(seed: u8) -> KeyRing {
     KeyRing::new(AuditKey::from_master(&[seed; 32]))
@@ -213,7 +213,9 @@ fn export_refuses_a_tampered_chain() {
 fn pruning_keeps_the_rest_of_the_chain_verifiable_and_a_forged_checkpoint_is_caught() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let log = AuditLog::open(dir.path(), ring(1)).unwrap();
+        // No retention floor: this test prunes records a few milliseconds old.
+        let options = AuditOptions { retention_floor: std::time::Duration::ZERO, ..AuditOptions::default() };
+        let log = AuditLog::open_with(dir.path(), ring(1), options).unwrap();
         for i in 0..5 {
             log.append(verification(i)).unwrap();
         }

@@ -298,6 +298,12 @@ mod config_commands {
             .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"");
         let file = dir.path().join("rxvisiond.toml");
         std::fs::write(&file, config).unwrap();
+        // No store yet: verification fails and creates nothing.
+        let out = rxvisiond(&["audit", "verify", "--config", file.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(stderr(&out).contains("there is no audit store"), "{}", stderr(&out));
+        assert!(!store.exists());
+        drop(rxvision_daemon::audit::AuditLog::open(&store, rxvision_daemon::audit::KeyRing::load(&key, &[]).unwrap()));
         let out = rxvisiond(&["audit", "verify", "--config", file.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(stdout(&out).contains("0 records checked"), "{}", stdout(&out));

@@ -10,25 +10,25 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-const API_KEY: &str = "test-api-key-0123456789";
+pub(crate) const API_KEY: &str = "test-api-key-0123456789";
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn fixture() -> PathBuf {
+pub(crate) fn fixture() -> PathBuf {
     workspace().join("models/bundles/fixture-cnn/0.1.0")
 }
 
-fn secret(path: &Path, text: &str) {
+pub(crate) fn secret(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    config: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) config: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -39,7 +39,7 @@ impl Drop for Daemon {
 }
 
 /// Writes keys, a camera folder and a configuration into `dir`.
-fn write_config(dir: &Path, max_body: usize) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, max_body: usize) -> PathBuf {
     let camera = dir.join("camera");
     std::fs::create_dir_all(&camera).unwrap();
     std::fs::copy(fixture().join("selftest/c00_white_round.png"), camera.join("frame.png")).unwrap();
@@ -79,7 +79,7 @@ fn write_synthetic_config(dir: &Path) -> PathBuf {
 }
 
 /// Starts `rxvisiond run` and waits until it listens.
-fn spawn(config: &Path) -> Daemon {
+pub(crate) fn spawn(config: &Path) -> Daemon {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RXVISION_LOG", "warn")
@@ -93,11 +93,11 @@ fn spawn(config: &Path) -> Daemon {
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
-fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> (u16, Value) {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> (u16, Value) {
     try_http(addr, method, path, key, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
-fn try_http(
+pub(crate) fn try_http(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -158,15 +158,15 @@ fn try_http(
     Ok((status, serde_json::from_str(body).unwrap_or(Value::String(body.to_string()))))
 }
 
-fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
     http(d.addr, "POST", path, Some(API_KEY), Some(body.to_string().as_bytes()))
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn png(image: &image::RgbImage) -> Vec<u8> {
+pub(crate) fn png(image: &image::RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
     image.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
@@ -176,7 +176,8 @@ fn png(image: &image::RgbImage) -> Vec<u8> {
 fn verify_feedback_status_metrics_and_a_graceful_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let d = spawn(&write_config(dir.path(), 4 * 1024 * 1024));
-    assert_eq!(http(d.addr, "GET", "/v1/health", None, None), (200, json!({"status": "ok"})));
+    let (code, health) = http(d.addr, "GET", "/v1/health", None, None);
+    assert_eq!((code, &health["status"], &health["audit"]["state"]), (200, &json!("ok"), &json!("ok")), "{health}");
 
     // No key, wrong key.
     let (status, body) = http(d.addr, "POST", "/v1/verify", None, Some(b"{}"));
@@ -487,6 +488,10 @@ fn sigkill_under_load_loses_no_acknowledged_verification() {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         match try_http(addr, "POST", "/v1/verify", Some(API_KEY), Some(body.as_bytes())) {
                             Ok((200, v)) => acked.push(v["audit_seq"].as_u64().unwrap()),
+                            // Three clients, two scan slots: the third waits, as Retry-After says.
+                            Ok((503, v)) if v["error"]["code"] == "busy" => {
+                                std::thread::sleep(Duration::from_millis(10))
+                            }
                             Ok((status, v)) => panic!("unexpected answer {status}: {v}"),
                             Err(_) => break, // the daemon died mid-request: not acknowledged
                         }

@@ -2,7 +2,10 @@
 
 mod audit;
 mod audit_crash;
+mod audit_model;
+mod audit_safety;
 mod camera;
 mod cli;
+mod hardening;
 mod scan;
 mod service;

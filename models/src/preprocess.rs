@@ -207,9 +207,11 @@ impl<'a> RgbView<'a> {
 }
 
 /// Decodes JPEG or PNG bytes to 8-bit RGB, refusing anything else, within
-/// the default [`ImageLimits`].
+/// the default [`ImageLimits`] but for the shortest side: any picture of at
+/// least one pixel decodes (crops, camera frames). The counter path holds
+/// whole frames to the configured minimum with [`decode_with_limits`].
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
-    decode_with_limits(bytes, &ImageLimits::default())
+    decode_with_limits(bytes, &ImageLimits { min_side: 1, ..ImageLimits::default() })
 }
 
 /// Decodes JPEG or PNG bytes to 8-bit RGB, refusing anything else and any

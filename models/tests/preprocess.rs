@@ -276,16 +276,19 @@ fn a_decompression_bomb_is_refused_from_its_header_before_decoding() {
 
 #[test]
 fn images_too_small_to_show_a_pill_are_refused_and_32_pixels_pass() {
+    // The counter's limits (the defaults); plain `decode` takes any size.
+    let counter = ImageLimits::default();
     let too_small = DimensionProblem::SideTooShort { min: 32 };
     for (w, h) in [(1, 1), (4000, 10), (10, 4000), (31, 32), (32, 31)] {
-        assert_dimensions(decode(&black_png(w, h)), (w, h, too_small));
+        assert_dimensions(decode_with_limits(&black_png(w, h), &counter), (w, h, too_small));
         let mut jpeg = Vec::new();
         image::codecs::jpeg::JpegEncoder::new(&mut jpeg).encode_image(&pattern(w, h)).unwrap();
-        assert_dimensions(decode(&jpeg), (w, h, too_small));
+        assert_dimensions(decode_with_limits(&jpeg, &counter), (w, h, too_small));
+        assert_eq!(decode(&jpeg).map(|i| (i.width, i.height)).unwrap(), (w, h));
     }
-    let image = decode(&black_png(32, 32)).unwrap();
+    let image = decode_with_limits(&black_png(32, 32), &counter).unwrap();
     assert_eq!((image.width, image.height, image.data.len()), (32, 32, 32 * 32 * 3));
-    let message = decode(&black_png(1, 1)).unwrap_err().to_string();
+    let message = decode_with_limits(&black_png(1, 1), &counter).unwrap_err().to_string();
     assert!(message.contains("1x1") && message.contains("shorter than 32 pixels"), "{message}");
 }
 
