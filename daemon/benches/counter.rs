@@ -15,9 +15,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use rxvision_counter::analysis::ScanRequest;
 use rxvision_daemon::audit::{AuditKey, AuditLog, KeyRing};
-use rxvision_daemon::classify::Classifier;
-use rxvision_daemon::scan::{ScanRequest, Scanner};
+use rxvision_daemon::scan::Scanner;
+use rxvision_models::classify::Classifier;
 use rxvision_models::engine::{probe_adapter, EngineOptions, EnginePreference};
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {

@@ -35,14 +35,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use rxvision_models::synth::formulary::{Face, Formulary};
-use rxvision_models::synth::scene::{render_sample, SceneOptions};
+use rxvision_counter::analysis::{AnalysisError, ScanRequest};
+use rxvision_models::formulary::{Face, Formulary};
+use rxvision_synth::scene::{render_sample, SceneOptions};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::audit::{AuditEvent, RecordKind, StoreHealth};
 use crate::camera::{CameraError, FrameSource};
-use crate::scan::{ScanError, ScanRequest, Scanner};
+use crate::scan::{ScanError, Scanner};
 
 /// Every error the API answers, in one place: its HTTP status, its stable
 /// `code` and the message a person reads. Internal causes are logged where
@@ -449,7 +450,7 @@ async fn verify(
                 tracing::error!(error = %cause, "audit record not written; verification refused");
                 ApiError::AuditUnavailable
             }
-            ScanError::Engine(cause) => {
+            ScanError::Analysis(AnalysisError::Engine(cause)) => {
                 tracing::error!(error = %cause, "inference failed on every engine");
                 ApiError::InferenceFailed
             }

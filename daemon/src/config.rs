@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::camera::PixelFormat;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
 use rxvision_models::preprocess::ImageLimits;
-use rxvision_models::synth::scene::NATIVE_PX_PER_MM;
+use rxvision_synth::scene::NATIVE_PX_PER_MM;
 use serde::Deserialize;
 
 /// The configuration layout this build reads.

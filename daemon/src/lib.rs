@@ -2,26 +2,27 @@
 //!
 //! # Layout
 //!
-//! * [`classify`] — a loaded bundle with its engines: image bytes in, top-k
-//!   classes out. The `classify` and `selftest` commands stand on it, and so
-//!   will the counter verification path.
 //! * [`camera`] — frame sources behind one trait: a V4L2 camera (nokhwa)
 //!   with reconnection, a folder replay, the renderer.
-//! * [`counter`] — pill localisation on the tray and the verdict rules
-//!   (MATCH / MISMATCH / UNCERTAIN / IDENTIFIED / NO_PILL / BAD_IMAGE).
-//! * [`scan`] — one scan wired end to end: quality gate, localisation,
-//!   engines, verdict, and the durable audit record before the answer.
+//! * [`scan`] — one scan wired end to end: the counter path's analysis
+//!   (`rxvision-counter`) and the durable audit record before the answer.
 //! * [`api`] — the local HTTP API under `/v1`, `/metrics`.
 //! * [`control`] — the Unix control socket through which the `audit`
 //!   commands reach a running daemon (which holds the store's lock).
 //! * [`service`] — `rxvisiond run`: assembles the parts from the
 //!   configuration, serves, shuts down gracefully on SIGTERM.
-//! * [`eval`] — the counter path over a labelled dataset: top-1/top-3, ECE,
-//!   UNCERTAIN rate, per look-alike group, confusions, open set.
+//! * [`eval`] — the counter path over a labelled dataset, scored by
+//!   `rxvision-counter`'s `eval::Scorer` (top-1/top-3, ECE, UNCERTAIN rate,
+//!   per look-alike group, confusions, open set).
 //! * [`config`] — versioned TOML configuration, parsed then validated; the
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
 //!   and its keys; `audit verify` and `audit export` stand on it.
+//!
+//! The classifier (`Classifier`) is `rxvision-models`' `classify`, the
+//! counter path's decisions and analysis are `rxvision-counter`'s, the
+//! renderer behind the synthetic camera and the reference pictures is
+//! `rxvision-synth`'s.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging
 //! and maps errors to exit codes.
@@ -29,10 +30,8 @@
 pub mod api;
 pub mod audit;
 pub mod camera;
-pub mod classify;
 pub mod config;
 pub mod control;
-pub mod counter;
 pub mod eval;
 pub mod scan;
 pub mod service;

@@ -17,8 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use rxvision_daemon::audit::{
     parse_time, Acceptance, AuditLog, AuditOptions, ExportSummary, KeyRing, PruneSummary, VerifyReport,
 };
-use rxvision_daemon::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
 use rxvision_daemon::{config, control};
+use rxvision_models::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
 use rxvision_models::engine::{
     probe_adapter, Engine, EngineError, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
 };
@@ -588,7 +588,7 @@ fn run_eval(
             None
         }
     };
-    let formulary = match formulary.map(|p| rxvision_models::synth::formulary::Formulary::load(&p)).transpose() {
+    let formulary = match formulary.map(|p| rxvision_synth::load_formulary(&p)).transpose() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("rxvisiond: --formulary: {e}");
@@ -597,18 +597,15 @@ fn run_eval(
     };
     let classifier = model.open()?;
     eprintln!("rxvisiond: model {} — engine {}", classifier.bundle(), classifier.engines().choice());
-    let mut path = rxvision_daemon::scan::CounterPath::new(std::sync::Arc::new(classifier));
+    let mut path = rxvision_counter::analysis::CounterPath::new(std::sync::Arc::new(classifier));
     if let (Some(scale), Some(formulary)) = (px_per_mm, &formulary) {
-        let cue = rxvision_daemon::counter::size::SizeCue::from_formulary(
-            scale,
-            &path.classifier().bundle().labels,
-            formulary,
-        );
+        let cue = rxvision_counter::size::SizeCue::from_formulary(scale, &path.classifier().bundle().labels, formulary);
         eprintln!("rxvisiond: size cue at {scale} px/mm ({} classes with a formulary size)", cue.known());
         path = path.with_size_cue(cue);
     }
-    let twins =
-        formulary.as_ref().map(|formulary| rxvision_daemon::eval::TwinRule { formulary, by_size: px_per_mm.is_some() });
+    let twins = formulary
+        .as_ref()
+        .map(|formulary| rxvision_counter::eval::TwinRule { formulary, by_size: px_per_mm.is_some() });
     let report = match rxvision_daemon::eval::evaluate(&path, dataset, twins) {
         Ok(report) => report,
         Err(e) => {
@@ -617,7 +614,7 @@ fn run_eval(
         }
     };
     if let Some(out) = mistakes {
-        let mut csv = String::from(rxvision_daemon::eval::Mistake::CSV_HEADER);
+        let mut csv = String::from(rxvision_counter::eval::Mistake::CSV_HEADER);
         for m in &report.mistakes {
             csv.push('\n');
             csv.push_str(&m.csv_row());

@@ -19,12 +19,12 @@ use tokio::sync::watch;
 use crate::api::{router, ApiLimits, AppState};
 use crate::audit::{AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreHealth};
 use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
-use crate::classify::{Classifier, ClassifyError};
 use crate::config::{CameraConfig, Config};
 use crate::control;
-use crate::counter::size::SizeCue;
-use crate::scan::{CounterPath, Scanner};
-use rxvision_models::synth::formulary::Formulary;
+use crate::scan::Scanner;
+use rxvision_counter::analysis::CounterPath;
+use rxvision_counter::size::SizeCue;
+use rxvision_models::classify::{Classifier, ClassifyError};
 
 /// How long requests in flight may take to finish after SIGTERM.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -129,7 +129,7 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         )),
     };
     let api_key = config.api.load_key().map_err(StartError::Key)?;
-    let formulary = match Formulary::load(&config.formulary) {
+    let formulary = match rxvision_synth::load_formulary(&config.formulary) {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!(error = %e, "no formulary: the counter page shows no reference pictures");

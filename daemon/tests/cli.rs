@@ -369,8 +369,8 @@ mod eval_command {
     /// with it they are not.
     #[test]
     fn eval_scores_twin_faces_apart() {
-        use rxvision_models::synth::formulary::{Face, Formulary};
-        use rxvision_models::synth::scene::{render_sample, SceneOptions};
+        use rxvision_models::formulary::{Face, Formulary};
+        use rxvision_synth::scene::{render_sample, SceneOptions};
         let formulary = Formulary::load(&super::workspace().join("models/formulary/formulary.json")).unwrap();
         let sildenafil = formulary.get("00069-4200-30").unwrap();
         let dir = tempfile::tempdir().unwrap();

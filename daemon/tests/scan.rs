@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rxvision_counter::analysis::ScanRequest;
+use rxvision_counter::verdict::Verdict;
 use rxvision_daemon::audit::{AuditKey, AuditLog, KeyRing};
-use rxvision_daemon::classify::Classifier;
-use rxvision_daemon::counter::verdict::Verdict;
-use rxvision_daemon::scan::{ScanRequest, Scanner};
+use rxvision_daemon::scan::Scanner;
+use rxvision_models::classify::Classifier;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
 
 fn fixture_dir() -> PathBuf {
@@ -114,12 +115,12 @@ fn an_empty_tray_a_corrupt_upload_and_a_dark_frame_are_answered_and_recorded() {
 /// splits it at the seam.
 #[test]
 fn a_capsule_half_the_colour_of_the_tray_is_refused_by_its_size() {
-    use rxvision_daemon::counter::localise::{localise, LocaliseOptions};
-    use rxvision_daemon::counter::size::SizeCue;
-    use rxvision_daemon::scan::CounterPath;
+    use rxvision_counter::analysis::CounterPath;
+    use rxvision_counter::localise::{localise, LocaliseOptions};
+    use rxvision_counter::size::SizeCue;
+    use rxvision_models::formulary::{Face, Formulary};
     use rxvision_models::preprocess::decode;
-    use rxvision_models::synth::formulary::{Face, Formulary};
-    use rxvision_models::synth::scene::{render_sample, SceneOptions};
+    use rxvision_synth::scene::{render_sample, SceneOptions};
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let formulary = Formulary::load(&root.join("models/formulary/formulary.json")).unwrap();
     let options = EngineOptions { preference: EnginePreference::Cpu, ..EngineOptions::default() };

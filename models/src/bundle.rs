@@ -250,7 +250,7 @@ pub struct InputSpec {
 
 /// How the counter cuts one pill out of a camera frame for the model; the
 /// training crops must have been cut the same way (`rxvision-synth dataset
-/// --pill-crops --crop …`). See [`crate::counter::crop`].
+/// --pill-crops --crop …`). See `rxvision_counter::crop`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PillCrop {

@@ -11,13 +11,20 @@
 //!   on the CPU (int8 as shipped) and wonnx on the GPU (float graph derived at
 //!   load time), and [`engine::Engines`], the `auto | gpu | cpu` selector with
 //!   per-request fallback to the CPU.
-//! * [`counter`] — the counter path's image analysis: the quality gate and
-//!   the pill localiser (shared by the daemon and the training-data writer).
+//! * [`classify`] — [`classify::Classifier`]: a loaded bundle with its
+//!   engines and a preprocessor, image bytes in, top-k classes out; bundle
+//!   discovery.
 //! * [`selftest`] — parity of an engine with ONNX Runtime on the bundle's
 //!   golden images.
-//! * [`synth`] — the synthetic pill renderer behind `rxvision-synth`
-//!   (formulary, outlines, shading, camera nuisances, datasets and trays) and
-//!   the drift features the fleet watches.
+//! * [`formulary`] — the product descriptions
+//!   (`models/formulary/formulary.json`): loading, validation, twin faces.
+//! * [`features`] — the drift features the fleet watches, defined once.
+//! * [`labels`] — `labels.csv`, the dataset layout the renderer writes and
+//!   evaluation and training read.
+//! * [`par`] — mapping over items on all cores, results in item order.
+//!
+//! The counter path's image analysis and decisions are `rxvision-counter`'s,
+//! the renderer is `rxvision-synth`'s; both build on this crate.
 //!
 //! This crate never touches the network and depends on nothing of ours; the
 //! daemon and the fleet server validate models with this very code.
@@ -38,8 +45,11 @@
 //! ```
 
 pub mod bundle;
-pub mod counter;
+pub mod classify;
 pub mod engine;
+pub mod features;
+pub mod formulary;
+pub mod labels;
+pub mod par;
 pub mod preprocess;
 pub mod selftest;
-pub mod synth;

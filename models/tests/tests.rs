@@ -5,4 +5,3 @@ mod engines;
 mod fuzz;
 mod preprocess;
 mod support;
-mod synth;

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use rxvision_models::synth::formulary::{Face, Formulary, Product};
-use rxvision_models::synth::rng::image_seed;
-use rxvision_models::synth::scene::{render_sample, SceneOptions};
+use rxvision_models::formulary::{Face, Product};
+use rxvision_synth::rng::image_seed;
+use rxvision_synth::scene::{render_sample, SceneOptions};
 
 use super::{CameraError, Frame, FrameSource};
 
@@ -29,7 +29,7 @@ impl SyntheticSource {
         width: usize,
         height: usize,
     ) -> Result<SyntheticSource, String> {
-        let formulary = Formulary::load(formulary).map_err(|e| e.to_string())?;
+        let formulary = rxvision_synth::load_formulary(formulary).map_err(|e| e.to_string())?;
         let products: Vec<Product> = if ndcs.is_empty() {
             formulary.products
         } else {
@@ -75,6 +75,8 @@ impl FrameSource for SyntheticSource {
 
 #[cfg(test)]
 mod tests {
+    use rxvision_models::formulary::Formulary;
+
     use super::*;
 
     fn formulary() -> std::path::PathBuf {

@@ -14,7 +14,7 @@
 //! as one; a pill the colour of the tray is not found (use a tray that
 //! contrasts with the pills, as counting trays do).
 
-use crate::preprocess::RgbImage;
+use rxvision_models::preprocess::RgbImage;
 use serde::Serialize;
 
 /// The working resolution's longest side.
@@ -464,9 +464,9 @@ mod tests {
     /// inside the frame, crops of at least one pixel, a rejection or no pill.
     #[test]
     fn frames_of_any_size_are_analysed_without_panicking() {
-        use crate::bundle::PillCrop;
-        use crate::counter::crop::crop_pill;
-        use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
+        use crate::crop::crop_pill;
+        use crate::quality::{check_frame, check_sharpness, QualityLimits};
+        use rxvision_models::bundle::PillCrop;
 
         let sizes = [(1, 1), (2, 2), (3, 3), (4000, 10), (10, 4000), (32, 32), (641, 1), (1, 641), (960, 2), (5, 321)];
         for (w, h) in sizes {
@@ -528,9 +528,9 @@ mod tests {
     /// are clipped, never a panic or an enormous crop.
     #[test]
     fn boxes_outside_the_frame_are_clipped() {
-        use crate::bundle::PillCrop;
-        use crate::counter::crop::crop_pill;
-        use crate::counter::quality::sharpness;
+        use crate::crop::crop_pill;
+        use crate::quality::sharpness;
+        use rxvision_models::bundle::PillCrop;
 
         let frame = tray(40, 30, &[]);
         let outside = PillBox {

@@ -126,7 +126,7 @@ pub fn compute_file(path: &Path) -> Result<DriftFeatures, FeatureError> {
 pub fn list_images(dir: &Path) -> Result<Vec<String>, FeatureError> {
     let labels = dir.join("labels.csv");
     if labels.is_file() {
-        return super::labels::read_files(&labels).map_err(FeatureError::List);
+        return crate::labels::read_files(&labels).map_err(FeatureError::List);
     }
     let entries = std::fs::read_dir(dir).map_err(|source| FeatureError::Read { path: dir.to_owned(), source })?;
     let mut files = Vec::new();
@@ -146,7 +146,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<String>, FeatureError> {
 /// `threads` threads; the first unreadable image is the error.
 pub fn compute_dir(dir: &Path, threads: usize) -> Result<Vec<(String, DriftFeatures)>, FeatureError> {
     let files = list_images(dir)?;
-    super::par_map(&files, threads, |f| compute_file(&dir.join(f)).map(|x| (f.clone(), x))).into_iter().collect()
+    crate::par::par_map(&files, threads, |f| compute_file(&dir.join(f)).map(|x| (f.clone(), x))).into_iter().collect()
 }
 
 /// Pillow's `convert("L")`.

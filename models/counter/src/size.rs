@@ -36,10 +36,9 @@
 //! manufacturing tolerance, camera height, the renderer's ±8 % scale
 //! jitter, the localiser's working resolution).
 
+use crate::localise::PillBox;
 use rxvision_models::bundle::Label;
-use rxvision_models::counter::localise::PillBox;
-use rxvision_models::synth::formulary::Formulary;
-use rxvision_models::synth::shape::Shape;
+use rxvision_models::formulary::{Formulary, Shape};
 
 /// Below this pill-to-tray colour distance (0–441) the size is not used.
 pub const MIN_CONTRAST: f32 = 80.0;

@@ -1,19 +1,20 @@
-//! The synthetic pill renderer and the drift features: determinism, coverage
-//! of the formulary, look-alikes, trays, features, and the binary end to end.
+//! The synthetic pill renderer and what rests on its images: determinism,
+//! coverage of the formulary, look-alikes, trays, the drift features
+//! (`rxvision_models::features`) and pill crops (`rxvision_counter`) of
+//! rendered images, twin faces, and the binary end to end.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use rxvision_models::features::{self, compute, foreground_mask, CSV_HEADER};
+use rxvision_models::formulary::{Face, Formulary, Product, Shape};
+use rxvision_models::labels;
 use rxvision_models::preprocess::{decode, RgbImage};
-use rxvision_models::synth::features::{self, compute, foreground_mask, CSV_HEADER};
-use rxvision_models::synth::formulary::{Face, Formulary, Product};
-use rxvision_models::synth::labels;
-use rxvision_models::synth::scene::{render_sample, render_tray, SceneOptions};
-use rxvision_models::synth::shape::Shape;
+use rxvision_synth::scene::{render_sample, render_tray, SceneOptions};
 
 fn formulary_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("formulary/formulary.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../formulary/formulary.json")
 }
 
 fn formulary() -> Formulary {
@@ -384,9 +385,9 @@ fn dataset_end_to_end_with_exclusions_and_features() {
 
 #[test]
 fn pill_crops_are_what_the_counter_shows_the_model() {
+    use rxvision_counter::localise::{localise, LocaliseOptions};
     use rxvision_models::bundle::PillCrop;
-    use rxvision_models::counter::localise::{localise, LocaliseOptions};
-    use rxvision_models::synth::dataset::pill_crop;
+    use rxvision_synth::dataset::pill_crop;
     let f = formulary();
     let product = f.get("59762-3719-01").unwrap();
     // A clean frame: the crop is the localiser's square box around the pill.
@@ -424,8 +425,8 @@ fn pill_crops_are_what_the_counter_shows_the_model() {
 
 #[test]
 fn the_localiser_measures_every_product_at_its_formulary_size() {
-    use rxvision_models::counter::localise::{localise, LocaliseOptions};
-    use rxvision_models::synth::scene::NATIVE_PX_PER_MM;
+    use rxvision_counter::localise::{localise, LocaliseOptions};
+    use rxvision_synth::scene::NATIVE_PX_PER_MM;
     // Clean camera frames still vary the pose: scale x0.92-1.08 (lens height, pill tolerance).
     let options = SceneOptions { clean: true, ..SceneOptions::camera(640, 480) };
     let mut worst: f32 = 1.0;
@@ -588,6 +589,40 @@ fn bad_input_is_a_clear_error_and_leaves_no_index() {
     let out = synth(&["features", dir.path().join("missing").to_str().unwrap()]);
     assert_ne!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
+}
+
+/// The formulary's own rules do not know the renderer's font; every program
+/// that renders from a formulary refuses one with an imprint it cannot draw.
+#[test]
+fn a_formulary_the_font_cannot_draw_is_refused_for_rendering() {
+    let json = std::fs::read_to_string(formulary_path()).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["products"][1]["imprint"]["back"] = "A\u{E000}".into();
+    let json = serde_json::to_string(&value).unwrap();
+    let formulary = Formulary::parse(&json, Path::new("t.json")).expect("the formulary's rules hold");
+    let problems = rxvision_synth::check_drawable(&formulary).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].starts_with("product 1 (") && problems[0].contains("no glyph for '\\u{e000}'"), "{problems:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("undrawable.json");
+    std::fs::write(&path, json).unwrap();
+    let err = rxvision_synth::load_formulary(&path).unwrap_err().to_string();
+    assert!(err.contains("1 problem(s)") && err.contains("no glyph"), "{err}");
+    let out_dir = dir.path().join("out");
+    let out = synth(&[
+        "dataset",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--per-class",
+        "1",
+        "--seed",
+        "1",
+        "--formulary",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no glyph"), "{}", stderr(&out));
 }
 
 #[test]

@@ -22,10 +22,11 @@
 
 use std::sync::OnceLock;
 
-use super::formulary::{Face, ImprintStyle, Product};
-use super::rng::Rng;
-use super::shape::{Outline, TextAxis};
-use super::text::{self, TextMap, CAPSULE_CAP_FRACTION};
+use rxvision_models::formulary::{Face, ImprintStyle, Product};
+
+use crate::rng::Rng;
+use crate::shape::{Outline, TextAxis};
+use crate::text::{self, TextMap, CAPSULE_CAP_FRACTION};
 
 /// sRGB 8-bit → linear light.
 pub fn srgb_to_linear(c: u8) -> f32 {

@@ -1,16 +1,16 @@
 //! Classifying images with a bundle: preprocessing, engine, top-k.
 //!
-//! [`Classifier`] owns one loaded bundle, its engines and a preprocessor; it
-//! is what the `classify` and `selftest` commands use today and what the
-//! counter path builds on.
+//! [`Classifier`] owns one loaded bundle, its engines and a preprocessor; the
+//! daemon's `classify` and `selftest` commands and the counter path
+//! (`rxvision-counter`) stand on it, and so will the fleet's validation.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use rxvision_models::bundle::{self, Bundle, BundleError};
-use rxvision_models::engine::{EngineError, EngineKind, EngineOptions, Engines, Inference};
-use rxvision_models::preprocess::{decode, PreprocessError, Preprocessor, RgbView};
+use crate::bundle::{self, Bundle, BundleError};
+use crate::engine::{EngineError, EngineKind, EngineOptions, Engines, Inference};
+use crate::preprocess::{decode, PreprocessError, Preprocessor, RgbView};
 
 /// Where bundles are looked for when none is named, in order: the source
 /// tree's shipped bundles (for development and the demo), then the installed

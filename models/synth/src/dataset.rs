@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::formulary::{Face, Formulary, Product};
-use super::labels::{LabelRow, HEADER};
-use super::par_map;
-use super::rng::{image_seed, tray_seed};
-use super::scene::{render_sample, render_tray, SceneError, SceneOptions};
-use crate::bundle::PillCrop;
+use rxvision_models::bundle::PillCrop;
+use rxvision_models::formulary::{Face, Formulary, Product};
+use rxvision_models::labels::{LabelRow, HEADER};
+use rxvision_models::par::par_map;
+
+use crate::rng::{image_seed, tray_seed};
+use crate::scene::{render_sample, render_tray, SceneError, SceneOptions};
 
 /// Why a dataset could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -162,16 +163,16 @@ pub const CROP_JPEG_QUALITY: u8 = 95;
 /// when the counter would not ask the model (no whole pill, too dark,
 /// over-exposed, blurred). With several whole pills, the one nearest the centre.
 pub fn pill_crop(jpeg: &[u8], mode: PillCrop) -> Result<Option<Vec<u8>>, SceneError> {
-    use crate::counter::crop::crop_pill;
-    use crate::counter::localise::{localise, LocaliseOptions};
-    use crate::counter::quality::{check_frame, check_sharpness, QualityLimits};
-    let frame = crate::preprocess::decode(jpeg).map_err(|e| SceneError::Crop(e.to_string()))?;
+    use rxvision_counter::crop::crop_pill;
+    use rxvision_counter::localise::{localise, LocaliseOptions};
+    use rxvision_counter::quality::{check_frame, check_sharpness, QualityLimits};
+    let frame = rxvision_models::preprocess::decode(jpeg).map_err(|e| SceneError::Crop(e.to_string()))?;
     let limits = QualityLimits::default();
     if check_frame(&frame, limits).is_err() {
         return Ok(None);
     }
     let (cx, cy) = (frame.width as f32 / 2.0, frame.height as f32 / 2.0);
-    let off_centre = |b: &crate::counter::localise::PillBox| {
+    let off_centre = |b: &rxvision_counter::localise::PillBox| {
         let (x, y) = (b.x as f32 + b.w as f32 / 2.0, b.y as f32 + b.h as f32 / 2.0);
         (x - cx).powi(2) + (y - cy).powi(2)
     };

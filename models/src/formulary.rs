@@ -4,15 +4,16 @@
 //! parses the JSON (unknown keys are refused, so a misspelt field is an error,
 //! not a silently missing attribute) and then checks every product, reporting
 //! all problems at once, each naming the product by position and NDC.
+//!
+//! Whether the renderer can draw every product (a glyph in its font for every
+//! imprint character) is the renderer's check, `rxvision_synth::check_drawable`,
+//! made wherever a formulary is loaded for rendering.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-
-use super::shape::Shape;
-use super::text;
 
 /// Default location, relative to the repository root (the working directory
 /// of the project's scripts).
@@ -92,6 +93,81 @@ pub enum ScoreFace {
     Both,
 }
 
+/// A pill's outline, by name (SPL shape words plus the formulary's `oblong`,
+/// `teardrop` and `shield`, see `models/formulary/README.md`). The geometry
+/// of each is the renderer's (`rxvision-synth`'s `shape` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// Circle.
+    Round,
+    /// Ellipse.
+    Oval,
+    /// Caplet: a rounded rectangle with nearly semicircular ends.
+    Oblong,
+    /// Gelatin capsule: a stadium (cylinder with hemispherical ends).
+    Capsule,
+    /// Rhombus with its vertices on the axes.
+    Diamond,
+    /// Rectangle with rounded corners.
+    Rectangle,
+    /// Square with rounded corners.
+    Square,
+    /// Round end at `+u`, rounded point at `−u`.
+    Teardrop,
+    /// Isosceles triangle, base along `u` at the bottom, rounded corners.
+    Triangle,
+    /// Flat top at `+u`, sides curving in to a blunt point at `−u`.
+    Shield,
+    /// Regular pentagon, a vertex up (`−v`), stretched to the box.
+    Pentagon,
+    /// Regular hexagon, vertices on the `u` axis, stretched to the box.
+    Hexagon,
+}
+
+impl Shape {
+    /// The formulary's words for the shapes, in the order of [`Shape::ALL`].
+    pub const WORDS: [&'static str; 12] = [
+        "round",
+        "oval",
+        "oblong",
+        "capsule",
+        "diamond",
+        "rectangle",
+        "square",
+        "teardrop",
+        "triangle",
+        "shield",
+        "pentagon",
+        "hexagon",
+    ];
+
+    /// Every shape.
+    pub const ALL: [Shape; 12] = [
+        Shape::Round,
+        Shape::Oval,
+        Shape::Oblong,
+        Shape::Capsule,
+        Shape::Diamond,
+        Shape::Rectangle,
+        Shape::Square,
+        Shape::Teardrop,
+        Shape::Triangle,
+        Shape::Shield,
+        Shape::Pentagon,
+        Shape::Hexagon,
+    ];
+
+    /// The shape a formulary word names.
+    pub fn from_word(word: &str) -> Option<Shape> {
+        Shape::WORDS.iter().position(|w| *w == word).map(|i| Shape::ALL[i])
+    }
+
+    /// The formulary word.
+    pub fn word(self) -> &'static str {
+        Shape::WORDS[Shape::ALL.iter().position(|s| *s == self).expect("every shape has a word")]
+    }
+}
+
 /// One product, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Product {
@@ -153,8 +229,8 @@ impl Product {
 
     /// Whether `face` of this product looks exactly like a face of `other`
     /// from above: the same outline, colours, imprint text and style, and
-    /// score lines. With `by_size` (the counter measures the pill, see the
-    /// daemon's size cue) lengths and widths must also agree within the
+    /// score lines. With `by_size` (the counter measures the pill, see
+    /// `rxvision-counter`'s size cue) lengths and widths must also agree within the
     /// measurement's spread (7 % + 0.4 mm); without it only the proportions
     /// must (within 7 %), since a crop around the pill hides its size.
     ///
@@ -317,11 +393,6 @@ fn validate(p: RawProduct) -> Result<Product, Vec<String>> {
             None
         }
     };
-    for (face, text) in [("front", &p.imprint.front), ("back", &p.imprint.back)] {
-        if let Some(c) = text.chars().find(|&c| c != ' ' && c != ';' && !text::has_glyph(c)) {
-            errs.push(format!("imprint {face} {text:?}: the bundled font has no glyph for {c:?}"));
-        }
-    }
     let score_face = match p.score_face.as_deref() {
         None => None,
         Some("front") => Some(ScoreFace::Front),
@@ -404,6 +475,14 @@ mod tests {
         assert!(err.contains("product 0 (12345-6789-01)") && err.contains("shape \"octagon\""), "{err}");
         let err = Formulary::parse(&product_json("round", r#", "colour": 1"#), Path::new("t.json")).unwrap_err();
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn words_round_trip() {
+        for w in Shape::WORDS {
+            assert_eq!(Shape::from_word(w).unwrap().word(), w);
+        }
+        assert_eq!(Shape::from_word("octagon"), None);
     }
 
     #[test]

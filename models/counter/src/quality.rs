@@ -6,10 +6,10 @@
 //! usual focus measure). Every rejection carries a message a technician can
 //! act on. Brightness is Rec. 601 luma, 0–255.
 
-use crate::preprocess::RgbImage;
+use rxvision_models::preprocess::RgbImage;
 use serde::Serialize;
 
-use super::localise::PillBox;
+use crate::localise::PillBox;
 
 /// Limits of the gate.
 #[derive(Debug, Clone, Copy)]

@@ -28,9 +28,10 @@
 //! scale jitter. Tray scenes use the native scale: a larger image shows more
 //! tray.
 
-use super::formulary::{Face, Product};
-use super::render::{self, linear_rgb, Canvas, Finish, Lighting, PillSpec, Pose, Shadow};
-use super::rng::Rng;
+use rxvision_models::formulary::{Face, Product};
+
+use crate::render::{self, linear_rgb, Canvas, Finish, Lighting, PillSpec, Pose, Shadow};
+use crate::rng::Rng;
 
 /// The counter camera's scale in pixels per millimetre.
 pub const NATIVE_PX_PER_MM: f32 = 9.0;

@@ -10,82 +10,14 @@
 //! constant width inside the edge, and pixel coverage is
 //! `0.5 − sdf·px_per_mm`.
 //!
+//! The shapes themselves, by name, are the formulary's
+//! ([`rxvision_models::formulary::Shape`]); their geometry is here.
+//!
 //! Rounded polygons are built as an inset polygon of extent
 //! `(length − 2r) × (width − 2r)` grown by `r`, so the outline's extent is
 //! exactly `length × width` whatever the corner radius.
 
-/// The outlines the renderer draws (SPL shape words plus the formulary's
-/// `oblong`, `teardrop` and `shield`, see `models/formulary/README.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Shape {
-    /// Circle.
-    Round,
-    /// Ellipse.
-    Oval,
-    /// Caplet: a rounded rectangle with nearly semicircular ends.
-    Oblong,
-    /// Gelatin capsule: a stadium (cylinder with hemispherical ends).
-    Capsule,
-    /// Rhombus with its vertices on the axes.
-    Diamond,
-    /// Rectangle with rounded corners.
-    Rectangle,
-    /// Square with rounded corners.
-    Square,
-    /// Round end at `+u`, rounded point at `−u`.
-    Teardrop,
-    /// Isosceles triangle, base along `u` at the bottom, rounded corners.
-    Triangle,
-    /// Flat top at `+u`, sides curving in to a blunt point at `−u`.
-    Shield,
-    /// Regular pentagon, a vertex up (`−v`), stretched to the box.
-    Pentagon,
-    /// Regular hexagon, vertices on the `u` axis, stretched to the box.
-    Hexagon,
-}
-
-impl Shape {
-    /// The formulary's words for the shapes drawn here.
-    pub const WORDS: [&'static str; 12] = [
-        "round",
-        "oval",
-        "oblong",
-        "capsule",
-        "diamond",
-        "rectangle",
-        "square",
-        "teardrop",
-        "triangle",
-        "shield",
-        "pentagon",
-        "hexagon",
-    ];
-
-    const ALL: [Shape; 12] = [
-        Shape::Round,
-        Shape::Oval,
-        Shape::Oblong,
-        Shape::Capsule,
-        Shape::Diamond,
-        Shape::Rectangle,
-        Shape::Square,
-        Shape::Teardrop,
-        Shape::Triangle,
-        Shape::Shield,
-        Shape::Pentagon,
-        Shape::Hexagon,
-    ];
-
-    /// The shape a formulary word names.
-    pub fn from_word(word: &str) -> Option<Shape> {
-        Shape::WORDS.iter().position(|w| *w == word).map(|i| Shape::ALL[i])
-    }
-
-    /// The formulary word.
-    pub fn word(self) -> &'static str {
-        Shape::WORDS[Shape::ALL.iter().position(|s| *s == self).expect("every shape has a word")]
-    }
-}
+use rxvision_models::formulary::Shape;
 
 /// How imprint text sits on a face: the text frame `(s, y)` is the pill frame
 /// rotated so that `s` is the reading direction and `y` points down the
@@ -491,13 +423,5 @@ mod tests {
             assert!((d.abs() - brute).abs() < 2e-3, "({u}, {v}): {d} vs {brute}");
         }
         assert!(o.sdf(0.0, 0.0) < 0.0 && o.sdf(7.0, 3.0) > 0.0);
-    }
-
-    #[test]
-    fn words_round_trip() {
-        for w in Shape::WORDS {
-            assert_eq!(Shape::from_word(w).unwrap().word(), w);
-        }
-        assert_eq!(Shape::from_word("octagon"), None);
     }
 }

@@ -12,9 +12,9 @@
 //! Both the counter and `rxvision-synth dataset --pill-crops` call
 //! [`crop_pill`], so training images are cut exactly as the counter cuts.
 
-use crate::bundle::PillCrop;
-use crate::counter::localise::PillBox;
-use crate::preprocess::RgbImage;
+use crate::localise::PillBox;
+use rxvision_models::bundle::PillCrop;
+use rxvision_models::preprocess::RgbImage;
 
 /// Cuts `pill` out of `frame` as `mode` says. `margin` is the localiser's
 /// margin (a fraction of the pill's length on each side).
@@ -97,7 +97,7 @@ fn bilinear(frame: &RgbImage, x: f32, y: f32) -> [u8; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::counter::localise::{localise, LocaliseOptions};
+    use crate::localise::{localise, LocaliseOptions};
 
     /// A dark tray with one light oblong (length 2·rx, width 2·ry) turned by
     /// `degrees`, with a red dot at its "+x" end.

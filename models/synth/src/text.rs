@@ -1,18 +1,19 @@
 //! Imprint text: the bundled font, line placement on a face, and rasterising
 //! the lines into a coverage map in the pill's text frame.
 //!
-//! The font is DejaVu Sans Bold (`models/fonts/`, Bitstream Vera licence with
-//! the DejaVu changes in the public domain; see `models/fonts/LICENSE`),
-//! compiled into the binary so renders never depend on the system's fonts.
-//! Glyphs are rasterised by `ab_glyph` (pure Rust, anti-aliased coverage).
+//! The font is DejaVu Sans Bold (`models/synth/fonts/`, Bitstream Vera licence
+//! with the DejaVu changes in the public domain; see
+//! `models/synth/fonts/LICENSE`), compiled into the binary so renders never
+//! depend on the system's fonts. Glyphs are rasterised by `ab_glyph` (pure
+//! Rust, anti-aliased coverage).
 
 use std::sync::OnceLock;
 
 use ab_glyph::{point, Font, FontRef, GlyphId, PxScale, ScaleFont};
 
-use super::shape::{Outline, TextAxis, TextRegion};
+use crate::shape::{Outline, TextAxis, TextRegion};
 
-static FONT_DATA: &[u8] = include_bytes!("../../fonts/DejaVuSans-Bold.ttf");
+static FONT_DATA: &[u8] = include_bytes!("../fonts/DejaVuSans-Bold.ttf");
 
 /// Largest cap height of an imprint line (mm); real imprints are 1.5–3 mm.
 const MAX_CAP_MM: f32 = 2.6;
@@ -311,8 +312,8 @@ fn box_blur_1(data: &mut [f32], w: usize, h: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::shape::Shape;
     use super::*;
+    use rxvision_models::formulary::Shape;
 
     #[test]
     fn the_font_covers_imprint_characters() {

@@ -20,11 +20,11 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use rxvision_models::bundle::PillCrop;
-use rxvision_models::synth::dataset::{self, DatasetError, DatasetSpec};
-use rxvision_models::synth::features::{self, CSV_HEADER};
-use rxvision_models::synth::formulary::{self, Face, Formulary};
-use rxvision_models::synth::labels::quote;
-use rxvision_models::synth::scene::{render_sample, SceneError, SceneOptions, MAX_SIDE};
+use rxvision_models::features::{self, CSV_HEADER};
+use rxvision_models::formulary::{self, Face, Formulary};
+use rxvision_models::labels::quote;
+use rxvision_synth::dataset::{self, DatasetError, DatasetSpec};
+use rxvision_synth::scene::{render_sample, SceneError, SceneOptions, MAX_SIDE};
 
 #[derive(Parser)]
 #[command(name = "rxvision-synth", version, about = "Synthetic pill photos, tray scenes and drift features")]
@@ -168,11 +168,11 @@ impl From<DatasetError> for Failure {
 }
 
 fn load(path: &std::path::Path) -> Result<Formulary, Failure> {
-    Formulary::load(path).map_err(|e| Failure(65, e.to_string()))
+    rxvision_synth::load_formulary(path).map_err(|e| Failure(65, e.to_string()))
 }
 
 fn threads(t: Option<u32>) -> usize {
-    t.map_or_else(rxvision_models::synth::default_threads, |t| t as usize)
+    t.map_or_else(rxvision_models::par::default_threads, |t| t as usize)
 }
 
 fn main() -> ExitCode {

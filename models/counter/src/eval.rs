@@ -1,0 +1,352 @@
+//! Scoring the counter path over a labelled dataset, as a pure accumulator:
+//! [`Scorer::add`] takes each image's labels and its [`Analysis`] (from
+//! [`CounterPath::analyse`](crate::analysis::CounterPath::analyse) in
+//! identification mode, so that the thresholds decide UNCERTAIN exactly as
+//! they would at the counter), [`Scorer::report`] gives the [`EvalReport`].
+//! Reading the dataset and running the path is the caller's: `rxvisiond
+//! eval`, and the fleet's validation gates, which thereby score the very
+//! counter path the appliances run.
+//!
+//! Scoring covers the images the model was asked about. An image the counter
+//! refuses before the model — no whole pill found, too dark, over-exposed,
+//! blurred — is the counter asking for a new picture, not an identification:
+//! it is counted in `not_analysed` (and, for known products, listed among the
+//! confusions as `NO_PILL` / `BAD_IMAGE`), not scored.
+//! * products in the model's formulary: top-1 / top-3 of the first pill, ECE
+//!   of the top-1 probability in 15 equal-width bins, the UNCERTAIN rate,
+//!   accuracy per look-alike group, and the confusions;
+//! * products **not** in the formulary (open set): correct exactly when the
+//!   verdict is UNCERTAIN (`open_set.uncertain_rate`).
+//!
+//! **Twin faces.** Some pills show a face that another product of the model
+//! shares exactly: the blank bisected backs of prednisone 20 mg and trazodone
+//! 50 mg (white rounds of 9.5 mm), or of hydrocodone/APAP `M365` and `M367`.
+//! No picture of that face can tell them apart; the pharmacist must turn the
+//! pill over. Given the formulary and a `face` column, such images (of known
+//! products and of the open set alike) are scored apart in `twin_faces`
+//! rather than in the figures above, which then measure what a picture can
+//! decide. Whether two faces are twins follows
+//! [`Product::face_twin`](rxvision_models::formulary::Product::face_twin):
+//! with the size cue, products of different measured size are not twins.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rxvision_models::bundle::Label;
+use rxvision_models::formulary::{Face, Formulary};
+use rxvision_models::labels;
+use serde::Serialize;
+
+use crate::analysis::Analysis;
+use crate::verdict::Verdict;
+
+/// Accuracy inside one look-alike group.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupScore {
+    /// Images of the group's products.
+    pub n: usize,
+    /// Share whose top-1 was right.
+    pub top1: f64,
+}
+
+/// One kind of mistake.
+#[derive(Debug, Clone, Serialize)]
+pub struct Confusion {
+    /// The pill's NDC.
+    pub expected: String,
+    /// What the model said (top-1 NDC, or `NO_PILL` / `BAD_IMAGE`).
+    pub predicted: String,
+    /// How often.
+    pub count: usize,
+}
+
+/// The open-set part of the report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OpenSet {
+    /// Images of products the model does not know, that the model was asked about.
+    pub n: usize,
+    /// Share answered UNCERTAIN (the right answer for them).
+    pub uncertain_rate: f64,
+}
+
+/// One scored image whose top-1 was wrong, for looking at the mistakes
+/// themselves (`rxvisiond eval --mistakes FILE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Mistake {
+    /// The image, as `labels.csv` names it.
+    pub file: String,
+    /// The pill's NDC.
+    pub expected: String,
+    /// The face in view (`front` / `back`; empty without a `face` column).
+    pub face: String,
+    /// The model's top-1 NDC.
+    pub predicted: String,
+    /// Its probability (after the size cue, when on).
+    pub confidence: f32,
+    /// The verdict the counter gave.
+    pub verdict: Verdict,
+    /// The pill's measured length and width, frame pixels (smallest rectangle).
+    pub rectangle_px: [f32; 2],
+    /// Its mean colour distance from the tray (0–441).
+    pub contrast: f32,
+}
+
+impl Mistake {
+    /// The CSV header of [`Mistake::csv_row`].
+    pub const CSV_HEADER: &'static str = "file,expected,face,predicted,confidence,verdict,length_px,width_px,contrast";
+
+    /// One CSV row.
+    pub fn csv_row(&self) -> String {
+        let verdict = serde_json::to_value(self.verdict).ok().and_then(|v| v.as_str().map(String::from));
+        [
+            labels::quote(&self.file),
+            labels::quote(&self.expected),
+            labels::quote(&self.face),
+            labels::quote(&self.predicted),
+            format!("{:.4}", self.confidence),
+            verdict.unwrap_or_default(),
+            format!("{:.1}", self.rectangle_px[0]),
+            format!("{:.1}", self.rectangle_px[1]),
+            format!("{:.1}", self.contrast),
+        ]
+        .join(",")
+    }
+}
+
+/// What `rxvisiond eval` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// Images of products in the formulary that the model was asked about.
+    pub n: usize,
+    /// Top-1 accuracy on them.
+    pub top1: f64,
+    /// Top-3 accuracy on them.
+    pub top3: f64,
+    /// Expected calibration error of the top-1 probability (15 bins).
+    pub ece: f64,
+    /// Share of them answered UNCERTAIN.
+    pub uncertain_rate: f64,
+    /// Top-1 accuracy per look-alike group.
+    pub per_group: BTreeMap<String, GroupScore>,
+    /// The most frequent mistakes (at most 20): wrong products first, then
+    /// refusals (`NO_PILL` / `BAD_IMAGE`), each most frequent first.
+    pub confusions: Vec<Confusion>,
+    /// Products absent from the formulary.
+    pub open_set: OpenSet,
+    /// Images (of any product) the counter refused before the model: no
+    /// whole pill found, or the frame or the pill failed the quality gate.
+    pub not_analysed: usize,
+    /// Images showing a face that another product of the model shares
+    /// exactly, scored apart (absent without a formulary or a `face` column).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub twin_faces: Option<TwinFaces>,
+    /// Every scored image of a known product whose top-1 was wrong, in
+    /// dataset order (not printed with the report).
+    #[serde(skip)]
+    pub mistakes: Vec<Mistake>,
+}
+
+/// Images of faces no picture can identify (see the module's docs).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TwinFaces {
+    /// Such images of products the model knows.
+    pub n: usize,
+    /// Share of them whose top-1 was still the right product (by chance).
+    pub top1: f64,
+    /// Share of them answered UNCERTAIN (the safe answer).
+    pub uncertain_rate: f64,
+    /// Such images of products the model does not know (a known product looks the same).
+    pub open_set_n: usize,
+    /// Share of those answered UNCERTAIN.
+    pub open_set_uncertain_rate: f64,
+}
+
+/// Which faces are twins: the formulary, and whether the size cue is on.
+#[derive(Debug, Clone, Copy)]
+pub struct TwinRule<'a> {
+    /// Product descriptions.
+    pub formulary: &'a Formulary,
+    /// Whether the counter weighs by measured size (then sizes must agree too).
+    pub by_size: bool,
+}
+
+/// One image of the dataset, as its labels describe it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'s> {
+    /// The image, as the dataset names it (kept in [`Mistake::file`]).
+    pub file: &'s str,
+    /// The pill's NDC.
+    pub ndc: &'s str,
+    /// Its look-alike group (`None` or empty when in none).
+    pub lookalike_group: Option<&'s str>,
+    /// The face in view (`front` / `back`), `None` when the dataset does not say.
+    pub face: Option<&'s str>,
+}
+
+/// The running scores of a dataset's images (see the module's docs).
+#[derive(Debug)]
+pub struct Scorer<'a> {
+    known: HashSet<String>,
+    twins: Option<TwinRule<'a>>,
+    /// (images, top-1 right, UNCERTAIN)
+    twin_known: (usize, usize, usize),
+    /// (images, UNCERTAIN)
+    twin_open: (usize, usize),
+    n: usize,
+    top1: usize,
+    top3: usize,
+    uncertain: usize,
+    not_analysed: usize,
+    /// (count, sum of confidence, correct)
+    bins: [(usize, f64, usize); 15],
+    groups: BTreeMap<String, (usize, usize)>,
+    confusions: HashMap<(String, String), usize>,
+    /// (images, UNCERTAIN)
+    open: (usize, usize),
+    mistakes: Vec<Mistake>,
+}
+
+impl<'a> Scorer<'a> {
+    /// Scores the answers of a model whose classes are `labels`; with
+    /// `twins` (give it only when the dataset says which face is in view),
+    /// images of twin faces are scored apart.
+    pub fn new(labels: &[Label], twins: Option<TwinRule<'a>>) -> Scorer<'a> {
+        Scorer {
+            known: labels.iter().map(|l| l.ndc.clone()).collect(),
+            twins,
+            twin_known: (0, 0, 0),
+            twin_open: (0, 0),
+            n: 0,
+            top1: 0,
+            top3: 0,
+            uncertain: 0,
+            not_analysed: 0,
+            bins: [(0, 0.0, 0); 15],
+            groups: BTreeMap::new(),
+            confusions: HashMap::new(),
+            open: (0, 0),
+            mistakes: Vec::new(),
+        }
+    }
+
+    /// Whether image `ndc`/`face` shows a face some *other* known product shares.
+    fn is_twin(&self, ndc: &str, face: &str) -> bool {
+        let Some(rule) = self.twins else { return false };
+        let face = match face {
+            "front" => Face::Front,
+            "back" => Face::Back,
+            _ => return false,
+        };
+        let Some(product) = rule.formulary.get(ndc) else { return false };
+        self.known
+            .iter()
+            .filter_map(|k| rule.formulary.get(k))
+            .any(|other| product.face_twin(face, other, rule.by_size))
+    }
+
+    /// Scores one image: what the counter path concluded about `sample`.
+    pub fn add(&mut self, sample: &Sample<'_>, analysis: &Analysis) {
+        let ndc = sample.ndc;
+        let is_known = self.known.contains(ndc);
+        let Some(pill) = analysis.pills.first().filter(|p| !p.top_k.is_empty()) else {
+            self.not_analysed += 1;
+            if is_known {
+                let refusal = analysis.pills.first().map_or(analysis.verdict, |p| p.verdict);
+                let refusal = serde_json::to_value(refusal).ok().and_then(|v| v.as_str().map(String::from));
+                *self.confusions.entry((ndc.to_string(), refusal.unwrap_or_default())).or_default() += 1;
+            }
+            return;
+        };
+        let right = pill.top_k[0].ndc == ndc;
+        let said_uncertain = analysis.verdict == Verdict::Uncertain;
+        if self.is_twin(ndc, sample.face.unwrap_or("")) {
+            if is_known {
+                self.twin_known.0 += 1;
+                self.twin_known.1 += usize::from(right);
+                self.twin_known.2 += usize::from(said_uncertain);
+            } else {
+                self.twin_open.0 += 1;
+                self.twin_open.1 += usize::from(said_uncertain);
+            }
+            return;
+        }
+        if !is_known {
+            self.open.0 += 1;
+            self.open.1 += usize::from(said_uncertain);
+            return;
+        }
+        self.n += 1;
+        self.top1 += usize::from(right);
+        self.top3 += usize::from(pill.top_k.iter().any(|r| r.ndc == ndc));
+        self.uncertain += usize::from(said_uncertain);
+        let confidence = f64::from(pill.top_k[0].prob);
+        let bin = ((confidence * 15.0) as usize).min(14);
+        self.bins[bin].0 += 1;
+        self.bins[bin].1 += confidence;
+        self.bins[bin].2 += usize::from(right);
+        if let Some(group) = sample.lookalike_group.filter(|g| !g.is_empty()) {
+            let entry = self.groups.entry(group.to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(right);
+        }
+        if !right {
+            *self.confusions.entry((ndc.to_string(), pill.top_k[0].ndc.clone())).or_default() += 1;
+            self.mistakes.push(Mistake {
+                file: sample.file.to_string(),
+                expected: ndc.to_string(),
+                face: sample.face.unwrap_or_default().to_string(),
+                predicted: pill.top_k[0].ndc.clone(),
+                confidence: pill.top_k[0].prob,
+                verdict: analysis.verdict,
+                rectangle_px: pill.region.rectangle_px,
+                contrast: pill.region.contrast,
+            });
+        }
+    }
+
+    /// The scores of every image added so far.
+    pub fn report(self) -> EvalReport {
+        let share = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let scored: usize = self.bins.iter().map(|b| b.0).sum();
+        let ece = self
+            .bins
+            .iter()
+            .filter(|b| b.0 > 0)
+            .map(|&(count, conf, correct)| {
+                (count as f64 / scored as f64) * (conf / count as f64 - correct as f64 / count as f64).abs()
+            })
+            .sum();
+        let mut confusions: Vec<Confusion> = self
+            .confusions
+            .into_iter()
+            .map(|((expected, predicted), count)| Confusion { expected, predicted, count })
+            .collect();
+        let refusal = |c: &Confusion| c.predicted == "NO_PILL" || c.predicted == "BAD_IMAGE";
+        confusions
+            .sort_by(|a, b| refusal(a).cmp(&refusal(b)).then(b.count.cmp(&a.count)).then(a.expected.cmp(&b.expected)));
+        confusions.truncate(20);
+        let (n, twin_known, twin_open, open) = (self.n, self.twin_known, self.twin_open, self.open);
+        EvalReport {
+            n,
+            top1: share(self.top1, n),
+            top3: share(self.top3, n),
+            ece,
+            uncertain_rate: share(self.uncertain, n),
+            per_group: self
+                .groups
+                .into_iter()
+                .map(|(g, (count, right))| (g, GroupScore { n: count, top1: share(right, count) }))
+                .collect(),
+            confusions,
+            open_set: OpenSet { n: open.0, uncertain_rate: share(open.1, open.0) },
+            not_analysed: self.not_analysed,
+            twin_faces: self.twins.map(|_| TwinFaces {
+                n: twin_known.0,
+                top1: share(twin_known.1, twin_known.0),
+                uncertain_rate: share(twin_known.2, twin_known.0),
+                open_set_n: twin_open.0,
+                open_set_uncertain_rate: share(twin_open.1, twin_open.0),
+            }),
+            mistakes: self.mistakes,
+        }
+    }
+}

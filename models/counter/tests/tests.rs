@@ -1,0 +1,3 @@
+//! Integration tests of `rxvision-counter`, one binary with a module per topic.
+
+mod fuzz;

@@ -1,0 +1,3 @@
+//! Integration tests of `rxvision-synth`, one binary with a module per topic.
+
+mod synth;
