@@ -6,6 +6,7 @@ mod audit_model;
 mod audit_safety;
 mod camera;
 mod cli;
+mod fuzz;
 mod hardening;
 mod scan;
 mod service;

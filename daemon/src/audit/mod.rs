@@ -47,9 +47,10 @@
 //!    a cache flush to the platter);
 //! 3. the anchor file, when there is one, holds the new head, `fdatasync`ed.
 //!
-//! Concurrent appenders share these steps (group commit): the first one to
-//! reach [`Durable`]'s lock syncs everything inserted so far; the others
-//! find their record already covered and return. `conf` and the directory
+//! Concurrent appenders share these steps (group commit): one of them leads
+//! and syncs everything inserted so far while the others wait on a condition
+//! variable; when it is done, those it covered return and one of the rest
+//! leads the next sync (see `make_durable`). `conf` and the directory
 //! entries are synced when the store is created. sled's snapshot files are
 //! an optimisation it writes atomically; recovery replays its log from the
 //! newest snapshot it finds.
@@ -72,7 +73,8 @@
 //! # Concurrency
 //!
 //! Appends run concurrently: the chain state is one mutex (sequence, hash,
-//! time, insert), the sync another ([`Durable`]). Prunings are serialised by
+//! time, insert), the group commit's state another (held only to decide who
+//! syncs, never during a sync). Prunings are serialised by
 //! their own mutex and run beside appends. The store handle is behind a
 //! read-write lock: every operation reads it; only reopening after a failed
 //! write takes it exclusively.
@@ -107,7 +109,7 @@ pub mod keys;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::aead;
@@ -481,10 +483,15 @@ struct ChainState {
     unconfirmed: Option<(u64, u64)>,
 }
 
-/// The group commit: whoever holds this lock syncs for everyone.
+/// The group commit's state (under [`AuditLog::durable`]).
 struct Durable {
     /// Records below this are on disk and in the anchor.
     synced_next: u64,
+    /// A sync is running (its leader does it without holding the lock).
+    syncing: bool,
+    /// The last failed sync: records below `.0` that it did not confirm failed with it.
+    failed: Option<(u64, String)>,
+    /// Taken by the leader for the duration of its sync.
     anchor: Option<AnchorFile>,
 }
 
@@ -531,6 +538,8 @@ pub struct AuditLog {
     retention_floor: Duration,
     state: Mutex<ChainState>,
     durable: Mutex<Durable>,
+    /// Wakes the appenders waiting for a sync to finish.
+    synced: Condvar,
     prune_lock: Mutex<()>,
     health: Mutex<StoreHealth>,
 }
@@ -645,7 +654,8 @@ impl AuditLog {
             clock: options.clock,
             retention_floor: options.retention_floor,
             state: Mutex::new(state),
-            durable: Mutex::new(Durable { synced_next, anchor: None }),
+            durable: Mutex::new(Durable { synced_next, syncing: false, failed: None, anchor: None }),
+            synced: Condvar::new(),
             prune_lock: Mutex::new(()),
             health: Mutex::new(StoreHealth::Ok),
         };
@@ -830,19 +840,50 @@ impl AuditLog {
     }
 
     /// Group commit: returns once record `seq` is synced and anchored.
+    ///
+    /// One appender at a time leads: it takes everything inserted so far,
+    /// syncs the store and then the anchor *without* holding the lock, and
+    /// wakes all waiters at once; those it covered return, one of the others
+    /// leads the next sync. Appenders arriving during a sync wait on the
+    /// condition variable rather than queue on a mutex, so a group holds
+    /// every record inserted while the previous sync ran.
     fn make_durable(&self, store: &Store, seq: u64) -> Result<(), AuditError> {
         let mut durable = lock(&self.durable);
-        if durable.synced_next > seq {
-            return Ok(()); // another appender's sync covered this record
+        loop {
+            if durable.synced_next > seq {
+                return Ok(());
+            }
+            if let Some((through, error)) = &durable.failed {
+                if seq < *through {
+                    return Err(AuditError::Unavailable(format!("the sync of this record failed: {error}")));
+                }
+            }
+            if !durable.syncing {
+                break;
+            }
+            durable = self.synced.wait(durable).unwrap_or_else(|p| p.into_inner());
         }
+        durable.syncing = true;
+        let mut anchor = durable.anchor.take();
+        drop(durable);
         let (next, head) = self.head();
-        store.sync()?;
-        if let Some(anchor) = durable.anchor.as_mut() {
-            anchor.record(next, head)?;
+        let result = store.sync().and_then(|()| match anchor.as_mut() {
+            Some(anchor) => anchor.record(next, head).map_err(AuditError::from),
+            None => Ok(()),
+        });
+        let mut durable = lock(&self.durable);
+        durable.syncing = false;
+        durable.anchor = anchor;
+        match &result {
+            Ok(()) => {
+                durable.synced_next = next;
+                *lock(&self.health) = StoreHealth::Ok;
+            }
+            Err(e) => durable.failed = Some((next, e.to_string())),
         }
-        durable.synced_next = next;
-        *lock(&self.health) = StoreHealth::Ok;
-        Ok(())
+        drop(durable);
+        self.synced.notify_all();
+        result
     }
 
     /// After a write failed: drop sled (its error is permanent), reopen the
@@ -868,6 +909,8 @@ impl AuditLog {
                     state.unconfirmed = Some((synced_next, state.next_seq));
                 }
                 *lock(&self.state) = state;
+                // Sequence numbers after the reopened store's end are free again.
+                lock(&self.durable).failed = None;
                 *guard = Some(store);
                 *lock(&self.health) = StoreHealth::Failed { error: error.to_string() };
                 tracing::warn!("audit store reopened; the next write tells whether it is usable again");
