@@ -180,6 +180,7 @@ pub fn bind(state_dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
 // ------------------------------------------------------------------ client
 
 /// A connection to a running daemon's control socket.
+#[derive(Debug)]
 pub struct Client {
     runtime: tokio::runtime::Runtime,
     socket: PathBuf,
@@ -329,4 +330,109 @@ mod tests {
         assert_eq!(split_last_line(b"a\nb\nc\n"), (&b"a\nb\n"[..], &b"c\n"[..]));
         assert_eq!(split_last_line(b"c\n"), (&b""[..], &b"c\n"[..]));
     }
+}
+
+/// Where the `audit` commands work: in the running daemon, which holds the
+/// store's lock, through its control socket; or on the store directly.
+#[derive(Debug)]
+pub enum AuditAccess {
+    /// A daemon answers on the control socket.
+    Daemon(Client),
+    /// The store itself (no daemon holds it).
+    Local(AuditLog),
+}
+
+/// Why the `audit` commands cannot reach the log.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The configuration is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A key file is unusable.
+    #[error("{0}")]
+    Key(String),
+    /// The control socket answered with an error.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A daemon holds the store (for `accept-store`, which needs it stopped).
+    #[error("the daemon is running (it answers on {0}); stop it before accepting a store")]
+    Running(PathBuf),
+    /// The store cannot be opened (missing, refused, in use …).
+    #[error("{0} (with --config, the audit commands go through a running daemon's control socket)")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+impl AuditAccess {
+    /// The daemon of `config` if one answers, else its store, anchor and
+    /// retention floor as the daemon would open them (never creating a store).
+    pub fn from_config(config: &Path, extra_keys: &[PathBuf]) -> Result<AuditAccess, AccessError> {
+        let config = crate::config::load(config)?;
+        match Client::connect(&config.state_dir) {
+            Ok(client) => return Ok(AuditAccess::Daemon(client)),
+            Err(ClientError::NotRunning(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let key = config.audit.key_path().map_err(AccessError::Key)?;
+        let mut previous = config.audit.previous_key_files.clone();
+        previous.extend(extra_keys.iter().cloned());
+        let keys = crate::audit::KeyRing::load(&key, &previous).map_err(|e| AccessError::Key(e.to_string()))?;
+        let options = crate::audit::AuditOptions { create: false, ..crate::service::audit_options(&config) };
+        Ok(AuditAccess::Local(AuditLog::open_with(&config.audit.dir, keys, options)?))
+    }
+
+    /// A store directory with its keys (a copy examined anywhere: no anchor).
+    pub fn from_dir(dir: &Path, key: &Path, previous: &[PathBuf]) -> Result<AuditAccess, AccessError> {
+        let keys = crate::audit::KeyRing::load(key, previous).map_err(|e| AccessError::Key(e.to_string()))?;
+        let options = crate::audit::AuditOptions { create: false, ..crate::audit::AuditOptions::default() };
+        Ok(AuditAccess::Local(AuditLog::open_with(dir, keys, options)?))
+    }
+
+    /// `audit verify`.
+    pub fn verify(&self) -> Result<VerifyReport, AccessError> {
+        match self {
+            AuditAccess::Daemon(client) => Ok(client.verify()?),
+            AuditAccess::Local(log) => Ok(log.verify()?),
+        }
+    }
+
+    /// `audit export`: records to `out`, the summary returned.
+    pub fn export(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        operator: &str,
+        out: &mut dyn Write,
+    ) -> Result<ExportSummary, AccessError> {
+        match self {
+            AuditAccess::Daemon(client) => {
+                Ok(client.export(&ExportRequest { from_ms, to_ms, operator: operator.to_string() }, out)?)
+            }
+            AuditAccess::Local(log) => Ok(log.export(from_ms, to_ms, operator, out)?),
+        }
+    }
+
+    /// `audit prune`.
+    pub fn prune(&self, before_ms: u64, operator: &str) -> Result<PruneSummary, AccessError> {
+        match self {
+            AuditAccess::Daemon(client) => {
+                Ok(client.prune(&PruneRequest { before_ms, operator: operator.to_string() })?)
+            }
+            AuditAccess::Local(log) => Ok(log.prune(before_ms, operator)?),
+        }
+    }
+}
+
+/// `audit accept-store`: opens the store of `config` accepting that it does
+/// not continue the anchored chain; the acceptance is its newest record.
+/// Refused while a daemon answers (it holds the store).
+pub fn accept_store(config: &Path, acceptance: crate::audit::Acceptance) -> Result<AuditLog, AccessError> {
+    let config = crate::config::load(config)?;
+    if let Ok(client) = Client::connect(&config.state_dir) {
+        return Err(AccessError::Running(client.socket().to_path_buf()));
+    }
+    let key = config.audit.key_path().map_err(AccessError::Key)?;
+    let keys = crate::audit::KeyRing::load(&key, &config.audit.previous_key_files)
+        .map_err(|e| AccessError::Key(e.to_string()))?;
+    let options = crate::audit::AuditOptions { accept: Some(acceptance), ..crate::service::audit_options(&config) };
+    Ok(AuditLog::open_with(&config.audit.dir, keys, options)?)
 }

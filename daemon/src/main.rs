@@ -8,15 +8,13 @@
 //! requested engine is unavailable; 74 `run`: the audit store failed and
 //! could not be reopened (systemd restarts the service).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use rxvision_daemon::audit::{
-    parse_time, Acceptance, AuditLog, AuditOptions, ExportSummary, KeyRing, PruneSummary, VerifyReport,
-};
+use rxvision_daemon::audit::{parse_time, Acceptance};
+use rxvision_daemon::control::{AccessError, AuditAccess};
 use rxvision_daemon::{config, control};
 use rxvision_models::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
 use rxvision_models::engine::{
@@ -175,68 +173,17 @@ struct AuditArgs {
     previous_keys: Vec<PathBuf>,
 }
 
-/// Where the `audit` commands work: in the running daemon (which holds the
-/// store's lock) or on the store directly.
-enum Store {
-    Daemon(control::Client),
-    Local(AuditLog),
-}
-
 impl AuditArgs {
-    fn open(&self) -> Result<Store, String> {
-        let (dir, key, mut previous, options) = match (&self.config, &self.dir, &self.key) {
-            (Some(path), _, _) => {
-                let config = config::load(path).map_err(|e| e.to_string())?;
-                match control::Client::connect(&config.state_dir) {
-                    Ok(client) => {
-                        eprintln!("rxvisiond: the daemon is running; asking it through {}", client.socket().display());
-                        return Ok(Store::Daemon(client));
-                    }
-                    Err(control::ClientError::NotRunning(_)) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-                let key = config.audit.key_path()?;
-                // The daemon's own view: its anchor and retention floor.
-                let options = AuditOptions { create: false, ..rxvision_daemon::service::audit_options(&config) };
-                (config.audit.dir, key, config.audit.previous_key_files, options)
-            }
-            (None, Some(dir), Some(key)) => {
-                (dir.clone(), key.clone(), Vec::new(), AuditOptions { create: false, ..AuditOptions::default() })
-            }
-            _ => return Err("give --config, or both --dir and --key".into()),
+    fn open(&self) -> Result<AuditAccess, AccessError> {
+        let access = match (&self.config, &self.dir, &self.key) {
+            (Some(config), _, _) => AuditAccess::from_config(config, &self.previous_keys)?,
+            (None, Some(dir), Some(key)) => AuditAccess::from_dir(dir, key, &self.previous_keys)?,
+            _ => return Err(AccessError::Key("give --config, or both --dir and --key".into())),
         };
-        previous.extend(self.previous_keys.iter().cloned());
-        let keys = KeyRing::load(&key, &previous).map_err(|e| e.to_string())?;
-        AuditLog::open_with(&dir, keys, options).map(Store::Local).map_err(|e| {
-            format!("{e} (with --config, the audit commands go through a running daemon's control socket)")
-        })
-    }
-}
-
-impl Store {
-    fn verify(&self) -> Result<VerifyReport, String> {
-        match self {
-            Store::Daemon(client) => client.verify().map_err(|e| e.to_string()),
-            Store::Local(log) => log.verify().map_err(|e| e.to_string()),
+        if let AuditAccess::Daemon(client) = &access {
+            eprintln!("rxvisiond: the daemon is running; asking it through {}", client.socket().display());
         }
-    }
-
-    fn export(&self, from_ms: u64, to_ms: u64, operator: &str, out: &mut dyn Write) -> Result<ExportSummary, String> {
-        match self {
-            Store::Daemon(client) => client
-                .export(&control::ExportRequest { from_ms, to_ms, operator: operator.to_string() }, out)
-                .map_err(|e| e.to_string()),
-            Store::Local(log) => log.export(from_ms, to_ms, operator, out).map_err(|e| e.to_string()),
-        }
-    }
-
-    fn prune(&self, before_ms: u64, operator: &str) -> Result<PruneSummary, String> {
-        match self {
-            Store::Daemon(client) => client
-                .prune(&control::PruneRequest { before_ms, operator: operator.to_string() })
-                .map_err(|e| e.to_string()),
-            Store::Local(log) => log.prune(before_ms, operator).map_err(|e| e.to_string()),
-        }
+        Ok(access)
     }
 }
 
@@ -427,37 +374,38 @@ fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError
 
 fn audit(command: AuditCommand) -> ExitCode {
     let result = match command {
-        AuditCommand::Verify { store, json } => store.open().and_then(|store| {
-            let report = store.verify()?;
-            if json {
-                println!("{}", serde_json::to_string(&report).expect("report serialises"));
-            } else {
-                println!(
-                    "{} records checked (seq {} to {}), {} pruned under a signed checkpoint, chain head {}",
-                    report.checked,
-                    report.first_seq.map_or("-".into(), |s| s.to_string()),
-                    report.last_seq.map_or("-".into(), |s| s.to_string()),
-                    report.pruned,
-                    report.head_hash
-                );
-            }
-            match report.tamper {
-                None => Ok(true),
-                Some(t) => {
-                    eprintln!(
-                        "rxvisiond: audit log FAILS verification: first bad record is seq {}: {}",
-                        t.seq, t.reason
+        AuditCommand::Verify { store, json } => {
+            store.open().and_then(|store| store.verify()).map_err(|e| e.to_string()).map(|report| {
+                if json {
+                    println!("{}", serde_json::to_string(&report).expect("report serialises"));
+                } else {
+                    println!(
+                        "{} records checked (seq {} to {}), {} pruned under a signed checkpoint, chain head {}",
+                        report.checked,
+                        report.first_seq.map_or("-".into(), |s| s.to_string()),
+                        report.last_seq.map_or("-".into(), |s| s.to_string()),
+                        report.pruned,
+                        report.head_hash
                     );
-                    Ok(false)
                 }
-            }
-        }),
+                match report.tamper {
+                    None => true,
+                    Some(t) => {
+                        eprintln!(
+                            "rxvisiond: audit log FAILS verification: first bad record is seq {}: {}",
+                            t.seq, t.reason
+                        );
+                        false
+                    }
+                }
+            })
+        }
         AuditCommand::Export { store, from, to, out, operator } => (|| {
             let (from_ms, to_ms) = (parse_time(&from)?, parse_time(&to)?);
             if from_ms >= to_ms {
                 return Err(format!("--from {from} is not before --to {to}"));
             }
-            let store = store.open()?;
+            let store = store.open().map_err(|e| e.to_string())?;
             let summary = match &out {
                 Some(path) => {
                     use std::os::unix::fs::OpenOptionsExt;
@@ -472,7 +420,8 @@ fn audit(command: AuditCommand) -> ExitCode {
                     store.export(from_ms, to_ms, &operator, &mut writer)
                 }
                 None => store.export(from_ms, to_ms, &operator, &mut std::io::stdout().lock()),
-            }?;
+            }
+            .map_err(|e| e.to_string())?;
             eprintln!(
                 "rxvisiond: exported {} records; the export is audit record {}",
                 summary.count, summary.audit_seq
@@ -481,7 +430,7 @@ fn audit(command: AuditCommand) -> ExitCode {
         })(),
         AuditCommand::Prune { store, before, operator } => (|| {
             let before_ms = parse_time(&before)?;
-            let summary = store.open()?.prune(before_ms, &operator)?;
+            let summary = store.open().and_then(|s| s.prune(before_ms, &operator)).map_err(|e| e.to_string())?;
             match summary.audit_seq {
                 None => println!("nothing to prune: no record is older than {before}"),
                 Some(seq) => println!(
@@ -492,27 +441,14 @@ fn audit(command: AuditCommand) -> ExitCode {
             }
             Ok(true)
         })(),
-        AuditCommand::AcceptStore { config, operator, reason } => (|| {
-            let config = config::load(&config).map_err(|e| e.to_string())?;
-            if control::Client::connect(&config.state_dir).is_ok() {
-                return Err("the daemon is running; stop it before accepting a store".into());
-            }
-            let keys = KeyRing::load(&config.audit.key_path()?, &config.audit.previous_key_files)
-                .map_err(|e| e.to_string())?;
-            let options = AuditOptions {
-                accept: Some(Acceptance { operator, reason }),
-                ..rxvision_daemon::service::audit_options(&config)
-            };
-            let log = AuditLog::open_with(&config.audit.dir, keys, options).map_err(|e| e.to_string())?;
-            let (next_seq, head) = log.head();
-            let head: String = head.iter().map(|b| format!("{b:02x}")).collect();
-            println!(
-                "accepted {}: the acceptance is audit record {}; chain head {head}",
-                config.audit.dir.display(),
-                next_seq - 1
-            );
-            Ok(true)
-        })(),
+        AuditCommand::AcceptStore { config, operator, reason } => {
+            control::accept_store(&config, Acceptance { operator, reason }).map_err(|e| e.to_string()).map(|log| {
+                let (next_seq, head) = log.head();
+                let head: String = head.iter().map(|b| format!("{b:02x}")).collect();
+                println!("accepted: the acceptance is audit record {}; chain head {head}", next_seq - 1);
+                true
+            })
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -84,7 +84,7 @@ fn scans_beyond_the_limit_are_busy_and_a_stalled_upload_times_out() {
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("max_concurrent_scans = 2", "max_concurrent_scans = 1")
-        .replace("request_timeout_ms = 10000", "request_timeout_ms = 1500");
+        .replace("request_timeout_ms = 10000", "request_timeout_ms = 5000");
     std::fs::write(&config, text).unwrap();
     let d = spawn(&config);
     // A client that sends its head and stalls holds the only scan slot ...

@@ -8,5 +8,6 @@ mod camera;
 mod cli;
 mod fuzz;
 mod hardening;
+mod in_process;
 mod scan;
 mod service;
