@@ -339,7 +339,7 @@ pub enum AuditAccess {
     /// A daemon answers on the control socket.
     Daemon(Client),
     /// The store itself (no daemon holds it).
-    Local(AuditLog),
+    Local(Box<AuditLog>),
 }
 
 /// Why the `audit` commands cannot reach the log.
@@ -377,14 +377,14 @@ impl AuditAccess {
         previous.extend(extra_keys.iter().cloned());
         let keys = crate::audit::KeyRing::load(&key, &previous).map_err(|e| AccessError::Key(e.to_string()))?;
         let options = crate::audit::AuditOptions { create: false, ..crate::service::audit_options(&config) };
-        Ok(AuditAccess::Local(AuditLog::open_with(&config.audit.dir, keys, options)?))
+        Ok(AuditAccess::Local(Box::new(AuditLog::open_with(&config.audit.dir, keys, options)?)))
     }
 
     /// A store directory with its keys (a copy examined anywhere: no anchor).
     pub fn from_dir(dir: &Path, key: &Path, previous: &[PathBuf]) -> Result<AuditAccess, AccessError> {
         let keys = crate::audit::KeyRing::load(key, previous).map_err(|e| AccessError::Key(e.to_string()))?;
         let options = crate::audit::AuditOptions { create: false, ..crate::audit::AuditOptions::default() };
-        Ok(AuditAccess::Local(AuditLog::open_with(dir, keys, options)?))
+        Ok(AuditAccess::Local(Box::new(AuditLog::open_with(dir, keys, options)?)))
     }
 
     /// `audit verify`.

@@ -86,14 +86,13 @@ fn a_restored_backup_is_refused_until_accepted_and_never_reuses_a_nonce() {
         }
     }
     copy_dir(&store, &backup);
-    let before_restore: Vec<[u8; 12]>;
     {
         let log = AuditLog::open_with(&store, ring(), anchored(dir.path())).unwrap();
         for i in 3..6 {
             log.append(event(i)).unwrap();
         }
     }
-    before_restore = nonces(&store);
+    let before_restore = nonces(&store);
     // Restore the backup: three records shorter than the anchor.
     std::fs::remove_dir_all(&store).unwrap();
     copy_dir(&backup, &store);

@@ -110,7 +110,14 @@ impl AnchorFile {
     pub fn open(path: &Path) -> Result<AnchorFile, AnchorError> {
         let io_error = |source| AnchorError::Io { path: path.to_path_buf(), source };
         let existed = path.exists();
-        let file = OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(path).map_err(io_error)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_error)?;
         if !existed {
             // The new file's directory entry must survive a power cut too.
             file.sync_all().map_err(io_error)?;

@@ -759,16 +759,14 @@ impl AuditLog {
                 });
                 events.push(notice);
             }
-            if now.saturating_add(CLOCK_TOLERANCE_MS) < state.last_time_ms {
-                if !state.clock_behind {
-                    let mut notice = AuditEvent::new(RecordKind::ClockJump);
-                    notice.details = serde_json::json!({
-                        "wall_clock": rfc3339(now), "last_record_time": rfc3339(state.last_time_ms),
-                        "behind_ms": state.last_time_ms - now,
-                        "note": "records keep the last record's time until the clock catches up",
-                    });
-                    events.push(notice);
-                }
+            if now.saturating_add(CLOCK_TOLERANCE_MS) < state.last_time_ms && !state.clock_behind {
+                let mut notice = AuditEvent::new(RecordKind::ClockJump);
+                notice.details = serde_json::json!({
+                    "wall_clock": rfc3339(now), "last_record_time": rfc3339(state.last_time_ms),
+                    "behind_ms": state.last_time_ms - now,
+                    "note": "records keep the last record's time until the clock catches up",
+                });
+                events.push(notice);
             }
             events.push(event);
             let time_ms = now.max(state.last_time_ms);
