@@ -211,6 +211,9 @@ mod audit_commands {
         let text = std::fs::read_to_string(&out_file).unwrap();
         assert_eq!(text.lines().count(), 3);
         assert!(!text.contains("RX-1"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&out_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "decrypted records are readable by their owner only, whatever the umask");
         // The file exists now: a second export must not overwrite it.
         let out = rxvisiond(&[&args[..], &["--operator", "officer-7", "--out", out_file.to_str().unwrap()]].concat());
         assert_eq!(out.status.code(), Some(1));

@@ -9,9 +9,10 @@ use rxvision_daemon::config::{parse, ConfigError, DEFAULT_CONFIG};
 fn config() -> ProptestConfig {
     ProptestConfig {
         cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
-        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::SourceParallel(
-            "proptest-regressions",
-        ))),
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/proptest-regressions/fuzz.txt"
+        )))),
         ..ProptestConfig::default()
     }
 }

@@ -4,15 +4,15 @@
 //! body is read, scans are limited, and a full disk is a failed service
 //! that recovers.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::service::{b64, http, png, post, spawn, write_config, Daemon, API_KEY};
+use crate::service::{b64, http, png, post, spawn, spawn_under, write_config, Daemon, API_KEY};
 
 fn verify_image(d: &Daemon, image: &[u8]) -> (u16, Value) {
     post(d, "/v1/verify", &json!({"operator_id": "tech-1", "expected_ndc": "fixture-00", "image": b64(image)}))
@@ -132,31 +132,20 @@ fn the_audit_sync_completes_before_the_answer_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), 4 * 1024 * 1024);
     let trace = dir.path().join("strace.txt");
-    let mut child = Command::new("strace")
+    let mut strace = Command::new("strace");
+    strace
         .args(["-f", "-y", "-s", "48", "-e", "trace=fdatasync,fsync,write,writev,sendto,sendmsg,read,recvfrom"])
         .arg("-o")
-        .arg(&trace)
-        .arg(env!("CARGO_BIN_EXE_rxvisiond"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("RXVISION_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("rxvisiond: listening on http://")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .parse()
-        .unwrap();
+        .arg(&trace);
+    let mut d = spawn_under(strace, &config);
+    let addr = d.addr;
     let frame = std::fs::read(crate::service::fixture().join("selftest/c00_white_round.png")).unwrap();
     let body = json!({"operator_id": "tech-1", "image": b64(&frame)}).to_string();
     let (code, answer) = http(addr, "POST", "/v1/verify", Some(API_KEY), Some(body.as_bytes()));
     assert_eq!(code, 200, "{answer}");
     // SIGTERM to the daemon itself (strace's child): strace would only detach.
-    let _ = Command::new("pkill").args(["-TERM", "-P", &child.id().to_string()]).status();
-    let _ = child.wait();
+    let _ = Command::new("pkill").args(["-TERM", "-P", &d.child.id().to_string()]).status();
+    let _ = d.child.wait();
 
     let lines = trace_lines(&trace);
     let request = lines.iter().position(|l| l.contains("POST /v1/verify")).expect("the request was read");
@@ -319,4 +308,64 @@ fn a_full_disk_is_a_failed_service_that_recovers_and_loses_nothing() {
             );
         }
     }
+}
+
+fn run_until_exit(config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RXVISION_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn run_exits_65_for_a_bad_bundle_and_66_for_a_store_it_did_not_write_until_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 4 * 1024 * 1024);
+    // A bundle whose model does not match its manifest.
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir_all(bundle.join("selftest")).unwrap();
+    for entry in std::fs::read_dir(crate::service::fixture()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(crate::service::fixture().join("selftest")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bundle.join("selftest").join(entry.file_name())).unwrap();
+    }
+    let mut model = std::fs::read(bundle.join("model.onnx")).unwrap();
+    let middle = model.len() / 2;
+    model[middle] ^= 0x40;
+    std::fs::write(bundle.join("model.onnx"), model).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let bad = dir.path().join("bad-bundle.toml");
+    let fixture = format!("bundle = {:?}", crate::service::fixture().display().to_string());
+    assert!(text.contains(&fixture));
+    std::fs::write(&bad, text.replace(&fixture, &format!("bundle = {:?}", bundle.display().to_string()))).unwrap();
+    let out = run_until_exit(&bad);
+    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A store with records, then removed: the daemon refuses to start on a new one.
+    let d = spawn(&config);
+    let frame = std::fs::read(crate::service::fixture().join("selftest/c00_white_round.png")).unwrap();
+    assert_eq!(verify_image(&d, &frame).0, 200);
+    drop(d);
+    std::fs::remove_dir_all(dir.path().join("audit")).unwrap();
+    let out = run_until_exit(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(66), "{stderr}");
+    assert!(stderr.contains("missing") && stderr.contains("accept-store"), "{stderr}");
+    assert!(!dir.path().join("audit").exists(), "no store was created behind the operator's back");
+    // The operator accepts a new store; the acceptance is its first record.
+    let out = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+        .args(["audit", "accept-store", "--config", config.to_str().unwrap()])
+        .args(["--operator", "officer-1", "--reason", "disk replaced"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d = spawn(&config);
+    let (code, body) = verify_image(&d, &frame);
+    assert_eq!((code, body["audit_seq"].as_u64()), (200, Some(1)), "{body}");
 }

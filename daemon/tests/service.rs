@@ -80,7 +80,16 @@ fn write_synthetic_config(dir: &Path) -> PathBuf {
 
 /// Starts `rxvisiond run` and waits until it listens.
 pub(crate) fn spawn(config: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rxvisiond"))
+    spawn_under(Command::new(env!("CARGO_BIN_EXE_rxvisiond")), config)
+}
+
+/// Starts `rxvisiond run` as the last arguments of `command` (the daemon
+/// itself, or a tracer running it) and waits until it listens.
+pub(crate) fn spawn_under(mut command: Command, config: &Path) -> Daemon {
+    if command.get_program() != env!("CARGO_BIN_EXE_rxvisiond") {
+        command.arg(env!("CARGO_BIN_EXE_rxvisiond"));
+    }
+    let mut child = command
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RXVISION_LOG", "warn")
         .stdout(Stdio::piped())
