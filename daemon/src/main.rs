@@ -17,9 +17,7 @@ use rxvision_daemon::audit::{parse_time, Acceptance};
 use rxvision_daemon::control::{AccessError, AuditAccess};
 use rxvision_daemon::{config, control};
 use rxvision_models::classify::{default_bundle_roots, load_bundle, Classifier, ClassifyError};
-use rxvision_models::engine::{
-    probe_adapter, Engine, EngineError, EngineOptions, EnginePreference, Engines, TractEngine, WonnxEngine,
-};
+use rxvision_models::engine::{EngineOptions, EnginePreference, Engines};
 use rxvision_models::selftest;
 
 #[derive(Parser)]
@@ -336,26 +334,8 @@ fn classify(model: &ModelArgs, k: usize, json: bool, images: &[PathBuf]) -> Resu
 }
 
 fn run_selftest(model: &ModelArgs, json: bool) -> Result<ExitCode, ClassifyError> {
-    // The engine under test is prepared directly, not through the selector:
-    // selection itself runs the self-test and would hide the table on failure.
     let bundle = load_bundle(model.bundle.as_deref(), &default_bundle_roots())?;
-    let options = model.options();
-    let gpu = || -> Result<Box<dyn Engine>, EngineError> {
-        let adapter = probe_adapter().map_err(EngineError::NoGpu)?;
-        Ok(Box::new(WonnxEngine::prepare(&bundle, adapter, options.gpu_timeout)?))
-    };
-    let cpu = || -> Result<Box<dyn Engine>, EngineError> {
-        Ok(Box::new(TractEngine::prepare(&bundle, options.cpu_threads)?))
-    };
-    let (engine, choice) = match options.preference {
-        EnginePreference::Cpu => (cpu()?, "cpu: requested".to_string()),
-        EnginePreference::Gpu => (gpu()?, "gpu: requested".to_string()),
-        EnginePreference::Auto => {
-            let engines = Engines::select(&bundle, options)?;
-            let choice = engines.choice().to_string();
-            (engines.into_active_engine(), choice)
-        }
-    };
+    let (engine, choice) = Engines::prepare_requested(&bundle, model.options())?;
     let report = match selftest::run(&bundle, engine.as_ref()) {
         Ok(report) => report,
         Err(e) => {

@@ -263,6 +263,30 @@ impl Engines {
         }
     }
 
+    /// Prepares exactly the engine `options` ask for, without the selector's
+    /// self-test for `cpu` and `gpu` (the self-test command runs it and shows
+    /// its table even when it fails); `auto` selects as the service does.
+    /// Returns the engine and why it was chosen.
+    pub fn prepare_requested(
+        bundle: &Bundle,
+        options: EngineOptions,
+    ) -> Result<(Box<dyn Engine>, String), EngineError> {
+        Ok(match options.preference {
+            EnginePreference::Cpu => {
+                (Box::new(TractEngine::prepare(bundle, options.cpu_threads)?), "cpu: requested".to_string())
+            }
+            EnginePreference::Gpu => {
+                let adapter = probe_adapter().map_err(EngineError::NoGpu)?;
+                (Box::new(WonnxEngine::prepare(bundle, adapter, options.gpu_timeout)?), "gpu: requested".to_string())
+            }
+            EnginePreference::Auto => {
+                let engines = Engines::select(bundle, options)?;
+                let choice = engines.choice().to_string();
+                (engines.into_active_engine(), choice)
+            }
+        })
+    }
+
     /// The engine requests currently go to, taken out of the selector.
     pub fn into_active_engine(self) -> Box<dyn Engine> {
         let active = self.active();
