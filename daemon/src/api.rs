@@ -5,8 +5,8 @@
 //! |---|---|
 //! | `POST /v1/verify` | `{expected_ndc?, operator_id, rx_ref?, image?}` (image: base64 JPEG/PNG; absent: take a frame from the camera) → the scan's result with its `audit_seq` |
 //! | `POST /v1/feedback` | `{audit_seq, confirmed: true}` or `{audit_seq, correct_ndc}`, with `operator_id` → `{audit_seq}` of the feedback record |
-//! | `GET /v1/status` | model, engine, camera, audit chain head, uptime |
-//! | `GET /v1/health` | 200 while serving, 503 while shutting down |
+//! | `GET /v1/status` | model, engine, camera, audit chain head and store state, uptime |
+//! | `GET /v1/health` | 200 while scans can be answered; 503 while shutting down or after a failed audit write |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /` | the counter page (asks once for the API key, keeps it in the browser) |
 //! | `GET /v1/frame` | the camera's current picture (JPEG/PNG); a verification without an image uses it if it is under 3 s old |
@@ -14,8 +14,11 @@
 //!
 //! `/v1/*` needs the API key (`Authorization: Bearer KEY` or `X-Api-Key:
 //! KEY`); `/metrics` and `/v1/health` do not, for monitoring on loopback.
-//! Every error is `{"error": {"code", "message"}}` with a stable code; causes
-//! are logged, not sent. Bodies over the configured size are refused (413).
+//! Every error is `{"error": {"code", "message"}}` with a stable code (one
+//! place: [`ApiError`]); causes are logged, not sent. Before a guarded
+//! handler runs, one middleware (`guard`) checks the key from the headers, takes a scan slot
+//! for `/v1/verify` (`busy`, 503 with `Retry-After`, when none is free) and
+//! reads the body within the configured time (408) and size (413).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

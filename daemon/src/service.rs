@@ -1,11 +1,16 @@
 //! `rxvisiond run`: the appliance service.
 //!
-//! Assembles the parts from a validated [`Config`] — audit log (its key from
-//! a file or systemd credential), model bundle and engines, frame source, API
-//! key — binds the listener and serves the API until SIGTERM or Ctrl-C. On
-//! shutdown it stops accepting connections, lets requests in flight finish
-//! (bounded by [`DRAIN_LIMIT`]), flushes the audit log and returns. Nothing
-//! here needs the network beyond the local listener.
+//! [`assemble`] builds the parts from a validated [`Config`] — audit log
+//! (its key from a file or systemd credential, its chain-head anchor in the
+//! state directory), model bundle and engines, frame source, API key, image
+//! limits. [`serve`] serves the API on a listener the caller bound until a
+//! shutdown future resolves or the audit store is lost; every background
+//! task (control socket, retention, the audit watch) stops with it, so the
+//! service runs in-process in tests and later tasks plug in the same way.
+//! [`run`] is the command: runtime, bind, control socket, SIGTERM / Ctrl-C,
+//! [`serve`]. On shutdown it stops accepting connections, lets requests in
+//! flight finish (bounded by [`DRAIN_LIMIT`]) and returns. Nothing here
+//! needs the network beyond the local listener.
 
 use std::future::Future;
 use std::net::SocketAddr;
