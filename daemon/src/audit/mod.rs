@@ -1253,3 +1253,67 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
         .and_then(|t| t.duration_since(UNIX_EPOCH).map_err(|_| format!("{text:?} is before 1970")))
         .map(|d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> AuditEvent {
+        let mut event = AuditEvent::new(RecordKind::Verification);
+        event.verdict = Some("MATCH".into());
+        event
+    }
+
+    /// The in-process recovery after a failed sync, with the failure injected
+    /// (a full disk that still lets sled reopen cannot be made on demand; the
+    /// daemon test on a full tmpfs covers the reopen that fails).
+    #[test]
+    fn a_reopened_store_marks_what_it_could_not_confirm_and_heals_on_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = AuditOptions { anchor: Some(dir.path().join("audit-anchor")), ..AuditOptions::default() };
+        let log =
+            AuditLog::open_with(&dir.path().join("audit"), KeyRing::new(AuditKey::from_master(&[1; 32])), options)
+                .unwrap();
+        assert_eq!(log.append(event()).unwrap().seq, 0);
+        // Record 1 reaches sled, then its sync fails: it is never answered.
+        {
+            let guard = log.store().unwrap();
+            let store = guard.as_ref().unwrap();
+            let mut state = lock(&log.state);
+            let value = log.seal(event(), 1, state.head, now_ms()).unwrap();
+            store.records.insert(1u64.to_be_bytes(), value.as_slice()).unwrap();
+            state.head = sha256(&value);
+            state.next_seq = 2;
+        }
+        log.reopen_after(&AuditError::Sync(std::io::Error::other("injected: no space left on device")));
+        assert!(matches!(log.health(), StoreHealth::Failed { ref error } if error.contains("injected")));
+        // The next write marks record 1, is itself durable, and the store is healthy again.
+        let next = log.append(event()).unwrap();
+        assert_eq!(next.seq, 3);
+        let notice = log.get(2).unwrap().unwrap();
+        assert_eq!(notice.kind, RecordKind::Unanswered);
+        assert_eq!((notice.details["first_seq"].as_u64(), notice.details["last_seq"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(log.health(), StoreHealth::Ok);
+        assert!(log.verify().unwrap().tamper.is_none());
+        // The anchor followed: a reopen with it finds nothing unconfirmed.
+        drop(log);
+        let options = AuditOptions { anchor: Some(dir.path().join("audit-anchor")), ..AuditOptions::default() };
+        let log =
+            AuditLog::open_with(&dir.path().join("audit"), KeyRing::new(AuditKey::from_master(&[1; 32])), options)
+                .unwrap();
+        assert_eq!(log.append(event()).unwrap().seq, 4);
+    }
+
+    /// A waiter whose record was in a failed group gets an error, not a hang
+    /// or a false success.
+    #[test]
+    fn a_failed_group_commit_fails_every_record_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), KeyRing::new(AuditKey::from_master(&[2; 32]))).unwrap();
+        log.append(event()).unwrap();
+        lock(&log.durable).failed = Some((5, "injected".into()));
+        let guard = log.store().unwrap();
+        let result = log.make_durable(guard.as_ref().unwrap(), 3);
+        assert!(matches!(result, Err(AuditError::Unavailable(ref e)) if e.contains("injected")), "{result:?}");
+    }
+}
