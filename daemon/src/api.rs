@@ -17,7 +17,8 @@
 //! Every error is `{"error": {"code", "message"}}` with a stable code (one
 //! place: [`ApiError`]); causes are logged, not sent. Before a guarded
 //! handler runs, one middleware (`guard`) checks the key from the headers, takes a scan slot
-//! for `/v1/verify` (`busy`, 503 with `Retry-After`, when none is free) and
+//! for `/v1/verify` (`busy`, 503 with `Retry-After`, when none is free; the
+//! body is read and dropped first, so the client gets the answer) and
 //! reads the body within the configured time (408) and size (413).
 
 use std::collections::HashMap;
@@ -216,6 +217,7 @@ pub struct Metrics {
     camera_up: Gauge,
     audit_chain_length: Gauge,
     audit_store_up: Gauge,
+    scans_in_flight: Gauge,
 }
 
 impl Metrics {
@@ -255,7 +257,23 @@ impl Metrics {
             "1 while the audit store's last write was durable; 0 after a failed write until one succeeds",
             audit_store_up.clone(),
         );
-        Metrics { registry, predictions, latency, engine, fallbacks, camera_up, audit_chain_length, audit_store_up }
+        let scans_in_flight = Gauge::default();
+        registry.register(
+            "rxvision_scans_in_flight",
+            "Scans holding one of the api.max_concurrent_scans slots (receiving their picture or running)",
+            scans_in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            predictions,
+            latency,
+            engine,
+            fallbacks,
+            camera_up,
+            audit_chain_length,
+            audit_store_up,
+            scans_in_flight,
+        }
     }
 }
 
@@ -376,7 +394,15 @@ async fn guard(
         if state.shutting_down.load(Ordering::Acquire) {
             return Err(ApiError::ShuttingDown);
         }
-        let permit = state.scans.clone().try_acquire_owned().map_err(|_| ApiError::Busy)?;
+        let Ok(permit) = state.scans.clone().try_acquire_owned() else {
+            // Read and drop what the client is sending (nothing is kept), so
+            // that it gets this answer rather than a connection reset by a
+            // close with its picture unread.
+            let limits = state.limits;
+            let _ =
+                tokio::time::timeout(limits.request_timeout, discard(request.into_body(), limits.max_body_bytes)).await;
+            return Err(ApiError::Busy);
+        };
         request.extensions_mut().insert(ScanPermit(Arc::new(permit)));
     }
     let (parts, body) = request.into_parts();
@@ -391,6 +417,19 @@ async fn guard(
         Ok(Ok(bytes)) => bytes,
     };
     Ok(next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await)
+}
+
+/// Reads a body to its end (or `limit` bytes), keeping none of it.
+async fn discard(body: axum::body::Body, limit: usize) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut read = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        read += frame.data_ref().map_or(0, |d| d.len());
+        if read > limit {
+            break;
+        }
+    }
 }
 
 fn authorise(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -639,6 +678,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     m.fallbacks.set(engines.fallbacks() as i64);
     m.audit_chain_length.set(state.scanner.audit().head().0 as i64);
     m.audit_store_up.set(i64::from(state.scanner.audit().health() == StoreHealth::Ok));
+    m.scans_in_flight.set((state.limits.max_concurrent_scans - state.scans.available_permits()) as i64);
     // A scan holding the camera knows better; otherwise ask a live camera now.
     if let Some(health) = state.camera.as_ref().and_then(|c| c.try_lock().ok()).and_then(|c| c.health()) {
         m.camera_up.set(i64::from(health.is_up()));

@@ -87,21 +87,24 @@ fn scans_beyond_the_limit_are_busy_and_a_stalled_upload_times_out() {
         .replace("request_timeout_ms = 10000", "request_timeout_ms = 5000");
     std::fs::write(&config, text).unwrap();
     let d = spawn(&config);
-    // A client that sends its head and stalls holds the only scan slot ...
+    // A client that sends its head and stalls holds the only scan slot
+    // (the metrics say so once the daemon has taken it) ...
     let mut stalled = open_request(d.addr, "/v1/verify", API_KEY, 1000);
-    // ... (wait until the daemon has taken it: the next scan is busy) ...
-    let mut busy = None;
-    for _ in 0..100 {
-        let mut other = open_request(d.addr, "/v1/verify", API_KEY, 2);
-        other.write_all(b"{}").unwrap();
-        let (head, body) = read_response(&mut other);
-        if head.starts_with("http/1.1 503") {
-            busy = Some((head, body));
+    let mut held = false;
+    for _ in 0..500 {
+        let (_, metrics) = http(d.addr, "GET", "/metrics", None, None);
+        if metrics.as_str().unwrap_or_default().contains("rxvision_scans_in_flight 1") {
+            held = true;
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let (head, body) = busy.expect("a second scan was never refused as busy");
+    assert!(held, "the stalled upload never took the scan slot");
+    // ... so the next scan is busy, and its client gets that answer ...
+    let picture = json!({"operator_id": "tech-2", "image": b64(&png(&image::RgbImage::new(640, 480)))}).to_string();
+    let mut probe = open_request(d.addr, "/v1/verify", API_KEY, picture.len());
+    probe.write_all(picture.as_bytes()).unwrap();
+    let (head, body) = read_response(&mut probe);
     assert_eq!(body["error"]["code"], "busy", "{body}");
     assert!(head.contains("\r\nretry-after: 1"), "{head}");
     // ... until its time is up: 408, and the slot is free again.
