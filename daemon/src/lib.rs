@@ -30,6 +30,7 @@
 pub mod api;
 pub mod audit;
 pub mod camera;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod eval;
