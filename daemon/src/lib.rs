@@ -34,5 +34,6 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod eval;
+pub mod outbox;
 pub mod scan;
 pub mod service;

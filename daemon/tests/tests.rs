@@ -9,5 +9,6 @@ mod cli;
 mod fuzz;
 mod hardening;
 mod in_process;
+mod outbox;
 mod scan;
 mod service;
