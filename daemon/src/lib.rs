@@ -33,6 +33,7 @@ pub mod camera;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod durable;
 pub mod eval;
 pub mod outbox;
 pub mod scan;

@@ -234,3 +234,116 @@ fn sending_waits_for_acks_beyond_the_in_flight_window() {
     tracker.connected();
     assert_eq!(tracker.next_to_send().unwrap().seq, 2);
 }
+
+mod durable {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use rxvision_daemon::outbox::{AckOutcome, MessageKind, Outbox, OutboxError};
+
+    fn payload(seq: u64) -> Vec<u8> {
+        format!("{{\"seq\":{seq},\"filler\":\"{}\"}}", "x".repeat(200)).into_bytes()
+    }
+
+    #[test]
+    fn messages_survive_reopening_and_acks_are_durable_and_seqs_never_repeat() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), 8).unwrap();
+            for i in 0..5 {
+                let kind = if i % 2 == 0 { MessageKind::Window } else { MessageKind::Event };
+                assert_eq!(outbox.push(kind, 1000 + i, payload).unwrap(), i + 1);
+            }
+        }
+        let outbox = Outbox::open(dir.path(), 8).unwrap();
+        assert_eq!(outbox.depth(), (5, 5 * payload(1).len() as u64, Some(1000), 0));
+        outbox.connected();
+        let (seq, bytes) = outbox.next_to_send().unwrap().unwrap();
+        assert_eq!((seq, bytes), (1, payload(1)));
+        assert!(
+            matches!(outbox.ack(3).unwrap(), AckOutcome::Committed { ref removed, acked: 3 } if removed == &[1, 2, 3])
+        );
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), 8).unwrap();
+        assert_eq!(outbox.depth().0, 2);
+        assert_eq!(outbox.depth().3, 3);
+        assert!(matches!(outbox.ack(5).unwrap(), AckOutcome::Committed { .. }));
+        drop(outbox);
+        // Everything acknowledged: the next message still gets a new seq.
+        let outbox = Outbox::open(dir.path(), 8).unwrap();
+        assert_eq!(outbox.depth(), (0, 0, None, 5));
+        assert_eq!(outbox.push(MessageKind::Event, 2000, payload).unwrap(), 6);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_a_clear_error_that_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), 8).unwrap();
+            outbox.push(MessageKind::Window, 1, payload).unwrap();
+        }
+        {
+            let db = crate::audit::raw_open(dir.path());
+            db.open_tree("messages").unwrap().insert(2u64.to_be_bytes(), &[9u8, 0][..]).unwrap();
+            db.flush().unwrap();
+        }
+        match Outbox::open(dir.path(), 8) {
+            Err(OutboxError::Corrupt { key, reason }) => {
+                assert_eq!(key, "0000000000000002");
+                assert!(reason.contains("header"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const CHILD_ENV: &str = "RXVISION_OUTBOX_CRASH_CHILD_DIR";
+
+    /// The writer for the SIGKILL test; as a plain test it returns at once.
+    #[test]
+    fn outbox_crash_writer_child() {
+        let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
+        let outbox = Outbox::open(std::path::Path::new(&dir), 8).unwrap();
+        let mut out = std::io::stdout().lock();
+        for i in 0.. {
+            let seq = outbox.push(MessageKind::Window, i, payload).unwrap();
+            std::io::Write::write_all(&mut out, format!("ACCEPTED {seq}\n").as_bytes()).unwrap();
+            std::io::Write::flush(&mut out).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_accepted_message_survives_sigkill() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut accepted = Vec::new();
+        for round in 0..6u64 {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "outbox::durable::outbox_crash_writer_child", "--nocapture", "--test-threads", "1"])
+                .env(CHILD_ENV, dir.path())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let reader = std::thread::spawn(move || {
+                BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                    .filter_map(|l| l.strip_prefix("ACCEPTED ").and_then(|s| s.parse::<u64>().ok()))
+                    .collect::<Vec<u64>>()
+            });
+            std::thread::sleep(Duration::from_millis(150 + 60 * round));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            accepted.extend(reader.join().unwrap());
+            let outbox = Outbox::open(dir.path(), 8).unwrap();
+            let (depth, _, _, acked) = outbox.depth();
+            assert_eq!(acked, 0);
+            let max = accepted.iter().max().copied().unwrap_or(0);
+            assert!(depth as u64 >= max, "round {round}: {max} accepted but only {depth} stored");
+            // Seqs are given out from 1 without gaps, so holding `max` messages
+            // (none acknowledged) means holding every accepted one.
+            assert_eq!(depth as u64, outbox.push(MessageKind::Event, 0, payload).unwrap() - 1);
+        }
+        assert!(accepted.len() > 10, "the writer accepted only {} messages", accepted.len());
+    }
+}

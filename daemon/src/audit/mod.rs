@@ -106,7 +106,6 @@
 pub mod anchor;
 pub mod keys;
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -117,6 +116,8 @@ use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
 
 pub use anchor::{Anchor, AnchorError, AnchorFile};
+
+use crate::durable::{DurableError, SyncedDb};
 use keys::{hex, unhex};
 pub use keys::{AuditKey, KeyError, KeyRing};
 
@@ -145,9 +146,9 @@ pub enum AuditError {
     /// The store failed (disk full, I/O error, corrupt database).
     #[error("audit store: {0}")]
     Store(#[from] sled::Error),
-    /// Syncing the store's log file to disk failed.
-    #[error("audit store sync: {0}")]
-    Sync(std::io::Error),
+    /// Opening or syncing the store failed.
+    #[error("audit store: {0}")]
+    Durable(#[from] DurableError),
     /// The chain-head anchor could not be read or written.
     #[error(transparent)]
     Anchor(#[from] AnchorError),
@@ -196,7 +197,7 @@ pub enum AuditError {
 impl AuditError {
     /// Whether the error leaves the store unusable until it is reopened.
     fn breaks_store(&self) -> bool {
-        matches!(self, AuditError::Store(_) | AuditError::Sync(_) | AuditError::Anchor(_))
+        matches!(self, AuditError::Store(_) | AuditError::Durable(_) | AuditError::Anchor(_))
     }
 }
 
@@ -497,26 +498,22 @@ struct Durable {
 
 /// The open sled database and the file handle we sync it through.
 struct Store {
-    db: sled::Db,
+    synced: SyncedDb,
     records: sled::Tree,
     meta: sled::Tree,
-    /// `<dir>/db`, sled's log, opened by us to `fdatasync` it.
-    log_file: File,
 }
 
 impl Store {
     fn open(dir: &Path) -> Result<Store, AuditError> {
-        let db = open_db(dir)?;
-        let records = db.open_tree("records")?;
-        let meta = db.open_tree("meta")?;
-        let log_file = File::open(dir.join("db")).map_err(AuditError::Sync)?;
-        Ok(Store { db, records, meta, log_file })
+        let synced = SyncedDb::open(dir)?;
+        let records = synced.db.open_tree("records")?;
+        let meta = synced.db.open_tree("meta")?;
+        Ok(Store { synced, records, meta })
     }
 
-    /// Everything inserted so far, on the platter.
+    /// Everything inserted so far, on the platter (see [`crate::durable`]).
     fn sync(&self) -> Result<(), AuditError> {
-        self.db.flush()?;
-        self.log_file.sync_data().map_err(AuditError::Sync)
+        Ok(self.synced.sync()?)
     }
 
     fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
@@ -607,7 +604,7 @@ impl AuditLog {
         let anchor_path = options.anchor.as_deref().filter(|path| options.create || path.exists());
         let mut anchor = anchor_path.map(AnchorFile::open).transpose()?;
         let anchored = anchor.as_ref().and_then(AnchorFile::last);
-        let exists = dir.join("db").is_file();
+        let exists = SyncedDb::exists(dir);
         if !exists {
             if let (Some(a), None) = (anchored, &options.accept) {
                 return Err(AuditError::Refused {
@@ -624,17 +621,6 @@ impl AuditLog {
             }
         }
         let store = Store::open(dir)?;
-        if !exists {
-            // The new store's files and their directory entries must survive a power cut.
-            if dir.join("conf").exists() {
-                File::open(dir.join("conf")).and_then(|f| f.sync_all()).map_err(AuditError::Sync)?;
-            }
-            store.log_file.sync_all().map_err(AuditError::Sync)?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(AuditError::Sync)?;
-            if let Some(parent) = dir.parent() {
-                File::open(parent).and_then(|d| d.sync_all()).map_err(AuditError::Sync)?;
-            }
-        }
         let mut state = recover_state(&store, &keys)?;
         if let Some(a) = anchored {
             match check_anchor(&store, &state, a) {
@@ -1221,30 +1207,6 @@ fn open_record(keys: &KeyRing, seq: u64, value: &[u8]) -> Result<(Header, AuditR
     Ok((header, record))
 }
 
-/// Opens the sled database, waiting up to [`LOCK_WAIT`] for another handle
-/// to let go of it (a previous process still exiting, or a test's earlier
-/// handle whose background flusher has not stopped yet).
-fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
-    let started = std::time::Instant::now();
-    loop {
-        match sled::Config::new().path(dir).open() {
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                if started.elapsed() >= LOCK_WAIT {
-                    return Err(AuditError::Meta(format!(
-                        "{} is in use by another process (a running rxvisiond?): {e}",
-                        dir.display()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => return Ok(other?),
-        }
-    }
-}
-
-/// How long [`AuditLog::open`] waits for the store's lock.
-const LOCK_WAIT: Duration = Duration::from_secs(3);
-
 /// Parses `YYYY-MM-DD` (midnight UTC) or an RFC 3339 time into Unix milliseconds.
 pub fn parse_time(text: &str) -> Result<u64, String> {
     let full = if text.len() == 10 { format!("{text}T00:00:00Z") } else { text.to_string() };
@@ -1285,7 +1247,9 @@ mod tests {
             state.head = sha256(&value);
             state.next_seq = 2;
         }
-        log.reopen_after(&AuditError::Sync(std::io::Error::other("injected: no space left on device")));
+        log.reopen_after(&AuditError::Durable(DurableError::Sync(std::io::Error::other(
+            "injected: no space left on device",
+        ))));
         assert!(matches!(log.health(), StoreHealth::Failed { ref error } if error.contains("injected")));
         // The next write marks record 1, is itself durable, and the store is healthy again.
         let next = log.append(event()).unwrap();

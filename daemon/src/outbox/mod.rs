@@ -3,9 +3,12 @@
 //!
 //! [`tracker`] is the acknowledgement state machine, without I/O: which
 //! message to send next, what an `ack` lets go, what a reconnect re-sends.
-//! The durable store and the MQTT link drive it (telemetry issue, next
-//! steps).
+//! [`store`] keeps the messages durable (sled, synced like the audit log)
+//! and drives the tracker. The budget policy and the MQTT link come next
+//! (telemetry issue).
 
+pub mod store;
 pub mod tracker;
 
+pub use store::{Outbox, OutboxError};
 pub use tracker::{AckOutcome, Entry, MessageKind, Tracker};
