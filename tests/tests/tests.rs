@@ -1,0 +1,4 @@
+//! Whole-system tests: real Mosquitto brokers (and, later, the fleet and
+//! many appliances). One test binary with a module per topic.
+
+mod broker;
