@@ -38,3 +38,4 @@ pub mod eval;
 pub mod outbox;
 pub mod scan;
 pub mod service;
+pub mod telemetry;

@@ -12,3 +12,4 @@ mod in_process;
 mod outbox;
 mod scan;
 mod service;
+mod telemetry;

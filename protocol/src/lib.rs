@@ -21,8 +21,8 @@ pub mod messages;
 pub mod topic;
 
 pub use messages::{
-    Ack, ChainHead, Desired, EngineState, Event, EventKind, Feedback, Histogram, Message, ModelRef, OutboxLosses,
-    OutboxState, Status, Telemetry, Window,
+    feature_bounds, Ack, ChainHead, Desired, EngineState, Event, EventKind, Feedback, Histogram, Message, ModelRef,
+    OutboxLosses, OutboxState, Status, Telemetry, Window, CONFIDENCE_BOUNDS, LATENCY_BOUNDS_MS,
 };
 pub use topic::Channel;
 

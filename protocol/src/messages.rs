@@ -104,6 +104,28 @@ impl Histogram {
     }
 }
 
+/// Bucket bounds of the latency histogram, milliseconds.
+pub const LATENCY_BOUNDS_MS: [f64; 12] = [2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0];
+
+/// Bucket bounds of the confidence histogram (top-1 probability).
+pub const CONFIDENCE_BOUNDS: [f64; 10] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999];
+
+/// The drift features a window carries, with their bucket bounds (the fleet
+/// compares these histograms with the model's reference profile, binned alike).
+pub fn feature_bounds() -> Vec<(&'static str, Vec<f64>)> {
+    let levels: Vec<f64> = (1..16).map(|i| f64::from(i) * 16.0).collect();
+    vec![
+        ("aspect_ratio", vec![1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0]),
+        ("mean_r", levels.clone()),
+        ("mean_g", levels.clone()),
+        ("mean_b", levels.clone()),
+        ("brightness", levels),
+        ("blur", vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]),
+        ("contrast", vec![4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0]),
+        ("entropy", (1..16).map(|i| f64::from(i) * 0.5).collect()),
+    ]
+}
+
 /// The audit chain's head as the device reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -162,3 +162,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn numbers_come_back_exactly() {
+    for sum in [1151.5040577653447, 0.1 + 0.2, 1e-300, f64::MAX / 3.0, 5e-324] {
+        let mut telemetry = golden::telemetry();
+        telemetry.latency_ms.sum = sum;
+        let back: Telemetry = decode(&encode(&telemetry).unwrap()).unwrap();
+        assert_eq!(back.latency_ms.sum.to_bits(), sum.to_bits(), "{sum:e}");
+    }
+}

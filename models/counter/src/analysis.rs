@@ -49,6 +49,14 @@ pub struct PillResult {
     /// Where the pill is in the frame.
     #[serde(rename = "box")]
     pub region: PillBox,
+    /// Why the pill was refused before or at the model, as a stable code
+    /// (`blurred`, `size_unmeasurable`, `size_contradicts`); `None` when judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<&'static str>,
+    /// The picture of the pill the model was shown (for the drift features,
+    /// computed off the answer's path; not part of the answer).
+    #[serde(skip)]
+    pub crop: Option<RgbImage>,
 }
 
 /// What the counter path concluded about a frame.
@@ -70,6 +78,11 @@ pub struct Analysis {
     pub engine: String,
     /// Frame in → verdict, milliseconds (the audit write comes after).
     pub latency_ms: f64,
+    /// Why the frame was refused before any pill was judged, as a stable code
+    /// (`unreadable`, `picture_size`, `too_dark`, `over_exposed`, `blurred`,
+    /// `no_pill`, `pill_at_edge`); `None` when pills were judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<&'static str>,
 }
 
 /// Why a frame could not be analysed at all. (A bad picture is an answer:
@@ -135,22 +148,35 @@ impl CounterPath {
             model_version: manifest.version.to_string(),
             engine: self.classifier.engines().active().to_string(),
             latency_ms: 0.0,
+            refusal: None,
         };
         match decode_with_limits(frame, &self.images) {
-            Err(e @ PreprocessError::Dimensions { .. }) => result.reason = format!("the picture cannot be used: {e}"),
-            Err(e) => result.reason = format!("the picture is unreadable: {e}"),
+            Err(e @ PreprocessError::Dimensions { .. }) => {
+                result.reason = format!("the picture cannot be used: {e}");
+                result.refusal = Some("picture_size");
+            }
+            Err(e) => {
+                result.reason = format!("the picture is unreadable: {e}");
+                result.refusal = Some("unreadable");
+            }
             Ok(image) => match check_frame(&image, self.quality) {
-                Err(rejection) => result.reason = rejection.message,
+                Err(rejection) => {
+                    result.reason = rejection.message;
+                    result.refusal = Some(rejection.code);
+                }
                 Ok(_) => {
                     let found = localise(&image, self.localise);
                     result.partial = found.partial.len();
                     result.count = found.pills.len();
                     if found.pills.is_empty() {
                         result.verdict = Verdict::NoPill;
-                        result.reason = if found.partial.is_empty() {
-                            "no pill in view: place the pill in the middle of the tray".into()
+                        (result.reason, result.refusal) = if found.partial.is_empty() {
+                            ("no pill in view: place the pill in the middle of the tray".into(), Some("no_pill"))
                         } else {
-                            "the pill is at the edge of the picture: move it to the middle of the tray".into()
+                            (
+                                "the pill is at the edge of the picture: move it to the middle of the tray".into(),
+                                Some("pill_at_edge"),
+                            )
                         };
                     } else {
                         for region in found.pills {
@@ -170,7 +196,14 @@ impl CounterPath {
 
     fn judge(&self, image: &RgbImage, region: PillBox, request: &ScanRequest) -> Result<PillResult, AnalysisError> {
         if let Err(rejection) = check_sharpness(image, region, self.quality) {
-            return Ok(PillResult { top_k: Vec::new(), verdict: Verdict::BadImage, reason: rejection.message, region });
+            return Ok(PillResult {
+                top_k: Vec::new(),
+                verdict: Verdict::BadImage,
+                reason: rejection.message,
+                region,
+                refusal: Some(rejection.code),
+                crop: None,
+            });
         }
         let crop = crop_pill(image, &region, self.classifier.bundle().manifest.input.crop, self.localise.margin);
         let mut probs = self.classifier.infer(crop.view())?.probs;
@@ -178,7 +211,14 @@ impl CounterPath {
         if let Some(cue) = &self.size_cue {
             if let Err(refusal) = cue.apply(&mut probs, &region) {
                 let reason = refusal.reason(&bundle.labels);
-                return Ok(PillResult { top_k: Vec::new(), verdict: Verdict::BadImage, reason, region });
+                return Ok(PillResult {
+                    top_k: Vec::new(),
+                    verdict: Verdict::BadImage,
+                    reason,
+                    region,
+                    refusal: Some(refusal.code()),
+                    crop: Some(crop),
+                });
             }
         }
         let judged = judge_pill(&probs, &bundle.labels, bundle.manifest.thresholds, request.expected_ndc.as_deref());
@@ -187,6 +227,8 @@ impl CounterPath {
             verdict: judged.verdict,
             reason: judged.reason,
             region,
+            refusal: None,
+            crop: Some(crop),
         })
     }
 }

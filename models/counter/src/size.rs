@@ -73,6 +73,14 @@ pub enum SizeRefusal {
 }
 
 impl SizeRefusal {
+    /// A stable code for telemetry: `size_unmeasurable` or `size_contradicts`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SizeRefusal::Unmeasurable { .. } => "size_unmeasurable",
+            SizeRefusal::Contradicts(_) => "size_contradicts",
+        }
+    }
+
     /// What the counter tells the pharmacist (`labels`: the bundle's classes).
     pub fn reason(&self, labels: &[Label]) -> String {
         let name = |class: usize| labels.get(class).map_or_else(String::new, |l| format!("{} {}", l.name, l.strength));

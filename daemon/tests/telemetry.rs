@@ -1,0 +1,67 @@
+//! Telemetry windows from real analyses of the counter path: counts add up,
+//! the drift features come from the pill crops, no operator id appears in
+//! clear, and the window is a valid protocol message.
+
+use std::sync::Arc;
+
+use rxvision_counter::analysis::{CounterPath, ScanRequest};
+use rxvision_daemon::telemetry::{WindowCounts, WindowEnd};
+use rxvision_models::classify::Classifier;
+use rxvision_models::engine::{EngineOptions, EnginePreference};
+use rxvision_protocol::{decode, encode, ChainHead, OutboxLosses, Telemetry};
+
+use crate::service::{fixture, png};
+
+#[test]
+fn a_window_counts_what_the_counter_answered() {
+    let options = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: 1, ..EngineOptions::default() };
+    let path = CounterPath::new(Arc::new(Classifier::open(Some(&fixture()), &[], options).unwrap()));
+    let request = ScanRequest { expected_ndc: None, operator_id: "tech-1".into(), rx_ref: None };
+    let frames: Vec<Vec<u8>> = std::fs::read_dir(fixture().join("selftest"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| std::fs::read(p).unwrap())
+        .take(4)
+        .chain([png(&image::RgbImage::new(1, 1)), b"not a picture".to_vec()])
+        .collect();
+    let mut window = WindowCounts::new(1_000);
+    let mut pills_with_crops = 0;
+    let mut answered_classes = 0;
+    for frame in &frames {
+        let analysis = path.analyse(&request, frame).unwrap();
+        pills_with_crops += analysis.pills.iter().filter(|p| p.crop.is_some()).count() as u64;
+        answered_classes += analysis.pills.iter().filter(|p| !p.top_k.is_empty()).count() as u64;
+        window.add_scan(&analysis, "3c9a61d0f2b4e587");
+    }
+    window.add_feedback("fixture-00", true);
+    window.add_feedback("fixture-01", false);
+    let end = WindowEnd {
+        device_id: "counter-test".into(),
+        seq: 7,
+        end_ms: 61_000,
+        model_version: "0.1.0".into(),
+        engine: "cpu".into(),
+        engine_fallbacks: 0,
+        audit: ChainHead { next_seq: 6, head: "ab".repeat(32) },
+        outbox: OutboxLosses::default(),
+    };
+    let telemetry = window.finish(end);
+    assert_eq!(telemetry.scans, frames.len() as u64);
+    assert_eq!(telemetry.verdicts.values().sum::<u64>(), telemetry.scans);
+    assert_eq!(telemetry.latency_ms.total(), telemetry.scans);
+    assert_eq!(telemetry.refusals.get("picture_size"), Some(&1), "{:?}", telemetry.refusals);
+    assert_eq!(telemetry.refusals.get("unreadable"), Some(&1), "{:?}", telemetry.refusals);
+    assert_eq!(telemetry.classes.values().sum::<u64>(), answered_classes);
+    assert_eq!(telemetry.confidence.total(), answered_classes);
+    assert!(pills_with_crops > 0, "the fixture frames show pills");
+    for (name, histogram) in &telemetry.features {
+        assert_eq!(histogram.total(), pills_with_crops, "feature {name}");
+    }
+    assert_eq!(telemetry.operators.keys().collect::<Vec<_>>(), ["3c9a61d0f2b4e587"]);
+    assert_eq!((telemetry.feedback.confirmed.len(), telemetry.feedback.corrected.len()), (1, 1));
+    // A valid message of the protocol, which decodes to itself.
+    let bytes = encode(&telemetry).unwrap();
+    assert!(!String::from_utf8_lossy(&bytes).contains("tech-1"), "no operator id in clear");
+    assert_eq!(decode::<Telemetry>(&bytes).unwrap(), telemetry);
+}
