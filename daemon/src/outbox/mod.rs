@@ -3,12 +3,12 @@
 //!
 //! [`tracker`] is the acknowledgement state machine, without I/O: which
 //! message to send next, what an `ack` lets go, what a reconnect re-sends.
+//! and the budget policy (merge old unsent windows, then drop, all counted).
 //! [`store`] keeps the messages durable (sled, synced like the audit log)
-//! and drives the tracker. The budget policy and the MQTT link come next
-//! (telemetry issue).
+//! and drives the tracker. The MQTT link comes next (telemetry issue).
 
 pub mod store;
 pub mod tracker;
 
 pub use store::{Outbox, OutboxError};
-pub use tracker::{AckOutcome, Entry, MessageKind, Tracker};
+pub use tracker::{AckOutcome, BudgetAction, Entry, Losses, MessageKind, Persisted, Tracker};

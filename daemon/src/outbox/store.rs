@@ -5,29 +5,36 @@
 //! A sled database (`<state_dir>/outbox`, synced as [`crate::durable`]
 //! says) with two trees:
 //!
-//! * `messages`: key = `seq` (u64 big-endian, so iteration is in `seq`
-//!   order); value = kind (1 byte: 0 window, 1 event), accepted-at (u64
-//!   big-endian Unix milliseconds), then the payload exactly as it is
-//!   published.
-//! * `meta`: `acked` (u64 BE, the highest acknowledged `seq`) and `next_seq`
-//!   (u64 BE, the next `seq` to give out).
+//! * `messages`: key = the message's queue id (u64 big-endian, so iteration
+//!   is in queue order); value = kind (1 byte: 0 window, 1 event),
+//!   accepted-at (u64 BE, Unix ms), `seq` (u64 BE, 0 until it is first sent),
+//!   base windows held (u32 BE), then the payload as the caller stored it
+//!   (without its `seq`: the caller's `finalize` puts it in when sending).
+//! * `meta`: `acked`, `next_seq` and `next_id` (u64 BE each) and `losses`
+//!   (three u64 BE: merged windows, dropped windows, dropped events).
 //!
 //! # Invariants and crashes
 //!
-//! * A message is synced (with the new `next_seq`) before [`Outbox::push`]
-//!   returns, so nothing that was accepted is lost and no `seq` is given out
-//!   twice, also across a crash.
-//! * An acknowledgement removes its messages and stores `acked` in one sled
-//!   batch per tree; a crash before the sync leaves them in the store and
-//!   they are sent again (the fleet deduplicates by `(device, seq)`); at the
-//!   next open, entries at or below `acked` are removed.
+//! * A message is synced before [`Outbox::push`] returns: nothing accepted
+//!   is lost.
+//! * A `seq` is synced with the new `next_seq` before the message carrying
+//!   it is handed to the link: no `seq` is given twice, also across a crash.
+//! * A budget step (merge or drop) and its loss count are one transaction
+//!   over both trees, synced before the next step reads the store.
+//! * An acknowledgement removes its messages and stores `acked` in one
+//!   transaction; a crash before the sync leaves them in the store, and they
+//!   are sent again (the fleet deduplicates by `(device, seq)`); at the next
+//!   open, entries at or below `acked` are removed.
 //! * Only one process holds the store (sled's lock).
 
 use std::path::Path;
 use std::sync::Mutex;
 
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
 use crate::durable::{DurableError, SyncedDb};
-use crate::outbox::tracker::{AckOutcome, Entry, MessageKind, Tracker};
+use crate::outbox::tracker::{AckOutcome, BudgetAction, Entry, Losses, MessageKind, Persisted, Tracker};
 
 /// Why the outbox failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +53,71 @@ pub enum OutboxError {
         /// What is wrong.
         reason: String,
     },
+    /// The caller's `finalize` or `merge` refused a stored payload.
+    #[error("outbox message {id}: {reason}")]
+    Payload {
+        /// The message's queue id.
+        id: u64,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
-const HEADER: usize = 9;
+impl From<TransactionError<sled::Error>> for OutboxError {
+    fn from(e: TransactionError<sled::Error>) -> OutboxError {
+        match e {
+            TransactionError::Abort(e) | TransactionError::Storage(e) => OutboxError::Store(e),
+        }
+    }
+}
+
+const HEADER: usize = 21;
+
+fn encode_record(entry: &Entry, payload: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(HEADER + payload.len());
+    value.push(match entry.kind {
+        MessageKind::Window => 0,
+        MessageKind::Event => 1,
+    });
+    value.extend_from_slice(&entry.created_ms.to_be_bytes());
+    value.extend_from_slice(&entry.seq.unwrap_or(0).to_be_bytes());
+    value.extend_from_slice(&entry.windows.to_be_bytes());
+    value.extend_from_slice(payload);
+    value
+}
+
+fn decode_record(key: &[u8], value: &[u8]) -> Result<Entry, OutboxError> {
+    let corrupt = |reason: &str| OutboxError::Corrupt {
+        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        reason: reason.into(),
+    };
+    let id = u64::from_be_bytes(key.try_into().map_err(|_| corrupt("key is not a queue id"))?);
+    if value.len() < HEADER {
+        return Err(corrupt("shorter than its header"));
+    }
+    let kind = match value[0] {
+        0 => MessageKind::Window,
+        1 => MessageKind::Event,
+        _ => return Err(corrupt("unknown kind")),
+    };
+    let u64_at = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().expect("header length checked"));
+    let seq = u64_at(9);
+    Ok(Entry {
+        id,
+        seq: (seq != 0).then_some(seq),
+        kind,
+        windows: u32::from_be_bytes(value[17..21].try_into().expect("header length checked")),
+        bytes: (value.len() - HEADER) as u64,
+        created_ms: u64_at(1),
+    })
+}
+
+fn losses_bytes(losses: Losses) -> Vec<u8> {
+    [losses.merged_windows, losses.dropped_windows, losses.dropped_events]
+        .iter()
+        .flat_map(|n| n.to_be_bytes())
+        .collect()
+}
 
 /// The outbox of one appliance.
 pub struct Outbox {
@@ -73,24 +142,6 @@ fn read_u64(meta: &sled::Tree, key: &str) -> Result<Option<u64>, OutboxError> {
     }
 }
 
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, OutboxError> {
-    let corrupt = |reason: &str| OutboxError::Corrupt {
-        key: key.iter().map(|b| format!("{b:02x}")).collect(),
-        reason: reason.into(),
-    };
-    let seq = u64::from_be_bytes(key.try_into().map_err(|_| corrupt("key is not a seq"))?);
-    if value.len() < HEADER {
-        return Err(corrupt("shorter than its header"));
-    }
-    let kind = match value[0] {
-        0 => MessageKind::Window,
-        1 => MessageKind::Event,
-        _ => return Err(corrupt("unknown kind")),
-    };
-    let created_ms = u64::from_be_bytes(value[1..HEADER].try_into().expect("header length checked"));
-    Ok(Entry { seq, kind, bytes: (value.len() - HEADER) as u64, created_ms })
-}
-
 impl Outbox {
     /// Opens (or creates) the outbox in `dir`; at most `max_in_flight`
     /// messages are sent ahead of the fleet's acknowledgement.
@@ -100,19 +151,28 @@ impl Outbox {
         let meta = store.db.open_tree("meta")?;
         let acked = read_u64(&meta, "acked")?.unwrap_or(0);
         let next_seq = read_u64(&meta, "next_seq")?.unwrap_or(1);
+        let next_id = read_u64(&meta, "next_id")?.unwrap_or(1);
+        let losses = match meta.get("losses")? {
+            None => Losses::default(),
+            Some(bytes) if bytes.len() == 24 => {
+                let n = |i: usize| u64::from_be_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("length checked"));
+                Losses { merged_windows: n(0), dropped_windows: n(1), dropped_events: n(2) }
+            }
+            Some(_) => return Err(OutboxError::Corrupt { key: "losses".into(), reason: "not 24 bytes".into() }),
+        };
         let mut entries = Vec::new();
         for item in messages.iter() {
             let (key, value) = item?;
-            entries.push(decode_entry(&key, &value)?);
+            entries.push(decode_record(&key, &value)?);
         }
         let stale = Tracker::stale_entries(&entries, acked);
         if !stale.is_empty() {
             let mut batch = sled::Batch::default();
-            stale.iter().for_each(|seq| batch.remove(&seq.to_be_bytes()));
+            stale.iter().for_each(|id| batch.remove(&id.to_be_bytes()));
             messages.apply_batch(batch)?;
             store.sync()?;
         }
-        let tracker = Tracker::recover(entries, acked, next_seq, max_in_flight);
+        let tracker = Tracker::recover(Persisted { entries, acked, next_seq, next_id, losses }, max_in_flight);
         Ok(Outbox { store, messages, meta, tracker: Mutex::new(tracker) })
     }
 
@@ -120,38 +180,54 @@ impl Outbox {
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Accepts a message: `build(seq)` makes its payload (which carries the
-    /// `seq`); returns once it is durable.
-    pub fn push(&self, kind: MessageKind, now_ms: u64, build: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, OutboxError> {
+    /// Accepts a message (its payload without a `seq`); returns its queue id
+    /// once it is durable.
+    pub fn push(&self, kind: MessageKind, now_ms: u64, payload: &[u8]) -> Result<u64, OutboxError> {
         let mut tracker = self.tracker();
-        let seq = tracker.next_seq();
-        let payload = build(seq);
-        let mut value = Vec::with_capacity(HEADER + payload.len());
-        value.push(match kind {
-            MessageKind::Window => 0,
-            MessageKind::Event => 1,
-        });
-        value.extend_from_slice(&now_ms.to_be_bytes());
-        value.extend_from_slice(&payload);
-        self.messages.insert(seq.to_be_bytes(), value)?;
-        self.meta.insert("next_seq", &(seq + 1).to_be_bytes())?;
+        let entry = Entry {
+            id: tracker.next_id(),
+            seq: None,
+            kind,
+            windows: u32::from(kind == MessageKind::Window),
+            bytes: payload.len() as u64,
+            created_ms: now_ms,
+        };
+        // Persisted first: the tracker learns of it only once it is durable.
+        self.messages.insert(entry.id.to_be_bytes(), encode_record(&entry, payload))?;
+        self.meta.insert("next_id", &(entry.id + 1).to_be_bytes())?;
         self.store.sync()?;
-        let entry = tracker.append(kind, payload.len() as u64, now_ms);
-        debug_assert_eq!(entry.seq, seq);
-        Ok(seq)
+        let appended = tracker.append(kind, payload.len() as u64, now_ms);
+        debug_assert_eq!(appended, entry);
+        Ok(entry.id)
     }
 
-    /// The next message to publish (its `seq` and payload), when the link is
-    /// up and the in-flight window allows.
-    pub fn next_to_send(&self) -> Result<Option<(u64, Vec<u8>)>, OutboxError> {
-        let Some(entry) = self.tracker().next_to_send() else { return Ok(None) };
-        match self.messages.get(entry.seq.to_be_bytes())? {
-            Some(value) if value.len() >= HEADER => Ok(Some((entry.seq, value[HEADER..].to_vec()))),
-            _ => Err(OutboxError::Corrupt {
-                key: format!("{:016x}", entry.seq),
-                reason: "missing from the store".into(),
-            }),
-        }
+    /// The next message to publish, with its `seq` (given and synced now if
+    /// it had none) and its payload as `finalize(seq, stored)` makes it.
+    pub fn next_to_send(
+        &self,
+        finalize: impl FnOnce(u64, &[u8]) -> Result<Vec<u8>, String>,
+    ) -> Result<Option<(u64, Vec<u8>)>, OutboxError> {
+        let mut tracker = self.tracker();
+        let Some(entry) = tracker.next_to_send() else { return Ok(None) };
+        let key = entry.id.to_be_bytes();
+        let value = self.messages.get(key)?.ok_or_else(|| OutboxError::Corrupt {
+            key: format!("{:016x}", entry.id),
+            reason: "missing from the store".into(),
+        })?;
+        let seq = match entry.seq {
+            Some(seq) => seq,
+            None => {
+                let seq = tracker.assign(entry.id).expect("the next unsent message is the first without a seq");
+                let assigned = Entry { seq: Some(seq), ..entry };
+                self.messages.insert(key, encode_record(&assigned, &value[HEADER..]))?;
+                self.meta.insert("next_seq", &(seq + 1).to_be_bytes())?;
+                self.store.sync()?;
+                seq
+            }
+        };
+        let payload =
+            finalize(seq, &value[HEADER..]).map_err(|reason| OutboxError::Payload { id: entry.id, reason })?;
+        Ok(Some((seq, payload)))
     }
 
     /// `seq` was handed to the link.
@@ -174,13 +250,70 @@ impl Outbox {
         let mut tracker = self.tracker();
         let outcome = tracker.ack(seq);
         if let AckOutcome::Committed { removed, acked } = &outcome {
-            let mut batch = sled::Batch::default();
-            removed.iter().for_each(|seq| batch.remove(&seq.to_be_bytes()));
-            self.messages.apply_batch(batch)?;
-            self.meta.insert("acked", &acked.to_be_bytes())?;
+            (&self.messages, &self.meta).transaction(|(messages, meta)| {
+                for id in removed {
+                    messages.remove(&id.to_be_bytes())?;
+                }
+                meta.insert("acked", &acked.to_be_bytes())?;
+                Ok::<(), ConflictableTransactionError<sled::Error>>(())
+            })?;
             self.store.sync()?;
         }
         Ok(outcome)
+    }
+
+    /// Brings the queue within `budget` bytes by merging unsent windows
+    /// (`merge(earlier, later)` makes the payload of both) and, if that is
+    /// not enough, dropping unsent messages; returns the steps taken.
+    pub fn enforce_budget(
+        &self,
+        budget: u64,
+        merge: impl Fn(&[u8], &[u8]) -> Result<Vec<u8>, String>,
+    ) -> Result<Vec<BudgetAction>, OutboxError> {
+        let mut tracker = self.tracker();
+        let mut steps = Vec::new();
+        while let Some(action) = tracker.next_budget_action(budget) {
+            match action {
+                BudgetAction::Merge { from, into } => {
+                    let read = |id: u64| {
+                        self.messages.get(id.to_be_bytes())?.ok_or_else(|| OutboxError::Corrupt {
+                            key: format!("{id:016x}"),
+                            reason: "missing from the store".into(),
+                        })
+                    };
+                    let (earlier, later) = (read(from)?, read(into)?);
+                    let payload = merge(&earlier[HEADER..], &later[HEADER..])
+                        .map_err(|reason| OutboxError::Payload { id: into, reason })?;
+                    let mut after = tracker.clone();
+                    after.merged(from, into, payload.len() as u64);
+                    let target = after.get(into).expect("merged into a queued window");
+                    let record = encode_record(&target, &payload);
+                    let losses = losses_bytes(after.losses());
+                    (&self.messages, &self.meta).transaction(|(messages, meta)| {
+                        messages.remove(&from.to_be_bytes())?;
+                        messages.insert(&into.to_be_bytes(), record.clone())?;
+                        meta.insert("losses", losses.clone())?;
+                        Ok::<(), ConflictableTransactionError<sled::Error>>(())
+                    })?;
+                    self.store.sync()?;
+                    *tracker = after;
+                }
+                BudgetAction::Drop { id } => {
+                    let mut after = tracker.clone();
+                    after.dropped(id);
+                    let losses = losses_bytes(after.losses());
+                    (&self.messages, &self.meta).transaction(|(messages, meta)| {
+                        messages.remove(&id.to_be_bytes())?;
+                        meta.insert("losses", losses.clone())?;
+                        Ok::<(), ConflictableTransactionError<sled::Error>>(())
+                    })?;
+                    self.store.sync()?;
+                    *tracker = after;
+                }
+            }
+            steps.push(action);
+        }
+        Ok(steps)
     }
 
     /// Messages waiting, their bytes, the oldest one's acceptance time and
@@ -188,5 +321,10 @@ impl Outbox {
     pub fn depth(&self) -> (usize, u64, Option<u64>, u64) {
         let tracker = self.tracker();
         (tracker.depth(), tracker.bytes(), tracker.oldest_created_ms(), tracker.acked())
+    }
+
+    /// What the budget policy gave up so far.
+    pub fn losses(&self) -> Losses {
+        self.tracker().losses()
     }
 }
