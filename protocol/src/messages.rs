@@ -225,6 +225,55 @@ pub struct Telemetry {
     pub outbox: OutboxLosses,
 }
 
+fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (key, n) in from {
+        *into.entry(key.clone()).or_default() += n;
+    }
+}
+
+impl Telemetry {
+    /// Folds the `later` window into this one (the device's outbox merges old
+    /// windows when its budget is exceeded): counts and histograms add, the
+    /// time span covers both, versions, engine, audit head and outbox losses
+    /// are the later window's. Histograms with other bounds cannot be merged.
+    pub fn merge(&mut self, later: &Telemetry) -> Result<(), String> {
+        if later.device_id != self.device_id {
+            return Err("windows of different devices".into());
+        }
+        let mut merged = self.clone();
+        merged.latency_ms.merge(&later.latency_ms)?;
+        merged.confidence.merge(&later.confidence)?;
+        for (name, histogram) in &later.features {
+            match merged.features.get_mut(name) {
+                Some(mine) => mine.merge(histogram)?,
+                None => {
+                    merged.features.insert(name.clone(), histogram.clone());
+                }
+            }
+        }
+        merged.window = Window {
+            start_ms: self.window.start_ms.min(later.window.start_ms),
+            end_ms: self.window.end_ms.max(later.window.end_ms),
+            windows: self.window.windows.saturating_add(later.window.windows),
+        };
+        merged.scans += later.scans;
+        add_counts(&mut merged.verdicts, &later.verdicts);
+        add_counts(&mut merged.refusals, &later.refusals);
+        add_counts(&mut merged.classes, &later.classes);
+        add_counts(&mut merged.feedback.confirmed, &later.feedback.confirmed);
+        add_counts(&mut merged.feedback.corrected, &later.feedback.corrected);
+        add_counts(&mut merged.operators, &later.operators);
+        merged.engine_fallbacks += later.engine_fallbacks;
+        merged.model_version = later.model_version.clone();
+        merged.engine = later.engine.clone();
+        merged.audit = later.audit.clone();
+        merged.outbox = later.outbox.clone();
+        merged.seq = later.seq;
+        *self = merged;
+        Ok(())
+    }
+}
+
 fn check_text(name: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > MAX_TEXT || value.chars().any(char::is_control) {
         return Err(format!("{name} must be 1-{MAX_TEXT} printable characters"));

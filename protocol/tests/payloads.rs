@@ -172,3 +172,31 @@ fn numbers_come_back_exactly() {
         assert_eq!(back.latency_ms.sum.to_bits(), sum.to_bits(), "{sum:e}");
     }
 }
+
+#[test]
+fn merged_windows_add_up_and_span_both() {
+    let first = golden::telemetry();
+    let mut later = golden::telemetry();
+    later.window.start_ms = first.window.end_ms;
+    later.window.end_ms = first.window.end_ms + 60_000;
+    later.model_version = "0.5.0".into();
+    later.verdicts.insert("MISMATCH".into(), 2);
+    let mut merged = first.clone();
+    merged.merge(&later).unwrap();
+    assert_eq!(
+        (merged.window.start_ms, merged.window.end_ms, merged.window.windows),
+        (first.window.start_ms, later.window.end_ms, 2)
+    );
+    assert_eq!(merged.scans, first.scans + later.scans);
+    assert_eq!(merged.verdicts["MATCH"], 6);
+    assert_eq!(merged.verdicts["MISMATCH"], 2);
+    assert_eq!(merged.latency_ms.total(), first.latency_ms.total() * 2);
+    assert_eq!(merged.features["brightness"].total(), first.features["brightness"].total() * 2);
+    assert_eq!(merged.model_version, "0.5.0");
+    assert!(encode(&merged).is_ok(), "a merged window is a valid window");
+    let mut other_bounds = golden::telemetry();
+    other_bounds.latency_ms = Histogram::new(&[1.0]);
+    let before = merged.clone();
+    assert!(merged.merge(&other_bounds).is_err());
+    assert_eq!(merged, before, "a refused merge changes nothing");
+}
