@@ -48,6 +48,7 @@ use serde_json::json;
 use crate::audit::{AuditEvent, RecordKind, StoreHealth};
 use crate::camera::{CameraError, FrameSource};
 use crate::scan::{ScanError, Scanner};
+use crate::telemetry::{Observation, TelemetryService};
 
 /// Every error the API answers, in one place: its HTTP status, its stable
 /// `code` and the message a person reads. Internal causes are logged where
@@ -218,6 +219,8 @@ pub struct Metrics {
     audit_chain_length: Gauge,
     audit_store_up: Gauge,
     scans_in_flight: Gauge,
+    outbox_messages: Gauge,
+    outbox_oldest_unacked: Gauge,
 }
 
 impl Metrics {
@@ -263,6 +266,18 @@ impl Metrics {
             "Scans holding one of the api.max_concurrent_scans slots (receiving their picture or running)",
             scans_in_flight.clone(),
         );
+        let outbox_messages = Gauge::default();
+        registry.register(
+            "rxvision_outbox_messages",
+            "Telemetry messages waiting for the fleet's acknowledgement",
+            outbox_messages.clone(),
+        );
+        let outbox_oldest_unacked = Gauge::default();
+        registry.register(
+            "rxvision_outbox_oldest_unacked_seconds",
+            "Age of the oldest telemetry message not yet acknowledged by the fleet",
+            outbox_oldest_unacked.clone(),
+        );
         Metrics {
             registry,
             predictions,
@@ -273,6 +288,8 @@ impl Metrics {
             audit_chain_length,
             audit_store_up,
             scans_in_flight,
+            outbox_messages,
+            outbox_oldest_unacked,
         }
     }
 }
@@ -293,6 +310,8 @@ pub struct AppState {
     pub formulary: Option<Formulary>,
     /// Body size, scan concurrency and body timeout.
     pub limits: ApiLimits,
+    /// Telemetry windows and their outbox, when `[telemetry]` is enabled.
+    pub telemetry: Option<TelemetryService>,
     /// One permit per scan allowed to run at once.
     scans: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
@@ -346,12 +365,26 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             formulary,
             limits,
+            telemetry: None,
             scans: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_scans)),
             metrics,
             started: Instant::now(),
             preview: Mutex::new(None),
             references: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl AppState {
+    /// Counts scans and feedback into telemetry windows.
+    pub fn with_telemetry(mut self, telemetry: TelemetryService) -> AppState {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// The keyed hash telemetry counts an operator under (never the id).
+    fn operator_hash(&self, operator_id: &str) -> String {
+        self.scanner.audit().pseudonym(operator_id).chars().take(16).collect()
     }
 }
 
@@ -487,7 +520,12 @@ async fn verify(
                 .map_err(|e| ApiError::BadImageEncoding(e.to_string()))?,
             None => recent_preview(&state2).map_or_else(|| take_frame(&state2), Ok)?,
         };
-        state2.scanner.scan(&request, &frame).map_err(|e| match e {
+        let result = state2.scanner.scan(&request, &frame);
+        if let (Ok(answer), Some(telemetry)) = (&result, &state2.telemetry) {
+            let operator = state2.operator_hash(&request.operator_id);
+            telemetry.collector.observe(Observation::Scan { analysis: Box::new(answer.analysis.clone()), operator });
+        }
+        result.map_err(|e| match e {
             ScanError::Audit(cause) => {
                 tracing::error!(error = %cause, "audit record not written; verification refused");
                 ApiError::AuditUnavailable
@@ -611,18 +649,23 @@ async fn feedback(
             tracing::error!(error = %e, "audit record unreadable");
             ApiError::AuditUnreadable
         })?;
-        match target {
-            Some(r) if r.kind == RecordKind::Verification => {}
+        let answered = match &target {
+            Some(r) if r.kind == RecordKind::Verification => r.top_k.first().map(|c| c.ndc.clone()),
             Some(_) => return Err(ApiError::NotAVerification(body.audit_seq)),
             None => return Err(ApiError::UnknownAuditSeq(body.audit_seq)),
-        }
+        };
         let mut event = AuditEvent::new(RecordKind::Feedback);
         event.operator = Some(body.operator_id);
         event.details = json!({ "audit_seq": body.audit_seq, "confirmed": body.confirmed.unwrap_or(false), "correct_ndc": body.correct_ndc });
-        audit.append(event).map(|a| a.seq).map_err(|e| {
+        let confirmed = body.confirmed.unwrap_or(false);
+        let seq = audit.append(event).map(|a| a.seq).map_err(|e| {
             tracing::error!(error = %e, "feedback not recorded");
             ApiError::AuditUnavailable
-        })
+        })?;
+        if let (Some(class), Some(telemetry)) = (answered, &state2.telemetry) {
+            telemetry.collector.observe(Observation::Feedback { class, confirmed });
+        }
+        Ok(seq)
     })
     .await
     .map_err(|_| ApiError::Internal)??;
@@ -649,9 +692,31 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
             "head": head.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "store": state.scanner.audit().health(),
         },
+        "telemetry": telemetry_status(&state),
         "uptime_s": state.started.elapsed().as_secs(),
     }))
     .into_response())
+}
+
+fn telemetry_status(state: &AppState) -> serde_json::Value {
+    let Some(telemetry) = &state.telemetry else { return json!({ "enabled": false }) };
+    let (depth, bytes, oldest, acked) = telemetry.outbox.depth();
+    let losses = telemetry.outbox.losses();
+    json!({
+        "enabled": true,
+        "link": "not configured",
+        "outbox": {
+            "depth": depth, "bytes": bytes, "acked_seq": acked,
+            "oldest_unacked_s": oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),
+            "merged_windows": losses.merged_windows, "dropped_windows": losses.dropped_windows,
+            "dropped_events": losses.dropped_events,
+        },
+        "dropped_observations": telemetry.collector.dropped(),
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// 200 only while scans can be answered: not shutting down, and the audit
@@ -679,6 +744,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     m.audit_chain_length.set(state.scanner.audit().head().0 as i64);
     m.audit_store_up.set(i64::from(state.scanner.audit().health() == StoreHealth::Ok));
     m.scans_in_flight.set((state.limits.max_concurrent_scans - state.scans.available_permits()) as i64);
+    if let Some(telemetry) = &state.telemetry {
+        let (depth, _, oldest, _) = telemetry.outbox.depth();
+        m.outbox_messages.set(depth as i64);
+        m.outbox_oldest_unacked.set(oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000) as i64);
+    }
     // A scan holding the camera knows better; otherwise ask a live camera now.
     if let Some(health) = state.camera.as_ref().and_then(|c| c.try_lock().ok()).and_then(|c| c.health()) {
         m.camera_up.set(i64::from(health.is_up()));

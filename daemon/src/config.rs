@@ -89,6 +89,42 @@ pub struct RawConfig {
     /// Limits on pictures (added after version 1: optional, with defaults).
     #[serde(default)]
     pub images: RawImages,
+    /// Telemetry windows and the outbox (added after version 1: optional, off by default).
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// Collect telemetry windows into the outbox.
+    pub enabled: bool,
+    /// Length of a window, seconds.
+    pub window_seconds: u64,
+    /// The outbox's budget, bytes.
+    pub outbox_budget_bytes: u64,
+    /// Messages sent ahead of the fleet's acknowledgement.
+    pub max_in_flight: u32,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> RawTelemetry {
+        RawTelemetry { enabled: false, window_seconds: 60, outbox_budget_bytes: 64 << 20, max_in_flight: 32 }
+    }
+}
+
+/// The validated `[telemetry]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// Collect windows.
+    pub enabled: bool,
+    /// Length of a window.
+    pub window: Duration,
+    /// The outbox's budget, bytes.
+    pub outbox_budget_bytes: u64,
+    /// Messages sent ahead of the fleet's acknowledgement.
+    pub max_in_flight: usize,
 }
 
 /// `[images]`.
@@ -234,6 +270,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Limits every picture is checked against before it is decoded.
     pub images: ImageLimits,
+    /// Telemetry windows and the outbox.
+    pub telemetry: TelemetryConfig,
 }
 
 /// The validated `[camera]` section.
@@ -507,6 +545,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     if !(100..=600_000).contains(&raw.api.request_timeout_ms) {
         problem("api.request_timeout_ms", format!("{} is outside 100..=600000", raw.api.request_timeout_ms));
     }
+    if !(1..=86_400).contains(&raw.telemetry.window_seconds) {
+        problem("telemetry.window_seconds", format!("{} is outside 1..=86400", raw.telemetry.window_seconds));
+    }
+    if !(1 << 20..=1 << 40).contains(&raw.telemetry.outbox_budget_bytes) {
+        problem(
+            "telemetry.outbox_budget_bytes",
+            format!("{} is outside 1 MiB..=1 TiB", raw.telemetry.outbox_budget_bytes),
+        );
+    }
+    if !(1..=1024).contains(&raw.telemetry.max_in_flight) {
+        problem("telemetry.max_in_flight", format!("{} is outside 1..=1024", raw.telemetry.max_in_flight));
+    }
     let ceiling = ImageLimits::default();
     if !(1..=ceiling.max_pixels).contains(&raw.images.max_pixels) {
         problem("images.max_pixels", format!("{} is outside 1..={}", raw.images.max_pixels, ceiling.max_pixels));
@@ -545,6 +595,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             key,
             previous_key_files: raw.audit.previous_key_files,
             retention: Duration::from_secs(u64::from(raw.audit.retention_days) * 86_400),
+        },
+        telemetry: TelemetryConfig {
+            enabled: raw.telemetry.enabled,
+            window: Duration::from_secs(raw.telemetry.window_seconds),
+            outbox_budget_bytes: raw.telemetry.outbox_budget_bytes,
+            max_in_flight: raw.telemetry.max_in_flight as usize,
         },
         images: ImageLimits {
             max_pixels: raw.images.max_pixels,
@@ -605,8 +661,10 @@ mod tests {
         assert_eq!(p.path, "model.cpu_thread");
         assert!(p.problem.contains("unknown field `cpu_thread`"), "{p}");
         assert!(p.problem.contains("line"), "{p}");
-        let p = parse_problem(&format!("{DEFAULT_CONFIG}\n[telemetry]\nbroker = \"x\"\n"));
-        assert!(p.problem.contains("unknown field `telemetry`"), "{p}");
+        let p = parse_problem(&format!("{DEFAULT_CONFIG}\n[fleet]\nbroker = \"x\"\n"));
+        assert!(p.problem.contains("unknown field `fleet`"), "{p}");
+        let p = parse_problem(&with("window_seconds = 60", "window_seconds = 60\nbroker = \"x\""));
+        assert_eq!(p.path, "telemetry.broker");
     }
 
     #[test]

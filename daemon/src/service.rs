@@ -26,7 +26,9 @@ use crate::audit::{AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreH
 use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
 use crate::config::{CameraConfig, Config};
 use crate::control;
+use crate::outbox::{Outbox, OutboxError};
 use crate::scan::Scanner;
+use crate::telemetry::TelemetryService;
 use rxvision_counter::analysis::CounterPath;
 use rxvision_counter::size::SizeCue;
 use rxvision_models::classify::{Classifier, ClassifyError};
@@ -57,6 +59,9 @@ pub enum StartError {
     /// The camera could not be set up.
     #[error("camera: {0}")]
     Camera(String),
+    /// The telemetry outbox could not be opened.
+    #[error("telemetry: {0}")]
+    Outbox(#[from] OutboxError),
     /// A key named by the configuration cannot be used.
     #[error("{0}")]
     Key(String),
@@ -141,7 +146,8 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
             None
         }
     };
-    let mut path = CounterPath::new(Arc::new(classifier)).with_image_limits(config.images);
+    let classifier = Arc::new(classifier);
+    let mut path = CounterPath::new(classifier.clone()).with_image_limits(config.images);
     match (config.px_per_mm, &formulary) {
         (Some(scale), Some(formulary)) => {
             let cue = SizeCue::from_formulary(scale, &path.classifier().bundle().labels, formulary);
@@ -157,7 +163,21 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         max_concurrent_scans: config.api.max_concurrent_scans,
         request_timeout: config.api.request_timeout,
     };
-    Ok(AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary, limits))
+    let state = AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary, limits);
+    if !config.telemetry.enabled {
+        return Ok(state);
+    }
+    let outbox = Outbox::open(&config.state_dir.join("outbox"), config.telemetry.max_in_flight)?;
+    tracing::info!(depth = outbox.depth().0, "telemetry on: windows go to the outbox");
+    let telemetry = TelemetryService::new(
+        &config.device_id,
+        config.telemetry.window,
+        config.telemetry.outbox_budget_bytes,
+        Arc::new(outbox),
+        state.scanner.shared_audit(),
+        classifier,
+    );
+    Ok(state.with_telemetry(telemetry))
 }
 
 /// What [`serve`] needs besides the API's listener and the state.
@@ -182,6 +202,8 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let stop_windows = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let windows = state.telemetry.as_ref().and_then(|t| t.start(stop_windows.clone()));
     let control_file = options.control.as_ref().map(|(_, path)| path.clone());
     if let Some((listener, _)) = options.control {
         let audit = state.scanner.shared_audit();
@@ -246,6 +268,11 @@ pub async fn serve(
         }
     };
     tasks.abort_all();
+    if let Some(worker) = windows {
+        // The window in progress goes to the outbox before the process ends.
+        stop_windows.store(true, Ordering::Release);
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    }
     while tasks.join_next().await.is_some() {}
     if let Some(path) = control_file {
         let _ = std::fs::remove_file(path);

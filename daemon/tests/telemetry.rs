@@ -65,3 +65,70 @@ fn a_window_counts_what_the_counter_answered() {
     assert!(!String::from_utf8_lossy(&bytes).contains("tech-1"), "no operator id in clear");
     assert_eq!(decode::<Telemetry>(&bytes).unwrap(), telemetry);
 }
+
+/// The service with `[telemetry]` on: scans and feedback become windows in
+/// the outbox, status and metrics show it, and a stop keeps the window in
+/// progress.
+#[test]
+fn the_service_stores_its_windows_in_the_outbox() {
+    use crate::service::{b64, http, post, spawn, write_config};
+    use rxvision_daemon::outbox::Outbox;
+    use rxvision_daemon::telemetry::finalize_window;
+    use serde_json::json;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 4 * 1024 * 1024);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("enabled = false\n# Length of a window", "enabled = true\n# Length of a window")
+        .replace("window_seconds = 60", "window_seconds = 1");
+    std::fs::write(&config, text).unwrap();
+    let mut d = spawn(&config);
+    let frame = b64(&std::fs::read(fixture().join("selftest/c00_white_round.png")).unwrap());
+    let mut first_seq = None;
+    for _ in 0..3 {
+        let (code, body) = post(&d, "/v1/verify", &json!({"operator_id": "tech-1", "image": frame}));
+        assert_eq!(code, 200, "{body}");
+        first_seq.get_or_insert(body["audit_seq"].as_u64().unwrap());
+    }
+    let (code, body) =
+        post(&d, "/v1/feedback", &json!({"audit_seq": first_seq.unwrap(), "confirmed": true, "operator_id": "tech-1"}));
+    assert_eq!(code, 200, "{body}");
+    // A window ends within a second or two: the outbox holds it.
+    let started = Instant::now();
+    loop {
+        let (_, status) = http(d.addr, "GET", "/v1/status", Some(crate::service::API_KEY), None);
+        if status["telemetry"]["outbox"]["depth"].as_u64().unwrap_or(0) >= 1 {
+            assert_eq!(status["telemetry"]["enabled"], true);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no window reached the outbox: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = http(d.addr, "GET", "/metrics", None, None);
+    assert!(metrics.as_str().unwrap().contains("rxvision_outbox_messages"), "{metrics}");
+    let _ = Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status();
+    let _ = d.child.wait();
+
+    let outbox = Outbox::open(&dir.path().join("outbox"), 1024).unwrap();
+    outbox.connected();
+    let mut windows = Vec::new();
+    while let Some((seq, bytes)) = outbox.next_to_send(finalize_window).unwrap() {
+        outbox.sent(seq);
+        let window: Telemetry = decode(&bytes).unwrap();
+        assert_eq!(window.seq, seq);
+        windows.push(window);
+    }
+    assert_eq!(windows.iter().map(|w| w.seq).collect::<Vec<_>>(), (1..=windows.len() as u64).collect::<Vec<_>>());
+    assert_eq!(windows.iter().map(|w| w.scans).sum::<u64>(), 3, "every scan counted once");
+    let confirmed: u64 = windows.iter().flat_map(|w| w.feedback.confirmed.values()).sum();
+    assert_eq!(confirmed, 1);
+    for window in &windows {
+        assert_eq!(window.device_id, "counter-test");
+        for operator in window.operators.keys() {
+            assert!(operator.len() == 16 && operator.bytes().all(|b| b.is_ascii_hexdigit()), "{operator}");
+        }
+    }
+}

@@ -6,7 +6,12 @@
 //! [`rxvision_protocol::Telemetry`]. No prescription reference and no
 //! operator id leaves the appliance in clear: operators are counted under a
 //! keyed hash the caller provides (the audit log's pseudonym key).
+//! [`collector`] feeds windows from the running service into the outbox.
 
+pub mod collector;
 pub mod window;
 
+pub use collector::{
+    finalize_window, merge_windows, stored_window, Collector, Observation, TelemetryService, WindowWorker,
+};
 pub use window::{WindowCounts, WindowEnd};
