@@ -37,6 +37,25 @@ pub trait Message: Serialize + serde::de::DeserializeOwned {
     fn validate(&self) -> Result<(), String>;
 }
 
+/// Implements [`Message`] for a payload struct with `v` and `device_id`
+/// fields, its channel and its validation function.
+macro_rules! message {
+    ($ty:ty, $channel:expr, $validate:ident) => {
+        impl Message for $ty {
+            const CHANNEL: Channel = $channel;
+            fn device_id(&self) -> &str {
+                &self.device_id
+            }
+            fn version(&self) -> u32 {
+                self.v
+            }
+            fn validate(&self) -> Result<(), String> {
+                $validate(self)
+            }
+        }
+    };
+}
+
 /// Counts of values in buckets: `counts[i]` holds values `<= bounds[i]` (and
 /// above the previous bound); the last count holds values above every bound.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,45 +315,38 @@ fn check_device(device_id: &str) -> Result<(), String> {
     }
 }
 
-impl Message for Telemetry {
-    const CHANNEL: Channel = Channel::Telemetry;
-    fn device_id(&self) -> &str {
-        &self.device_id
+message!(Telemetry, Channel::Telemetry, validate_telemetry);
+
+fn validate_telemetry(m: &Telemetry) -> Result<(), String> {
+    check_device(&m.device_id)?;
+    if m.seq == 0 {
+        return Err("seq starts at 1".into());
     }
-    fn version(&self) -> u32 {
-        self.v
+    if m.window.end_ms <= m.window.start_ms || m.window.windows == 0 {
+        return Err("window must end after it starts and hold at least one window".into());
     }
-    fn validate(&self) -> Result<(), String> {
-        check_device(&self.device_id)?;
-        if self.seq == 0 {
-            return Err("seq starts at 1".into());
-        }
-        if self.window.end_ms <= self.window.start_ms || self.window.windows == 0 {
-            return Err("window must end after it starts and hold at least one window".into());
-        }
-        check_text("model_version", &self.model_version)?;
-        check_text("engine", &self.engine)?;
-        for (name, map) in [
-            ("verdicts", &self.verdicts),
-            ("refusals", &self.refusals),
-            ("classes", &self.classes),
-            ("feedback.confirmed", &self.feedback.confirmed),
-            ("feedback.corrected", &self.feedback.corrected),
-            ("operators", &self.operators),
-        ] {
-            check_counts(name, map)?;
-        }
-        self.latency_ms.validate("latency_ms")?;
-        self.confidence.validate("confidence")?;
-        if self.features.len() > MAX_MAP_ENTRIES {
-            return Err(format!("features: more than {MAX_MAP_ENTRIES} entries"));
-        }
-        for (name, histogram) in &self.features {
-            check_text("features key", name)?;
-            histogram.validate(&format!("features.{name}"))?;
-        }
-        self.audit.validate()
+    check_text("model_version", &m.model_version)?;
+    check_text("engine", &m.engine)?;
+    for (name, map) in [
+        ("verdicts", &m.verdicts),
+        ("refusals", &m.refusals),
+        ("classes", &m.classes),
+        ("feedback.confirmed", &m.feedback.confirmed),
+        ("feedback.corrected", &m.feedback.corrected),
+        ("operators", &m.operators),
+    ] {
+        check_counts(name, map)?;
     }
+    m.latency_ms.validate("latency_ms")?;
+    m.confidence.validate("confidence")?;
+    if m.features.len() > MAX_MAP_ENTRIES {
+        return Err(format!("features: more than {MAX_MAP_ENTRIES} entries"));
+    }
+    for (name, histogram) in &m.features {
+        check_text("features key", name)?;
+        histogram.validate(&format!("features.{name}"))?;
+    }
+    m.audit.validate()
 }
 
 /// What an event is about.
@@ -382,24 +394,17 @@ pub struct Event {
     pub details: serde_json::Map<String, serde_json::Value>,
 }
 
-impl Message for Event {
-    const CHANNEL: Channel = Channel::Events;
-    fn device_id(&self) -> &str {
-        &self.device_id
+message!(Event, Channel::Events, validate_event);
+
+fn validate_event(m: &Event) -> Result<(), String> {
+    check_device(&m.device_id)?;
+    if m.seq == 0 {
+        return Err("seq starts at 1".into());
     }
-    fn version(&self) -> u32 {
-        self.v
+    if m.details.len() > 64 {
+        return Err("details: more than 64 fields".into());
     }
-    fn validate(&self) -> Result<(), String> {
-        check_device(&self.device_id)?;
-        if self.seq == 0 {
-            return Err("seq starts at 1".into());
-        }
-        if self.details.len() > 64 {
-            return Err("details: more than 64 fields".into());
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// The model a device runs.
@@ -489,31 +494,24 @@ impl Status {
     }
 }
 
-impl Message for Status {
-    const CHANNEL: Channel = Channel::Status;
-    fn device_id(&self) -> &str {
-        &self.device_id
+message!(Status, Channel::Status, validate_status);
+
+fn validate_status(m: &Status) -> Result<(), String> {
+    check_device(&m.device_id)?;
+    if let Some(version) = &m.daemon_version {
+        check_text("daemon_version", version)?;
     }
-    fn version(&self) -> u32 {
-        self.v
+    if let Some(model) = &m.model {
+        check_text("model.name", &model.name)?;
+        check_text("model.version", &model.version)?;
     }
-    fn validate(&self) -> Result<(), String> {
-        check_device(&self.device_id)?;
-        if let Some(version) = &self.daemon_version {
-            check_text("daemon_version", version)?;
+    if let Some(engine) = &m.engine {
+        check_text("engine.active", &engine.active)?;
+        if engine.choice.len() > 512 {
+            return Err("engine.choice: longer than 512 bytes".into());
         }
-        if let Some(model) = &self.model {
-            check_text("model.name", &model.name)?;
-            check_text("model.version", &model.version)?;
-        }
-        if let Some(engine) = &self.engine {
-            check_text("engine.active", &engine.active)?;
-            if engine.choice.len() > 512 {
-                return Err("engine.choice: longer than 512 bytes".into());
-            }
-        }
-        self.audit.as_ref().map_or(Ok(()), ChainHead::validate)
     }
+    m.audit.as_ref().map_or(Ok(()), ChainHead::validate)
 }
 
 /// The fleet's acknowledgement (`rxv/v1/dev/{id}/ack`): every message of the
@@ -530,17 +528,10 @@ pub struct Ack {
     pub seq: u64,
 }
 
-impl Message for Ack {
-    const CHANNEL: Channel = Channel::Ack;
-    fn device_id(&self) -> &str {
-        &self.device_id
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-    fn validate(&self) -> Result<(), String> {
-        check_device(&self.device_id)
-    }
+message!(Ack, Channel::Ack, validate_ack);
+
+fn validate_ack(m: &Ack) -> Result<(), String> {
+    check_device(&m.device_id)
 }
 
 /// A hint from the fleet (`rxv/v1/dev/{id}/desired`, retained): fetch the
@@ -560,15 +551,8 @@ pub struct Desired {
     pub issued_ms: u64,
 }
 
-impl Message for Desired {
-    const CHANNEL: Channel = Channel::Desired;
-    fn device_id(&self) -> &str {
-        &self.device_id
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-    fn validate(&self) -> Result<(), String> {
-        check_device(&self.device_id)
-    }
+message!(Desired, Channel::Desired, validate_desired);
+
+fn validate_desired(m: &Desired) -> Result<(), String> {
+    check_device(&m.device_id)
 }
