@@ -26,9 +26,9 @@ use crate::audit::{AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreH
 use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
 use crate::config::{CameraConfig, Config};
 use crate::control;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{MessageKind, Outbox, OutboxError};
 use crate::scan::Scanner;
-use crate::telemetry::TelemetryService;
+use crate::telemetry::{stored_event, TelemetryService};
 use rxvision_counter::analysis::CounterPath;
 use rxvision_counter::size::SizeCue;
 use rxvision_models::classify::{Classifier, ClassifyError};
@@ -169,6 +169,21 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
     }
     let outbox = Outbox::open(&config.state_dir.join("outbox"), config.telemetry.max_in_flight)?;
     tracing::info!(depth = outbox.depth().0, "telemetry on: windows go to the outbox");
+    let details = serde_json::json!({
+        "daemon_version": env!("CARGO_PKG_VERSION"),
+        "model": classifier.bundle().manifest.name,
+        "model_version": classifier.bundle().manifest.version.to_string(),
+        "engine": classifier.engines().choice().to_string(),
+    });
+    let started = rxvision_protocol::Event {
+        v: rxvision_protocol::PROTOCOL_VERSION,
+        device_id: config.device_id.clone(),
+        seq: 0,
+        time_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        kind: rxvision_protocol::EventKind::DaemonStarted,
+        details: details.as_object().cloned().unwrap_or_default(),
+    };
+    outbox.push(MessageKind::Event, started.time_ms, &stored_event(&started))?;
     let telemetry = TelemetryService::new(
         &config.device_id,
         config.telemetry.window,

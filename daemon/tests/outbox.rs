@@ -374,13 +374,13 @@ mod durable {
     }
 
     /// Puts the seq in front, as a real caller puts it into the message.
-    fn finalize(seq: u64, stored: &[u8]) -> Result<Vec<u8>, String> {
+    fn finalize(_kind: MessageKind, seq: u64, stored: &[u8]) -> Result<Vec<u8>, String> {
         Ok([format!("{seq}:").as_bytes(), stored].concat())
     }
 
     fn send_all(outbox: &Outbox) -> Vec<(u64, Vec<u8>)> {
         let mut sent = Vec::new();
-        while let Some((seq, bytes)) = outbox.next_to_send(finalize).unwrap() {
+        while let Some((seq, _, bytes)) = outbox.next_to_send(finalize).unwrap() {
             outbox.sent(seq);
             sent.push((seq, bytes));
         }
@@ -399,7 +399,7 @@ mod durable {
             outbox.connected();
             let sent = send_all(&outbox);
             assert_eq!(sent.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
-            assert_eq!(sent[0].1, finalize(1, &payload(0)).unwrap());
+            assert_eq!(sent[0].1, finalize(MessageKind::Window, 1, &payload(0)).unwrap());
         }
         // Reopened: the same seqs go out again, in order.
         let outbox = Outbox::open(dir.path(), 8).unwrap();

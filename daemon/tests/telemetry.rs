@@ -72,8 +72,9 @@ fn a_window_counts_what_the_counter_answered() {
 #[test]
 fn the_service_stores_its_windows_in_the_outbox() {
     use crate::service::{b64, http, post, spawn, write_config};
-    use rxvision_daemon::outbox::Outbox;
-    use rxvision_daemon::telemetry::finalize_window;
+    use rxvision_daemon::outbox::{MessageKind, Outbox};
+    use rxvision_daemon::telemetry::finalize;
+    use rxvision_protocol::{Event, EventKind};
     use serde_json::json;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -114,14 +115,20 @@ fn the_service_stores_its_windows_in_the_outbox() {
 
     let outbox = Outbox::open(&dir.path().join("outbox"), 1024).unwrap();
     outbox.connected();
-    let mut windows = Vec::new();
-    while let Some((seq, bytes)) = outbox.next_to_send(finalize_window).unwrap() {
+    let mut windows: Vec<Telemetry> = Vec::new();
+    let mut events = Vec::new();
+    while let Some((seq, kind, bytes)) = outbox.next_to_send(finalize).unwrap() {
         outbox.sent(seq);
-        let window: Telemetry = decode(&bytes).unwrap();
-        assert_eq!(window.seq, seq);
-        windows.push(window);
+        match kind {
+            MessageKind::Window => windows.push(decode(&bytes).unwrap()),
+            MessageKind::Event => events.push(decode::<Event>(&bytes).unwrap()),
+        }
     }
-    assert_eq!(windows.iter().map(|w| w.seq).collect::<Vec<_>>(), (1..=windows.len() as u64).collect::<Vec<_>>());
+    // The daemon announced its start first (seq 1), then its windows followed.
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].seq, events[0].kind), (1, EventKind::DaemonStarted));
+    assert_eq!(events[0].details["model"], "fixture-cnn");
+    assert_eq!(windows.iter().map(|w| w.seq).collect::<Vec<_>>(), (2..=windows.len() as u64 + 1).collect::<Vec<_>>());
     assert_eq!(windows.iter().map(|w| w.scans).sum::<u64>(), 3, "every scan counted once");
     let confirmed: u64 = windows.iter().flat_map(|w| w.feedback.confirmed.values()).sum();
     assert_eq!(confirmed, 1);

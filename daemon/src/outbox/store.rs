@@ -201,12 +201,13 @@ impl Outbox {
         Ok(entry.id)
     }
 
-    /// The next message to publish, with its `seq` (given and synced now if
-    /// it had none) and its payload as `finalize(seq, stored)` makes it.
+    /// The next message to publish: its `seq` (given and synced now if it
+    /// had none), its kind (which says its topic) and its payload as
+    /// `finalize(kind, seq, stored)` makes it.
     pub fn next_to_send(
         &self,
-        finalize: impl FnOnce(u64, &[u8]) -> Result<Vec<u8>, String>,
-    ) -> Result<Option<(u64, Vec<u8>)>, OutboxError> {
+        finalize: impl FnOnce(MessageKind, u64, &[u8]) -> Result<Vec<u8>, String>,
+    ) -> Result<Option<(u64, MessageKind, Vec<u8>)>, OutboxError> {
         let mut tracker = self.tracker();
         let Some(entry) = tracker.next_to_send() else { return Ok(None) };
         let key = entry.id.to_be_bytes();
@@ -225,9 +226,9 @@ impl Outbox {
                 seq
             }
         };
-        let payload =
-            finalize(seq, &value[HEADER..]).map_err(|reason| OutboxError::Payload { id: entry.id, reason })?;
-        Ok(Some((seq, payload)))
+        let payload = finalize(entry.kind, seq, &value[HEADER..])
+            .map_err(|reason| OutboxError::Payload { id: entry.id, reason })?;
+        Ok(Some((seq, entry.kind, payload)))
     }
 
     /// `seq` was handed to the link.

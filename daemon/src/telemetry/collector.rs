@@ -8,8 +8,8 @@
 //! the drift features from the pill crops, and at the end of every window
 //! (and when the service stops) stores the window in the [`Outbox`] and
 //! applies the outbox's budget. Windows are stored without their `seq`
-//! ([`stored_window`]); [`finalize_window`] gives them one when they are
-//! first sent, and [`merge_windows`] is the budget's merge.
+//! ([`stored_window`], [`stored_event`]); [`finalize`] gives them one when
+//! they are first sent, and [`merge_windows`] is the budget's merge.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rxvision_counter::analysis::Analysis;
-use rxvision_protocol::{ChainHead, OutboxLosses, Telemetry};
+use rxvision_protocol::{ChainHead, Event, OutboxLosses, Telemetry};
 
 use crate::audit::AuditLog;
 use crate::outbox::{MessageKind, Outbox};
@@ -170,11 +170,26 @@ pub fn stored_window(telemetry: &Telemetry) -> Vec<u8> {
     serde_json::to_vec(telemetry).expect("telemetry serialises")
 }
 
-/// A stored window with its `seq`, as published (validated).
-pub fn finalize_window(seq: u64, stored: &[u8]) -> Result<Vec<u8>, String> {
-    let mut telemetry: Telemetry = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
-    telemetry.seq = seq;
-    rxvision_protocol::encode(&telemetry).map_err(|e| e.to_string())
+/// An event as the outbox stores it (its `seq` is given when it is first sent).
+pub fn stored_event(event: &Event) -> Vec<u8> {
+    serde_json::to_vec(event).expect("events serialise")
+}
+
+/// A stored message with its `seq`, as published (validated): a window on
+/// the telemetry topic, an event on the events topic.
+pub fn finalize(kind: MessageKind, seq: u64, stored: &[u8]) -> Result<Vec<u8>, String> {
+    match kind {
+        MessageKind::Window => {
+            let mut telemetry: Telemetry = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
+            telemetry.seq = seq;
+            rxvision_protocol::encode(&telemetry).map_err(|e| e.to_string())
+        }
+        MessageKind::Event => {
+            let mut event: Event = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
+            event.seq = seq;
+            rxvision_protocol::encode(&event).map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// The budget's merge of two stored windows (the earlier first).

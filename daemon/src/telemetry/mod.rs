@@ -12,6 +12,6 @@ pub mod collector;
 pub mod window;
 
 pub use collector::{
-    finalize_window, merge_windows, stored_window, Collector, Observation, TelemetryService, WindowWorker,
+    finalize, merge_windows, stored_event, stored_window, Collector, Observation, TelemetryService, WindowWorker,
 };
 pub use window::{WindowCounts, WindowEnd};
