@@ -382,6 +382,45 @@ impl AppState {
         self
     }
 
+    /// The device's state as the fleet's retained status carries it.
+    pub fn device_status(&self) -> rxvision_protocol::Status {
+        let classifier = self.scanner.classifier();
+        let manifest = &classifier.bundle().manifest;
+        let engines = classifier.engines();
+        let (next_seq, head) = self.scanner.audit().head();
+        let outbox = self.telemetry.as_ref().map(|t| {
+            let (depth, bytes, oldest, acked) = t.outbox.depth();
+            rxvision_protocol::OutboxState {
+                depth: depth as u64,
+                bytes,
+                oldest_unacked_s: oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),
+                acked_seq: acked,
+            }
+        });
+        rxvision_protocol::Status {
+            v: rxvision_protocol::PROTOCOL_VERSION,
+            device_id: self.device_id.clone(),
+            online: true,
+            time_ms: now_ms(),
+            daemon_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            model: Some(rxvision_protocol::ModelRef {
+                name: manifest.name.clone(),
+                version: manifest.version.to_string(),
+            }),
+            engine: Some(rxvision_protocol::EngineState {
+                active: engines.active().to_string(),
+                choice: engines.choice().to_string().chars().take(512).collect(),
+                gpu_degraded: engines.gpu_degraded(),
+                fallbacks: engines.fallbacks(),
+            }),
+            outbox,
+            audit: Some(rxvision_protocol::ChainHead {
+                next_seq,
+                head: head.iter().map(|b| format!("{b:02x}")).collect(),
+            }),
+        }
+    }
+
     /// The keyed hash telemetry counts an operator under (never the id).
     fn operator_hash(&self, operator_id: &str) -> String {
         self.scanner.audit().pseudonym(operator_id).chars().take(16).collect()
@@ -704,7 +743,11 @@ fn telemetry_status(state: &AppState) -> serde_json::Value {
     let losses = telemetry.outbox.losses();
     json!({
         "enabled": true,
-        "link": "not configured",
+        "link": match (&telemetry.link, telemetry.link_state.get()) {
+            (None, _) => "not configured",
+            (Some(_), crate::link::LinkState::Up) => "up",
+            (Some(_), crate::link::LinkState::Down) => "down",
+        },
         "outbox": {
             "depth": depth, "bytes": bytes, "acked_seq": acked,
             "oldest_unacked_s": oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),

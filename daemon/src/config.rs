@@ -106,11 +106,25 @@ pub struct RawTelemetry {
     pub outbox_budget_bytes: u64,
     /// Messages sent ahead of the fleet's acknowledgement.
     pub max_in_flight: u32,
+    /// The fleet's broker: `mqtts://host:port` (or `mqtt://` on loopback); empty: no link.
+    pub broker: String,
+    /// File holding the device's broker password (mode 0600).
+    pub password_file: String,
+    /// The CA certificate (PEM) the broker's certificate is checked against (`mqtts://`).
+    pub ca_file: String,
 }
 
 impl Default for RawTelemetry {
     fn default() -> RawTelemetry {
-        RawTelemetry { enabled: false, window_seconds: 60, outbox_budget_bytes: 64 << 20, max_in_flight: 32 }
+        RawTelemetry {
+            enabled: false,
+            window_seconds: 60,
+            outbox_budget_bytes: 64 << 20,
+            max_in_flight: 32,
+            broker: String::new(),
+            password_file: String::new(),
+            ca_file: String::new(),
+        }
     }
 }
 
@@ -125,6 +139,51 @@ pub struct TelemetryConfig {
     pub outbox_budget_bytes: u64,
     /// Messages sent ahead of the fleet's acknowledgement.
     pub max_in_flight: usize,
+    /// The fleet's broker, when a link is configured.
+    pub broker: Option<BrokerConfig>,
+}
+
+/// Where the link connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// The CA file for TLS (`mqtts://`); `None` for plain `mqtt://`.
+    pub ca_file: Option<PathBuf>,
+    /// The device's password file.
+    pub password_file: PathBuf,
+}
+
+impl BrokerConfig {
+    /// The link's configuration: reads the password (refusing a file group
+    /// or others can access) and the CA.
+    pub fn load(&self) -> Result<crate::link::LinkConfig, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.password_file;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("broker password {}: {e}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "broker password {}: mode {:04o} gives group or others access; run `chmod 600` on it",
+                path.display(),
+                mode & 0o7777
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("broker password {}: {e}", path.display()))?;
+        let password = text.lines().next().unwrap_or_default().trim().to_string();
+        if password.is_empty() {
+            return Err(format!("broker password {}: the first line is empty", path.display()));
+        }
+        let ca_pem = match &self.ca_file {
+            Some(ca) => Some(std::fs::read(ca).map_err(|e| format!("broker CA {}: {e}", ca.display()))?),
+            None => None,
+        };
+        Ok(crate::link::LinkConfig { host: self.host.clone(), port: self.port, ca_pem, password })
+    }
 }
 
 /// `[images]`.
@@ -557,6 +616,47 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     if !(1..=1024).contains(&raw.telemetry.max_in_flight) {
         problem("telemetry.max_in_flight", format!("{} is outside 1..=1024", raw.telemetry.max_in_flight));
     }
+    let broker = if raw.telemetry.broker.is_empty() {
+        None
+    } else {
+        let parsed = raw
+            .telemetry
+            .broker
+            .strip_prefix("mqtts://")
+            .map(|rest| (true, rest))
+            .or_else(|| raw.telemetry.broker.strip_prefix("mqtt://").map(|rest| (false, rest)))
+            .and_then(|(tls, rest)| {
+                let (host, port) = rest.rsplit_once(':')?;
+                Some((tls, host.to_string(), port.parse::<u16>().ok()?))
+            })
+            .filter(|(_, host, port)| !host.is_empty() && *port != 0);
+        match parsed {
+            None => {
+                problem(
+                    "telemetry.broker",
+                    format!("{:?} is not mqtts://host:port or mqtt://host:port", raw.telemetry.broker),
+                );
+                None
+            }
+            Some((tls, host, port)) => {
+                if raw.telemetry.password_file.is_empty() {
+                    problem(
+                        "telemetry.password_file",
+                        "must name the device's broker password file when telemetry.broker is set".into(),
+                    );
+                }
+                if tls && raw.telemetry.ca_file.is_empty() {
+                    problem("telemetry.ca_file", "must name the broker's CA certificate for mqtts://".into());
+                }
+                Some(BrokerConfig {
+                    host,
+                    port,
+                    ca_file: tls.then(|| PathBuf::from(&raw.telemetry.ca_file)),
+                    password_file: PathBuf::from(&raw.telemetry.password_file),
+                })
+            }
+        }
+    };
     let ceiling = ImageLimits::default();
     if !(1..=ceiling.max_pixels).contains(&raw.images.max_pixels) {
         problem("images.max_pixels", format!("{} is outside 1..={}", raw.images.max_pixels, ceiling.max_pixels));
@@ -601,6 +701,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             window: Duration::from_secs(raw.telemetry.window_seconds),
             outbox_budget_bytes: raw.telemetry.outbox_budget_bytes,
             max_in_flight: raw.telemetry.max_in_flight as usize,
+            broker,
         },
         images: ImageLimits {
             max_pixels: raw.images.max_pixels,
@@ -656,6 +757,24 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_broker_needs_a_well_formed_address_a_password_and_for_tls_a_ca() {
+        let with_telemetry =
+            |lines: &str| DEFAULT_CONFIG.replace("broker = \"\"\npassword_file = \"\"\nca_file = \"\"", lines);
+        let problems = |text: &str| match parse(text, "test.toml") {
+            Err(ConfigError::Invalid { problems, .. }) => problems.into_iter().map(|p| p.path).collect::<Vec<_>>(),
+            other => panic!("expected problems, got {other:?}"),
+        };
+        let text = with_telemetry("broker = \"fleet.example:8883\"\npassword_file = \"\"\nca_file = \"\"");
+        assert!(problems(&text).contains(&"telemetry.broker".to_string()));
+        let text = with_telemetry("broker = \"mqtts://fleet.example:8883\"\npassword_file = \"\"\nca_file = \"\"");
+        let found = problems(&text);
+        assert!(
+            found.contains(&"telemetry.password_file".to_string()) && found.contains(&"telemetry.ca_file".to_string()),
+            "{found:?}"
+        );
+    }
+
+    #[test]
     fn an_unknown_key_is_named_by_its_path() {
         let p = parse_problem(&with("cpu_threads = 2", "cpu_threads = 2\ncpu_thread = 4"));
         assert_eq!(p.path, "model.cpu_thread");
@@ -663,8 +782,8 @@ mod tests {
         assert!(p.problem.contains("line"), "{p}");
         let p = parse_problem(&format!("{DEFAULT_CONFIG}\n[fleet]\nbroker = \"x\"\n"));
         assert!(p.problem.contains("unknown field `fleet`"), "{p}");
-        let p = parse_problem(&with("window_seconds = 60", "window_seconds = 60\nbroker = \"x\""));
-        assert_eq!(p.path, "telemetry.broker");
+        let p = parse_problem(&with("window_seconds = 60", "window_seconds = 60\nbrokers = \"x\""));
+        assert_eq!(p.path, "telemetry.brokers");
     }
 
     #[test]

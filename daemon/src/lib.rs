@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod eval;
+pub mod link;
 pub mod outbox;
 pub mod scan;
 pub mod service;

@@ -192,6 +192,10 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         state.scanner.shared_audit(),
         classifier,
     );
+    let telemetry = match &config.telemetry.broker {
+        Some(broker) => telemetry.with_link(broker.load().map_err(StartError::Key)?),
+        None => telemetry,
+    };
     Ok(state.with_telemetry(telemetry))
 }
 
@@ -219,6 +223,19 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let stop_windows = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let windows = state.telemetry.as_ref().and_then(|t| t.start(stop_windows.clone()));
+    if let Some(telemetry) = &state.telemetry {
+        if let Some(link) = telemetry.link.clone() {
+            let for_status = state.clone();
+            tasks.spawn(crate::link::run(
+                link,
+                state.device_id.clone(),
+                telemetry.outbox.clone(),
+                telemetry.link_state.clone(),
+                move || for_status.device_status(),
+                stopped(stop.clone()),
+            ));
+        }
+    }
     let control_file = options.control.as_ref().map(|(_, path)| path.clone());
     if let Some((listener, _)) = options.control {
         let audit = state.scanner.shared_audit();

@@ -28,7 +28,7 @@ impl Drop for Broker {
 
 /// Whether the Mosquitto tools are here; without them the test says so and,
 /// where they must be (CI), fails.
-fn tools_present(test: &str) -> bool {
+pub fn tools_present(test: &str) -> bool {
     let present = ["mosquitto", "mosquitto_passwd", "mosquitto_pub", "mosquitto_sub"].iter().all(|tool| {
         Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
     });

@@ -2,3 +2,4 @@
 //! many appliances). One test binary with a module per topic.
 
 mod broker;
+mod link;

@@ -5,7 +5,7 @@
 //! message to send next, what an `ack` lets go, what a reconnect re-sends.
 //! and the budget policy (merge old unsent windows, then drop, all counted).
 //! [`store`] keeps the messages durable (sled, synced like the audit log)
-//! and drives the tracker. The MQTT link comes next (telemetry issue).
+//! and drives the tracker; [`crate::link`] sends it.
 
 pub mod store;
 pub mod tracker;

@@ -207,6 +207,10 @@ pub struct TelemetryService {
     pub collector: Collector,
     /// The outbox the windows go to.
     pub outbox: Arc<Outbox>,
+    /// The link to the fleet's broker, when one is configured.
+    pub link: Option<crate::link::LinkConfig>,
+    /// The link's state (down until it connects; down for good without a link).
+    pub link_state: Arc<crate::link::LinkStatus>,
     worker: std::sync::Mutex<Option<WindowWorker>>,
 }
 
@@ -221,7 +225,19 @@ impl TelemetryService {
         classifier: Arc<Classifier>,
     ) -> TelemetryService {
         let (collector, worker) = channel(device_id, window, budget, outbox.clone(), audit, classifier);
-        TelemetryService { collector, outbox, worker: std::sync::Mutex::new(Some(worker)) }
+        TelemetryService {
+            collector,
+            outbox,
+            link: None,
+            link_state: Arc::default(),
+            worker: std::sync::Mutex::new(Some(worker)),
+        }
+    }
+
+    /// Sends the outbox to the fleet over `link`.
+    pub fn with_link(mut self, link: crate::link::LinkConfig) -> TelemetryService {
+        self.link = Some(link);
+        self
     }
 
     /// Starts the worker on its own thread (once); it stops, storing the

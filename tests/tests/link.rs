@@ -1,0 +1,186 @@
+//! An appliance (`rxvisiond run`) and a real Mosquitto with the shipped
+//! ACL: the daemon's outbox reaches the fleet's ingest account through the
+//! broker, every payload is a valid protocol message, the retained status
+//! says online, and the fleet's `ack` empties the outbox.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rxvision_protocol::{decode, Event, EventKind, Status, Telemetry};
+
+use crate::broker::Broker;
+
+const API_KEY: &str = "link-test-api-key-0123";
+const DEVICE: (&str, &str) = ("counter-test", "device-secret-1");
+const INGEST: (&str, &str) = ("rxfleet-ingest", "ingest-secret-1");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// `target/<profile>/rxvisiond`, built by `cargo build --workspace` (scripts/test does).
+fn rxvisiond() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().and_then(Path::parent).unwrap().join("rxvisiond");
+    assert!(binary.exists(), "{} is missing: build the workspace first (cargo build --workspace)", binary.display());
+    binary
+}
+
+fn secret(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(dir: &Path, broker_port: u16) -> Daemon {
+    let fixture = workspace().join("models/bundles/fixture-cnn/0.1.0");
+    secret(&dir.join("audit.key"), &"cd".repeat(32));
+    secret(&dir.join("api.key"), API_KEY);
+    secret(&dir.join("broker.password"), DEVICE.1);
+    let p = |path: &Path| format!("{:?}", path.display().to_string());
+    let config = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml"))
+        .unwrap()
+        .replace("id = \"unprovisioned\"", &format!("id = \"{}\"", DEVICE.0))
+        .replace("state_dir = \"/var/lib/rxvision\"", &format!("state_dir = {}", p(dir)))
+        .replace("bundle = \"\"", &format!("bundle = {}", p(&fixture)))
+        .replace("engine = \"auto\"", "engine = \"cpu\"")
+        .replace("listen = \"127.0.0.1:8470\"", "listen = \"127.0.0.1:0\"")
+        .replace("api_key_file = \"\"", &format!("api_key_file = {}", p(&dir.join("api.key"))))
+        .replace("api_key_credential = \"api-key\"", "api_key_credential = \"\"")
+        .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {}", p(&dir.join("audit"))))
+        .replace("\nkey_file = \"\"", &format!("\nkey_file = {}", p(&dir.join("audit.key"))))
+        .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"")
+        .replace("enabled = false\n# Length of a window", "enabled = true\n# Length of a window")
+        .replace("window_seconds = 60", "window_seconds = 1")
+        .replace("broker = \"\"", &format!("broker = \"mqtt://127.0.0.1:{broker_port}\""))
+        .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))));
+    let path = dir.join("rxvisiond.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(rxvisiond())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RXVISION_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("rxvisiond: listening on http://").unwrap_or_else(|| panic!("{line:?}"));
+    Daemon { child, addr: addr.parse().unwrap() }
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> serde_json::Value {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Runs mosquitto_sub as the ingest with a persistent session `session`.
+fn ingest_session(broker: &Broker, session: &str, extra: &[&str]) -> String {
+    let output = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", INGEST.0, "-P", INGEST.1])
+        .args(["-V", "mqttv311", "-i", session, "-c", "-q", "1", "-v"])
+        .args(["-t", "rxv/v1/dev/+/events", "-t", "rxv/v1/dev/+/telemetry"])
+        .args(extra)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+#[test]
+fn the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it() {
+    if !crate::broker::tools_present("the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it") {
+        return;
+    }
+    let broker = Broker::start(&[INGEST, DEVICE]);
+    // The ingest's persistent session exists before the device speaks: the
+    // broker queues what arrives while it is away.
+    ingest_session(&broker, "ingest-test", &["-W", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path(), broker.port);
+    let frame =
+        std::fs::read(workspace().join("models/bundles/fixture-cnn/0.1.0/selftest/c00_white_round.png")).unwrap();
+    let image: String = {
+        // base64 by hand keeps this crate's dependencies to the protocol
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        frame
+            .chunks(3)
+            .flat_map(|c| {
+                let n = (u32::from(c[0]) << 16)
+                    | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                    | u32::from(*c.get(2).unwrap_or(&0));
+                (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
+            })
+            .collect()
+    };
+    for _ in 0..2 {
+        let answer =
+            http(d.addr, "POST", "/v1/verify", Some(&format!("{{\"operator_id\":\"tech-1\",\"image\":\"{image}\"}}")));
+        assert!(answer["audit_seq"].is_u64(), "{answer}");
+    }
+    // Wait until the daemon has sent its start event and a window with the scans.
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        let status = http(d.addr, "GET", "/v1/status", None);
+        if status["telemetry"]["link"] == "up" && status["telemetry"]["outbox"]["depth"].as_u64() >= Some(2) {
+            sent = status["telemetry"]["outbox"]["depth"].as_u64().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sent >= 2, "the link never came up with the messages queued");
+    let received = ingest_session(&broker, "ingest-test", &["-C", "2", "-W", "10"]);
+    let lines: Vec<(&str, &str)> = received.lines().filter_map(|l| l.split_once(' ')).collect();
+    assert_eq!(lines.len(), 2, "{received}");
+    assert_eq!(lines[0].0, "rxv/v1/dev/counter-test/events");
+    let event: Event = decode(lines[0].1.as_bytes()).unwrap();
+    assert_eq!((event.seq, event.kind), (1, EventKind::DaemonStarted));
+    assert_eq!(lines[1].0, "rxv/v1/dev/counter-test/telemetry");
+    let window: Telemetry = decode(lines[1].1.as_bytes()).unwrap();
+    assert_eq!(window.seq, 2);
+    // The retained status says the device is online, with its outbox.
+    let (_, status) = broker.first_message(INGEST.0, INGEST.1, "rxv/v1/dev/counter-test/status");
+    let status: Status = decode(status.as_bytes()).unwrap();
+    assert!(status.online && status.outbox.is_some(), "{status:?}");
+    // The fleet acknowledges seq 2: the daemon forgets both messages, durably.
+    let ack = format!("{{\"v\":1,\"device_id\":\"{}\",\"seq\":2}}", DEVICE.0);
+    let published = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", INGEST.0, "-P", INGEST.1])
+        .args(["-q", "1", "-t", "rxv/v1/dev/counter-test/ack", "-m", &ack])
+        .status()
+        .unwrap();
+    assert!(published.success());
+    let started = Instant::now();
+    loop {
+        let status = http(d.addr, "GET", "/v1/status", None);
+        if status["telemetry"]["outbox"]["acked_seq"] == 2 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the ack never arrived: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
