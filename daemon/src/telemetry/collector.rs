@@ -54,7 +54,7 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Hands `observation` over; if the worker is behind by [`QUEUE`], it is
+    /// Hands `observation` over; if the worker is 1,024 observations behind, it is
     /// dropped and counted instead.
     pub fn observe(&self, observation: Observation) {
         if self.sender.try_send(observation).is_err() {
