@@ -112,6 +112,8 @@ pub struct RawTelemetry {
     pub password_file: String,
     /// The CA certificate (PEM) the broker's certificate is checked against (`mqtts://`).
     pub ca_file: String,
+    /// Seconds sent messages may wait for the fleet's ack before they are sent again.
+    pub ack_timeout_seconds: u64,
 }
 
 impl Default for RawTelemetry {
@@ -124,6 +126,7 @@ impl Default for RawTelemetry {
             broker: String::new(),
             password_file: String::new(),
             ca_file: String::new(),
+            ack_timeout_seconds: 30,
         }
     }
 }
@@ -154,6 +157,8 @@ pub struct BrokerConfig {
     pub ca_file: Option<PathBuf>,
     /// The device's password file.
     pub password_file: PathBuf,
+    /// How long sent messages wait for the fleet's ack before they are sent again.
+    pub ack_timeout: Duration,
 }
 
 impl BrokerConfig {
@@ -182,7 +187,13 @@ impl BrokerConfig {
             Some(ca) => Some(std::fs::read(ca).map_err(|e| format!("broker CA {}: {e}", ca.display()))?),
             None => None,
         };
-        Ok(crate::link::LinkConfig { host: self.host.clone(), port: self.port, ca_pem, password })
+        Ok(crate::link::LinkConfig {
+            host: self.host.clone(),
+            port: self.port,
+            ca_pem,
+            password,
+            ack_timeout: self.ack_timeout,
+        })
     }
 }
 
@@ -613,6 +624,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
             format!("{} is outside 1 MiB..=1 TiB", raw.telemetry.outbox_budget_bytes),
         );
     }
+    if !(1..=3600).contains(&raw.telemetry.ack_timeout_seconds) {
+        problem("telemetry.ack_timeout_seconds", format!("{} is outside 1..=3600", raw.telemetry.ack_timeout_seconds));
+    }
     if !(1..=1024).contains(&raw.telemetry.max_in_flight) {
         problem("telemetry.max_in_flight", format!("{} is outside 1..=1024", raw.telemetry.max_in_flight));
     }
@@ -653,6 +667,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
                     port,
                     ca_file: tls.then(|| PathBuf::from(&raw.telemetry.ca_file)),
                     password_file: PathBuf::from(&raw.telemetry.password_file),
+                    ack_timeout: Duration::from_secs(raw.telemetry.ack_timeout_seconds),
                 })
             }
         }

@@ -8,6 +8,9 @@
 //! connection is normal: the outbox keeps everything, the task waits
 //! ([`Backoff`]: exponential with jitter, 0.25 s to 60 s) and connects
 //! again, and the outbox starts over at the oldest unacknowledged message.
+//! A broker can also accept a message and then lose it (a crash without
+//! persistence): when sent messages wait longer than the ack timeout, they
+//! are sent again (the fleet deduplicates by `seq`).
 //! Scans, the audit log and the counter page never wait for the network.
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -32,6 +35,8 @@ pub struct LinkConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// The device's password (its username is its device id).
     pub password: String,
+    /// How long sent messages may wait for the fleet's `ack` before they are sent again.
+    pub ack_timeout: Duration,
 }
 
 /// The link's state, for status and metrics.
@@ -156,7 +161,8 @@ pub async fn run(
             }));
         }
         let (client, mut events) = AsyncClient::new(options, 256);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_progress = tokio::time::Instant::now();
         let failure = loop {
             tokio::select! {
                 () = &mut stop => {
@@ -171,13 +177,24 @@ pub async fn run(
                     outbox.disconnected();
                     return;
                 }
-                _ = tick.tick() => pump(&client, &outbox, &device_id),
+                _ = tick.tick() => {
+                    if state.get() == LinkState::Up
+                        && outbox.awaiting_ack()
+                        && last_progress.elapsed() >= config.ack_timeout
+                    {
+                        tracing::info!(acked = outbox.depth().3, "no ack from the fleet in time: sending again");
+                        outbox.rewind();
+                        last_progress = tokio::time::Instant::now();
+                    }
+                    pump(&client, &outbox, &device_id);
+                }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         tracing::info!(broker = %config.host, "fleet link up");
                         backoff.connected();
                         state.set(LinkState::Up);
                         outbox.connected();
+                        last_progress = tokio::time::Instant::now();
                         let _ = client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce);
                         let _ = client.try_subscribe(desired_topic.clone(), QoS::AtLeastOnce);
                         if let Ok(online) = encode(&status()) {
@@ -189,7 +206,11 @@ pub async fn run(
                         match decode_on::<Ack>(&device_id, &message.payload) {
                             Ok(ack) => match outbox.ack(ack.seq) {
                                 Ok(AckOutcome::Ahead { highest }) => tracing::warn!(seq = ack.seq, highest, "an ack above anything sent was ignored"),
-                                Ok(_) => pump(&client, &outbox, &device_id),
+                                Ok(AckOutcome::Committed { .. }) => {
+                                    last_progress = tokio::time::Instant::now();
+                                    pump(&client, &outbox, &device_id);
+                                }
+                                Ok(AckOutcome::Stale) => {}
                                 Err(e) => tracing::error!(error = %e, "an ack could not be stored"),
                             },
                             Err(e) => tracing::warn!(error = %e, "a malformed ack was ignored"),

@@ -22,6 +22,7 @@ enum Op {
     FleetAck,
     DeliverAck,
     Budget(u8),
+    Rewind,
     Crash { removals_persisted: bool },
 }
 
@@ -36,6 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::FleetAck),
         2 => Just(Op::DeliverAck),
         2 => (0u8..8).prop_map(Op::Budget),
+        1 => Just(Op::Rewind),
         1 => any::<bool>().prop_map(|removals_persisted| Op::Crash { removals_persisted }),
     ]
 }
@@ -173,6 +175,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     last_sent = Some(seq);
                     wire.push_back(seq);
                 }
+            }
+            Op::Rewind => {
+                // No ack in time: the same connection sends again from the oldest unacknowledged.
+                m.tracker.rewind();
+                last_sent = None;
             }
             Op::Deliver => {
                 if let Some(seq) = wire.pop_front() {

@@ -16,6 +16,7 @@ fn workspace() -> PathBuf {
 pub struct Broker {
     child: Child,
     pub port: u16,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -40,6 +41,17 @@ pub fn tools_present(test: &str) -> bool {
         eprintln!("SKIPPED {test}: mosquitto and mosquitto-clients are not installed");
     }
     present
+}
+
+fn launch(conf: &Path, port: u16) -> Child {
+    let child =
+        Command::new("mosquitto").arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "mosquitto did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }
 
 impl Broker {
@@ -71,14 +83,20 @@ impl Broker {
         }
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(&conf, config).unwrap();
-        let child =
-            Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "mosquitto did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Broker { child, port, _dir: dir }
+        let child = launch(&conf, port);
+        Broker { child, port, conf, _dir: dir }
+    }
+
+    /// Kills the broker (SIGKILL: no goodbye to anyone).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same configuration and state.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = launch(&self.conf, self.port);
     }
 
     /// Publishes `message` as retained on `topic` with QoS 1.

@@ -68,7 +68,8 @@ fn start_daemon(dir: &Path, broker_port: u16) -> Daemon {
         .replace("enabled = false\n# Length of a window", "enabled = true\n# Length of a window")
         .replace("window_seconds = 60", "window_seconds = 1")
         .replace("broker = \"\"", &format!("broker = \"mqtt://127.0.0.1:{broker_port}\""))
-        .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))));
+        .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))))
+        .replace("ack_timeout_seconds = 30", "ack_timeout_seconds = 2");
     let path = dir.join("rxvisiond.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(rxvisiond())
@@ -110,6 +111,39 @@ fn ingest_session(broker: &Broker, session: &str, extra: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).to_string()
 }
 
+/// One scan of the fixture's picture through the API.
+fn scan(d: &Daemon) {
+    let frame =
+        std::fs::read(workspace().join("models/bundles/fixture-cnn/0.1.0/selftest/c00_white_round.png")).unwrap();
+    // base64 by hand keeps this crate's dependencies to the protocol
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let image: String = frame
+        .chunks(3)
+        .flat_map(|c| {
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
+            (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
+        })
+        .collect();
+    let answer =
+        http(d.addr, "POST", "/v1/verify", Some(&format!("{{\"operator_id\":\"tech-1\",\"image\":\"{image}\"}}")));
+    assert!(answer["audit_seq"].is_u64(), "the scan was not answered: {answer}");
+}
+
+/// Polls the daemon's status until `done` says so (at most 30 s).
+fn wait_for(d: &Daemon, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let started = Instant::now();
+    loop {
+        let status = http(d.addr, "GET", "/v1/status", None);
+        if done(&status) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what} never happened: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it() {
     if !crate::broker::tools_present("the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it") {
@@ -121,25 +155,8 @@ fn the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it() {
     ingest_session(&broker, "ingest-test", &["-W", "1"]);
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon(dir.path(), broker.port);
-    let frame =
-        std::fs::read(workspace().join("models/bundles/fixture-cnn/0.1.0/selftest/c00_white_round.png")).unwrap();
-    let image: String = {
-        // base64 by hand keeps this crate's dependencies to the protocol
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        frame
-            .chunks(3)
-            .flat_map(|c| {
-                let n = (u32::from(c[0]) << 16)
-                    | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-                    | u32::from(*c.get(2).unwrap_or(&0));
-                (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
-            })
-            .collect()
-    };
     for _ in 0..2 {
-        let answer =
-            http(d.addr, "POST", "/v1/verify", Some(&format!("{{\"operator_id\":\"tech-1\",\"image\":\"{image}\"}}")));
-        assert!(answer["audit_seq"].is_u64(), "{answer}");
+        scan(&d);
     }
     // Wait until the daemon has sent its start event and a window with the scans.
     let started = Instant::now();
@@ -183,4 +200,66 @@ fn the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it() {
         assert!(started.elapsed() < Duration::from_secs(10), "the ack never arrived: {status}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_broker_killed_and_restarted_under_load_loses_nothing_and_counts_nothing_twice() {
+    if !crate::broker::tools_present("a_broker_killed_and_restarted_under_load_loses_nothing_and_counts_nothing_twice")
+    {
+        return;
+    }
+    let mut broker = Broker::start(&[INGEST, DEVICE]);
+    ingest_session(&broker, "ingest-fault", &["-W", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon(dir.path(), broker.port);
+    wait_for(&d, "the link coming up", |s| s["telemetry"]["link"] == "up");
+    scan(&d);
+    scan(&d);
+    broker.kill();
+    wait_for(&d, "the link going down", |s| s["telemetry"]["link"] == "down");
+    // Offline is normal: scans are answered, and counted in the outbox.
+    scan(&d);
+    scan(&d);
+    broker.restart();
+    // The broker lost its sessions and queues with its process: the fleet
+    // subscribes again, and whatever it has not acknowledged the daemon sends
+    // again once the ack timeout (2 s here) passes.
+    ingest_session(&broker, "ingest-fault", &["-W", "1"]);
+    wait_for(&d, "the link coming back", |s| s["telemetry"]["link"] == "up");
+    // The fleet reads until the four scans are there; replays (the broker lost
+    // its queue, the daemon sent again) are told apart by seq.
+    let mut windows = std::collections::BTreeMap::<u64, Telemetry>::new();
+    let mut events = std::collections::BTreeMap::<u64, Event>::new();
+    let started = Instant::now();
+    let complete = |windows: &std::collections::BTreeMap<u64, Telemetry>,
+                    events: &std::collections::BTreeMap<u64, Event>| {
+        let seqs: Vec<u64> = windows.keys().chain(events.keys()).copied().collect();
+        let highest = seqs.iter().max().copied().unwrap_or(0);
+        windows.values().map(|w| w.scans).sum::<u64>() >= 4 && seqs.len() as u64 == highest
+    };
+    while !complete(&windows, &events) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "missing: windows {:?}, events {:?}",
+            windows.keys(),
+            events.keys()
+        );
+        for line in ingest_session(&broker, "ingest-fault", &["-W", "1"]).lines() {
+            let (topic, payload) = line.split_once(' ').unwrap();
+            if topic.ends_with("/telemetry") {
+                let window: Telemetry = decode(payload.as_bytes()).unwrap();
+                if let Some(before) = windows.insert(window.seq, window.clone()) {
+                    assert_eq!(before, window, "seq {} named two different windows", window.seq);
+                }
+            } else {
+                let event: Event = decode(payload.as_bytes()).unwrap();
+                events.insert(event.seq, event);
+            }
+        }
+    }
+    assert_eq!(windows.values().map(|w| w.scans).sum::<u64>(), 4, "every scan counted exactly once");
+    // No gaps below the highest seq received.
+    let highest = windows.keys().chain(events.keys()).max().copied().unwrap();
+    let seqs: std::collections::BTreeSet<u64> = windows.keys().chain(events.keys()).copied().collect();
+    assert_eq!(seqs, (1..=highest).collect(), "a seq is missing");
 }

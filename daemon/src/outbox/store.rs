@@ -241,6 +241,16 @@ impl Outbox {
         self.tracker().connected();
     }
 
+    /// No acknowledgement for too long: send again from the oldest unacknowledged message.
+    pub fn rewind(&self) {
+        self.tracker().rewind();
+    }
+
+    /// Whether sent messages are waiting for their acknowledgement.
+    pub fn awaiting_ack(&self) -> bool {
+        self.tracker().awaiting_ack()
+    }
+
     /// The link is down.
     pub fn disconnected(&self) {
         self.tracker().disconnected();

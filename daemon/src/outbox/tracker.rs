@@ -194,6 +194,18 @@ impl Tracker {
         self.sent_through = self.acked;
     }
 
+    /// No acknowledgement came for too long: send again from the oldest
+    /// unacknowledged message (a broker can accept a message and lose it —
+    /// a crash without persistence — and only the fleet's `ack` says it arrived).
+    pub fn rewind(&mut self) {
+        self.sent_through = self.acked;
+    }
+
+    /// Whether messages were sent and are waiting for their acknowledgement.
+    pub fn awaiting_ack(&self) -> bool {
+        self.pending.front().and_then(|e| e.seq).is_some_and(|seq| seq <= self.sent_through)
+    }
+
     /// The connection went down: nothing is sent until it is back.
     pub fn disconnected(&mut self) {
         self.connected = false;
