@@ -43,6 +43,67 @@ pub fn tools_present(test: &str) -> bool {
     present
 }
 
+/// A CA, and a server certificate for `localhost` signed by it, as the
+/// shipped configuration names them (`ca.crt`, `server.crt`, `server.key`).
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rxvision test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // Mosquitto started as root reads its certificates after dropping to its
+    // own user: the test's private directory must let it in.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for file in ["ca.crt", "server.crt", "server.key"] {
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
 fn launch(conf: &Path, port: u16) -> Child {
     let child =
         Command::new("mosquitto").arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -55,8 +116,25 @@ fn launch(conf: &Path, port: u16) -> Child {
 }
 
 impl Broker {
-    /// Starts a broker whose accounts are `accounts` (name, password).
+    /// Starts a broker whose accounts are `accounts` (name, password), on a
+    /// plain loopback listener.
     pub fn start(accounts: &[(&str, &str)]) -> Broker {
+        Broker::start_with(accounts, false)
+    }
+
+    /// Like [`Broker::start`], keeping the shipped TLS listener: a CA and a
+    /// server certificate for `localhost` are made with `openssl`
+    /// (`<dir>/ca.crt` is what appliances pin: [`Broker::ca_file`]).
+    pub fn start_tls(accounts: &[(&str, &str)]) -> Broker {
+        Broker::start_with(accounts, true)
+    }
+
+    /// The CA a TLS broker's certificate is signed by.
+    pub fn ca_file(&self) -> PathBuf {
+        self._dir.path().join("ca.crt")
+    }
+
+    fn start_with(accounts: &[(&str, &str)], tls: bool) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let passwd = dir.path().join("passwd");
         for (i, (user, password)) in accounts.iter().enumerate() {
@@ -77,9 +155,12 @@ impl Broker {
             let line = line.replace("/var/lib/mosquitto/", &format!("{}/", dir.path().display()));
             match line.split_whitespace().next() {
                 Some("listener") => config.push_str(&format!("listener {port} 127.0.0.1\n")),
-                Some("certfile" | "keyfile" | "cafile" | "tls_version") => {}
+                Some("certfile" | "keyfile" | "cafile" | "tls_version") if !tls => {}
                 _ => config.push_str(&format!("{line}\n")),
             }
+        }
+        if tls {
+            make_certificates(dir.path());
         }
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(&conf, config).unwrap();

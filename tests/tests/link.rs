@@ -48,6 +48,10 @@ impl Drop for Daemon {
 }
 
 fn start_daemon(dir: &Path, broker_port: u16) -> Daemon {
+    start_daemon_to(dir, &format!("mqtt://127.0.0.1:{broker_port}"), None)
+}
+
+fn start_daemon_to(dir: &Path, broker: &str, ca_file: Option<&Path>) -> Daemon {
     let fixture = workspace().join("models/bundles/fixture-cnn/0.1.0");
     secret(&dir.join("audit.key"), &"cd".repeat(32));
     secret(&dir.join("api.key"), API_KEY);
@@ -67,7 +71,8 @@ fn start_daemon(dir: &Path, broker_port: u16) -> Daemon {
         .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"")
         .replace("enabled = false\n# Length of a window", "enabled = true\n# Length of a window")
         .replace("window_seconds = 60", "window_seconds = 1")
-        .replace("broker = \"\"", &format!("broker = \"mqtt://127.0.0.1:{broker_port}\""))
+        .replace("broker = \"\"", &format!("broker = \"{broker}\""))
+        .replace("ca_file = \"\"", &format!("ca_file = {}", ca_file.map_or("\"\"".to_string(), p)))
         .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))))
         .replace("ack_timeout_seconds = 30", "ack_timeout_seconds = 2");
     let path = dir.join("rxvisiond.toml");
@@ -262,4 +267,48 @@ fn a_broker_killed_and_restarted_under_load_loses_nothing_and_counts_nothing_twi
     let highest = windows.keys().chain(events.keys()).max().copied().unwrap();
     let seqs: std::collections::BTreeSet<u64> = windows.keys().chain(events.keys()).copied().collect();
     assert_eq!(seqs, (1..=highest).collect(), "a seq is missing");
+}
+
+#[test]
+fn the_link_speaks_tls_to_a_broker_its_ca_vouches_for() {
+    if !crate::broker::tools_present("the_link_speaks_tls_to_a_broker_its_ca_vouches_for") {
+        return;
+    }
+    let broker = Broker::start_tls(&[INGEST, DEVICE]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon_to(dir.path(), &format!("mqtts://localhost:{}", broker.port), Some(&broker.ca_file()));
+    wait_for(&d, "the TLS link coming up", |s| s["telemetry"]["link"] == "up");
+    drop(d);
+    // Another CA: the daemon refuses the broker and stays down (and keeps working).
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "other-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=someone else",
+        ])
+        .current_dir(other.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon_to(
+        dir.path(),
+        &format!("mqtts://localhost:{}", broker.port),
+        Some(&other.path().join("other-ca.crt")),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let status = http(d.addr, "GET", "/v1/status", None);
+    assert_eq!(status["telemetry"]["link"], "down", "{status}");
+    scan(&d);
 }
