@@ -114,6 +114,10 @@ pub struct RawTelemetry {
     pub ca_file: String,
     /// Seconds sent messages may wait for the fleet's ack before they are sent again.
     pub ack_timeout_seconds: u64,
+    /// The device's client certificate (PEM), when the broker asks for one.
+    pub client_cert_file: String,
+    /// Its private key (PEM, mode 0600).
+    pub client_key_file: String,
 }
 
 impl Default for RawTelemetry {
@@ -127,6 +131,8 @@ impl Default for RawTelemetry {
             password_file: String::new(),
             ca_file: String::new(),
             ack_timeout_seconds: 30,
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
         }
     }
 }
@@ -159,6 +165,8 @@ pub struct BrokerConfig {
     pub password_file: PathBuf,
     /// How long sent messages wait for the fleet's ack before they are sent again.
     pub ack_timeout: Duration,
+    /// The client certificate and key files, when the broker asks for a certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl BrokerConfig {
@@ -183,6 +191,24 @@ impl BrokerConfig {
         if password.is_empty() {
             return Err(format!("broker password {}: the first line is empty", path.display()));
         }
+        let client_pem = match &self.client_cert {
+            Some((cert, key)) => {
+                let key_mode = std::fs::metadata(key)
+                    .map_err(|e| format!("client key {}: {e}", key.display()))?
+                    .permissions()
+                    .mode();
+                if key_mode & 0o077 != 0 {
+                    return Err(format!(
+                        "client key {}: mode {:04o} gives group or others access; run `chmod 600` on it",
+                        key.display(),
+                        key_mode & 0o7777
+                    ));
+                }
+                let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+                Some((read(cert)?, read(key)?))
+            }
+            None => None,
+        };
         let ca_pem = match &self.ca_file {
             Some(ca) => Some(std::fs::read(ca).map_err(|e| format!("broker CA {}: {e}", ca.display()))?),
             None => None,
@@ -191,6 +217,7 @@ impl BrokerConfig {
             host: self.host.clone(),
             port: self.port,
             ca_pem,
+            client_pem,
             password,
             ack_timeout: self.ack_timeout,
         })
@@ -668,6 +695,27 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
                     ca_file: tls.then(|| PathBuf::from(&raw.telemetry.ca_file)),
                     password_file: PathBuf::from(&raw.telemetry.password_file),
                     ack_timeout: Duration::from_secs(raw.telemetry.ack_timeout_seconds),
+                    client_cert: match (
+                        raw.telemetry.client_cert_file.is_empty(),
+                        raw.telemetry.client_key_file.is_empty(),
+                    ) {
+                        (true, true) => None,
+                        (false, false) if tls => Some((
+                            PathBuf::from(&raw.telemetry.client_cert_file),
+                            PathBuf::from(&raw.telemetry.client_key_file),
+                        )),
+                        (false, false) => {
+                            problem("telemetry.client_cert_file", "a client certificate needs mqtts://".into());
+                            None
+                        }
+                        _ => {
+                            problem(
+                                "telemetry.client_cert_file",
+                                "set both client_cert_file and client_key_file, or neither".into(),
+                            );
+                            None
+                        }
+                    },
                 })
             }
         }

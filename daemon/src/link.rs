@@ -33,6 +33,8 @@ pub struct LinkConfig {
     pub port: u16,
     /// The CA to check the broker against (TLS); `None`: plain TCP (loopback, tests).
     pub ca_pem: Option<Vec<u8>>,
+    /// The device's client certificate and key (PEM), when the broker asks for one.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// The device's password (its username is its device id).
     pub password: String,
     /// How long sent messages may wait for the fleet's `ack` before they are sent again.
@@ -157,7 +159,7 @@ pub async fn run(
             options.set_transport(Transport::Tls(TlsConfiguration::Simple {
                 ca: ca.clone(),
                 alpn: None,
-                client_auth: None,
+                client_auth: config.client_pem.clone(),
             }));
         }
         let (client, mut events) = AsyncClient::new(options, 256);

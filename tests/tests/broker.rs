@@ -129,6 +129,57 @@ impl Broker {
         Broker::start_with(accounts, true)
     }
 
+    /// A client certificate for `name` signed by the broker's CA: (certificate, key), the key mode 0600.
+    pub fn client_certificate(&self, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self._dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let (csr, cert, key) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.key"));
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+        ]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
+        (dir.join(cert), dir.join(key))
+    }
+
+    /// Like [`Broker::start_tls`], and the broker asks every client for a
+    /// certificate signed by its CA (`require_certificate`).
+    pub fn start_tls_with_client_certificates(accounts: &[(&str, &str)]) -> Broker {
+        let mut broker = Broker::start_with(accounts, true);
+        let mut conf = std::fs::read_to_string(&broker.conf).unwrap();
+        conf.push_str("require_certificate true\n");
+        std::fs::write(&broker.conf, conf).unwrap();
+        broker.restart();
+        broker
+    }
+
     /// The CA a TLS broker's certificate is signed by.
     pub fn ca_file(&self) -> PathBuf {
         self._dir.path().join("ca.crt")

@@ -48,10 +48,10 @@ impl Drop for Daemon {
 }
 
 fn start_daemon(dir: &Path, broker_port: u16) -> Daemon {
-    start_daemon_to(dir, &format!("mqtt://127.0.0.1:{broker_port}"), None)
+    start_daemon_to(dir, &format!("mqtt://127.0.0.1:{broker_port}"), None, None)
 }
 
-fn start_daemon_to(dir: &Path, broker: &str, ca_file: Option<&Path>) -> Daemon {
+fn start_daemon_to(dir: &Path, broker: &str, ca_file: Option<&Path>, client: Option<(&Path, &Path)>) -> Daemon {
     let fixture = workspace().join("models/bundles/fixture-cnn/0.1.0");
     secret(&dir.join("audit.key"), &"cd".repeat(32));
     secret(&dir.join("api.key"), API_KEY);
@@ -73,6 +73,14 @@ fn start_daemon_to(dir: &Path, broker: &str, ca_file: Option<&Path>) -> Daemon {
         .replace("window_seconds = 60", "window_seconds = 1")
         .replace("broker = \"\"", &format!("broker = \"{broker}\""))
         .replace("ca_file = \"\"", &format!("ca_file = {}", ca_file.map_or("\"\"".to_string(), p)))
+        .replace(
+            "client_cert_file = \"\"",
+            &format!("client_cert_file = {}", client.map_or("\"\"".to_string(), |c| p(c.0))),
+        )
+        .replace(
+            "client_key_file = \"\"",
+            &format!("client_key_file = {}", client.map_or("\"\"".to_string(), |c| p(c.1))),
+        )
         .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))))
         .replace("ack_timeout_seconds = 30", "ack_timeout_seconds = 2");
     let path = dir.join("rxvisiond.toml");
@@ -276,7 +284,7 @@ fn the_link_speaks_tls_to_a_broker_its_ca_vouches_for() {
     }
     let broker = Broker::start_tls(&[INGEST, DEVICE]);
     let dir = tempfile::tempdir().unwrap();
-    let d = start_daemon_to(dir.path(), &format!("mqtts://localhost:{}", broker.port), Some(&broker.ca_file()));
+    let d = start_daemon_to(dir.path(), &format!("mqtts://localhost:{}", broker.port), Some(&broker.ca_file()), None);
     wait_for(&d, "the TLS link coming up", |s| s["telemetry"]["link"] == "up");
     drop(d);
     // Another CA: the daemon refuses the broker and stays down (and keeps working).
@@ -306,9 +314,30 @@ fn the_link_speaks_tls_to_a_broker_its_ca_vouches_for() {
         dir.path(),
         &format!("mqtts://localhost:{}", broker.port),
         Some(&other.path().join("other-ca.crt")),
+        None,
     );
     std::thread::sleep(Duration::from_secs(2));
     let status = http(d.addr, "GET", "/v1/status", None);
     assert_eq!(status["telemetry"]["link"], "down", "{status}");
     scan(&d);
+}
+
+#[test]
+fn a_broker_that_asks_for_client_certificates_gets_the_devices() {
+    if !crate::broker::tools_present("a_broker_that_asks_for_client_certificates_gets_the_devices") {
+        return;
+    }
+    let broker = Broker::start_tls_with_client_certificates(&[INGEST, DEVICE]);
+    let (cert, key) = broker.client_certificate(DEVICE.0);
+    let address = format!("mqtts://localhost:{}", broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon_to(dir.path(), &address, Some(&broker.ca_file()), Some((&cert, &key)));
+    wait_for(&d, "the link with a client certificate coming up", |s| s["telemetry"]["link"] == "up");
+    drop(d);
+    // Without one, the broker refuses the device.
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon_to(dir.path(), &address, Some(&broker.ca_file()), None);
+    std::thread::sleep(Duration::from_secs(2));
+    let status = http(d.addr, "GET", "/v1/status", None);
+    assert_eq!(status["telemetry"]["link"], "down", "{status}");
 }
