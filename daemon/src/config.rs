@@ -108,8 +108,10 @@ pub struct RawTelemetry {
     pub max_in_flight: u32,
     /// The fleet's broker: `mqtts://host:port` (or `mqtt://` on loopback); empty: no link.
     pub broker: String,
-    /// File holding the device's broker password (mode 0600).
+    /// File holding the device's broker password (mode 0600); empty when `password_credential` is used.
     pub password_file: String,
+    /// systemd credential holding it; empty when `password_file` is used.
+    pub password_credential: String,
     /// The CA certificate (PEM) the broker's certificate is checked against (`mqtts://`).
     pub ca_file: String,
     /// Seconds sent messages may wait for the fleet's ack before they are sent again.
@@ -129,6 +131,7 @@ impl Default for RawTelemetry {
             max_in_flight: 32,
             broker: String::new(),
             password_file: String::new(),
+            password_credential: String::new(),
             ca_file: String::new(),
             ack_timeout_seconds: 30,
             client_cert_file: String::new(),
@@ -161,8 +164,8 @@ pub struct BrokerConfig {
     pub port: u16,
     /// The CA file for TLS (`mqtts://`); `None` for plain `mqtt://`.
     pub ca_file: Option<PathBuf>,
-    /// The device's password file.
-    pub password_file: PathBuf,
+    /// Where the device's password comes from.
+    pub password: KeySource,
     /// How long sent messages wait for the fleet's ack before they are sent again.
     pub ack_timeout: Duration,
     /// The client certificate and key files, when the broker asks for a certificate.
@@ -174,7 +177,7 @@ impl BrokerConfig {
     /// or others can access) and the CA.
     pub fn load(&self) -> Result<crate::link::LinkConfig, String> {
         use std::os::unix::fs::PermissionsExt;
-        let path = &self.password_file;
+        let path = &resolve_key(&self.password, "telemetry.password_credential")?;
         let mode = std::fs::metadata(path)
             .map_err(|e| format!("broker password {}: {e}", path.display()))?
             .permissions()
@@ -680,12 +683,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
                 None
             }
             Some((tls, host, port)) => {
-                if raw.telemetry.password_file.is_empty() {
-                    problem(
-                        "telemetry.password_file",
-                        "must name the device's broker password file when telemetry.broker is set".into(),
-                    );
-                }
+                let password = key_source(
+                    &mut problem,
+                    "telemetry.password_file",
+                    &raw.telemetry.password_file,
+                    "telemetry.password_credential",
+                    &raw.telemetry.password_credential,
+                );
                 if tls && raw.telemetry.ca_file.is_empty() {
                     problem("telemetry.ca_file", "must name the broker's CA certificate for mqtts://".into());
                 }
@@ -693,7 +697,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
                     host,
                     port,
                     ca_file: tls.then(|| PathBuf::from(&raw.telemetry.ca_file)),
-                    password_file: PathBuf::from(&raw.telemetry.password_file),
+                    password,
                     ack_timeout: Duration::from_secs(raw.telemetry.ack_timeout_seconds),
                     client_cert: match (
                         raw.telemetry.client_cert_file.is_empty(),
@@ -821,20 +825,28 @@ mod tests {
 
     #[test]
     fn a_fleet_broker_needs_a_well_formed_address_a_password_and_for_tls_a_ca() {
-        let with_telemetry =
-            |lines: &str| DEFAULT_CONFIG.replace("broker = \"\"\npassword_file = \"\"\nca_file = \"\"", lines);
+        let with_broker = |broker: &str, extra: &str| {
+            DEFAULT_CONFIG
+                .replace("broker = \"\"", &format!("broker = \"{broker}\""))
+                .replace("password_credential = \"\"", &format!("password_credential = \"\"\n{extra}"))
+        };
         let problems = |text: &str| match parse(text, "test.toml") {
             Err(ConfigError::Invalid { problems, .. }) => problems.into_iter().map(|p| p.path).collect::<Vec<_>>(),
             other => panic!("expected problems, got {other:?}"),
         };
-        let text = with_telemetry("broker = \"fleet.example:8883\"\npassword_file = \"\"\nca_file = \"\"");
-        assert!(problems(&text).contains(&"telemetry.broker".to_string()));
-        let text = with_telemetry("broker = \"mqtts://fleet.example:8883\"\npassword_file = \"\"\nca_file = \"\"");
-        let found = problems(&text);
+        assert!(problems(&with_broker("fleet.example:8883", "")).contains(&"telemetry.broker".to_string()));
+        let found = problems(&with_broker("mqtts://fleet.example:8883", ""));
         assert!(
             found.contains(&"telemetry.password_file".to_string()) && found.contains(&"telemetry.ca_file".to_string()),
             "{found:?}"
         );
+        // A password from a systemd credential, over plain MQTT on loopback: valid.
+        let text = with_broker("mqtt://127.0.0.1:1883", "")
+            .replace("password_credential = \"\"", "password_credential = \"broker-password\"");
+        let config = parse(&text, "test.toml").unwrap();
+        let broker = config.telemetry.broker.unwrap();
+        assert_eq!((broker.host.as_str(), broker.port), ("127.0.0.1", 1883));
+        assert_eq!(broker.password, KeySource::Credential("broker-password".into()));
     }
 
     #[test]
