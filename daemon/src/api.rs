@@ -578,8 +578,7 @@ async fn verify(
     .await
     .map_err(|_| ApiError::Internal)??;
     let m = &state.metrics;
-    let outcome =
-        serde_json::to_value(result.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let outcome = result.verdict.as_str().to_string();
     m.predictions.get_or_create(&OutcomeLabels { model_version: result.model_version.clone(), outcome }).inc();
     m.latency.observe(result.latency_ms / 1e3);
     Ok(Json(result).into_response())

@@ -103,9 +103,7 @@ impl Scanner {
             .first()
             .map(|p| p.top_k.iter().map(|r| RankedClass { ndc: r.ndc.clone(), prob: r.prob }).collect())
             .unwrap_or_default();
-        event.verdict = Some(
-            serde_json::to_value(result.verdict).expect("verdicts serialise").as_str().unwrap_or_default().to_string(),
-        );
+        event.verdict = Some(result.verdict.as_str().to_string());
         event.latency_ms = Some(result.latency_ms);
         event.details = serde_json::json!({
             "expected_ndc": request.expected_ndc,
@@ -118,10 +116,9 @@ impl Scanner {
             })).collect::<Vec<_>>(),
         });
         if result.pills.len() > MAX_PILLS_RECORDED {
-            let mut by_verdict = std::collections::BTreeMap::<String, usize>::new();
+            let mut by_verdict = std::collections::BTreeMap::<&str, usize>::new();
             for pill in &result.pills[MAX_PILLS_RECORDED..] {
-                let verdict = serde_json::to_value(pill.verdict).ok().and_then(|v| v.as_str().map(str::to_string));
-                *by_verdict.entry(verdict.unwrap_or_default()).or_default() += 1;
+                *by_verdict.entry(pill.verdict.as_str()).or_default() += 1;
             }
             event.details["more_pills"] = serde_json::json!(by_verdict);
         }

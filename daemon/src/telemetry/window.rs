@@ -79,8 +79,7 @@ impl WindowCounts {
     /// kept: off the answer's path, and with no second decode.
     pub fn add_scan(&mut self, analysis: &Analysis, operator: &str) {
         self.scans += 1;
-        let verdict = serde_json::to_value(analysis.verdict).ok().and_then(|v| v.as_str().map(str::to_string));
-        bump(&mut self.verdicts, verdict.as_deref().unwrap_or("UNKNOWN"));
+        bump(&mut self.verdicts, analysis.verdict.as_str());
         if let Some(code) = analysis.refusal {
             bump(&mut self.refusals, code);
         }

@@ -96,14 +96,13 @@ impl Mistake {
 
     /// One CSV row.
     pub fn csv_row(&self) -> String {
-        let verdict = serde_json::to_value(self.verdict).ok().and_then(|v| v.as_str().map(String::from));
         [
             labels::quote(&self.file),
             labels::quote(&self.expected),
             labels::quote(&self.face),
             labels::quote(&self.predicted),
             format!("{:.4}", self.confidence),
-            verdict.unwrap_or_default(),
+            self.verdict.as_str().to_string(),
             format!("{:.1}", self.rectangle_px[0]),
             format!("{:.1}", self.rectangle_px[1]),
             format!("{:.1}", self.contrast),

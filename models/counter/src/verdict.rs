@@ -40,6 +40,20 @@ pub enum Verdict {
     BadImage,
 }
 
+impl Verdict {
+    /// The verdict's wire name (as serialised: `MATCH`, `NO_PILL` …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Match => "MATCH",
+            Verdict::Mismatch => "MISMATCH",
+            Verdict::Uncertain => "UNCERTAIN",
+            Verdict::Identified => "IDENTIFIED",
+            Verdict::NoPill => "NO_PILL",
+            Verdict::BadImage => "BAD_IMAGE",
+        }
+    }
+}
+
 /// Why a pill got its verdict, in words for the counter page and the audit.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PillVerdict {
@@ -114,6 +128,14 @@ pub fn overall(pills: &[Verdict]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn as_str_is_the_serialised_name() {
+        use Verdict::*;
+        for v in [Match, Mismatch, Uncertain, Identified, NoPill, BadImage] {
+            assert_eq!(serde_json::to_value(v).unwrap(), v.as_str());
+        }
+    }
 
     fn labels() -> Vec<Label> {
         ["00093-0058-01", "00378-0018-01", "00591-0405-01"]
