@@ -45,7 +45,7 @@ use rxvision_synth::scene::{render_sample, SceneOptions};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::audit::{AuditEvent, RecordKind, StoreHealth};
+use crate::audit::{now_ms, AuditEvent, RecordKind, StoreHealth};
 use crate::camera::{CameraError, FrameSource};
 use crate::scan::{ScanError, Scanner};
 use crate::telemetry::{Observation, TelemetryService};
@@ -755,10 +755,6 @@ fn telemetry_status(state: &AppState) -> serde_json::Value {
         },
         "dropped_observations": telemetry.collector.dropped(),
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// 200 only while scans can be answered: not shutting down, and the audit

@@ -21,6 +21,7 @@ use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, TlsConfigu
 use rxvision_protocol::topic::{self, Channel};
 use rxvision_protocol::{decode_on, encode, Ack, Status};
 
+use crate::audit::now_ms;
 use crate::outbox::{AckOutcome, MessageKind, Outbox};
 use crate::telemetry::finalize;
 
@@ -103,10 +104,6 @@ fn jitter() -> f64 {
     let mut byte = [0u8; 1];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
     f64::from(byte[0]) / 255.0
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Publishes what the outbox allows now; stops when the client's queue is full.

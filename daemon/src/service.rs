@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::api::{router, ApiLimits, AppState};
-use crate::audit::{AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreHealth};
+use crate::audit::{now_ms, AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreHealth};
 use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
 use crate::config::{CameraConfig, Config};
 use crate::control;
@@ -179,7 +179,7 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         v: rxvision_protocol::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         seq: 0,
-        time_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        time_ms: now_ms(),
         kind: rxvision_protocol::EventKind::DaemonStarted,
         details: details.as_object().cloned().unwrap_or_default(),
     };
@@ -246,12 +246,7 @@ pub async fn serve(
             }
         });
     }
-    tasks.spawn(enforce_retention(
-        state.scanner.shared_audit(),
-        options.retention,
-        wall_clock_ms,
-        stopped(stop.clone()),
-    ));
+    tasks.spawn(enforce_retention(state.scanner.shared_audit(), options.retention, now_ms, stopped(stop.clone())));
     let lost = Arc::new(std::sync::Mutex::new(None::<String>));
     let audit = state.scanner.shared_audit();
     let lost_reason = lost.clone();
@@ -427,10 +422,6 @@ async fn enforce_retention(
     }
 }
 
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -461,7 +452,7 @@ mod tests {
     /// The test's wall clock: real time plus however far the test moved it.
     static SHIFT_MS: AtomicU64 = AtomicU64::new(0);
     fn shifted_clock() -> u64 {
-        wall_clock_ms() + SHIFT_MS.load(Ordering::SeqCst)
+        now_ms() + SHIFT_MS.load(Ordering::SeqCst)
     }
 
     #[tokio::test(start_paused = true)]

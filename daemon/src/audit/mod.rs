@@ -547,7 +547,9 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in Unix milliseconds (0 before 1970): the one the daemon
+/// stamps records, windows and statuses with.
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

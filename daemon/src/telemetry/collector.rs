@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rxvision_counter::analysis::Analysis;
 use rxvision_protocol::{ChainHead, Event, OutboxLosses, Telemetry};
 
-use crate::audit::AuditLog;
+use crate::audit::{now_ms, AuditLog};
 use crate::outbox::{MessageKind, Outbox};
 use crate::telemetry::window::{WindowCounts, WindowEnd};
 use rxvision_models::classify::Classifier;
@@ -77,24 +77,6 @@ pub struct WindowWorker {
     outbox: Arc<Outbox>,
     audit: Arc<AuditLog>,
     classifier: Arc<Classifier>,
-}
-
-/// A collector and its worker for `device_id`'s windows of length `window`.
-pub fn channel(
-    device_id: &str,
-    window: Duration,
-    budget: u64,
-    outbox: Arc<Outbox>,
-    audit: Arc<AuditLog>,
-    classifier: Arc<Classifier>,
-) -> (Collector, WindowWorker) {
-    let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE);
-    let worker = WindowWorker { receiver, device_id: device_id.to_string(), window, budget, outbox, audit, classifier };
-    (Collector { sender, dropped: AtomicU64::new(0) }, worker)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl WindowWorker {
@@ -215,7 +197,8 @@ pub struct TelemetryService {
 }
 
 impl TelemetryService {
-    /// Telemetry for `device_id` into `outbox` (see [`channel`]).
+    /// Telemetry for `device_id`: windows of length `window` into `outbox`,
+    /// kept within `budget` bytes.
     pub fn new(
         device_id: &str,
         window: Duration,
@@ -224,9 +207,18 @@ impl TelemetryService {
         audit: Arc<AuditLog>,
         classifier: Arc<Classifier>,
     ) -> TelemetryService {
-        let (collector, worker) = channel(device_id, window, budget, outbox.clone(), audit, classifier);
+        let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE);
+        let worker = WindowWorker {
+            receiver,
+            device_id: device_id.to_string(),
+            window,
+            budget,
+            outbox: outbox.clone(),
+            audit,
+            classifier,
+        };
         TelemetryService {
-            collector,
+            collector: Collector { sender, dropped: AtomicU64::new(0) },
             outbox,
             link: None,
             link_state: Arc::default(),
