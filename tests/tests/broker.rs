@@ -43,13 +43,16 @@ pub fn tools_present(test: &str) -> bool {
     present
 }
 
+/// Runs `openssl` in `dir`, failing the test with its complaint.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A CA, and a server certificate for `localhost` signed by it, as the
 /// shipped configuration names them (`ca.crt`, `server.crt`, `server.key`).
 fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
+    let openssl = |args: &[&str]| openssl(dir, args);
     openssl(&[
         "req",
         "-x509",
@@ -132,10 +135,7 @@ impl Broker {
     /// A client certificate for `name` signed by the broker's CA: (certificate, key), the key mode 0600.
     pub fn client_certificate(&self, name: &str) -> (PathBuf, PathBuf) {
         let dir = self._dir.path();
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
+        let openssl = |args: &[&str]| openssl(dir, args);
         let (csr, cert, key) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.key"));
         openssl(&[
             "req",

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use rxvision_protocol::{decode, Event, EventKind, Status, Telemetry};
 
 use crate::broker::Broker;
@@ -128,17 +129,7 @@ fn ingest_session(broker: &Broker, session: &str, extra: &[&str]) -> String {
 fn scan(d: &Daemon) {
     let frame =
         std::fs::read(workspace().join("models/bundles/fixture-cnn/0.1.0/selftest/c00_white_round.png")).unwrap();
-    // base64 by hand keeps this crate's dependencies to the protocol
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let image: String = frame
-        .chunks(3)
-        .flat_map(|c| {
-            let n = (u32::from(c[0]) << 16)
-                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*c.get(2).unwrap_or(&0));
-            (0..4).map(move |i| if i <= c.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' })
-        })
-        .collect();
+    let image = base64::engine::general_purpose::STANDARD.encode(frame);
     let answer =
         http(d.addr, "POST", "/v1/verify", Some(&format!("{{\"operator_id\":\"tech-1\",\"image\":\"{image}\"}}")));
     assert!(answer["audit_seq"].is_u64(), "the scan was not answered: {answer}");
