@@ -77,7 +77,7 @@ mod tests {
     use super::*;
 
     fn png(dir: &Path, name: &str, shade: u8) {
-        let img = image::RgbImage::from_pixel(48, 36, image::Rgb([shade, shade, shade]));
+        let img = image::RgbImage::from_pixel(8, 6, image::Rgb([shade, shade, shade]));
         img.save(dir.join(name)).unwrap();
     }
 
