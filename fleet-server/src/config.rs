@@ -1,0 +1,351 @@
+//! `rxfleet`'s configuration: TOML with every key defaulted (the annotated
+//! default is `firmware-cfg/rxfleet.toml`, embedded), unknown keys refused
+//! with their path, and every problem of a file reported at once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The annotated default configuration (`rxfleet print-default-config`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../firmware-cfg/rxfleet.toml");
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key or a value of the wrong type.
+    #[error("{file}: {key}: {problem}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// The key's path (`broker.url`).
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Values out of range or inconsistent (all of them).
+    #[error("{file}: {}", .problems.join("; "))]
+    Invalid {
+        /// The file.
+        file: String,
+        /// `key: problem`, one per problem.
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    fleet: RawFleet,
+    database: RawDatabase,
+    broker: RawBroker,
+    ingest: RawIngest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawFleet {
+    state_dir: String,
+}
+
+impl Default for RawFleet {
+    fn default() -> RawFleet {
+        RawFleet { state_dir: "/var/lib/rxfleet".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDatabase {
+    url: String,
+    max_connections: u32,
+}
+
+impl Default for RawDatabase {
+    fn default() -> RawDatabase {
+        RawDatabase { url: String::new(), max_connections: 8 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBroker {
+    url: String,
+    username: String,
+    password_file: String,
+    password_credential: String,
+    ca_file: String,
+    client_id: String,
+}
+
+impl Default for RawBroker {
+    fn default() -> RawBroker {
+        RawBroker {
+            url: "mqtt://127.0.0.1:1883".into(),
+            username: "rxfleet-ingest".into(),
+            password_file: String::new(),
+            password_credential: String::new(),
+            ca_file: String::new(),
+            client_id: "rxfleet-ingest".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIngest {
+    batch_max: usize,
+    batch_wait_ms: u64,
+}
+
+impl Default for RawIngest {
+    fn default() -> RawIngest {
+        RawIngest { batch_max: 500, batch_wait_ms: 20 }
+    }
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// Where the fleet keeps its state.
+    pub state_dir: PathBuf,
+    /// The database.
+    pub database: DatabaseConfig,
+    /// The broker the ingest reads.
+    pub broker: BrokerConfig,
+    /// Batching of the ingest.
+    pub ingest: IngestConfig,
+}
+
+/// The fleet's database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    /// `sqlite://…` or `postgres://…`.
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// A file (mode 0600), first line.
+    File(PathBuf),
+    /// A systemd credential, from `$CREDENTIALS_DIRECTORY`.
+    Credential(String),
+    /// None configured (a broker without authentication: tests on loopback only).
+    None,
+}
+
+impl Secret {
+    /// Reads the secret: the first line, trimmed; a file group or others can
+    /// read is refused.
+    pub fn read(&self) -> Result<Option<String>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = match self {
+            Secret::None => return Ok(None),
+            Secret::File(path) => path.clone(),
+            Secret::Credential(name) => std::env::var_os("CREDENTIALS_DIRECTORY")
+                .map(|dir| Path::new(&dir).join(name))
+                .ok_or_else(|| {
+                    format!("credential {name:?} but $CREDENTIALS_DIRECTORY is not set (not started by systemd with LoadCredential=)")
+                })?,
+        };
+        let mode = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: mode {:04o} gives group or others access; run `chmod 600` on it",
+                path.display(),
+                mode & 0o7777
+            ));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let line = text.lines().next().unwrap_or_default().trim();
+        if line.is_empty() {
+            return Err(format!("{}: the first line is empty", path.display()));
+        }
+        Ok(Some(line.to_string()))
+    }
+}
+
+/// The broker the ingest reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS (`mqtts://`).
+    pub tls: bool,
+    /// The account.
+    pub username: String,
+    /// Its password.
+    pub password: Secret,
+    /// The CA file for TLS.
+    pub ca_file: Option<PathBuf>,
+    /// The MQTT client id (its session is kept while the ingest is away).
+    pub client_id: String,
+}
+
+/// Batching of the ingest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestConfig {
+    /// Messages per transaction, at most.
+    pub batch_max: usize,
+    /// How long a batch waits to fill.
+    pub batch_wait: Duration,
+}
+
+/// Reads and checks a configuration file; `None`: the embedded defaults.
+pub fn load(path: Option<&Path>) -> Result<FleetConfig, ConfigError> {
+    match path {
+        None => parse(DEFAULT_CONFIG, "(embedded default)"),
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            parse(&text, &path.display().to_string())
+        }
+    }
+}
+
+/// Parses and checks configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<FleetConfig, ConfigError> {
+    let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::Parse {
+            file: file.to_string(),
+            key: if key == "." { "(top level)".into() } else { key },
+            problem: e.inner().message().to_string(),
+        }
+    })?;
+    validate(raw).map_err(|problems| ConfigError::Invalid { file: file.to_string(), problems })
+}
+
+/// Splits `mqtt://host:port` / `mqtts://host:port` into (tls, host, port).
+pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(format!("{url:?} is not mqtt://host:port or mqtts://host:port"));
+    };
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| format!("{url:?} names no port"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
+    if host.is_empty() || port == 0 {
+        return Err(format!("{url:?} names no host or port 0"));
+    }
+    Ok((tls, host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+}
+
+fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
+    let mut problems = Vec::new();
+    let state_dir = PathBuf::from(&raw.fleet.state_dir);
+    if raw.fleet.state_dir.is_empty() {
+        problems.push("fleet.state_dir: must name a directory".to_string());
+    }
+    let url = if raw.database.url.is_empty() {
+        format!("sqlite://{}", state_dir.join("fleet.db").display())
+    } else {
+        raw.database.url.clone()
+    };
+    if !(url.starts_with("sqlite://") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        problems.push(format!("database.url: {url:?} is neither sqlite://… nor postgres://…"));
+    }
+    if !(1..=256).contains(&raw.database.max_connections) {
+        problems.push("database.max_connections: must be 1-256".to_string());
+    }
+    let (tls, host, port) = parse_broker_url(&raw.broker.url).unwrap_or_else(|e| {
+        problems.push(format!("broker.url: {e}"));
+        (false, String::new(), 0)
+    });
+    let password = match (raw.broker.password_file.is_empty(), raw.broker.password_credential.is_empty()) {
+        (true, true) => Secret::None,
+        (false, true) => Secret::File(raw.broker.password_file.into()),
+        (true, false) => Secret::Credential(raw.broker.password_credential),
+        (false, false) => {
+            problems.push("broker.password_file and broker.password_credential: set one, not both".into());
+            Secret::None
+        }
+    };
+    if tls && raw.broker.ca_file.is_empty() {
+        problems.push("broker.ca_file: mqtts:// needs the CA certificate to check the broker against".into());
+    }
+    if raw.broker.username.is_empty() || raw.broker.client_id.is_empty() {
+        problems.push("broker.username and broker.client_id: must not be empty".into());
+    }
+    if !(1..=10_000).contains(&raw.ingest.batch_max) {
+        problems.push("ingest.batch_max: must be 1-10000".into());
+    }
+    if raw.ingest.batch_wait_ms > 10_000 {
+        problems.push("ingest.batch_wait_ms: at most 10000".into());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(FleetConfig {
+        state_dir,
+        database: DatabaseConfig { url, max_connections: raw.database.max_connections },
+        broker: BrokerConfig {
+            host,
+            port,
+            tls,
+            username: raw.broker.username,
+            password,
+            ca_file: (!raw.broker.ca_file.is_empty()).then(|| raw.broker.ca_file.into()),
+            client_id: raw.broker.client_id,
+        },
+        ingest: IngestConfig {
+            batch_max: raw.ingest.batch_max,
+            batch_wait: Duration::from_millis(raw.ingest.batch_wait_ms),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_annotated_default_is_the_compiled_in_default() {
+        let annotated = parse(DEFAULT_CONFIG, "default").unwrap();
+        let empty = parse("", "empty").unwrap();
+        assert_eq!(annotated, empty);
+        assert_eq!(annotated.database.url, "sqlite:///var/lib/rxfleet/fleet.db");
+        assert_eq!((annotated.broker.host.as_str(), annotated.broker.port), ("127.0.0.1", 1883));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = parse("[broker]\nurll = \"mqtt://x:1\"\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("broker.urll") && err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = parse(
+            "[database]\nurl = \"mysql://x\"\n[broker]\nurl = \"mqtts://h:8883\"\n[ingest]\nbatch_max = 0\n",
+            "f.toml",
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else { panic!("{err}") };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn broker_urls_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_broker_url("mqtts://fleet.example:8883").unwrap(), (true, "fleet.example".into(), 8883));
+        assert_eq!(parse_broker_url("mqtt://[::1]:1883").unwrap(), (false, "::1".into(), 1883));
+        assert!(parse_broker_url("http://x:1").is_err());
+        assert!(parse_broker_url("mqtt://x").is_err());
+        assert!(parse_broker_url("mqtt://x:0").is_err());
+    }
+}

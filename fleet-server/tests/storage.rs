@@ -1,0 +1,212 @@
+//! The batch commit: deduplication, the contiguous acknowledgement, refusal
+//! counts and chain-head anchoring, identical on SQLite and PostgreSQL.
+
+use rxvision_fleet::classify::{classify, Incoming, RejectReason, Rejected};
+use rxvision_fleet::config::DatabaseConfig;
+use rxvision_fleet::db::{Backend, Db};
+use rxvision_protocol::{ChainHead, Event, Status, Telemetry};
+
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn golden<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = format!("{}/../protocol/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn head(next_seq: u64, c: char) -> ChainHead {
+    ChainHead { next_seq, head: c.to_string().repeat(64) }
+}
+
+fn window(device: &str, seq: u64, scans: u64, audit: ChainHead) -> Incoming {
+    let mut w: Telemetry = golden("telemetry.json");
+    w.device_id = device.into();
+    w.seq = seq;
+    w.scans = scans;
+    w.audit = audit;
+    Incoming::Telemetry(w)
+}
+
+fn event(device: &str, seq: u64) -> Incoming {
+    let mut e: Event = golden("event.json");
+    e.device_id = device.into();
+    e.seq = seq;
+    Incoming::Event(e)
+}
+
+fn status(device: &str, online: bool, audit: Option<ChainHead>) -> Incoming {
+    let mut s: Status = golden("status.json");
+    s.device_id = device.into();
+    s.online = online;
+    s.audit = audit;
+    Incoming::Status(s)
+}
+
+/// A database of each kind: a temporary SQLite file, and a fresh PostgreSQL
+/// database (dropped at the end) when the server is reachable; without it
+/// the test says so, and fails where it must run (CI).
+struct Databases {
+    sqlite_dir: tempfile::TempDir,
+    postgres: Option<String>,
+}
+
+impl Databases {
+    async fn new(test: &str) -> Databases {
+        let sqlite_dir = tempfile::tempdir().unwrap();
+        sqlx::any::install_default_drivers();
+        let name = format!("rxfleet_{}_{}", test, std::process::id());
+        let postgres = match <sqlx::AnyConnection as sqlx::Connection>::connect(PG_ADMIN_URL).await {
+            Ok(mut admin) => {
+                // Databases this test left behind in earlier runs go first (at most one stays).
+                let stale = sqlx::query(&format!(
+                    "SELECT CAST(datname AS TEXT) FROM pg_database WHERE datname LIKE 'rxfleet_{test}_%'"
+                ))
+                .fetch_all(&mut admin)
+                .await
+                .unwrap();
+                for row in stale {
+                    let stale: String = sqlx::Row::get(&row, 0);
+                    let drop = format!("DROP DATABASE IF EXISTS {stale} WITH (FORCE)");
+                    sqlx::Executor::execute(&mut admin, drop.as_str()).await.unwrap();
+                }
+                sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+                Some(format!("postgres://postgres@127.0.0.1:5432/{name}"))
+            }
+            Err(e) => {
+                assert!(
+                    std::env::var_os("RXVISION_REQUIRE_REFERENCES").is_none(),
+                    "PostgreSQL on 127.0.0.1:5432 is required here: {e}"
+                );
+                eprintln!("SKIPPED the PostgreSQL half of {test}: {e}");
+                None
+            }
+        };
+        Databases { sqlite_dir, postgres }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        let mut urls = vec![format!("sqlite://{}/fleet.db", self.sqlite_dir.path().display())];
+        urls.extend(self.postgres.clone());
+        urls
+    }
+
+    async fn open_each(&self) -> Vec<Db> {
+        let mut dbs = Vec::new();
+        for url in self.urls() {
+            dbs.push(Db::open(&DatabaseConfig { url, max_connections: 4 }).await.unwrap());
+        }
+        dbs
+    }
+}
+
+#[tokio::test]
+async fn migrations_run_once_and_a_reopened_database_keeps_everything() {
+    let dbs = Databases::new("migrations").await;
+    for db in dbs.open_each().await {
+        assert_eq!(db.applied_migrations().await.unwrap(), [1]);
+        db.commit(&[window("counter-1", 1, 5, head(10, 'a'))], &[], 1_000).await.unwrap();
+        db.close().await;
+    }
+    for db in dbs.open_each().await {
+        assert_eq!(db.applied_migrations().await.unwrap(), [1], "{:?}", db.backend());
+        assert_eq!(db.stored_seqs("counter-1").await.unwrap(), [1], "{:?}", db.backend());
+    }
+}
+
+#[tokio::test]
+async fn replays_are_counted_once_and_the_ack_covers_only_a_contiguous_prefix() {
+    let dbs = Databases::new("dedupe").await;
+    for db in dbs.open_each().await {
+        let backend = db.backend();
+        let d = "counter-1";
+        let first = db.commit(&[window(d, 1, 3, head(10, 'a')), event(d, 2)], &[], 1_000).await.unwrap();
+        assert_eq!((first.stored, first.duplicates, first.acks[d]), (2, 0, 2), "{backend:?}");
+        // Seq 4 before 3: stored, but the ack waits for the hole.
+        let gap = db.commit(&[window(d, 4, 7, head(30, 'c'))], &[], 2_000).await.unwrap();
+        assert_eq!((gap.stored, gap.acks[d]), (1, 2), "{backend:?}");
+        // The device resends from 3: 3 is new, 4 is a replay, and the ack moves to 4.
+        let resent =
+            db.commit(&[window(d, 3, 2, head(20, 'b')), window(d, 4, 7, head(30, 'c'))], &[], 3_000).await.unwrap();
+        assert_eq!((resent.stored, resent.duplicates, resent.acks[d]), (1, 1, 4), "{backend:?}");
+        // A replay of everything changes nothing and is acknowledged again.
+        let replay = db
+            .commit(&[window(d, 1, 3, head(10, 'a')), event(d, 2), window(d, 3, 2, head(20, 'b'))], &[], 4_000)
+            .await
+            .unwrap();
+        assert_eq!((replay.stored, replay.duplicates, replay.acks[d]), (0, 3, 4), "{backend:?}");
+        let devices = db.devices().await.unwrap();
+        assert_eq!(devices.len(), 1);
+        let device = &devices[0];
+        assert_eq!((device.acked_seq, device.windows, device.scans, device.events), (4, 3, 12, 1), "{backend:?}");
+        assert_eq!(db.stored_seqs(d).await.unwrap(), [1, 2, 3, 4]);
+        assert!(db.fleet_events(None).await.unwrap().is_empty(), "{backend:?}: a growing chain raised nothing");
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_counted_by_device_channel_and_reason() {
+    let dbs = Databases::new("rejects").await;
+    let garbage = classify("rxv/v1/dev/counter-2/telemetry", b"garbage").unwrap_err();
+    let foreign = {
+        let mut w: Telemetry = golden("telemetry.json");
+        w.device_id = "counter-3".into();
+        classify("rxv/v1/dev/counter-2/telemetry", &serde_json::to_vec(&w).unwrap()).unwrap_err()
+    };
+    assert_eq!((garbage.reason, foreign.reason), (RejectReason::Malformed, RejectReason::WrongDevice));
+    for db in dbs.open_each().await {
+        let rejected: Vec<Rejected> = vec![garbage.clone(), garbage.clone(), foreign.clone()];
+        let committed = db.commit(&[window("counter-2", 1, 1, head(1, 'a'))], &rejected, 5_000).await.unwrap();
+        assert_eq!((committed.stored, committed.rejected), (1, 3));
+        let counts: Vec<(String, String, i64)> =
+            db.rejects().await.unwrap().into_iter().map(|r| (r.device_id, r.reason, r.count)).collect();
+        assert_eq!(
+            counts,
+            [("counter-2".into(), "malformed".into(), 2), ("counter-2".into(), "wrong_device".into(), 1)],
+            "{:?}",
+            db.backend()
+        );
+        assert_eq!(db.devices().await.unwrap().len(), 1, "a refused payload creates no device");
+    }
+}
+
+#[tokio::test]
+async fn a_restored_audit_store_is_flagged_once_and_an_outage_backlog_is_not() {
+    let dbs = Databases::new("anchoring").await;
+    for db in dbs.open_each().await {
+        let backend = db.backend();
+        let d = "counter-4";
+        db.commit(&[status(d, true, Some(head(10, 'a'))), window(d, 1, 1, head(12, 'b'))], &[], 1_000).await.unwrap();
+        // Reconnect after an outage: the status (head now) comes first, the backlog's older heads after.
+        let reconnect = db
+            .commit(
+                &[status(d, true, Some(head(40, 'e'))), window(d, 2, 1, head(20, 'c')), window(d, 3, 1, head(30, 'd'))],
+                &[],
+                2_000,
+            )
+            .await
+            .unwrap();
+        assert!(reconnect.rewrites.is_empty(), "{backend:?}: {:?}", reconnect.rewrites);
+        // The store is restored from an older copy: shorter than reported before.
+        let restored = db.commit(&[status(d, true, Some(head(15, 'x')))], &[], 3_000).await.unwrap();
+        assert_eq!(restored.rewrites.len(), 1, "{backend:?}");
+        // It carries on from there: the same new chain does not raise it again.
+        let later = db
+            .commit(&[status(d, false, Some(head(15, 'x'))), window(d, 4, 1, head(16, 'y'))], &[], 4_000)
+            .await
+            .unwrap();
+        assert!(later.rewrites.is_empty(), "{backend:?}: {:?}", later.rewrites);
+        // A fork: the same length with another head.
+        let forked = db.commit(&[status(d, true, Some(head(16, 'z')))], &[], 5_000).await.unwrap();
+        assert_eq!(forked.rewrites.len(), 1, "{backend:?}");
+        let events = db.fleet_events(Some(d)).await.unwrap();
+        let how: Vec<&str> = events.iter().map(|e| e.details["how"].as_str().unwrap()).collect();
+        assert_eq!(how, ["shorter", "forked"], "{backend:?}");
+        assert!(events.iter().all(|e| e.kind == "audit_chain_rewritten"));
+        assert_eq!(events[0].details["previous"]["next_seq"], 40);
+        let device = &db.devices().await.unwrap()[0];
+        assert_eq!((device.chain_rewrites, device.online), (2, true), "{backend:?}");
+        if backend == Backend::Postgres {
+            // Every query above also ran on PostgreSQL.
+            assert_eq!(db.stored_seqs(d).await.unwrap(), [1, 2, 3, 4]);
+        }
+    }
+}
