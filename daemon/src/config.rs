@@ -223,6 +223,7 @@ impl BrokerConfig {
             client_pem,
             password,
             ack_timeout: self.ack_timeout,
+            keep_alive: Duration::from_secs(30),
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct LinkConfig {
     pub password: String,
     /// How long sent messages may wait for the fleet's `ack` before they are sent again.
     pub ack_timeout: Duration,
+    /// MQTT keep-alive: a silent connection is found dead within about 1.5 times this.
+    pub keep_alive: Duration,
 }
 
 /// The link's state, for status and metrics.
@@ -147,7 +149,7 @@ pub async fn run(
     loop {
         let mut options = MqttOptions::new(format!("rxvisiond-{device_id}"), config.host.clone(), config.port);
         options.set_credentials(device_id.clone(), config.password.clone());
-        options.set_keep_alive(Duration::from_secs(30));
+        options.set_keep_alive(config.keep_alive);
         options.set_clean_session(true);
         options.set_max_packet_size(Channel::Telemetry.max_payload() + 1024, Channel::Telemetry.max_payload() + 1024);
         let will = encode(&Status::last_will(&device_id, now_ms())).expect("a last will encodes");

@@ -75,6 +75,8 @@ CREATE TABLE audit_heads (
     next_seq BIGINT NOT NULL,
     head TEXT NOT NULL,
     source TEXT NOT NULL,
+    -- When the device says it was the head (its clock): a status's time, a window's end.
+    device_ms BIGINT NOT NULL,
     reported_ms BIGINT NOT NULL,
     PRIMARY KEY (device_id, chain_epoch, next_seq)
 );

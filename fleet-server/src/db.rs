@@ -258,7 +258,8 @@ impl Db {
                     apply_status(&mut tx, status, now_ms).await?;
                     out.statuses += 1;
                     if let Some(head) = &status.audit {
-                        if let Some(rewrite) = check_chain(&mut tx, &device, epoch, head, None, now_ms).await? {
+                        let report = Report { head, window_seq: None, device_ms: status.time_ms };
+                        if let Some(rewrite) = check_chain(&mut tx, &device, epoch, &report, now_ms).await? {
                             devices.insert(device.clone(), (acked, epoch + 1));
                             out.rewrites.push((device.clone(), rewrite));
                         }
@@ -276,8 +277,12 @@ impl Db {
                     out.stored += 1;
                     match message {
                         Incoming::Telemetry(window) => {
-                            let rewrite =
-                                check_chain(&mut tx, &device, epoch, &window.audit, Some(window.seq), now_ms).await?;
+                            let report = Report {
+                                head: &window.audit,
+                                window_seq: Some(window.seq),
+                                device_ms: window.window.end_ms,
+                            };
+                            let rewrite = check_chain(&mut tx, &device, epoch, &report, now_ms).await?;
                             let epoch = if let Some(rewrite) = rewrite {
                                 devices.insert(device.clone(), (acked, epoch + 1));
                                 out.rewrites.push((device.clone(), rewrite));
@@ -517,17 +522,29 @@ async fn store_event(tx: &mut Tx<'_>, e: &Event) -> Result<(), DbError> {
     Ok(())
 }
 
+/// A chain head a device reported.
+struct Report<'a> {
+    head: &'a ChainHead,
+    /// The window's `seq`; `None` for a status.
+    window_seq: Option<u64>,
+    /// When it was the head, by the device's clock.
+    device_ms: u64,
+}
+
 /// Checks a reported chain head against the device's history (current
 /// epoch), records it, and on a rewrite raises `audit_chain_rewritten` and
-/// starts the next epoch (where the report is recorded).
+/// starts the next epoch (where the report is recorded). A status is
+/// compared with what the device reported as of its own time or earlier: a
+/// retained status delivered again (the ingest reconnected) is older than
+/// the windows after it and must not look shorter than them.
 async fn check_chain(
     tx: &mut Tx<'_>,
     device: &str,
     epoch: i64,
-    head: &ChainHead,
-    window_seq: Option<u64>,
+    report: &Report<'_>,
     now_ms: u64,
 ) -> Result<Option<Rewrite>, DbError> {
+    let (head, window_seq) = (report.head, report.window_seq);
     let same_length =
         sqlx::query("SELECT head FROM audit_heads WHERE device_id = $1 AND chain_epoch = $2 AND next_seq = $3")
             .bind(device)
@@ -539,14 +556,16 @@ async fn check_chain(
     let mut history = History { same_length, ..History::default() };
     let source = match window_seq {
         None => {
-            history.longest =
-                sqlx::query("SELECT MAX(next_seq) FROM audit_heads WHERE device_id = $1 AND chain_epoch = $2")
-                    .bind(device)
-                    .bind(epoch)
-                    .fetch_one(&mut **tx)
-                    .await?
-                    .get::<Option<i64>, _>(0)
-                    .map(u);
+            history.longest = sqlx::query(
+                "SELECT MAX(next_seq) FROM audit_heads WHERE device_id = $1 AND chain_epoch = $2 AND device_ms <= $3",
+            )
+            .bind(device)
+            .bind(epoch)
+            .bind(i(report.device_ms))
+            .fetch_one(&mut **tx)
+            .await?
+            .get::<Option<i64>, _>(0)
+            .map(u);
             Source::Status
         }
         Some(seq) => {
@@ -599,14 +618,15 @@ async fn check_chain(
             .await?;
     }
     sqlx::query(
-        "INSERT INTO audit_heads (device_id, chain_epoch, next_seq, head, source, reported_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id, chain_epoch, next_seq) DO NOTHING",
+        "INSERT INTO audit_heads (device_id, chain_epoch, next_seq, head, source, device_ms, reported_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (device_id, chain_epoch, next_seq) DO NOTHING",
     )
     .bind(device)
     .bind(record_epoch)
     .bind(i(head.next_seq))
     .bind(&head.head)
     .bind(if window_seq.is_some() { "telemetry" } else { "status" })
+    .bind(i(report.device_ms))
     .bind(i(now_ms))
     .execute(&mut **tx)
     .await?;

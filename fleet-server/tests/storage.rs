@@ -23,6 +23,8 @@ fn window(device: &str, seq: u64, scans: u64, audit: ChainHead) -> Incoming {
     w.seq = seq;
     w.scans = scans;
     w.audit = audit;
+    w.window.start_ms = seq * 60_000;
+    w.window.end_ms = w.window.start_ms + 60_000;
     Incoming::Telemetry(w)
 }
 
@@ -33,8 +35,10 @@ fn event(device: &str, seq: u64) -> Incoming {
     Incoming::Event(e)
 }
 
-fn status(device: &str, online: bool, audit: Option<ChainHead>) -> Incoming {
+/// A status written at the device's `time_ms` (windows `seq` end at `(seq + 1)` minutes).
+fn status(device: &str, online: bool, audit: Option<ChainHead>, time_ms: u64) -> Incoming {
     let mut s: Status = golden("status.json");
+    s.time_ms = time_ms;
     s.device_id = device.into();
     s.online = online;
     s.audit = audit;
@@ -174,28 +178,38 @@ async fn a_restored_audit_store_is_flagged_once_and_an_outage_backlog_is_not() {
     for db in dbs.open_each().await {
         let backend = db.backend();
         let d = "counter-4";
-        db.commit(&[status(d, true, Some(head(10, 'a'))), window(d, 1, 1, head(12, 'b'))], &[], 1_000).await.unwrap();
+        db.commit(&[status(d, true, Some(head(10, 'a')), 0), window(d, 1, 1, head(12, 'b'))], &[], 1_000)
+            .await
+            .unwrap();
         // Reconnect after an outage: the status (head now) comes first, the backlog's older heads after.
         let reconnect = db
             .commit(
-                &[status(d, true, Some(head(40, 'e'))), window(d, 2, 1, head(20, 'c')), window(d, 3, 1, head(30, 'd'))],
+                &[
+                    status(d, true, Some(head(40, 'e')), 300_000),
+                    window(d, 2, 1, head(20, 'c')),
+                    window(d, 3, 1, head(30, 'd')),
+                ],
                 &[],
                 2_000,
             )
             .await
             .unwrap();
         assert!(reconnect.rewrites.is_empty(), "{backend:?}: {:?}", reconnect.rewrites);
+        // The ingest reconnects and the broker hands it the retained status
+        // of an earlier connect again: older than windows reported since.
+        let replayed = db.commit(&[status(d, true, Some(head(10, 'a')), 0)], &[], 2_500).await.unwrap();
+        assert!(replayed.rewrites.is_empty(), "{backend:?}: {:?}", replayed.rewrites);
         // The store is restored from an older copy: shorter than reported before.
-        let restored = db.commit(&[status(d, true, Some(head(15, 'x')))], &[], 3_000).await.unwrap();
+        let restored = db.commit(&[status(d, true, Some(head(15, 'x')), 400_000)], &[], 3_000).await.unwrap();
         assert_eq!(restored.rewrites.len(), 1, "{backend:?}");
         // It carries on from there: the same new chain does not raise it again.
         let later = db
-            .commit(&[status(d, false, Some(head(15, 'x'))), window(d, 4, 1, head(16, 'y'))], &[], 4_000)
+            .commit(&[status(d, false, Some(head(15, 'x')), 410_000), window(d, 4, 1, head(16, 'y'))], &[], 4_000)
             .await
             .unwrap();
         assert!(later.rewrites.is_empty(), "{backend:?}: {:?}", later.rewrites);
         // A fork: the same length with another head.
-        let forked = db.commit(&[status(d, true, Some(head(16, 'z')))], &[], 5_000).await.unwrap();
+        let forked = db.commit(&[status(d, true, Some(head(16, 'z')), 500_000)], &[], 5_000).await.unwrap();
         assert_eq!(forked.rewrites.len(), 1, "{backend:?}");
         let events = db.fleet_events(Some(d)).await.unwrap();
         let how: Vec<&str> = events.iter().map(|e| e.details["how"].as_str().unwrap()).collect();

@@ -2,4 +2,5 @@
 //! many appliances). One test binary with a module per topic.
 
 mod broker;
+mod fleet;
 mod link;

@@ -1,0 +1,526 @@
+//! The fleet's ingest (`rxfleet ingest`) with simulated appliances
+//! (`rxvision-fleet-sim`: the daemon's own outbox and link) through a real
+//! Mosquitto with the shipped ACL, into SQLite and PostgreSQL: every fault
+//! ends with the fleet's totals equal to the appliances' own counts.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::broker::{tools_present, Broker};
+
+pub const INGEST: (&str, &str) = ("rxfleet-ingest", "ingest-secret-1");
+const SIM_PASSWORD: &str = "sim-device-secret";
+
+/// `target/<profile>/<name>`, built by `cargo build --workspace`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(binary.exists(), "{} is missing: build the workspace first (cargo build --workspace)", binary.display());
+    binary
+}
+
+/// The fleet's database for a test: SQLite in `dir`, or a fresh PostgreSQL
+/// database on 127.0.0.1:5432 (dropped first if an earlier run left it).
+pub fn database_urls(dir: &Path, test: &str) -> Vec<(String, String)> {
+    let mut urls = vec![("sqlite".to_string(), format!("sqlite://{}/fleet.db", dir.display()))];
+    let name = format!("rxfleet_sys_{test}");
+    let psql = |sql: &str| {
+        Command::new("psql").args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-Atc", sql]).output()
+    };
+    match psql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")) {
+        Ok(out) if out.status.success() => {
+            let created = psql(&format!("CREATE DATABASE {name}")).unwrap();
+            assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+            urls.push(("postgres".into(), format!("postgres://postgres@127.0.0.1:5432/{name}")));
+        }
+        other => {
+            let why = match other {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                std::env::var_os("RXVISION_REQUIRE_REFERENCES").is_none(),
+                "PostgreSQL on 127.0.0.1:5432 is required here: {why}"
+            );
+            eprintln!("SKIPPED the PostgreSQL half of {test}: {why}");
+        }
+    }
+    urls
+}
+
+/// Terminates every connection the ingest holds to PostgreSQL database
+/// `url` (what a database restart does to its clients).
+fn terminate_postgres_connections(url: &str) {
+    let name = url.rsplit('/').next().unwrap();
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-Atc"])
+        .arg(format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{name}' AND application_name = 'rxfleet'"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("terminated {} PostgreSQL connections of the ingest", String::from_utf8_lossy(&out.stdout).trim());
+}
+
+/// A running `rxfleet ingest`; killed (SIGKILL) when dropped.
+pub struct Ingest {
+    child: Child,
+    pub config: PathBuf,
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Ingest {
+    /// Writes a configuration in `dir` for the broker on `port` and database `url`, and starts the ingest.
+    pub fn start(dir: &Path, port: u16, url: &str) -> Ingest {
+        let password = dir.join("ingest.password");
+        std::fs::write(&password, INGEST.1).unwrap();
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = dir.join("rxfleet.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[fleet]\nstate_dir = {:?}\n[database]\nurl = {url:?}\n[broker]\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+                 password_file = {:?}\nclient_id = \"rxfleet-ingest-{}\"\n[ingest]\nbatch_wait_ms = 10\n",
+                dir.display().to_string(),
+                password.display().to_string(),
+                std::process::id(),
+            ),
+        )
+        .unwrap();
+        Ingest::launch(config)
+    }
+
+    fn launch(config: PathBuf) -> Ingest {
+        let mut child = Command::new(binary("rxfleet"))
+            .args(["ingest", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[ingest] {line}");
+                if line.contains("ingest connected to the broker") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30)).expect("the ingest connects to the broker");
+        Ingest { child, config }
+    }
+
+    /// `kill -9`, then a new ingest with the same configuration.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        *self = Ingest::launch(self.config.clone());
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// `rxfleet <args> --config <config> --json`, parsed.
+    pub fn query(&self, args: &[&str]) -> Value {
+        let out = Command::new(binary("rxfleet"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rxfleet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The fleet's devices by id.
+    pub fn devices(&self) -> BTreeMap<String, Value> {
+        let devices = self.query(&["devices", "list"]);
+        devices.as_array().unwrap().iter().map(|d| (d["device_id"].as_str().unwrap().to_string(), d.clone())).collect()
+    }
+}
+
+fn sim_devices(prefix: &str, n: usize, sites: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-s{:03}-c{i:05}", i % sites)).collect()
+}
+
+/// Runs the simulator in the background; its report lands in `dir/report.json`.
+fn start_sim(dir: &Path, port: u16, prefix: &str, extra: &[&str]) -> Child {
+    Command::new(binary("rxvision-fleet-sim"))
+        .args(["--broker", &format!("mqtt://127.0.0.1:{port}"), "--password", SIM_PASSWORD, "--prefix", prefix])
+        .arg("--state-dir")
+        .arg(dir.join("devices"))
+        .arg("--report")
+        .arg(dir.join("report.json"))
+        .args(extra)
+        .spawn()
+        .unwrap()
+}
+
+fn finish_sim(mut sim: Child, dir: &Path) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(status) = sim.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = sim.kill();
+            panic!("the simulator did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "the simulator's outboxes did not drain: {status}");
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+/// Every device's own counts equal the fleet's: windows (base windows),
+/// scans, events; and the fleet acknowledged every seq the device gave out.
+fn assert_totals_match(report: &BTreeMap<String, Value>, fleet: &BTreeMap<String, Value>, label: &str) {
+    assert_eq!(report.keys().collect::<Vec<_>>(), fleet.keys().collect::<Vec<_>>(), "{label}: devices");
+    for (id, own) in report {
+        let f = &fleet[id];
+        assert_eq!(own["outbox_depth"], 0, "{label} {id}: outbox not empty");
+        assert_eq!(f["base_windows"], own["windows"], "{label} {id}: windows");
+        assert_eq!(f["scans"], own["scans"], "{label} {id}: scans");
+        assert_eq!(f["events"], own["events"], "{label} {id}: events");
+        let messages = f["windows"].as_i64().unwrap() + f["events"].as_i64().unwrap();
+        assert_eq!(f["acked_seq"].as_i64().unwrap(), messages, "{label} {id}: every stored message acked, no gaps");
+    }
+}
+
+#[test]
+fn a_simulated_fleet_lands_exactly_once_through_broker_ingest_and_database_restarts() {
+    if !tools_present("a_simulated_fleet_lands_exactly_once") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in database_urls(dir.path(), "faults") {
+        let run = dir.path().join(&backend);
+        std::fs::create_dir_all(&run).unwrap();
+        let prefix = format!("f{backend}");
+        let devices = sim_devices(&prefix, 4, 2);
+        let mut accounts: Vec<(&str, &str)> = vec![INGEST];
+        accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
+        let mut broker = Broker::start(&accounts);
+        let mut ingest = Ingest::start(&run, broker.port, &url);
+        let sim = start_sim(
+            &run,
+            broker.port,
+            &prefix,
+            &[
+                "--devices",
+                "4",
+                "--sites",
+                "2",
+                "--windows",
+                "80",
+                "--interval-ms",
+                "60",
+                "--ack-timeout-secs",
+                "2",
+                "--keep-alive-secs",
+                "2",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+        eprintln!("[{backend}] broker stopped under load");
+        broker.kill();
+        std::thread::sleep(Duration::from_millis(800));
+        broker.restart();
+        std::thread::sleep(Duration::from_millis(1200));
+        eprintln!("[{backend}] ingest killed (SIGKILL)");
+        ingest.kill_and_restart();
+        std::thread::sleep(Duration::from_millis(800));
+        if backend == "postgres" {
+            eprintln!("[{backend}] database connections terminated");
+            terminate_postgres_connections(&url);
+        }
+        let report = finish_sim(sim, &run);
+        let fleet = ingest.devices();
+        assert_totals_match(&report, &fleet, &backend);
+        let windows: u64 = report.values().map(|d| d["windows"].as_u64().unwrap()).sum();
+        assert_eq!(windows, 4 * 80);
+        assert!(ingest.running(), "{backend}: the ingest survived");
+        let events = ingest.query(&["events"]);
+        assert_eq!(events, serde_json::json!([]), "{backend}: no audit chain was rewritten");
+    }
+}
+
+/// A TCP proxy between the appliances and the broker that can pass
+/// traffic, drop every connection, or black-hole it (keep the sockets, move
+/// nothing) — faults a real network produces and a broker cannot.
+struct Proxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+const PASS: u8 = 0;
+const BLACKHOLE: u8 = 1;
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (m, s) = (mode.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                s.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    let m = m.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Black-holed bytes vanish; the sockets stay open.
+                            if m.load(Ordering::SeqCst) == BLACKHOLE {
+                                continue;
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, mode, streams }
+    }
+
+    /// Closes every connection through the proxy (new ones still pass).
+    fn drop_connections(&self) {
+        for stream in self.streams.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn network_cuts_that_drop_or_black_hole_traffic_lose_nothing() {
+    if !tools_present("network_cuts_that_drop_or_black_hole_traffic_lose_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let devices = sim_devices("net", 3, 1);
+    let mut accounts: Vec<(&str, &str)> = vec![INGEST];
+    accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
+    let broker = Broker::start(&accounts);
+    let ingest = Ingest::start(dir.path(), broker.port, &url);
+    let proxy = Proxy::start(broker.port);
+    let sim = start_sim(
+        dir.path(),
+        proxy.port,
+        "net",
+        &[
+            "--devices",
+            "3",
+            "--windows",
+            "120",
+            "--interval-ms",
+            "50",
+            "--ack-timeout-secs",
+            "2",
+            "--keep-alive-secs",
+            "1",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    eprintln!("proxy: every connection dropped");
+    proxy.drop_connections();
+    std::thread::sleep(Duration::from_millis(1500));
+    eprintln!("proxy: black hole");
+    proxy.set(BLACKHOLE);
+    std::thread::sleep(Duration::from_millis(4000));
+    eprintln!("proxy: passing again");
+    proxy.set(PASS);
+    proxy.drop_connections();
+    let report = finish_sim(sim, dir.path());
+    assert_totals_match(&report, &ingest.devices(), "proxy");
+}
+
+#[test]
+fn a_week_offline_drains_in_order_with_the_budget_policy_counted() {
+    if !tools_present("a_week_offline_drains_in_order_with_the_budget_policy_counted") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The simulated appliances' outboxes on tmpfs where there is one: a week of windows is 10,080 synced appends each.
+    let devices_dir = if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm").unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let devices = sim_devices("week", 2, 1);
+    let mut accounts: Vec<(&str, &str)> = vec![INGEST];
+    accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
+    let mut broker = Broker::start(&accounts);
+    let ingest = Ingest::start(dir.path(), broker.port, &url);
+    broker.kill();
+    // A week of one-minute windows while the broker is down; a 4 MB budget
+    // holds about a third of them, so old windows are merged.
+    let week = (7 * 24 * 60).to_string();
+    let mut sim = Command::new(binary("rxvision-fleet-sim"));
+    sim.args([
+        "--broker",
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        "--password",
+        SIM_PASSWORD,
+        "--prefix",
+        "week",
+    ])
+    .args(["--devices", "2", "--windows", &week, "--interval-ms", "0", "--offline", &format!("0..{week}")])
+    .args(["--budget", "4000000", "--scans-per-window", "4", "--events-every", "1440", "--drain-timeout-secs", "200"])
+    .arg("--state-dir")
+    .arg(devices_dir.path())
+    .arg("--report")
+    .arg(dir.path().join("report.json"));
+    let started = Instant::now();
+    let sim = sim.spawn().unwrap();
+    // The broker comes back while the devices are still offline.
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart();
+    let report = finish_sim(sim, dir.path());
+    eprintln!("a week of windows for 2 devices produced and drained in {:.1} s", started.elapsed().as_secs_f64());
+    let fleet = ingest.devices();
+    for (id, own) in &report {
+        let f = &fleet[id];
+        assert!(own["merged_windows"].as_u64().unwrap() > 0, "{id}: the budget policy was exercised: {own}");
+        assert_eq!(own["dropped_events"], 0, "{id}: no event dropped");
+        // Each window carries the losses counted before it was written; the
+        // merges its own arrival caused travel with the next window.
+        let reported = f["outbox_losses"][0].as_u64().unwrap();
+        let merged = own["merged_windows"].as_u64().unwrap();
+        assert!(
+            reported > 0 && reported <= merged && merged - reported < 50,
+            "{id}: merges reported upstream: {reported} of {merged}"
+        );
+        assert_eq!(f["outbox_losses"][2], 0);
+        assert!(f["windows"].as_i64().unwrap() < f["base_windows"].as_i64().unwrap(), "{id}: coarser windows arrived");
+        eprintln!(
+            "{id}: {} base windows in {} messages, {} merges",
+            f["base_windows"], f["windows"], own["merged_windows"]
+        );
+    }
+    assert_totals_match(&report, &fleet, "week");
+}
+
+#[test]
+fn bad_payloads_from_an_outside_client_are_counted_and_the_ingest_keeps_going() {
+    if !tools_present("bad_payloads_from_an_outside_client_are_counted_and_the_ingest_keeps_going") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let device = ("counter-bad", "bad-secret");
+    let mut broker = Broker::start(&[INGEST, device]);
+    let mut ingest = Ingest::start(dir.path(), broker.port, &url);
+    let golden: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/golden/telemetry.json")).unwrap(),
+    )
+    .unwrap();
+    let mut valid = golden.clone();
+    valid["device_id"] = device.0.into();
+    valid["seq"] = 1.into();
+    let valid = serde_json::to_string(&valid).unwrap();
+    let mut wrong_version = serde_json::from_str::<Value>(&valid).unwrap();
+    wrong_version["v"] = 2.into();
+    let mut other_device = serde_json::from_str::<Value>(&valid).unwrap();
+    other_device["device_id"] = "counter-victim".into();
+    let topic = format!("rxv/v1/dev/{}/telemetry", device.0);
+    let big = "x".repeat(290_000);
+    let bad: Vec<(&str, String)> = vec![
+        ("garbage", "\u{1}\u{2}not json at all".into()),
+        ("truncated", valid[..valid.len() / 2].to_string()),
+        ("over the protocol's limit", format!("{{\"pad\":\"{big}\"}}")),
+        ("wrong version", wrong_version.to_string()),
+        ("another device's id", other_device.to_string()),
+    ];
+    let publish = |payload: &[u8]| {
+        let file = dir.path().join("payload");
+        std::fs::write(&file, payload).unwrap();
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", device.0, "-P", device.1])
+            .args(["-V", "mqttv311", "-q", "1", "-t", &topic, "-f"])
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    for (what, payload) in &bad {
+        let out = publish(payload.as_bytes());
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // 10 MB: the broker refuses it before it reaches the fleet (max_packet_size).
+    let _ = publish(&vec![b'x'; 10 << 20]);
+    // Then a valid window: stored and acknowledged.
+    let (ack_out, ack) = {
+        let sub = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", device.0, "-P", device.1])
+            .args(["-t", &format!("rxv/v1/dev/{}/ack", device.0), "-C", "1", "-W", "20"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let out = publish(valid.as_bytes());
+        assert!(out.status.success());
+        let out = sub.wait_with_output().unwrap();
+        (out.status, String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    assert!(ack_out.success(), "no ack for the valid window");
+    let ack: Value = serde_json::from_str(ack.trim()).unwrap();
+    assert_eq!(ack["seq"], 1);
+    assert!(ingest.running(), "the ingest survived every bad payload");
+    let counts: BTreeMap<String, i64> = ingest
+        .query(&["rejects"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["reason"].as_str().unwrap().to_string(), r["count"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            ("malformed".to_string(), 2),
+            ("too_large".to_string(), 1),
+            ("version".to_string(), 1),
+            ("wrong_device".to_string(), 1)
+        ])
+    );
+    let fleet = ingest.devices();
+    assert_eq!(fleet.keys().collect::<Vec<_>>(), [device.0], "nothing stored for the victim");
+    assert_eq!(fleet[device.0]["windows"], 1);
+    broker.kill();
+}
