@@ -420,11 +420,6 @@ impl AppState {
             }),
         }
     }
-
-    /// The keyed hash telemetry counts an operator under (never the id).
-    fn operator_hash(&self, operator_id: &str) -> String {
-        self.scanner.audit().pseudonym(operator_id).chars().take(16).collect()
-    }
 }
 
 /// The API's routes over `state`.
@@ -561,8 +556,7 @@ async fn verify(
         };
         let result = state2.scanner.scan(&request, &frame);
         if let (Ok(answer), Some(telemetry)) = (&result, &state2.telemetry) {
-            let operator = state2.operator_hash(&request.operator_id);
-            telemetry.collector.observe(Observation::Scan { analysis: Box::new(answer.analysis.clone()), operator });
+            telemetry.collector.observe(Observation::Scan { analysis: Box::new(answer.analysis.clone()) });
         }
         result.map_err(|e| match e {
             ScanError::Audit(cause) => {
@@ -687,23 +681,19 @@ async fn feedback(
             tracing::error!(error = %e, "audit record unreadable");
             ApiError::AuditUnreadable
         })?;
-        let answered = match &target {
-            Some(r) if r.kind == RecordKind::Verification => r.top_k.first().map(|c| c.ndc.clone()),
+        match &target {
+            Some(r) if r.kind == RecordKind::Verification => {}
             Some(_) => return Err(ApiError::NotAVerification(body.audit_seq)),
             None => return Err(ApiError::UnknownAuditSeq(body.audit_seq)),
-        };
+        }
         let mut event = AuditEvent::new(RecordKind::Feedback);
         event.operator = Some(body.operator_id);
         event.details = json!({ "audit_seq": body.audit_seq, "confirmed": body.confirmed.unwrap_or(false), "correct_ndc": body.correct_ndc });
-        let confirmed = body.confirmed.unwrap_or(false);
-        let seq = audit.append(event).map(|a| a.seq).map_err(|e| {
+        // Telemetry counts the feedback from this record (the window worker reads the log).
+        audit.append(event).map(|a| a.seq).map_err(|e| {
             tracing::error!(error = %e, "feedback not recorded");
             ApiError::AuditUnavailable
-        })?;
-        if let (Some(class), Some(telemetry)) = (answered, &state2.telemetry) {
-            telemetry.collector.observe(Observation::Feedback { class, confirmed });
-        }
-        Ok(seq)
+        })
     })
     .await
     .map_err(|_| ApiError::Internal)??;

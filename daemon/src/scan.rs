@@ -92,6 +92,15 @@ impl Scanner {
     }
 
     fn record(&self, request: &ScanRequest, frame: &[u8], result: &Analysis) -> Result<u64, AuditError> {
+        Ok(self.audit.append(verification_event(request, frame, result))?.seq)
+    }
+}
+
+/// The audit record of one answered scan. It holds everything telemetry
+/// counts (verdict, refusal codes, latency, every recorded pill's classes),
+/// so windows are counted from the durable log.
+pub fn verification_event(request: &ScanRequest, frame: &[u8], result: &Analysis) -> AuditEvent {
+    {
         let mut event = AuditEvent::new(RecordKind::Verification);
         event.operator = Some(request.operator_id.clone());
         event.rx_ref = request.rx_ref.clone();
@@ -110,8 +119,9 @@ impl Scanner {
             "count": result.count,
             "partial": result.partial,
             "reason": result.reason,
+            "refusal": result.refusal,
             "pills": result.pills.iter().take(MAX_PILLS_RECORDED).map(|p| serde_json::json!({
-                "verdict": p.verdict, "box": p.region,
+                "verdict": p.verdict, "box": p.region, "refusal": p.refusal,
                 "top_k": p.top_k.iter().map(|r| serde_json::json!({"ndc": r.ndc, "prob": r.prob})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
@@ -122,6 +132,6 @@ impl Scanner {
             }
             event.details["more_pills"] = serde_json::json!(by_verdict);
         }
-        Ok(self.audit.append(event)?.seq)
+        event
     }
 }

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
+use rxvision_daemon::audit::{AuditKey, AuditLog, KeyRing};
+use rxvision_daemon::scan::verification_event;
 use rxvision_daemon::telemetry::{WindowCounts, WindowEnd};
 use rxvision_models::classify::Classifier;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
@@ -25,15 +27,22 @@ fn a_window_counts_what_the_counter_answered() {
         .take(4)
         .chain([png(&image::RgbImage::new(1, 1)), b"not a picture".to_vec()])
         .collect();
-    let mut window = WindowCounts::new(1_000);
+    // The counts come from the scans' audit records, as the service stores them.
+    let dir = tempfile::tempdir().unwrap();
+    let audit = AuditLog::open(dir.path(), KeyRing::new(AuditKey::from_master(&[7; 32]))).unwrap();
+    let mut window = WindowCounts::new(u64::MAX);
     let mut pills_with_crops = 0;
     let mut answered_classes = 0;
     for frame in &frames {
         let analysis = path.analyse(&request, frame).unwrap();
         pills_with_crops += analysis.pills.iter().filter(|p| p.crop.is_some()).count() as u64;
         answered_classes += analysis.pills.iter().filter(|p| !p.top_k.is_empty()).count() as u64;
-        window.add_scan(&analysis, "3c9a61d0f2b4e587");
+        let seq = audit.append(verification_event(&request, frame, &analysis)).unwrap().seq;
+        let record = audit.get(seq).unwrap().unwrap();
+        window.add_verification(&record, "3c9a61d0f2b4e587");
+        window.add_features(&analysis);
     }
+    assert!(window.start_ms() < u64::MAX, "the window starts no later than its first record");
     window.add_feedback("fixture-00", true);
     window.add_feedback("fixture-01", false);
     let end = WindowEnd {

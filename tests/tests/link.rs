@@ -332,3 +332,72 @@ fn a_broker_that_asks_for_client_certificates_gets_the_devices() {
     let status = http(d.addr, "GET", "/v1/status", None);
     assert_eq!(status["telemetry"]["link"], "down", "{status}");
 }
+
+/// An appliance killed with SIGKILL between windows, then one whose audit
+/// store is restored from an older copy, against the real ingest: every
+/// scan it answered reaches the fleet's database exactly once, and the
+/// fleet flags the restored chain.
+#[test]
+fn a_killed_appliance_loses_no_scan_and_a_restored_audit_store_is_flagged() {
+    if !crate::broker::tools_present("a_killed_appliance_loses_no_scan_and_a_restored_audit_store_is_flagged") {
+        return;
+    }
+    use crate::fleet::Ingest;
+    let broker = Broker::start(&[INGEST, DEVICE]);
+    let fleet_dir = tempfile::tempdir().unwrap();
+    let ingest =
+        Ingest::start(fleet_dir.path(), broker.port, &format!("sqlite://{}/fleet.db", fleet_dir.path().display()));
+    let fleet_scans = || ingest.devices().get(DEVICE.0).map_or(0, |d| d["scans"].as_i64().unwrap());
+    let wait_for_fleet = |what: &str, done: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(40), "the fleet never saw {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start_daemon(dir.path(), broker.port);
+    wait_for(&d, "the link coming up", |s| s["telemetry"]["link"] == "up");
+    for _ in 0..3 {
+        scan(&d);
+    }
+    // SIGKILL right after answering: the window holding these scans was never stored.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    d = start_daemon(dir.path(), broker.port);
+    scan(&d);
+    scan(&d);
+    wait_for_fleet("five scans", &|| fleet_scans() >= 5);
+    wait_for(&d, "the outbox emptying", |s| s["telemetry"]["outbox"]["depth"] == 0);
+    assert_eq!(fleet_scans(), 5, "every scan answered reached the fleet once");
+
+    // A copy of the store (daemon stopped), two more scans, then the copy restored.
+    drop(d);
+    let backup = tempfile::tempdir().unwrap();
+    let copy = |from: &Path, to: &Path| {
+        let out = Command::new("cp").arg("-a").arg(from).arg(to).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    copy(&dir.path().join("audit"), backup.path());
+    copy(&dir.path().join("audit-anchor"), backup.path());
+    d = start_daemon(dir.path(), broker.port);
+    scan(&d);
+    scan(&d);
+    wait_for_fleet("seven scans", &|| fleet_scans() >= 7);
+    drop(d);
+    std::fs::remove_dir_all(dir.path().join("audit")).unwrap();
+    copy(&backup.path().join("audit"), dir.path());
+    copy(&backup.path().join("audit-anchor"), dir.path());
+    d = start_daemon(dir.path(), broker.port);
+    scan(&d);
+    let flagged = || {
+        ingest.query(&["events"]).as_array().unwrap().iter().any(|e| {
+            e["kind"] == "audit_chain_rewritten" && e["device_id"] == DEVICE.0 && e["details"]["how"] == "shorter"
+        })
+    };
+    wait_for_fleet("the restored chain flagged", &flagged);
+    wait_for_fleet("the scan after the restore", &|| fleet_scans() >= 8);
+    wait_for(&d, "the outbox emptying", |s| s["telemetry"]["outbox"]["depth"] == 0);
+    assert_eq!(fleet_scans(), 8, "the restored store's new scan counted once, nothing recounted");
+    assert_eq!(ingest.devices()[DEVICE.0]["chain_rewrites"], 1);
+}

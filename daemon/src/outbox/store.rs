@@ -183,6 +183,39 @@ impl Outbox {
     /// Accepts a message (its payload without a `seq`); returns its queue id
     /// once it is durable.
     pub fn push(&self, kind: MessageKind, now_ms: u64, payload: &[u8]) -> Result<u64, OutboxError> {
+        self.push_marked(kind, now_ms, payload, None)
+    }
+
+    /// [`Outbox::push`] of a telemetry window that counted the audit
+    /// records below `audit_through`: the message and the mark are stored in
+    /// one transaction, so after a crash the next window counts exactly the
+    /// records no stored window counted ([`Outbox::audit_through`]).
+    pub fn push_window(&self, now_ms: u64, payload: &[u8], audit_through: u64) -> Result<u64, OutboxError> {
+        self.push_marked(MessageKind::Window, now_ms, payload, Some(audit_through))
+    }
+
+    /// The audit sequence number the last stored window counted up to
+    /// (exclusive); `None` before the first window.
+    pub fn audit_through(&self) -> Result<Option<u64>, OutboxError> {
+        read_u64(&self.meta, "audit_through")
+    }
+
+    /// Sets the audit mark (the chain position telemetry counts from) of a
+    /// new outbox, or of one whose audit store was restored, durably.
+    pub fn start_audit_mark(&self, audit_through: u64) -> Result<(), OutboxError> {
+        let _tracker = self.tracker();
+        self.meta.insert("audit_through", &audit_through.to_be_bytes())?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    fn push_marked(
+        &self,
+        kind: MessageKind,
+        now_ms: u64,
+        payload: &[u8],
+        audit_through: Option<u64>,
+    ) -> Result<u64, OutboxError> {
         let mut tracker = self.tracker();
         let entry = Entry {
             id: tracker.next_id(),
@@ -193,8 +226,15 @@ impl Outbox {
             created_ms: now_ms,
         };
         // Persisted first: the tracker learns of it only once it is durable.
-        self.messages.insert(entry.id.to_be_bytes(), encode_record(&entry, payload))?;
-        self.meta.insert("next_id", &(entry.id + 1).to_be_bytes())?;
+        let record = encode_record(&entry, payload);
+        (&self.messages, &self.meta).transaction(|(messages, meta)| {
+            messages.insert(&entry.id.to_be_bytes(), record.as_slice())?;
+            meta.insert("next_id", &(entry.id + 1).to_be_bytes())?;
+            if let Some(through) = audit_through {
+                meta.insert("audit_through", &through.to_be_bytes())?;
+            }
+            Ok::<(), ConflictableTransactionError<sled::Error>>(())
+        })?;
         self.store.sync()?;
         let appended = tracker.append(kind, payload.len() as u64, now_ms);
         debug_assert_eq!(appended, entry);

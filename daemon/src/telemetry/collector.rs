@@ -1,15 +1,24 @@
 //! Collecting windows while the counter works, and storing them in the
 //! outbox when they end.
 //!
-//! The request handlers hand each answered scan and each piece of feedback
-//! to a [`Collector`] (a bounded channel: a full channel drops the
-//! observation and counts it, a scan never waits for telemetry). A
-//! [`WindowWorker`] thread owns the current [`WindowCounts`]: it computes
-//! the drift features from the pill crops, and at the end of every window
-//! (and when the service stops) stores the window in the [`Outbox`] and
-//! applies the outbox's budget. Windows are stored without their `seq`
-//! ([`stored_window`], [`stored_event`]); [`finalize`] gives them one when
-//! they are first sent, and [`merge_windows`] is the budget's merge.
+//! **What a window counts comes from the audit log.** At the end of every
+//! window (and when the service stops) the [`WindowWorker`] reads the audit
+//! records appended since the last stored window (verifications and
+//! feedback), counts them into [`WindowCounts`], and stores the window
+//! together with the chain position it counted up to, in one outbox
+//! transaction ([`Outbox::push_window`]). After a crash, the first window
+//! counts the records no stored window counted: every answered scan reaches
+//! the fleet exactly once, `kill -9` included.
+//!
+//! **The drift features come from memory.** The request handlers hand each
+//! answered analysis to a [`Collector`] (a bounded channel: a full channel
+//! drops it and counts it, a scan never waits for telemetry); the worker
+//! computes the features from its pill crops. A scan whose analysis was lost
+//! is still counted, without features.
+//!
+//! Windows are stored without their `seq` ([`stored_window`],
+//! [`stored_event`]); [`finalize`] gives them one when they are first sent,
+//! and [`merge_windows`] is the budget's merge.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -19,7 +28,7 @@ use std::time::{Duration, Instant};
 use rxvision_counter::analysis::Analysis;
 use rxvision_protocol::{ChainHead, Event, OutboxLosses, Telemetry};
 
-use crate::audit::{now_ms, AuditLog};
+use crate::audit::{now_ms, AuditLog, RecordKind};
 use crate::outbox::{MessageKind, Outbox};
 use crate::telemetry::window::{WindowCounts, WindowEnd};
 use rxvision_models::classify::Classifier;
@@ -27,22 +36,13 @@ use rxvision_models::classify::Classifier;
 /// Observations waiting for the worker at most.
 const QUEUE: usize = 1024;
 
-/// Something the counter did that telemetry counts.
+/// Something the counter did that telemetry needs from memory.
 #[derive(Debug)]
 pub enum Observation {
-    /// An answered scan, with the keyed hash of its operator.
+    /// An answered scan's analysis (its pill crops, for the drift features).
     Scan {
-        /// The analysis (with the pill crops for the drift features).
+        /// The analysis.
         analysis: Box<Analysis>,
-        /// Keyed hash of the operator id.
-        operator: String,
-    },
-    /// A pharmacist confirmed or corrected an answer of class `class`.
-    Feedback {
-        /// The NDC the counter answered.
-        class: String,
-        /// Confirmed (else corrected).
-        confirmed: bool,
     },
 }
 
@@ -83,25 +83,45 @@ impl WindowWorker {
     /// Runs until `stop` is set (then stores the window in progress, if it
     /// counted anything) or every collector is gone.
     pub fn run(self, stop: Arc<AtomicBool>) {
+        // Where the last stored window stopped counting; a new outbox starts at the chain's head.
+        // A mark beyond the chain's head: the store was restored from an
+        // older copy; its records up to the head were counted before, and
+        // what it appends from now on is new.
+        let mut through = match self.outbox.audit_through() {
+            Ok(Some(through)) if through <= self.audit.head().0 => through,
+            Ok(_) => {
+                let head = self.audit.head().0;
+                if let Err(e) = self.outbox.start_audit_mark(head) {
+                    tracing::error!(error = %e, "the outbox's audit mark could not be stored");
+                }
+                head
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the outbox's audit mark is unreadable; counting from the chain's head");
+                self.audit.head().0
+            }
+        };
         let mut counts = WindowCounts::new(now_ms());
         let mut fallbacks_at_start = self.classifier.engines().fallbacks();
         let mut ends = Instant::now() + self.window;
         loop {
             let wait = ends.saturating_duration_since(Instant::now()).min(Duration::from_millis(200));
-            match self.receiver.recv_timeout(wait) {
-                Ok(Observation::Scan { analysis, operator }) => counts.add_scan(&analysis, &operator),
-                Ok(Observation::Feedback { class, confirmed }) => counts.add_feedback(&class, confirmed),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.store(counts, fallbacks_at_start);
-                    return;
+            let disconnected = match self.receiver.recv_timeout(wait) {
+                Ok(Observation::Scan { analysis }) => {
+                    counts.add_features(&analysis);
+                    false
                 }
-            }
-            let stopping = stop.load(Ordering::Acquire);
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            let stopping = disconnected || stop.load(Ordering::Acquire);
             if Instant::now() >= ends || stopping {
                 let fallbacks = self.classifier.engines().fallbacks();
-                if !stopping || counts.scans() > 0 {
-                    self.store(counts, fallbacks_at_start);
+                let head = self.count_records(&mut counts, through);
+                if !stopping || counts.scans() > 0 || head > through {
+                    if self.store(counts, fallbacks_at_start, head) {
+                        through = head;
+                    }
                 }
                 if stopping {
                     return;
@@ -113,8 +133,45 @@ impl WindowWorker {
         }
     }
 
-    /// Stores a finished window and keeps the outbox within its budget.
-    fn store(&self, counts: WindowCounts, fallbacks_at_start: u64) {
+    /// Counts the audit records from `through` to the chain's head into
+    /// `counts`; returns the head's sequence number.
+    fn count_records(&self, counts: &mut WindowCounts, through: u64) -> u64 {
+        let (head, _) = self.audit.head();
+        for seq in through..head {
+            let record = match self.audit.get(seq) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue, // pruned under the retention policy before it was counted
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "an audit record could not be read for telemetry");
+                    continue;
+                }
+            };
+            match record.kind {
+                RecordKind::Verification => {
+                    let operator =
+                        record.operator.as_deref().map(|o| operator_hash(&self.audit, o)).unwrap_or_default();
+                    counts.add_verification(&record, &operator);
+                }
+                RecordKind::Feedback => {
+                    let target = record.details.get("audit_seq").and_then(serde_json::Value::as_u64);
+                    let confirmed =
+                        record.details.get("confirmed").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                    let answered = target
+                        .and_then(|t| self.audit.get(t).ok().flatten())
+                        .and_then(|r| r.top_k.first().map(|c| c.ndc.clone()));
+                    if let Some(class) = answered {
+                        counts.add_feedback(&class, confirmed);
+                    }
+                }
+                _ => {}
+            }
+        }
+        head
+    }
+
+    /// Stores a finished window that counted the records below `through`,
+    /// and keeps the outbox within its budget; false if it was not stored.
+    fn store(&self, counts: WindowCounts, fallbacks_at_start: u64, through: u64) -> bool {
         let (next_seq, head) = self.audit.head();
         let losses = self.outbox.losses();
         let end = WindowEnd {
@@ -135,16 +192,25 @@ impl WindowWorker {
         let stored = stored_window(&telemetry);
         let outcome = self
             .outbox
-            .push(MessageKind::Window, telemetry.window.start_ms, &stored)
+            .push_window(telemetry.window.start_ms, &stored, through)
             .and_then(|_| self.outbox.enforce_budget(self.budget, merge_windows));
         match outcome {
             Ok(steps) if !steps.is_empty() => {
-                tracing::warn!(steps = steps.len(), losses = ?self.outbox.losses(), "telemetry outbox over budget: old windows merged or dropped")
+                tracing::warn!(steps = steps.len(), losses = ?self.outbox.losses(), "telemetry outbox over budget: old windows merged or dropped");
+                true
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "a telemetry window could not be stored"),
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "a telemetry window could not be stored; its records go into the next");
+                false
+            }
         }
     }
+}
+
+/// The keyed hash telemetry counts an operator under (never the id).
+pub fn operator_hash(audit: &AuditLog, operator_id: &str) -> String {
+    audit.pseudonym(operator_id).chars().take(16).collect()
 }
 
 /// A window as the outbox stores it (its `seq` is given when it is first sent).

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::audit::AuditRecord;
 use rxvision_counter::analysis::Analysis;
 use rxvision_models::features;
 use rxvision_protocol::{
@@ -74,40 +75,55 @@ impl WindowCounts {
         self.start_ms
     }
 
-    /// Counts one answered scan; `operator` is the keyed hash of the operator id.
-    /// The drift features are computed here from the pill crops the analysis
-    /// kept: off the answer's path, and with no second decode.
-    pub fn add_scan(&mut self, analysis: &Analysis, operator: &str) {
+    /// Counts one answered scan from its audit record (the log is the
+    /// durable source of what the counter answered: a window counts the
+    /// records between two chain heads, so a crash loses no scan and counts
+    /// none twice); `operator` is the keyed hash of the operator id.
+    pub fn add_verification(&mut self, record: &AuditRecord, operator: &str) {
         self.scans += 1;
-        bump(&mut self.verdicts, analysis.verdict.as_str());
-        if let Some(code) = analysis.refusal {
+        self.start_ms = self.start_ms.min(record.time_ms);
+        bump(&mut self.verdicts, record.verdict.as_deref().unwrap_or("UNKNOWN"));
+        if let Some(code) = record.details.get("refusal").and_then(|c| c.as_str()) {
             bump(&mut self.refusals, code);
         }
-        self.latency_ms.observe(analysis.latency_ms);
+        if let Some(latency) = record.latency_ms {
+            self.latency_ms.observe(latency);
+        }
         bump(&mut self.operators, operator);
-        for pill in &analysis.pills {
-            if let Some(code) = pill.refusal {
+        let pills = record.details.get("pills").and_then(|p| p.as_array()).map(Vec::as_slice).unwrap_or_default();
+        for pill in pills {
+            if let Some(code) = pill.get("refusal").and_then(|c| c.as_str()) {
                 bump(&mut self.refusals, code);
             }
-            if let Some(best) = pill.top_k.first() {
-                bump(&mut self.classes, &best.ndc);
-                self.confidence.observe(f64::from(best.prob));
+            let best = pill.get("top_k").and_then(|t| t.get(0));
+            if let (Some(ndc), Some(prob)) =
+                (best.and_then(|b| b["ndc"].as_str()), best.and_then(|b| b["prob"].as_f64()))
+            {
+                bump(&mut self.classes, ndc);
+                self.confidence.observe(prob);
             }
-            if let Some(crop) = &pill.crop {
-                let f = features::compute(crop);
-                for (name, value) in [
-                    ("aspect_ratio", f.aspect_ratio),
-                    ("mean_r", f.mean_r),
-                    ("mean_g", f.mean_g),
-                    ("mean_b", f.mean_b),
-                    ("brightness", f.brightness),
-                    ("blur", f.blur),
-                    ("contrast", f.contrast),
-                    ("entropy", f.entropy),
-                ] {
-                    if let Some(histogram) = self.features.get_mut(name) {
-                        histogram.observe(value);
-                    }
+        }
+    }
+
+    /// Adds the drift features of the pill crops an analysis kept: computed
+    /// here, off the answer's path, with no second decode. Best effort: the
+    /// crops live only in memory, so a scan whose analysis never reached the
+    /// worker (a crash, a full queue) is counted without its features.
+    pub fn add_features(&mut self, analysis: &Analysis) {
+        for crop in analysis.pills.iter().filter_map(|p| p.crop.as_ref()) {
+            let f = features::compute(crop);
+            for (name, value) in [
+                ("aspect_ratio", f.aspect_ratio),
+                ("mean_r", f.mean_r),
+                ("mean_g", f.mean_g),
+                ("mean_b", f.mean_b),
+                ("brightness", f.brightness),
+                ("blur", f.blur),
+                ("contrast", f.contrast),
+                ("entropy", f.entropy),
+            ] {
+                if let Some(histogram) = self.features.get_mut(name) {
+                    histogram.observe(value);
                 }
             }
         }
