@@ -95,6 +95,8 @@ struct Produced {
     windows: u64,
     scans: u64,
     events: u64,
+    /// Bytes of the windows as stored (before merging).
+    window_bytes: u64,
     verdicts: BTreeMap<String, u64>,
     outbox_depth: u64,
     merged_windows: u64,
@@ -262,6 +264,9 @@ async fn run(args: Args) -> Result<bool, String> {
     let start_ms = now_ms().saturating_sub(args.windows * args.window_seconds * 1000);
     let mut producers = Vec::new();
     let mut devices = Vec::new();
+    // Devices offline at the end start their links together, once every
+    // backlog is in place (the drain starts at one moment, for benchmarks).
+    let backlog_ready = Arc::new(tokio::sync::Barrier::new(args.devices + 1));
     for n in 0..args.devices {
         let id = format!("{}-s{:03}-c{:05}", args.prefix, n % args.sites.max(1), n);
         let outbox = Outbox::open(&args.state_dir.join(&id), 32).map_err(|e| format!("{id}: {e}"))?;
@@ -275,6 +280,7 @@ async fn run(args: Args) -> Result<bool, String> {
         let args = args.clone();
         let mix = mix.clone();
         let link_config = link_config.clone();
+        let backlog_ready = backlog_ready.clone();
         producers.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (n as u64 + 1).wrapping_mul(0x1000_0000_01B3));
             let mut produced = Produced::default();
@@ -316,6 +322,7 @@ async fn run(args: Args) -> Result<bool, String> {
                 let outbox = device.outbox.clone();
                 let budget = args.budget;
                 let stored = stored_window(&window);
+                produced.window_bytes += stored.len() as u64;
                 let window_start = window.window.start_ms;
                 let event = (args.events_every > 0 && (index + 1) % args.events_every == 0).then(|| Event {
                     v: PROTOCOL_VERSION,
@@ -326,7 +333,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     details: serde_json::Map::from_iter([("window".to_string(), serde_json::json!(index))]),
                 });
                 produced.events += u64::from(event.is_some());
-                tokio::task::spawn_blocking(move || {
+                let queued = tokio::task::spawn_blocking(move || {
                     outbox.push(MessageKind::Window, window_start, &stored)?;
                     if let Some(event) = event {
                         outbox.push(MessageKind::Event, window_start, &stored_event(&event))?;
@@ -335,17 +342,27 @@ async fn run(args: Args) -> Result<bool, String> {
                 })
                 .await
                 .expect("the outbox task runs")
-                .map_err(|e| format!("{}: {e}", device.id))?;
+                .map_err(|e| format!("{}: {e}", device.id));
+                if let Err(e) = queued {
+                    // Leave the barrier to the others, then report.
+                    backlog_ready.wait().await;
+                    return Err(e);
+                }
                 if args.interval_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
                 }
             }
+            backlog_ready.wait().await;
             if link.is_none() {
                 link = Some(start_link(&device));
             }
             Ok::<_, String>((produced, link))
         }));
     }
+    backlog_ready.wait().await;
+    let backlog: usize = devices.iter().map(|d| d.outbox.depth().0).sum();
+    let drain_started = tokio::time::Instant::now();
+    println!("rxvision-fleet-sim: {backlog} messages queued; draining");
     let mut results = Vec::new();
     for producer in producers {
         results.push(producer.await.map_err(|e| e.to_string())??);
@@ -362,6 +379,11 @@ async fn run(args: Args) -> Result<bool, String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    println!(
+        "rxvision-fleet-sim: drained {backlog} messages from {} devices in {:.3} s",
+        devices.len(),
+        drain_started.elapsed().as_secs_f64()
+    );
     let mut report = BTreeMap::new();
     for (device, (mut produced, link)) in devices.iter().zip(results) {
         let losses = device.outbox.losses();
