@@ -535,10 +535,10 @@ fn a_window_and_the_audit_mark_it_counted_to_are_stored_together() {
         assert_eq!(outbox.audit_through().unwrap(), None, "a new outbox has no mark");
         outbox.start_audit_mark(5).unwrap();
         assert_eq!(outbox.audit_through().unwrap(), Some(5));
-        outbox.push_window(1_000, b"{\"window\":1}", 9).unwrap();
+        outbox.push_window(1_000, &[b"{\"event\":0}".to_vec()], b"{\"window\":1}", 9).unwrap();
         outbox.push(MessageKind::Event, 1_000, b"{\"event\":1}").unwrap();
     }
     let outbox = Outbox::open(dir.path(), 8).unwrap();
     assert_eq!(outbox.audit_through().unwrap(), Some(9), "the mark survives a reopen; an event leaves it alone");
-    assert_eq!(outbox.depth().0, 2);
+    assert_eq!(outbox.depth().0, 3);
 }

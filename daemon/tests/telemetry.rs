@@ -148,3 +148,74 @@ fn the_service_stores_its_windows_in_the_outbox() {
         }
     }
 }
+
+/// The window worker counts from the audit log: a record it has not yet
+/// counted is counted after a restart, audit notices become events stored
+/// with their window, and nothing is counted twice.
+#[test]
+fn windows_and_events_come_from_the_audit_log_exactly_once() {
+    use rxvision_daemon::audit::{AuditEvent, RecordKind};
+    use rxvision_daemon::outbox::{MessageKind, Outbox};
+    use rxvision_daemon::telemetry::{finalize, TelemetryService};
+    use rxvision_protocol::{Event, EventKind};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    let options = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: 1, ..EngineOptions::default() };
+    let classifier = Arc::new(Classifier::open(Some(&fixture()), &[], options).unwrap());
+    let path = CounterPath::new(classifier.clone());
+    let request = ScanRequest { expected_ndc: None, operator_id: "tech-1".into(), rx_ref: None };
+    let frame = std::fs::read(fixture().join("selftest/c00_white_round.png")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let audit =
+        Arc::new(AuditLog::open(&dir.path().join("audit"), KeyRing::new(AuditKey::from_master(&[7; 32]))).unwrap());
+    let scan = |audit: &AuditLog| {
+        let analysis = path.analyse(&request, &frame).unwrap();
+        audit.append(verification_event(&request, &frame, &analysis)).unwrap();
+    };
+    let run_worker = |audit: &Arc<AuditLog>| {
+        let outbox = Arc::new(Outbox::open(&dir.path().join("outbox"), 64).unwrap());
+        let service = TelemetryService::new(
+            "counter-test",
+            Duration::from_secs(3600),
+            1 << 20,
+            outbox.clone(),
+            audit.clone(),
+            classifier.clone(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = service.start(stop.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        worker.join().unwrap();
+        outbox
+    };
+    // A first run marks where counting starts: the record before it is history.
+    scan(&audit);
+    drop(run_worker(&audit));
+    // Two scans and a clock notice, then a run that stops (storing its window).
+    scan(&audit);
+    let mut notice = AuditEvent::new(RecordKind::ClockJump);
+    notice.details = serde_json::json!({ "clock_ms": 1, "last_record_ms": 2 });
+    audit.append(notice).unwrap();
+    scan(&audit);
+    let outbox = run_worker(&audit);
+    let mut windows = Vec::new();
+    let mut events = Vec::new();
+    outbox.connected();
+    while let Some((seq, kind, payload)) = outbox.next_to_send(finalize).unwrap() {
+        outbox.sent(seq);
+        match kind {
+            MessageKind::Window => windows.push(decode::<Telemetry>(&payload).unwrap()),
+            MessageKind::Event => events.push(decode::<Event>(&payload).unwrap()),
+        }
+    }
+    assert_eq!(windows.iter().map(|w| w.scans).sum::<u64>(), 2, "only the records after the mark, once");
+    let jumps: Vec<&Event> = events.iter().filter(|e| e.kind == EventKind::ClockJump).collect();
+    assert_eq!(jumps.len(), 1, "{events:?}");
+    assert_eq!(jumps[0].details["audit_seq"], 2);
+    // Another run counts nothing again.
+    drop(outbox);
+    let outbox = run_worker(&audit);
+    assert_eq!(outbox.depth().0, windows.len() + events.len(), "nothing new was stored");
+}

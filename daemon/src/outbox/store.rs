@@ -186,12 +186,23 @@ impl Outbox {
         self.push_marked(kind, now_ms, payload, None)
     }
 
-    /// [`Outbox::push`] of a telemetry window that counted the audit
-    /// records below `audit_through`: the message and the mark are stored in
-    /// one transaction, so after a crash the next window counts exactly the
-    /// records no stored window counted ([`Outbox::audit_through`]).
-    pub fn push_window(&self, now_ms: u64, payload: &[u8], audit_through: u64) -> Result<u64, OutboxError> {
-        self.push_marked(MessageKind::Window, now_ms, payload, Some(audit_through))
+    /// Accepts the events found in the audit records `[.., audit_through)`
+    /// and the telemetry window that counted them (events first), with the
+    /// audit mark, in one transaction: after a crash the next window counts
+    /// exactly the records no stored window counted, and no event is
+    /// announced twice ([`Outbox::audit_through`]).
+    pub fn push_window(
+        &self,
+        now_ms: u64,
+        events: &[Vec<u8>],
+        window: &[u8],
+        audit_through: u64,
+    ) -> Result<u64, OutboxError> {
+        let mut messages: Vec<(MessageKind, &[u8])> =
+            events.iter().map(|e| (MessageKind::Event, e.as_slice())).collect();
+        messages.push((MessageKind::Window, window));
+        let ids = self.push_all(&messages, now_ms, Some(audit_through))?;
+        Ok(*ids.last().expect("the window was pushed"))
     }
 
     /// The audit sequence number the last stored window counted up to
@@ -216,29 +227,47 @@ impl Outbox {
         payload: &[u8],
         audit_through: Option<u64>,
     ) -> Result<u64, OutboxError> {
+        Ok(self.push_all(&[(kind, payload)], now_ms, audit_through)?[0])
+    }
+
+    /// Stores messages (and the audit mark) in one transaction; the tracker
+    /// learns of them only once they are durable.
+    fn push_all(
+        &self,
+        messages: &[(MessageKind, &[u8])],
+        now_ms: u64,
+        audit_through: Option<u64>,
+    ) -> Result<Vec<u64>, OutboxError> {
         let mut tracker = self.tracker();
-        let entry = Entry {
-            id: tracker.next_id(),
-            seq: None,
-            kind,
-            windows: u32::from(kind == MessageKind::Window),
-            bytes: payload.len() as u64,
-            created_ms: now_ms,
-        };
-        // Persisted first: the tracker learns of it only once it is durable.
-        let record = encode_record(&entry, payload);
-        (&self.messages, &self.meta).transaction(|(messages, meta)| {
-            messages.insert(&entry.id.to_be_bytes(), record.as_slice())?;
-            meta.insert("next_id", &(entry.id + 1).to_be_bytes())?;
+        let first = tracker.next_id();
+        let records: Vec<(u64, Vec<u8>)> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, (kind, payload))| {
+                let entry = Entry {
+                    id: first + i as u64,
+                    seq: None,
+                    kind: *kind,
+                    windows: u32::from(*kind == MessageKind::Window),
+                    bytes: payload.len() as u64,
+                    created_ms: now_ms,
+                };
+                (entry.id, encode_record(&entry, payload))
+            })
+            .collect();
+        let next_id = first + messages.len() as u64;
+        (&self.messages, &self.meta).transaction(|(tree, meta)| {
+            for (id, record) in &records {
+                tree.insert(&id.to_be_bytes(), record.as_slice())?;
+            }
+            meta.insert("next_id", &next_id.to_be_bytes())?;
             if let Some(through) = audit_through {
                 meta.insert("audit_through", &through.to_be_bytes())?;
             }
             Ok::<(), ConflictableTransactionError<sled::Error>>(())
         })?;
         self.store.sync()?;
-        let appended = tracker.append(kind, payload.len() as u64, now_ms);
-        debug_assert_eq!(appended, entry);
-        Ok(entry.id)
+        Ok(messages.iter().map(|(kind, payload)| tracker.append(*kind, payload.len() as u64, now_ms).id).collect())
     }
 
     /// The next message to publish: its `seq` (given and synced now if it

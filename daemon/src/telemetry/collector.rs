@@ -26,10 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rxvision_counter::analysis::Analysis;
-use rxvision_protocol::{ChainHead, Event, OutboxLosses, Telemetry};
+use rxvision_protocol::{ChainHead, Event, EventKind, OutboxLosses, Telemetry, PROTOCOL_VERSION};
 
 use crate::audit::{now_ms, AuditLog, RecordKind};
-use crate::outbox::{MessageKind, Outbox};
+use crate::outbox::{BudgetAction, MessageKind, Outbox};
 use crate::telemetry::window::{WindowCounts, WindowEnd};
 use rxvision_models::classify::Classifier;
 
@@ -117,9 +117,9 @@ impl WindowWorker {
             let stopping = disconnected || stop.load(Ordering::Acquire);
             if Instant::now() >= ends || stopping {
                 let fallbacks = self.classifier.engines().fallbacks();
-                let head = self.count_records(&mut counts, through);
+                let (head, events) = self.count_records(&mut counts, through);
                 if !stopping || counts.scans() > 0 || head > through {
-                    if self.store(counts, fallbacks_at_start, head) {
+                    if self.store(counts, &events, fallbacks_at_start, head) {
                         through = head;
                     }
                 }
@@ -134,9 +134,11 @@ impl WindowWorker {
     }
 
     /// Counts the audit records from `through` to the chain's head into
-    /// `counts`; returns the head's sequence number.
-    fn count_records(&self, counts: &mut WindowCounts, through: u64) -> u64 {
+    /// `counts`; returns the head's sequence number and the events those
+    /// records announce (a clock found behind, an accepted store), stored.
+    fn count_records(&self, counts: &mut WindowCounts, through: u64) -> (u64, Vec<Vec<u8>>) {
         let (head, _) = self.audit.head();
+        let mut events = Vec::new();
         for seq in through..head {
             let record = match self.audit.get(seq) {
                 Ok(Some(record)) => record,
@@ -163,15 +165,35 @@ impl WindowWorker {
                         counts.add_feedback(&class, confirmed);
                     }
                 }
+                RecordKind::ClockJump | RecordKind::StoreAccepted => {
+                    let kind = if record.kind == RecordKind::ClockJump {
+                        EventKind::ClockJump
+                    } else {
+                        EventKind::AuditStoreAccepted
+                    };
+                    let mut details = record.details.as_object().cloned().unwrap_or_default();
+                    details.insert("audit_seq".into(), record.seq.into());
+                    // Operator names stay in the encrypted log.
+                    details.remove("operator");
+                    let event = Event {
+                        v: PROTOCOL_VERSION,
+                        device_id: self.device_id.clone(),
+                        seq: 0,
+                        time_ms: record.time_ms,
+                        kind,
+                        details,
+                    };
+                    events.push(stored_event(&event));
+                }
                 _ => {}
             }
         }
-        head
+        (head, events)
     }
 
     /// Stores a finished window that counted the records below `through`,
     /// and keeps the outbox within its budget; false if it was not stored.
-    fn store(&self, counts: WindowCounts, fallbacks_at_start: u64, through: u64) -> bool {
+    fn store(&self, counts: WindowCounts, events: &[Vec<u8>], fallbacks_at_start: u64, through: u64) -> bool {
         let (next_seq, head) = self.audit.head();
         let losses = self.outbox.losses();
         let end = WindowEnd {
@@ -192,11 +214,37 @@ impl WindowWorker {
         let stored = stored_window(&telemetry);
         let outcome = self
             .outbox
-            .push_window(telemetry.window.start_ms, &stored, through)
+            .push_window(telemetry.window.start_ms, events, &stored, through)
             .and_then(|_| self.outbox.enforce_budget(self.budget, merge_windows));
         match outcome {
             Ok(steps) if !steps.is_empty() => {
-                tracing::warn!(steps = steps.len(), losses = ?self.outbox.losses(), "telemetry outbox over budget: old windows merged or dropped");
+                let losses = self.outbox.losses();
+                tracing::warn!(
+                    steps = steps.len(),
+                    ?losses,
+                    "telemetry outbox over budget: old windows merged or dropped"
+                );
+                if steps.iter().any(|step| matches!(step, BudgetAction::Drop { .. })) {
+                    // Something was dropped: say so (merges travel in every window's counts).
+                    let event = Event {
+                        v: PROTOCOL_VERSION,
+                        device_id: self.device_id.clone(),
+                        seq: 0,
+                        time_ms: now_ms(),
+                        kind: EventKind::OutboxOverflow,
+                        details: serde_json::json!({
+                            "merged_windows": losses.merged_windows,
+                            "dropped_windows": losses.dropped_windows,
+                            "dropped_events": losses.dropped_events,
+                        })
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    };
+                    if let Err(e) = self.outbox.push(MessageKind::Event, event.time_ms, &stored_event(&event)) {
+                        tracing::error!(error = %e, "the outbox_overflow event could not be stored");
+                    }
+                }
                 true
             }
             Ok(_) => true,
