@@ -243,8 +243,8 @@ impl Db {
     ) -> Result<Committed, DbError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Committed::default();
-        // Per device in this batch: (acked_seq, chain_epoch), read once.
-        let mut devices: HashMap<String, (u64, i64)> = HashMap::new();
+        // Per device in this batch, read once and kept up to date.
+        let mut devices: HashMap<String, DeviceBatch> = HashMap::new();
         let mut sequenced: Vec<String> = Vec::new();
         for message in accepted {
             let device = message.device_id().to_string();
@@ -252,15 +252,14 @@ impl Db {
                 let state = touch_device(&mut tx, &device, now_ms).await?;
                 devices.insert(device.clone(), state);
             }
-            let (acked, epoch) = devices[&device];
+            let state = devices.get_mut(&device).expect("inserted above");
             match message {
                 Incoming::Status(status) => {
                     apply_status(&mut tx, status, now_ms).await?;
                     out.statuses += 1;
                     if let Some(head) = &status.audit {
                         let report = Report { head, window_seq: None, device_ms: status.time_ms };
-                        if let Some(rewrite) = check_chain(&mut tx, &device, epoch, &report, now_ms).await? {
-                            devices.insert(device.clone(), (acked, epoch + 1));
+                        if let Some(rewrite) = check_chain(&mut tx, &device, state, &report, now_ms).await? {
                             out.rewrites.push((device.clone(), rewrite));
                         }
                     }
@@ -270,7 +269,7 @@ impl Db {
                     if !sequenced.contains(&device) {
                         sequenced.push(device.clone());
                     }
-                    if seq <= acked || !store_message(&mut tx, message, now_ms).await? {
+                    if seq <= state.acked || !store_message(&mut tx, message, now_ms).await? {
                         out.duplicates += 1;
                         continue;
                     }
@@ -282,25 +281,23 @@ impl Db {
                                 window_seq: Some(window.seq),
                                 device_ms: window.window.end_ms,
                             };
-                            let rewrite = check_chain(&mut tx, &device, epoch, &report, now_ms).await?;
-                            let epoch = if let Some(rewrite) = rewrite {
-                                devices.insert(device.clone(), (acked, epoch + 1));
+                            if let Some(rewrite) = check_chain(&mut tx, &device, state, &report, now_ms).await? {
                                 out.rewrites.push((device.clone(), rewrite));
-                                epoch + 1
-                            } else {
-                                epoch
-                            };
-                            store_window(&mut tx, window, epoch).await?;
+                            }
+                            store_window(&mut tx, window, state.epoch).await?;
+                            if seq > state.max_seq {
+                                state.last_window = Some(window.audit.clone());
+                            }
                         }
                         Incoming::Event(event) => store_event(&mut tx, event).await?,
                         Incoming::Status(_) => {}
                     }
+                    state.max_seq = state.max_seq.max(seq);
                 }
             }
         }
         for device in sequenced {
-            let (acked, _) = devices[&device];
-            let contiguous = advance_ack(&mut tx, &device, acked).await?;
+            let contiguous = advance_ack(&mut tx, &device, devices[&device].acked).await?;
             out.acks.insert(device, contiguous);
         }
         for refusal in rejected {
@@ -420,8 +417,23 @@ impl Db {
     }
 }
 
-/// Creates the device's row if new, notes it was seen; its (acked_seq, chain_epoch).
-async fn touch_device(tx: &mut Tx<'_>, device: &str, now_ms: u64) -> Result<(u64, i64), DbError> {
+/// What a batch knows of a device: read once when the batch first meets
+/// it, then kept up to date by the batch.
+#[derive(Debug)]
+struct DeviceBatch {
+    /// Every message up to this `seq` was committed before the batch.
+    acked: u64,
+    /// The current epoch of its chain-head history.
+    epoch: i64,
+    /// The highest `seq` stored.
+    max_seq: u64,
+    /// The chain head of the stored window with the highest `seq`, if it is
+    /// of the current epoch: the previous window of one above `max_seq`.
+    last_window: Option<ChainHead>,
+}
+
+/// Creates the device's row if new, notes it was seen, and reads what the batch needs.
+async fn touch_device(tx: &mut Tx<'_>, device: &str, now_ms: u64) -> Result<DeviceBatch, DbError> {
     sqlx::query(
         "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, acked_seq, online, chain_epoch) \
          VALUES ($1, $2, $2, 0, 0, 0) ON CONFLICT (device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
@@ -430,11 +442,24 @@ async fn touch_device(tx: &mut Tx<'_>, device: &str, now_ms: u64) -> Result<(u64
     .bind(i(now_ms))
     .execute(&mut **tx)
     .await?;
-    let row = sqlx::query("SELECT acked_seq, chain_epoch FROM devices WHERE device_id = $1")
-        .bind(device)
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok((u(row.get(0)), row.get(1)))
+    let row = sqlx::query(
+        "SELECT acked_seq, chain_epoch, (SELECT MAX(seq) FROM device_messages WHERE device_id = $1) \
+         FROM devices WHERE device_id = $1",
+    )
+    .bind(device)
+    .fetch_one(&mut **tx)
+    .await?;
+    let (acked, epoch, max_seq) = (u(row.get(0)), row.get::<i64, _>(1), row.get::<Option<i64>, _>(2).map_or(0, u));
+    let last_window = sqlx::query(
+        "SELECT audit_next_seq, audit_head, chain_epoch FROM telemetry_windows \
+         WHERE device_id = $1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(device)
+    .fetch_optional(&mut **tx)
+    .await?
+    .filter(|r| r.get::<i64, _>(2) == epoch)
+    .map(|r| ChainHead { next_seq: u(r.get(0)), head: r.get(1) });
+    Ok(DeviceBatch { acked, epoch, max_seq, last_window })
 }
 
 async fn apply_status(tx: &mut Tx<'_>, status: &Status, _now_ms: u64) -> Result<(), DbError> {
@@ -532,27 +557,48 @@ struct Report<'a> {
 }
 
 /// Checks a reported chain head against the device's history (current
-/// epoch), records it, and on a rewrite raises `audit_chain_rewritten` and
+/// epoch) and records it; on a rewrite raises `audit_chain_rewritten` and
 /// starts the next epoch (where the report is recorded). A status is
 /// compared with what the device reported as of its own time or earlier: a
 /// retained status delivered again (the ingest reconnected) is older than
 /// the windows after it and must not look shorter than them.
+///
+/// The common case costs one statement: the report's row is inserted first
+/// (a length not seen before has no head to compare), and a window above
+/// every stored `seq` takes its neighbour from the batch's state.
 async fn check_chain(
     tx: &mut Tx<'_>,
     device: &str,
-    epoch: i64,
+    state: &mut DeviceBatch,
     report: &Report<'_>,
     now_ms: u64,
 ) -> Result<Option<Rewrite>, DbError> {
-    let (head, window_seq) = (report.head, report.window_seq);
-    let same_length =
+    let (head, window_seq, epoch) = (report.head, report.window_seq, state.epoch);
+    let record = |epoch: i64| {
+        sqlx::query(
+            "INSERT INTO audit_heads (device_id, chain_epoch, next_seq, head, source, device_ms, reported_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (device_id, chain_epoch, next_seq) DO NOTHING",
+        )
+        .bind(device.to_string())
+        .bind(epoch)
+        .bind(i(head.next_seq))
+        .bind(head.head.clone())
+        .bind(if window_seq.is_some() { "telemetry" } else { "status" })
+        .bind(i(report.device_ms))
+        .bind(i(now_ms))
+    };
+    let recorded = record(epoch).execute(&mut **tx).await?.rows_affected() == 1;
+    let same_length = if recorded {
+        None
+    } else {
         sqlx::query("SELECT head FROM audit_heads WHERE device_id = $1 AND chain_epoch = $2 AND next_seq = $3")
             .bind(device)
             .bind(epoch)
             .bind(i(head.next_seq))
             .fetch_optional(&mut **tx)
             .await?
-            .map(|r| r.get::<String, _>(0));
+            .map(|r| r.get::<String, _>(0))
+    };
     let mut history = History { same_length, ..History::default() };
     let source = match window_seq {
         None => {
@@ -567,6 +613,11 @@ async fn check_chain(
             .get::<Option<i64>, _>(0)
             .map(u);
             Source::Status
+        }
+        Some(seq) if seq > state.max_seq => {
+            // In order: the previous window is the batch's latest, and none comes after.
+            history.previous_window = state.last_window.clone();
+            Source::Window
         }
         Some(seq) => {
             let neighbour = |sql: &'static str| sqlx::query(sql).bind(device.to_string()).bind(epoch).bind(i(seq));
@@ -588,49 +639,45 @@ async fn check_chain(
             Source::Window
         }
     };
-    let rewrite = chain::judge(head, source, &history);
-    let mut record_epoch = epoch;
-    if let Some(rewrite) = &rewrite {
-        record_epoch = epoch + 1;
-        let details = serde_json::json!({
-            "how": rewrite.as_str(),
-            "reported": { "next_seq": head.next_seq, "head": head.head },
-            "source": match window_seq { Some(seq) => format!("telemetry seq {seq}"), None => "status".into() },
-            "previous": match rewrite {
-                Rewrite::Forked { previous_head } => serde_json::json!({ "next_seq": head.next_seq, "head": previous_head }),
-                Rewrite::Shorter { previous_next_seq } => serde_json::json!({ "next_seq": previous_next_seq }),
-            },
-            "chain_epoch": record_epoch,
-        });
-        tracing::warn!(device, how = rewrite.as_str(), "audit chain rewritten");
-        sqlx::query("INSERT INTO fleet_events (time_ms, device_id, kind, details) VALUES ($1, $2, $3, $4)")
-            .bind(i(now_ms))
+    let Some(rewrite) = chain::judge(head, source, &history) else { return Ok(None) };
+    let next_epoch = epoch + 1;
+    let details = serde_json::json!({
+        "how": rewrite.as_str(),
+        "reported": { "next_seq": head.next_seq, "head": head.head },
+        "source": match window_seq { Some(seq) => format!("telemetry seq {seq}"), None => "status".into() },
+        "previous": match &rewrite {
+            Rewrite::Forked { previous_head } => serde_json::json!({ "next_seq": head.next_seq, "head": previous_head }),
+            Rewrite::Shorter { previous_next_seq } => serde_json::json!({ "next_seq": previous_next_seq }),
+        },
+        "chain_epoch": next_epoch,
+    });
+    tracing::warn!(device, how = rewrite.as_str(), "audit chain rewritten");
+    sqlx::query("INSERT INTO fleet_events (time_ms, device_id, kind, details) VALUES ($1, $2, $3, $4)")
+        .bind(i(now_ms))
+        .bind(device)
+        .bind("audit_chain_rewritten")
+        .bind(details.to_string())
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE devices SET chain_epoch = $2, chain_rewritten_ms = $3 WHERE device_id = $1")
+        .bind(device)
+        .bind(next_epoch)
+        .bind(i(now_ms))
+        .execute(&mut **tx)
+        .await?;
+    // The report opens the new epoch's history (not the old one's).
+    if recorded {
+        sqlx::query("DELETE FROM audit_heads WHERE device_id = $1 AND chain_epoch = $2 AND next_seq = $3")
             .bind(device)
-            .bind("audit_chain_rewritten")
-            .bind(details.to_string())
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("UPDATE devices SET chain_epoch = $2, chain_rewritten_ms = $3 WHERE device_id = $1")
-            .bind(device)
-            .bind(record_epoch)
-            .bind(i(now_ms))
+            .bind(epoch)
+            .bind(i(head.next_seq))
             .execute(&mut **tx)
             .await?;
     }
-    sqlx::query(
-        "INSERT INTO audit_heads (device_id, chain_epoch, next_seq, head, source, device_ms, reported_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (device_id, chain_epoch, next_seq) DO NOTHING",
-    )
-    .bind(device)
-    .bind(record_epoch)
-    .bind(i(head.next_seq))
-    .bind(&head.head)
-    .bind(if window_seq.is_some() { "telemetry" } else { "status" })
-    .bind(i(report.device_ms))
-    .bind(i(now_ms))
-    .execute(&mut **tx)
-    .await?;
-    Ok(rewrite)
+    record(next_epoch).execute(&mut **tx).await?;
+    state.epoch = next_epoch;
+    state.last_window = None;
+    Ok(Some(rewrite))
 }
 
 /// Moves the device's `acked_seq` over every stored `seq` that continues it.

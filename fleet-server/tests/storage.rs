@@ -173,6 +173,37 @@ async fn refusals_are_counted_by_device_channel_and_reason() {
 }
 
 #[tokio::test]
+async fn windows_whose_chain_shrinks_in_seq_order_are_flagged_in_order_or_not() {
+    let dbs = Databases::new("windows").await;
+    for db in dbs.open_each().await {
+        let backend = db.backend();
+        // In order, across batches and past an event: 1 (10), event 2, 3 (5): shorter.
+        db.commit(&[window("w-1", 1, 1, head(10, 'a')), event("w-1", 2)], &[], 1_000).await.unwrap();
+        let shrunk = db.commit(&[window("w-1", 3, 1, head(5, 'b'))], &[], 2_000).await.unwrap();
+        assert_eq!(shrunk.rewrites.len(), 1, "{backend:?}: in order");
+        // Out of order: 2 (50) then 1 (60), which is longer than the window after it.
+        db.commit(&[window("w-2", 2, 1, head(50, 'c'))], &[], 1_000).await.unwrap();
+        let late = db.commit(&[window("w-2", 1, 1, head(60, 'd'))], &[], 2_000).await.unwrap();
+        assert_eq!(late.rewrites.len(), 1, "{backend:?}: out of order");
+        // Growing windows in one batch and out of order raise nothing.
+        let fine = db
+            .commit(
+                &[
+                    window("w-3", 1, 1, head(10, 'e')),
+                    window("w-3", 3, 1, head(30, 'f')),
+                    window("w-3", 2, 1, head(20, 'g')),
+                ],
+                &[],
+                1_000,
+            )
+            .await
+            .unwrap();
+        assert!(fine.rewrites.is_empty(), "{backend:?}: {:?}", fine.rewrites);
+        assert_eq!(fine.acks["w-3"], 3);
+    }
+}
+
+#[tokio::test]
 async fn a_restored_audit_store_is_flagged_once_and_an_outage_backlog_is_not() {
     let dbs = Databases::new("anchoring").await;
     for db in dbs.open_each().await {
