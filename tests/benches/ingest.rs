@@ -22,10 +22,7 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::Broker;
-use fleet::{binary, database_urls, Ingest, INGEST};
-
-const PASSWORD: &str = "sim-device-secret";
+use fleet::{binary, broker_for, database_urls, sim_devices, Ingest, INGEST, SIM_PASSWORD as PASSWORD};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -85,14 +82,12 @@ fn main() {
     } else {
         tempfile::tempdir().unwrap()
     };
-    let ids: Vec<String> = (0..devices).map(|i| format!("bench-s{:03}-c{i:05}", i % 50)).collect();
-    let mut accounts: Vec<(&str, &str)> = vec![INGEST];
-    accounts.extend(ids.iter().map(|d| (d.as_str(), PASSWORD)));
+    let ids = sim_devices("bench", devices, 50);
     println!("ingest benchmark: {devices} devices x {windows} windows offline, then reconnecting");
     for (backend, url) in database_urls(dir.path(), "bench") {
         let run = dir.path().join(&backend);
         std::fs::create_dir_all(&run).unwrap();
-        let broker = Broker::start(&accounts);
+        let broker = broker_for("bench", devices, 50);
         let ingest = Ingest::start(&run, broker.port, &url);
         let mut sim = Command::new(binary("rxvision-fleet-sim"))
             .args(["--broker", &format!("mqtt://127.0.0.1:{}", broker.port), "--password", PASSWORD])

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::broker::{tools_present, Broker};
 
 pub const INGEST: (&str, &str) = ("rxfleet-ingest", "ingest-secret-1");
-const SIM_PASSWORD: &str = "sim-device-secret";
+pub const SIM_PASSWORD: &str = "sim-device-secret";
 
 /// `target/<profile>/<name>`, built by `cargo build --workspace`.
 pub fn binary(name: &str) -> PathBuf {
@@ -160,8 +160,17 @@ impl Ingest {
     }
 }
 
-fn sim_devices(prefix: &str, n: usize, sites: usize) -> Vec<String> {
+/// The simulator's device ids (`{prefix}-s{site}-c{n}`).
+pub fn sim_devices(prefix: &str, n: usize, sites: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-s{:03}-c{i:05}", i % sites)).collect()
+}
+
+/// A broker with the ingest's account and one for each simulated device.
+pub fn broker_for(prefix: &str, n: usize, sites: usize) -> Broker {
+    let devices = sim_devices(prefix, n, sites);
+    let mut accounts: Vec<(&str, &str)> = vec![INGEST];
+    accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
+    Broker::start(&accounts)
 }
 
 /// Runs the simulator in the background; its report lands in `dir/report.json`.
@@ -218,10 +227,7 @@ fn a_simulated_fleet_lands_exactly_once_through_broker_ingest_and_database_resta
         let run = dir.path().join(&backend);
         std::fs::create_dir_all(&run).unwrap();
         let prefix = format!("f{backend}");
-        let devices = sim_devices(&prefix, 4, 2);
-        let mut accounts: Vec<(&str, &str)> = vec![INGEST];
-        accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
-        let mut broker = Broker::start(&accounts);
+        let mut broker = broker_for(&prefix, 4, 2);
         let mut ingest = Ingest::start(&run, broker.port, &url);
         let sim = start_sim(
             &run,
@@ -334,10 +340,7 @@ fn network_cuts_that_drop_or_black_hole_traffic_lose_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/fleet.db", dir.path().display());
-    let devices = sim_devices("net", 3, 1);
-    let mut accounts: Vec<(&str, &str)> = vec![INGEST];
-    accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
-    let broker = Broker::start(&accounts);
+    let broker = broker_for("net", 3, 1);
     let ingest = Ingest::start(dir.path(), broker.port, &url);
     let proxy = Proxy::start(broker.port);
     let sim = start_sim(
@@ -384,10 +387,7 @@ fn a_week_offline_drains_in_order_with_the_budget_policy_counted() {
         tempfile::tempdir().unwrap()
     };
     let url = format!("sqlite://{}/fleet.db", dir.path().display());
-    let devices = sim_devices("week", 2, 1);
-    let mut accounts: Vec<(&str, &str)> = vec![INGEST];
-    accounts.extend(devices.iter().map(|d| (d.as_str(), SIM_PASSWORD)));
-    let mut broker = Broker::start(&accounts);
+    let mut broker = broker_for("week", 2, 1);
     let ingest = Ingest::start(dir.path(), broker.port, &url);
     broker.kill();
     // A week of one-minute windows while the broker is down; a 4 MB budget
