@@ -76,6 +76,7 @@ fn terminate_postgres_connections(url: &str) {
 pub struct Ingest {
     child: Child,
     pub config: PathBuf,
+    failed_commits: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for Ingest {
@@ -116,16 +117,21 @@ impl Ingest {
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
+        let failed_commits: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let failed = failed_commits.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[ingest] {line}");
                 if line.contains("ingest connected to the broker") {
                     let _ = tx.send(());
                 }
+                if line.contains("could not be committed") {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
             }
         });
         rx.recv_timeout(Duration::from_secs(30)).expect("the ingest connects to the broker");
-        Ingest { child, config }
+        Ingest { child, config, failed_commits }
     }
 
     /// `kill -9`, then a new ingest with the same configuration.
@@ -133,6 +139,11 @@ impl Ingest {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         *self = Ingest::launch(self.config.clone());
+    }
+
+    /// Batches whose commit failed (and was retried), as the ingest logged them.
+    pub fn failed_commits(&self) -> usize {
+        self.failed_commits.load(Ordering::SeqCst)
     }
 
     /// Whether it still runs.
@@ -270,6 +281,154 @@ fn a_simulated_fleet_lands_exactly_once_through_broker_ingest_and_database_resta
         let events = ingest.query(&["events"]);
         assert_eq!(events, serde_json::json!([]), "{backend}: no audit chain was rewritten");
     }
+}
+
+/// A PostgreSQL server of the test's own (`initdb` in a temporary
+/// directory, a free port), so a test can restart it under load; stopped
+/// when dropped. `None` (and why) when PostgreSQL's server programs are not
+/// installed; where they must be (CI), that fails the test.
+struct OwnPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn start(test: &str) -> Option<OwnPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|versions| {
+            versions.filter_map(Result::ok).map(|v| v.path().join("bin")).filter(|b| b.join("pg_ctl").exists()).max()
+        });
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var_os("RXVISION_REQUIRE_REFERENCES").is_none(),
+                "PostgreSQL's server programs (/usr/lib/postgresql/*/bin) are required here"
+            );
+            eprintln!("SKIPPED {test}: PostgreSQL's server programs are not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = OwnPostgres { dir, bin, port };
+        if nix_root() {
+            let out = Command::new("chown").args(["-R", "postgres:postgres"]).arg(pg.dir.path()).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let data = pg.dir.path().join("data");
+        pg.run("initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]);
+        pg.ctl(&[
+            "start",
+            "-o",
+            &format!("-p {} -k {} -c listen_addresses=127.0.0.1", pg.port, pg.dir.path().display()),
+        ]);
+        let created = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE fleet",
+            ])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+        Some(pg)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/fleet", self.port)
+    }
+
+    /// Runs one of PostgreSQL's programs as the `postgres` user (when root).
+    fn run(&self, program: &str, args: &[&str]) {
+        let binary = self.bin.join(program);
+        let out = if nix_root() {
+            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&binary).args(args).output().unwrap()
+        } else {
+            Command::new(&binary).args(args).output().unwrap()
+        };
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("postgres.log");
+        let mut all = vec!["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w"];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all);
+    }
+
+    /// A fast shutdown (clients disconnected, in-flight transactions rolled
+    /// back), `down` without a database, then a start.
+    fn restart(&self, down: Duration) {
+        self.ctl(&["-m", "fast", "stop"]);
+        std::thread::sleep(down);
+        self.ctl(&[
+            "start",
+            "-o",
+            &format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().display()),
+        ]);
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let binary = self.bin.join("pg_ctl");
+        let args = ["-D", data.to_str().unwrap(), "-m", "immediate", "stop"];
+        let _ = if nix_root() {
+            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&binary).args(args).output()
+        } else {
+            Command::new(&binary).args(args).output()
+        };
+    }
+}
+
+fn nix_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+#[test]
+fn the_fleet_database_restarted_under_load_loses_nothing() {
+    if !tools_present("the_fleet_database_restarted_under_load_loses_nothing") {
+        return;
+    }
+    let Some(postgres) = OwnPostgres::start("the_fleet_database_restarted_under_load_loses_nothing") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker_for("pgr", 3, 1);
+    let ingest = Ingest::start(dir.path(), broker.port, &postgres.url());
+    let sim = start_sim(
+        dir.path(),
+        broker.port,
+        "pgr",
+        &[
+            "--devices",
+            "3",
+            "--windows",
+            "80",
+            "--interval-ms",
+            "50",
+            "--ack-timeout-secs",
+            "2",
+            "--keep-alive-secs",
+            "2",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    eprintln!("PostgreSQL restarting under load");
+    postgres.restart(Duration::from_secs(4));
+    let report = finish_sim(sim, dir.path());
+    assert_totals_match(&report, &ingest.devices(), "postgres restart");
+    assert!(ingest.failed_commits() > 0, "the ingest met the database down (the fault was exercised)");
 }
 
 /// A TCP proxy between the appliances and the broker that can pass
