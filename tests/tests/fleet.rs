@@ -683,3 +683,26 @@ fn bad_payloads_from_an_outside_client_are_counted_and_the_ingest_keeps_going() 
     assert_eq!(fleet[device.0]["windows"], 1);
     broker.kill();
 }
+
+#[test]
+fn rxfleet_prints_its_default_configuration_and_names_a_wrong_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = Command::new(binary("rxfleet")).arg("print-default-config").output().unwrap();
+    assert!(printed.status.success());
+    let default = dir.path().join("default.toml");
+    std::fs::write(&default, &printed.stdout).unwrap();
+    let checked = Command::new(binary("rxfleet")).args(["config", "check", "--config"]).arg(&default).output().unwrap();
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+    let wrong = dir.path().join("wrong.toml");
+    std::fs::write(&wrong, "[broker]\nurl = \"mqtt://127.0.0.1:1883\"\npasword_file = \"/etc/x\"\n").unwrap();
+    let refused = Command::new(binary("rxfleet")).args(["config", "check", "--config"]).arg(&wrong).output().unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("broker.pasword_file"), "{said}");
+    // A database URL it cannot use is refused at start with the reason, and nothing is created.
+    let bad_db = dir.path().join("bad-db.toml");
+    std::fs::write(&bad_db, "[database]\nurl = \"postgres://nobody@127.0.0.1:1/none\"\n").unwrap();
+    let out = Command::new(binary("rxfleet")).args(["migrate", "--config"]).arg(&bad_db).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database"), "{}", String::from_utf8_lossy(&out.stderr));
+}
