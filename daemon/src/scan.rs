@@ -100,38 +100,36 @@ impl Scanner {
 /// counts (verdict, refusal codes, latency, every recorded pill's classes),
 /// so windows are counted from the durable log.
 pub fn verification_event(request: &ScanRequest, frame: &[u8], result: &Analysis) -> AuditEvent {
-    {
-        let mut event = AuditEvent::new(RecordKind::Verification);
-        event.operator = Some(request.operator_id.clone());
-        event.rx_ref = request.rx_ref.clone();
-        event.image_sha256 = Some(digest(&SHA256, frame).as_ref().iter().map(|b| format!("{b:02x}")).collect());
-        event.model_version = Some(result.model_version.clone());
-        event.engine = Some(result.engine.clone());
-        event.top_k = result
-            .pills
-            .first()
-            .map(|p| p.top_k.iter().map(|r| RankedClass { ndc: r.ndc.clone(), prob: r.prob }).collect())
-            .unwrap_or_default();
-        event.verdict = Some(result.verdict.as_str().to_string());
-        event.latency_ms = Some(result.latency_ms);
-        event.details = serde_json::json!({
-            "expected_ndc": request.expected_ndc,
-            "count": result.count,
-            "partial": result.partial,
-            "reason": result.reason,
-            "refusal": result.refusal,
-            "pills": result.pills.iter().take(MAX_PILLS_RECORDED).map(|p| serde_json::json!({
-                "verdict": p.verdict, "box": p.region, "refusal": p.refusal,
-                "top_k": p.top_k.iter().map(|r| serde_json::json!({"ndc": r.ndc, "prob": r.prob})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        });
-        if result.pills.len() > MAX_PILLS_RECORDED {
-            let mut by_verdict = std::collections::BTreeMap::<&str, usize>::new();
-            for pill in &result.pills[MAX_PILLS_RECORDED..] {
-                *by_verdict.entry(pill.verdict.as_str()).or_default() += 1;
-            }
-            event.details["more_pills"] = serde_json::json!(by_verdict);
+    let mut event = AuditEvent::new(RecordKind::Verification);
+    event.operator = Some(request.operator_id.clone());
+    event.rx_ref = request.rx_ref.clone();
+    event.image_sha256 = Some(digest(&SHA256, frame).as_ref().iter().map(|b| format!("{b:02x}")).collect());
+    event.model_version = Some(result.model_version.clone());
+    event.engine = Some(result.engine.clone());
+    event.top_k = result
+        .pills
+        .first()
+        .map(|p| p.top_k.iter().map(|r| RankedClass { ndc: r.ndc.clone(), prob: r.prob }).collect())
+        .unwrap_or_default();
+    event.verdict = Some(result.verdict.as_str().to_string());
+    event.latency_ms = Some(result.latency_ms);
+    event.details = serde_json::json!({
+        "expected_ndc": request.expected_ndc,
+        "count": result.count,
+        "partial": result.partial,
+        "reason": result.reason,
+        "refusal": result.refusal,
+        "pills": result.pills.iter().take(MAX_PILLS_RECORDED).map(|p| serde_json::json!({
+            "verdict": p.verdict, "box": p.region, "refusal": p.refusal,
+            "top_k": p.top_k.iter().map(|r| serde_json::json!({"ndc": r.ndc, "prob": r.prob})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    if result.pills.len() > MAX_PILLS_RECORDED {
+        let mut by_verdict = std::collections::BTreeMap::<&str, usize>::new();
+        for pill in &result.pills[MAX_PILLS_RECORDED..] {
+            *by_verdict.entry(pill.verdict.as_str()).or_default() += 1;
         }
-        event
+        event.details["more_pills"] = serde_json::json!(by_verdict);
     }
+    event
 }

@@ -89,6 +89,11 @@ impl Drop for Ingest {
 impl Ingest {
     /// Writes a configuration in `dir` for the broker on `port` and database `url`, and starts the ingest.
     pub fn start(dir: &Path, port: u16, url: &str) -> Ingest {
+        Ingest::start_to(dir, &format!("mqtt://127.0.0.1:{port}"), None, url)
+    }
+
+    /// Like [`Ingest::start`], to broker URL `broker` (`mqtts://` with the CA file `ca`).
+    pub fn start_to(dir: &Path, broker: &str, ca: Option<&Path>, url: &str) -> Ingest {
         let password = dir.join("ingest.password");
         std::fs::write(&password, INGEST.1).unwrap();
         std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -96,10 +101,11 @@ impl Ingest {
         std::fs::write(
             &config,
             format!(
-                "[fleet]\nstate_dir = {:?}\n[database]\nurl = {url:?}\n[broker]\nurl = \"mqtt://127.0.0.1:{port}\"\n\
-                 password_file = {:?}\nclient_id = \"rxfleet-ingest-{}\"\n[ingest]\nbatch_wait_ms = 10\n",
+                "[fleet]\nstate_dir = {:?}\n[database]\nurl = {url:?}\n[broker]\nurl = {broker:?}\n\
+                 password_file = {:?}\nca_file = {:?}\nclient_id = \"rxfleet-ingest-{}\"\n[ingest]\nbatch_wait_ms = 10\n",
                 dir.display().to_string(),
                 password.display().to_string(),
+                ca.map(|c| c.display().to_string()).unwrap_or_default(),
                 std::process::id(),
             ),
         )

@@ -401,3 +401,29 @@ fn a_killed_appliance_loses_no_scan_and_a_restored_audit_store_is_flagged() {
     assert_eq!(fleet_scans(), 8, "the restored store's new scan counted once, nothing recounted");
     assert_eq!(ingest.devices()[DEVICE.0]["chain_rewrites"], 1);
 }
+
+/// The whole path over TLS: an appliance and the fleet's ingest both check
+/// the broker's certificate against the fleet's CA.
+#[test]
+fn an_appliance_reaches_the_ingest_through_a_tls_broker() {
+    if !crate::broker::tools_present("an_appliance_reaches_the_ingest_through_a_tls_broker") {
+        return;
+    }
+    use crate::fleet::Ingest;
+    let broker = Broker::start_tls(&[INGEST, DEVICE]);
+    let address = format!("mqtts://localhost:{}", broker.port);
+    let fleet_dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/fleet.db", fleet_dir.path().display());
+    let ingest = Ingest::start_to(fleet_dir.path(), &address, Some(&broker.ca_file()), &url);
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon_to(dir.path(), &address, Some(&broker.ca_file()), None);
+    scan(&d);
+    scan(&d);
+    let started = Instant::now();
+    while ingest.devices().get(DEVICE.0).map_or(0, |d| d["scans"].as_i64().unwrap()) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the scans never reached the fleet over TLS");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for(&d, "the outbox emptying", |s| s["telemetry"]["outbox"]["depth"] == 0);
+    assert_eq!(ingest.devices()[DEVICE.0]["online"], true, "the retained status arrived");
+}

@@ -83,10 +83,10 @@ impl WindowWorker {
     /// Runs until `stop` is set (then stores the window in progress, if it
     /// counted anything) or every collector is gone.
     pub fn run(self, stop: Arc<AtomicBool>) {
-        // Where the last stored window stopped counting; a new outbox starts at the chain's head.
-        // A mark beyond the chain's head: the store was restored from an
-        // older copy; its records up to the head were counted before, and
-        // what it appends from now on is new.
+        // Where the last stored window stopped counting. A new outbox starts
+        // at the chain's head; so does one whose mark is beyond the head (the
+        // store was restored from an older copy: its records up to the head
+        // were counted before, and what it appends from now on is new).
         let mut through = match self.outbox.audit_through() {
             Ok(Some(through)) if through <= self.audit.head().0 => through,
             Ok(_) => {

@@ -89,7 +89,9 @@ impl WindowCounts {
         if let Some(latency) = record.latency_ms {
             self.latency_ms.observe(latency);
         }
-        bump(&mut self.operators, operator);
+        if !operator.is_empty() {
+            bump(&mut self.operators, operator);
+        }
         let pills = record.details.get("pills").and_then(|p| p.as_array()).map(Vec::as_slice).unwrap_or_default();
         for pill in pills {
             if let Some(code) = pill.get("refusal").and_then(|c| c.as_str()) {
