@@ -545,15 +545,23 @@ fn a_week_offline_drains_in_order_with_the_budget_policy_counted() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in database_urls(dir.path(), "week") {
+        let run = dir.path().join(&backend);
+        std::fs::create_dir_all(&run).unwrap();
+        week_offline(&run, &url, &backend);
+    }
+}
+
+/// A week offline, into the database at `url`, with `dir` for the fleet's files.
+fn week_offline(dir: &Path, url: &str, backend: &str) {
     // The simulated appliances' outboxes on tmpfs where there is one: a week of windows is 10,080 synced appends each.
     let devices_dir = if Path::new("/dev/shm").is_dir() {
         tempfile::tempdir_in("/dev/shm").unwrap()
     } else {
         tempfile::tempdir().unwrap()
     };
-    let url = format!("sqlite://{}/fleet.db", dir.path().display());
     let mut broker = broker_for("week", 2, 1);
-    let ingest = Ingest::start(dir.path(), broker.port, &url);
+    let ingest = Ingest::start(dir, broker.port, url);
     broker.kill();
     // A week of one-minute windows while the broker is down; a 4 MB budget
     // holds about a third of them, so old windows are merged.
@@ -572,13 +580,13 @@ fn a_week_offline_drains_in_order_with_the_budget_policy_counted() {
     .arg("--state-dir")
     .arg(devices_dir.path())
     .arg("--report")
-    .arg(dir.path().join("report.json"));
+    .arg(dir.join("report.json"));
     let started = Instant::now();
     let sim = sim.spawn().unwrap();
     // The broker comes back while the devices are still offline.
     std::thread::sleep(Duration::from_secs(2));
     broker.restart();
-    let report = finish_sim(sim, dir.path());
+    let report = finish_sim(sim, dir);
     eprintln!("a week of windows for 2 devices produced and drained in {:.1} s", started.elapsed().as_secs_f64());
     let fleet = ingest.devices();
     for (id, own) in &report {
@@ -600,7 +608,7 @@ fn a_week_offline_drains_in_order_with_the_budget_policy_counted() {
             f["base_windows"], f["windows"], own["merged_windows"]
         );
     }
-    assert_totals_match(&report, &fleet, "week");
+    assert_totals_match(&report, &fleet, backend);
 }
 
 #[test]
@@ -609,10 +617,18 @@ fn bad_payloads_from_an_outside_client_are_counted_and_the_ingest_keeps_going() 
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    for (backend, url) in database_urls(dir.path(), "bad_payloads") {
+        let run = dir.path().join(&backend);
+        std::fs::create_dir_all(&run).unwrap();
+        bad_payloads(&run, &url);
+    }
+}
+
+/// Bad payloads into an ingest on the database at `url`, with `dir` for its files.
+fn bad_payloads(dir: &Path, url: &str) {
     let device = ("counter-bad", "bad-secret");
     let mut broker = Broker::start(&[INGEST, device]);
-    let mut ingest = Ingest::start(dir.path(), broker.port, &url);
+    let mut ingest = Ingest::start(dir, broker.port, url);
     let golden: Value = serde_json::from_slice(
         &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/golden/telemetry.json")).unwrap(),
     )
@@ -635,7 +651,7 @@ fn bad_payloads_from_an_outside_client_are_counted_and_the_ingest_keeps_going() 
         ("another device's id", other_device.to_string()),
     ];
     let publish = |payload: &[u8]| {
-        let file = dir.path().join("payload");
+        let file = dir.join("payload");
         std::fs::write(&file, payload).unwrap();
         Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", device.0, "-P", device.1])
