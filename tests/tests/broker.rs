@@ -49,55 +49,50 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A CA, and a server certificate for `localhost` signed by it, as the
-/// shipped configuration names them (`ca.crt`, `server.crt`, `server.key`).
-fn make_certificates(dir: &Path) {
-    let openssl = |args: &[&str]| openssl(dir, args);
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=rxvision test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    openssl(&[
+/// A self-signed CA in `dir`: `<name>.crt` and `<name>.key`.
+pub fn make_ca(dir: &Path, name: &str, subject: &str) {
+    let (cert, key) = (format!("{name}.crt"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &cert, "-days", "2", "-subj",
+            subject,
+        ],
+    );
+}
+
+/// A certificate for `subject` signed by the CA `ca.crt` in `dir` (with the
+/// extensions of the file `extfile`, if any): `<name>.crt` and `<name>.key`.
+fn sign(dir: &Path, name: &str, subject: &str, extfile: Option<&str>) {
+    let (csr, cert, key) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.key"));
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject]);
+    let mut args = vec![
         "x509",
         "-req",
         "-in",
-        "server.csr",
+        &csr,
         "-CA",
         "ca.crt",
         "-CAkey",
         "ca.key",
         "-CAcreateserial",
         "-out",
-        "server.crt",
+        &cert,
         "-days",
         "2",
-        "-extfile",
-        "san.ext",
-    ]);
+    ];
+    if let Some(extfile) = extfile {
+        args.extend(["-extfile", extfile]);
+    }
+    openssl(dir, &args);
+}
+
+/// A CA, and a server certificate for `localhost` signed by it, as the
+/// shipped configuration names them (`ca.crt`, `server.crt`, `server.key`).
+fn make_certificates(dir: &Path) {
+    make_ca(dir, "ca", "/CN=rxvision test CA");
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    sign(dir, "server", "/CN=localhost", Some("san.ext"));
     // Mosquitto started as root reads its certificates after dropping to its
     // own user: the test's private directory must let it in.
     use std::os::unix::fs::PermissionsExt;
@@ -135,35 +130,8 @@ impl Broker {
     /// A client certificate for `name` signed by the broker's CA: (certificate, key), the key mode 0600.
     pub fn client_certificate(&self, name: &str) -> (PathBuf, PathBuf) {
         let dir = self._dir.path();
-        let openssl = |args: &[&str]| openssl(dir, args);
-        let (csr, cert, key) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.key"));
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &cert,
-            "-days",
-            "2",
-        ]);
+        sign(dir, name, &format!("/CN={name}"), None);
+        let (cert, key) = (format!("{name}.crt"), format!("{name}.key"));
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
         (dir.join(cert), dir.join(key))

@@ -280,26 +280,7 @@ fn the_link_speaks_tls_to_a_broker_its_ca_vouches_for() {
     drop(d);
     // Another CA: the daemon refuses the broker and stays down (and keeps working).
     let other = tempfile::tempdir().unwrap();
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "k.pem",
-            "-out",
-            "other-ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=someone else",
-        ])
-        .current_dir(other.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    crate::broker::make_ca(other.path(), "other-ca", "/CN=someone else");
     let dir = tempfile::tempdir().unwrap();
     let d = start_daemon_to(
         dir.path(),
