@@ -2,10 +2,14 @@
 //! default is `firmware-cfg/rxfleet.toml`, embedded), unknown keys refused
 //! with their path, and every problem of a file reported at once.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::devices::BacklogLimits;
+use crate::lease::LeaseConfig;
 
 /// The annotated default configuration (`rxfleet print-default-config`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../firmware-cfg/rxfleet.toml");
@@ -45,9 +49,52 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     fleet: RawFleet,
+    http: RawHttp,
     database: RawDatabase,
     broker: RawBroker,
     ingest: RawIngest,
+    lease: RawLease,
+    attention: RawAttention,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    listen: String,
+    tls_cert_file: String,
+    tls_key_file: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> RawHttp {
+        RawHttp { listen: "127.0.0.1:8490".into(), tls_cert_file: String::new(), tls_key_file: String::new() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLease {
+    ttl_ms: u64,
+    renew_ms: u64,
+}
+
+impl Default for RawLease {
+    fn default() -> RawLease {
+        RawLease { ttl_ms: 6000, renew_ms: 1500 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAttention {
+    backlog_messages: i64,
+    backlog_age_seconds: i64,
+}
+
+impl Default for RawAttention {
+    fn default() -> RawAttention {
+        RawAttention { backlog_messages: 120, backlog_age_seconds: 1800 }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,7 +105,7 @@ struct RawFleet {
 
 impl Default for RawFleet {
     fn default() -> RawFleet {
-        RawFleet { state_dir: "/var/lib/rxfleet".into() }
+        RawFleet { state_dir: String::new() }
     }
 }
 
@@ -78,6 +125,13 @@ impl Default for RawDatabase {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawBroker {
+    mode: String,
+    mosquitto: String,
+    listen: String,
+    tls_listen: String,
+    tls_cert_file: String,
+    tls_key_file: String,
+    device_url: String,
     url: String,
     username: String,
     password_file: String,
@@ -89,7 +143,14 @@ struct RawBroker {
 impl Default for RawBroker {
     fn default() -> RawBroker {
         RawBroker {
-            url: "mqtt://127.0.0.1:1883".into(),
+            mode: "managed".into(),
+            mosquitto: "mosquitto".into(),
+            listen: "127.0.0.1:18830".into(),
+            tls_listen: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            device_url: String::new(),
+            url: String::new(),
             username: "rxfleet-ingest".into(),
             password_file: String::new(),
             password_credential: String::new(),
@@ -117,12 +178,38 @@ impl Default for RawIngest {
 pub struct FleetConfig {
     /// Where the fleet keeps its state.
     pub state_dir: PathBuf,
+    /// The API, dashboard and metrics.
+    pub http: HttpConfig,
+    /// The leader lease.
+    pub lease: LeaseConfig,
+    /// When a device needs attention.
+    pub attention: BacklogLimits,
     /// The database.
     pub database: DatabaseConfig,
     /// The broker the ingest reads.
     pub broker: BrokerConfig,
     /// Batching of the ingest.
     pub ingest: IngestConfig,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Address and port.
+    pub listen: SocketAddr,
+    /// TLS certificate chain and key (PEM), when HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// The Mosquitto `rxfleet serve` runs and supervises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedBroker {
+    /// The `mosquitto` executable.
+    pub mosquitto: PathBuf,
+    /// The plain MQTT listener (the ingest connects here).
+    pub listen: SocketAddr,
+    /// The TLS listener with its certificate and key, if any.
+    pub tls: Option<(SocketAddr, PathBuf, PathBuf)>,
 }
 
 /// The fleet's database.
@@ -193,6 +280,11 @@ pub struct BrokerConfig {
     pub ca_file: Option<PathBuf>,
     /// The MQTT client id (its session is kept while the ingest is away).
     pub client_id: String,
+    /// `Some`: `rxfleet serve` runs this broker (the fields above then
+    /// point at its plain listener and the generated ingest password).
+    pub managed: Option<ManagedBroker>,
+    /// The broker URL appliances are given (`devices add`).
+    pub device_url: String,
 }
 
 /// Batching of the ingest.
@@ -202,6 +294,16 @@ pub struct IngestConfig {
     pub batch_max: usize,
     /// How long a batch waits to fill.
     pub batch_wait: Duration,
+}
+
+/// Where `rxfleet serve` keeps the managed broker's files.
+pub fn managed_broker_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("mosquitto")
+}
+
+/// The generated password of the ingest's account at the managed broker.
+pub fn managed_ingest_password(state_dir: &Path) -> PathBuf {
+    managed_broker_dir(state_dir).join("ingest.password")
 }
 
 /// Reads and checks a configuration file; `None`: the embedded defaults.
@@ -246,11 +348,105 @@ pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), String> {
     Ok((tls, host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
+/// The state directory when `fleet.state_dir` is empty: systemd's
+/// `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/rxfleet`, else
+/// `~/.local/state/rxfleet`, else `./rxfleet-state`.
+pub fn default_state_dir() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var("STATE_DIRECTORY") {
+        // systemd may list several, separated by ':'.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first);
+    }
+    if let Some(dir) = var("XDG_STATE_HOME") {
+        return dir.join("rxfleet");
+    }
+    match var("HOME") {
+        Some(home) => home.join(".local/state/rxfleet"),
+        None => PathBuf::from("rxfleet-state"),
+    }
+}
+
+fn socket(key: &str, text: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    match text.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.push(format!("{key}: {text:?} is not an address:port (e.g. 127.0.0.1:8490)"));
+            None
+        }
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     let mut problems = Vec::new();
-    let state_dir = PathBuf::from(&raw.fleet.state_dir);
-    if raw.fleet.state_dir.is_empty() {
-        problems.push("fleet.state_dir: must name a directory".to_string());
+    let state_dir =
+        if raw.fleet.state_dir.is_empty() { default_state_dir() } else { PathBuf::from(&raw.fleet.state_dir) };
+    let http_listen = socket("http.listen", &raw.http.listen, &mut problems).unwrap_or_else(unspecified);
+    let http_tls = match (raw.http.tls_cert_file.is_empty(), raw.http.tls_key_file.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some((PathBuf::from(&raw.http.tls_cert_file), PathBuf::from(&raw.http.tls_key_file))),
+        _ => {
+            problems.push("http.tls_cert_file and http.tls_key_file: set both or neither".into());
+            None
+        }
+    };
+    if raw.lease.ttl_ms < 1000 || raw.lease.renew_ms == 0 || raw.lease.renew_ms * 2 > raw.lease.ttl_ms {
+        problems.push("lease: ttl_ms must be at least 1000 and at least twice renew_ms".into());
+    }
+    if raw.attention.backlog_messages < 1 || raw.attention.backlog_age_seconds < 1 {
+        problems.push("attention: backlog_messages and backlog_age_seconds must be positive".into());
+    }
+    let managed = match raw.broker.mode.as_str() {
+        "managed" => {
+            if !raw.broker.url.is_empty() {
+                problems.push("broker.url: the managed broker's address is broker.listen (url is for mode = \"external\")".into());
+            }
+            let listen = socket("broker.listen", &raw.broker.listen, &mut problems).unwrap_or_else(unspecified);
+            let tls = if raw.broker.tls_listen.is_empty() {
+                None
+            } else {
+                let addr = socket("broker.tls_listen", &raw.broker.tls_listen, &mut problems);
+                if raw.broker.tls_cert_file.is_empty() || raw.broker.tls_key_file.is_empty() {
+                    problems.push("broker.tls_listen: needs broker.tls_cert_file and broker.tls_key_file".into());
+                }
+                addr.map(|a| (a, raw.broker.tls_cert_file.clone().into(), raw.broker.tls_key_file.clone().into()))
+            };
+            Some(ManagedBroker { mosquitto: raw.broker.mosquitto.clone().into(), listen, tls })
+        }
+        "external" => {
+            if raw.broker.url.is_empty() {
+                problems.push("broker.url: mode = \"external\" needs the broker's mqtts://host:port".into());
+            }
+            None
+        }
+        other => {
+            problems.push(format!("broker.mode: {other:?} is neither \"managed\" nor \"external\""));
+            None
+        }
+    };
+    let broker_url = match &managed {
+        Some(m) if m.listen.ip().is_unspecified() => format!("mqtt://127.0.0.1:{}", m.listen.port()),
+        Some(m) => format!("mqtt://{}", m.listen),
+        None => raw.broker.url.clone(),
+    };
+    let device_url = if !raw.broker.device_url.is_empty() {
+        raw.broker.device_url.clone()
+    } else {
+        match &managed {
+            Some(ManagedBroker { tls: Some((addr, ..)), .. }) => format!("mqtts://{addr}"),
+            _ => broker_url.clone(),
+        }
+    };
+    match parse_broker_url(&device_url) {
+        Err(e) => problems.push(format!("broker.device_url: {e}")),
+        Ok((_, host, _)) if host == "0.0.0.0" || host == "::" => {
+            problems.push("broker.device_url: the broker listens on every address; name the one appliances reach".into())
+        }
+        Ok(_) => {}
     }
     let url = if raw.database.url.is_empty() {
         format!("sqlite://{}", state_dir.join("fleet.db").display())
@@ -263,11 +459,19 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     if !(1..=256).contains(&raw.database.max_connections) {
         problems.push("database.max_connections: must be 1-256".to_string());
     }
-    let (tls, host, port) = parse_broker_url(&raw.broker.url).unwrap_or_else(|e| {
-        problems.push(format!("broker.url: {e}"));
+    let (tls, host, port) = parse_broker_url(&broker_url).unwrap_or_else(|e| {
+        if managed.is_none() && !broker_url.is_empty() {
+            problems.push(format!("broker.url: {e}"));
+        }
         (false, String::new(), 0)
     });
-    let password = match (raw.broker.password_file.is_empty(), raw.broker.password_credential.is_empty()) {
+    let password = if managed.is_some() {
+        if !raw.broker.password_file.is_empty() || !raw.broker.password_credential.is_empty() {
+            problems.push("broker.password_file: the managed broker's ingest password is generated (mode = \"external\" only)".into());
+        }
+        Secret::File(managed_ingest_password(&state_dir))
+    } else {
+        match (raw.broker.password_file.is_empty(), raw.broker.password_credential.is_empty()) {
         (true, true) => Secret::None,
         (false, true) => Secret::File(raw.broker.password_file.into()),
         (true, false) => Secret::Credential(raw.broker.password_credential),
@@ -275,6 +479,7 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
             problems.push("broker.password_file and broker.password_credential: set one, not both".into());
             Secret::None
         }
+    }
     };
     if tls && raw.broker.ca_file.is_empty() {
         problems.push("broker.ca_file: mqtts:// needs the CA certificate to check the broker against".into());
@@ -292,6 +497,15 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
         return Err(problems);
     }
     Ok(FleetConfig {
+        http: HttpConfig { listen: http_listen, tls: http_tls },
+        lease: LeaseConfig {
+            ttl: Duration::from_millis(raw.lease.ttl_ms),
+            renew: Duration::from_millis(raw.lease.renew_ms),
+        },
+        attention: BacklogLimits {
+            messages: raw.attention.backlog_messages,
+            age_s: raw.attention.backlog_age_seconds,
+        },
         state_dir,
         database: DatabaseConfig { url, max_connections: raw.database.max_connections },
         broker: BrokerConfig {
@@ -302,6 +516,8 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
             password,
             ca_file: (!raw.broker.ca_file.is_empty()).then(|| raw.broker.ca_file.into()),
             client_id: raw.broker.client_id,
+            managed,
+            device_url,
         },
         ingest: IngestConfig {
             batch_max: raw.ingest.batch_max,
@@ -319,8 +535,11 @@ mod tests {
         let annotated = parse(DEFAULT_CONFIG, "default").unwrap();
         let empty = parse("", "empty").unwrap();
         assert_eq!(annotated, empty);
-        assert_eq!(annotated.database.url, "sqlite:///var/lib/rxfleet/fleet.db");
-        assert_eq!((annotated.broker.host.as_str(), annotated.broker.port), ("127.0.0.1", 1883));
+        assert_eq!(annotated.database.url, format!("sqlite://{}/fleet.db", default_state_dir().display()));
+        // Not 1883 (a broker of the machine's own may hold it) and loopback only.
+        assert_eq!((annotated.broker.host.as_str(), annotated.broker.port), ("127.0.0.1", 18830));
+        assert!(annotated.broker.managed.is_some());
+        assert_eq!(annotated.http.listen.to_string(), "127.0.0.1:8490");
     }
 
     #[test]
@@ -332,7 +551,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let err = parse(
-            "[database]\nurl = \"mysql://x\"\n[broker]\nurl = \"mqtts://h:8883\"\n[ingest]\nbatch_max = 0\n",
+            "[database]\nurl = \"mysql://x\"\n[broker]\nmode = \"external\"\nurl = \"mqtts://h:8883\"\n[ingest]\nbatch_max = 0\n",
             "f.toml",
         )
         .unwrap_err();

@@ -27,6 +27,8 @@ use sqlx::{AnyPool, Executor, Row};
 use crate::chain::{self, History, Rewrite, Source};
 use crate::classify::{Incoming, Rejected};
 use crate::config::DatabaseConfig;
+use crate::lease::Fence;
+use crate::rollup::BatchRollup;
 
 /// A database failure (the batch is not committed; the ingest retries).
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,10 @@ pub enum DbError {
     /// A migration failed or the database is from a newer `rxfleet`.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// This replica no longer holds the leader lease (another took over):
+    /// the batch is not committed, and the broker redelivers it to the leader.
+    #[error("this replica lost the leader lease")]
+    LeaseLost,
     /// The SQLite file's directory could not be created.
     #[error("database directory {path}: {source}")]
     Directory {
@@ -57,7 +63,10 @@ pub enum Backend {
 }
 
 /// The migrations, in order: (version, description, portable SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "ingest", include_str!("../migrations/0001_ingest.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "ingest", include_str!("../migrations/0001_ingest.sql")),
+    (2, "registry", include_str!("../migrations/0002_registry.sql")),
+];
 
 /// The embedded migrations with the backend's dialect filled in.
 #[derive(Debug)]
@@ -159,6 +168,8 @@ pub struct FleetEvent {
     pub device_id: Option<String>,
     /// What (`audit_chain_rewritten` …).
     pub kind: String,
+    /// Who made the change (`token:NAME`, `cli:USER`); none for what the fleet raised.
+    pub actor: Option<String>,
     /// Details (JSON).
     pub details: serde_json::Value,
 }
@@ -166,11 +177,11 @@ pub struct FleetEvent {
 /// The fleet's database.
 #[derive(Debug, Clone)]
 pub struct Db {
-    pool: AnyPool,
-    backend: Backend,
+    pub(crate) pool: AnyPool,
+    pub(crate) backend: Backend,
 }
 
-type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
 fn i(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -241,8 +252,24 @@ impl Db {
         rejected: &[Rejected],
         now_ms: u64,
     ) -> Result<Committed, DbError> {
+        self.commit_fenced(None, accepted, rejected, now_ms).await
+    }
+
+    /// [`Db::commit`], only while `fence` still holds its lease (checked in
+    /// the transaction): a deposed leader commits nothing.
+    pub async fn commit_fenced(
+        &self,
+        fence: Option<&Fence>,
+        accepted: &[Incoming],
+        rejected: &[Rejected],
+        now_ms: u64,
+    ) -> Result<Committed, DbError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(fence) = fence {
+            self.check_fence(&mut tx, fence).await?;
+        }
         let mut out = Committed::default();
+        let mut rollup = BatchRollup::default();
         // Per device in this batch, read once and kept up to date.
         let mut devices: HashMap<String, DeviceBatch> = HashMap::new();
         let mut sequenced: Vec<String> = Vec::new();
@@ -285,6 +312,7 @@ impl Db {
                                 out.rewrites.push((device.clone(), rewrite));
                             }
                             store_window(&mut tx, window, state.epoch).await?;
+                            rollup.add(window, state.site.as_deref());
                             if seq > state.max_seq {
                                 state.last_window = Some(window.audit.clone());
                             }
@@ -300,6 +328,7 @@ impl Db {
             let contiguous = advance_ack(&mut tx, &device, devices[&device].acked).await?;
             out.acks.insert(device, contiguous);
         }
+        Db::add_rollups(&mut tx, &rollup).await?;
         for refusal in rejected {
             sqlx::query(
                 "INSERT INTO ingest_rejects (device_id, channel, reason, count, last_ms, last_error) \
@@ -385,7 +414,7 @@ impl Db {
     /// Fleet events, oldest first (of one device, or all).
     pub async fn fleet_events(&self, device_id: Option<&str>) -> Result<Vec<FleetEvent>, DbError> {
         let rows = sqlx::query(
-            "SELECT time_ms, device_id, kind, details FROM fleet_events \
+            "SELECT time_ms, device_id, kind, details, actor FROM fleet_events \
              WHERE $1 = '' OR device_id = $1 ORDER BY id",
         )
         .bind(device_id.unwrap_or(""))
@@ -398,8 +427,59 @@ impl Db {
                 device_id: r.get(1),
                 kind: r.get(2),
                 details: serde_json::from_str(&r.get::<String, _>(3)).unwrap_or_default(),
+                actor: r.get(4),
             })
             .collect())
+    }
+
+    /// Refusals summed by reason code.
+    pub async fn rejects_by_reason(&self) -> Result<Vec<(String, i64)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT reason, CAST(SUM(count) AS BIGINT) FROM ingest_rejects GROUP BY reason ORDER BY reason",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Messages waiting in online devices' outboxes, and the oldest one's
+    /// age in seconds (as of their latest statuses).
+    pub async fn outbox_backlog(&self) -> Result<(i64, i64), DbError> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(outbox_depth), 0) AS BIGINT), \
+             CAST(COALESCE(MAX(outbox_oldest_unacked_s), 0) AS BIGINT) FROM devices WHERE online = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Events newest first with an id below `before`: of one device, of the
+    /// devices of one site, of one kind (each filter optional).
+    /// Rows: (id, time, device, kind, actor, details JSON).
+    #[allow(clippy::type_complexity)]
+    pub async fn event_page(
+        &self,
+        device_id: Option<&str>,
+        site: Option<&str>,
+        kind: Option<&str>,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, i64, Option<String>, String, Option<String>, String)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, time_ms, device_id, kind, actor, details FROM fleet_events \
+             WHERE id < $1 AND ($2 = '' OR device_id = $2) AND ($3 = '' OR kind = $3) \
+             AND ($4 = '' OR device_id IN (SELECT device_id FROM device_registry WHERE site = $4)) \
+             ORDER BY id DESC LIMIT $5",
+        )
+        .bind(before)
+        .bind(device_id.unwrap_or(""))
+        .bind(kind.unwrap_or(""))
+        .bind(site.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect())
     }
 
     /// The `seq`s stored for a device, ascending (tests and diagnostics).
@@ -430,6 +510,8 @@ struct DeviceBatch {
     /// The chain head of the stored window with the highest `seq`, if it is
     /// of the current epoch: the previous window of one above `max_seq`.
     last_window: Option<ChainHead>,
+    /// Its site in the registry (unregistered: none).
+    site: Option<String>,
 }
 
 /// Creates the device's row if new, notes it was seen, and reads what the batch needs.
@@ -443,13 +525,14 @@ async fn touch_device(tx: &mut Tx<'_>, device: &str, now_ms: u64) -> Result<Devi
     .execute(&mut **tx)
     .await?;
     let row = sqlx::query(
-        "SELECT acked_seq, chain_epoch, (SELECT MAX(seq) FROM device_messages WHERE device_id = $1) \
-         FROM devices WHERE device_id = $1",
+        "SELECT acked_seq, chain_epoch, (SELECT MAX(seq) FROM device_messages WHERE device_id = $1), \
+         (SELECT site FROM device_registry WHERE device_id = $1) FROM devices WHERE device_id = $1",
     )
     .bind(device)
     .fetch_one(&mut **tx)
     .await?;
     let (acked, epoch, max_seq) = (u(row.get(0)), row.get::<i64, _>(1), row.get::<Option<i64>, _>(2).map_or(0, u));
+    let site: Option<String> = row.get(3);
     let last_window = sqlx::query(
         "SELECT audit_next_seq, audit_head, chain_epoch FROM telemetry_windows \
          WHERE device_id = $1 ORDER BY seq DESC LIMIT 1",
@@ -459,18 +542,35 @@ async fn touch_device(tx: &mut Tx<'_>, device: &str, now_ms: u64) -> Result<Devi
     .await?
     .filter(|r| r.get::<i64, _>(2) == epoch)
     .map(|r| ChainHead { next_seq: u(r.get(0)), head: r.get(1) });
-    Ok(DeviceBatch { acked, epoch, max_seq, last_window })
+    Ok(DeviceBatch { acked, epoch, max_seq, last_window, site })
 }
 
-async fn apply_status(tx: &mut Tx<'_>, status: &Status, _now_ms: u64) -> Result<(), DbError> {
+/// Applies a status: online state always; versions, engine and outbox only
+/// when it carries them (a last will carries none, and the device's last
+/// known versions stay).
+async fn apply_status(tx: &mut Tx<'_>, status: &Status, now_ms: u64) -> Result<(), DbError> {
     let json = serde_json::to_string(status).expect("a status serialises");
-    sqlx::query("UPDATE devices SET online = $2, status_ms = $3, status = $4 WHERE device_id = $1")
-        .bind(&status.device_id)
-        .bind(i64::from(status.online))
-        .bind(i(status.time_ms))
-        .bind(json)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE devices SET online = $2, status_ms = $3, status = $4, status_received_ms = $5, \
+         daemon_version = COALESCE($6, daemon_version), model_version = COALESCE($7, model_version), \
+         engine = COALESCE($8, engine), gpu_degraded = COALESCE($9, gpu_degraded), \
+         engine_fallbacks = COALESCE($10, engine_fallbacks), outbox_depth = COALESCE($11, outbox_depth), \
+         outbox_oldest_unacked_s = COALESCE($12, outbox_oldest_unacked_s) WHERE device_id = $1",
+    )
+    .bind(&status.device_id)
+    .bind(i64::from(status.online))
+    .bind(i(status.time_ms))
+    .bind(json)
+    .bind(i(now_ms))
+    .bind(status.daemon_version.clone())
+    .bind(status.model.as_ref().map(|m| m.version.clone()))
+    .bind(status.engine.as_ref().map(|e| e.active.clone()))
+    .bind(status.engine.as_ref().map(|e| i64::from(e.gpu_degraded)))
+    .bind(status.engine.as_ref().map(|e| i(e.fallbacks)))
+    .bind(status.outbox.as_ref().map(|o| i(o.depth)))
+    .bind(status.outbox.as_ref().map(|o| i(o.oldest_unacked_s)))
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

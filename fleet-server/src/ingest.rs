@@ -25,7 +25,8 @@ use tokio::sync::mpsc;
 
 use crate::classify::{classify, Incoming, Rejected};
 use crate::config::FleetConfig;
-use crate::db::{Committed, Db};
+use crate::db::{Committed, Db, DbError};
+use crate::lease::Fence;
 
 /// The largest MQTT packet the ingest reads. Above the broker's own limit
 /// (`packaging/mosquitto/rxvision.conf`: 300,000 bytes), so whatever the
@@ -87,10 +88,15 @@ fn mqtt_options(config: &FleetConfig) -> Result<MqttOptions, IngestError> {
 
 /// Runs the ingest until `stop` resolves: the batch in hand is committed
 /// (or left to the broker's redelivery) first.
+///
+/// With a `fence`, every commit first checks that this replica still holds
+/// the leader lease; when it does not, the ingest stops with the batch
+/// uncommitted (the broker redelivers it to the new leader).
 pub async fn run(
     config: FleetConfig,
     db: Db,
     stats: Arc<IngestStats>,
+    fence: Option<Fence>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), IngestError> {
     let options = mqtt_options(&config)?;
@@ -158,7 +164,9 @@ pub async fn run(
             }
         }
         let (accepted, rejected) = classify_batch(&batch);
-        let Some(committed) = commit_with_retry(&db, &accepted, &rejected, &stats, &mut stop_rx).await else {
+        let Some(committed) =
+            commit_with_retry(&db, fence.as_ref(), &accepted, &rejected, &stats, &mut stop_rx).await
+        else {
             break; // stopping with the batch uncommitted: the broker redelivers it
         };
         record(&stats, &committed);
@@ -211,6 +219,7 @@ fn classify_batch(batch: &[Publish]) -> (Vec<Incoming>, Vec<Rejected>) {
 
 async fn commit_with_retry(
     db: &Db,
+    fence: Option<&Fence>,
     accepted: &[Incoming],
     rejected: &[Rejected],
     stats: &IngestStats,
@@ -218,8 +227,12 @@ async fn commit_with_retry(
 ) -> Option<Committed> {
     let mut delay = Duration::from_millis(250);
     loop {
-        match db.commit(accepted, rejected, now_ms()).await {
+        match db.commit_fenced(fence, accepted, rejected, now_ms()).await {
             Ok(committed) => return Some(committed),
+            Err(DbError::LeaseLost) => {
+                tracing::warn!("this replica lost the leader lease: the ingest stops");
+                return None;
+            }
             Err(e) => {
                 stats.commit_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "a batch could not be committed; retrying in {delay:?}");

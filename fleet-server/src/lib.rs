@@ -1,22 +1,45 @@
 //! The RxVision fleet server (`rxfleet`).
 //!
-//! This crate holds the telemetry ingest of the fleet: appliance messages
-//! from the MQTT broker into the fleet's database (SQLite or PostgreSQL),
-//! the end-to-end acknowledgement back to each appliance, and chain-head
-//! anchoring of every appliance's audit log. See `shared/design/SYSTEM.md`
-//! ("Fleet server") and `docs/protocol.md`.
+//! One binary runs a whole fleet (`rxfleet serve`): the managed MQTT broker,
+//! the telemetry ingest (appliance messages into SQLite or PostgreSQL, the
+//! end-to-end acknowledgement, chain-head anchoring), the device registry,
+//! the API with bearer tokens and roles, the dashboard and Prometheus
+//! metrics. Replicas share the database and elect a leader through a lease.
+//! See `shared/design/SYSTEM.md` ("Fleet server") and `docs/protocol.md`.
 //!
 //! # Layout
 //!
 //! * [`config`] — `rxfleet.toml` (annotated default in `firmware-cfg/`).
+//! * [`serve`] — `rxfleet serve`: the parts below started and stopped together.
+//! * [`broker`] — the managed Mosquitto: files, supervision, account reloads.
+//! * [`lease`] — the leader lease and the fence every ingest commit checks.
+//! * [`ingest`] — the MQTT session: batches in, commits, acks out.
 //! * [`classify`] — a broker message → a valid payload or a counted refusal (pure).
 //! * [`chain`] — does a reported audit chain head continue the history? (pure).
 //! * [`db`] — the database: migrations, the batch commit with deduplication
-//!   and acknowledgement, and the queries the commands print.
-//! * [`ingest`] — the MQTT session: batches in, commits, acks out.
+//!   and acknowledgement, and the ingest's queries.
+//! * [`rollup`] — telemetry windows summed per hour and scope, and the figures made of them.
+//! * [`devices`] — the registry, broker credentials, and each device's view and attention.
+//! * [`provision`] — the configuration fragment a new appliance is given.
+//! * [`tokens`] — API tokens, roles and scopes.
+//! * [`api`] — the HTTP API (axum, OpenAPI by utoipa) and the router of everything HTTP.
+//! * [`dashboard`] — the embedded single-page dashboard.
+//! * [`metrics`] — `/metrics` in Prometheus' text format.
+//! * [`tls`] — HTTPS.
 
+pub mod api;
+pub mod broker;
 pub mod chain;
 pub mod classify;
 pub mod config;
+pub mod dashboard;
 pub mod db;
+pub mod devices;
 pub mod ingest;
+pub mod lease;
+pub mod metrics;
+pub mod provision;
+pub mod rollup;
+pub mod serve;
+pub mod tls;
+pub mod tokens;

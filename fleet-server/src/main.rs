@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use rxvision_fleet::config::{self, FleetConfig, DEFAULT_CONFIG};
 use rxvision_fleet::db::Db;
-use rxvision_fleet::ingest::{self, IngestStats};
+use rxvision_fleet::devices::{DeviceQuery, DeviceSort, Scope};
+use rxvision_fleet::provision;
+use rxvision_fleet::serve::{self, Parts};
+use rxvision_fleet::tokens::Role;
 
 #[derive(Parser)]
 #[command(name = "rxfleet", version, about = "RxVision fleet server")]
@@ -16,40 +18,48 @@ struct Cli {
     command: Command,
 }
 
+/// `--config FILE` (default: the embedded defaults).
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Configuration file (default: the embedded defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Reads every appliance's status, telemetry and events from the broker
-    /// into the database and acknowledges them (runs until SIGINT/SIGTERM).
-    Ingest {
-        /// Configuration file (default: the embedded defaults).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    /// Runs the fleet server: the managed broker (unless external), the
+    /// ingest while this replica leads, the API, dashboard and metrics
+    /// (until SIGINT/SIGTERM).
+    Serve(ConfigArg),
+    /// Runs only the ingest (while this replica leads), from an external
+    /// broker, without HTTP.
+    Ingest(ConfigArg),
     /// Runs the database migrations and exits.
-    Migrate {
-        /// Configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Devices the fleet has heard from.
+    Migrate(ConfigArg),
+    /// The device registry.
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// API tokens.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Payloads the ingest refused, counted by device, channel and reason.
     Rejects {
-        /// Configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Events the fleet raised (`audit_chain_rewritten` …).
+    /// Events: what the fleet raised (`audit_chain_rewritten` …) and every
+    /// change with who made it.
     Events {
-        /// Configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Only this device's.
         #[arg(long)]
         device: Option<String>,
@@ -68,14 +78,90 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DevicesCommand {
-    /// Every device with its counts.
-    List {
-        /// Configuration file.
+    /// Registers a device at a site and prints its credentials and the
+    /// `[device]` and `[telemetry]` sections of its rxvisiond.toml.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Its site.
         #[arg(long)]
-        config: Option<PathBuf>,
+        site: String,
+        /// Its id (default: the site and 8 random hex digits).
+        #[arg(long)]
+        id: Option<String>,
+        /// Write rxvisiond-telemetry.toml and broker.password (0600) into
+        /// this directory instead of printing the password.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// JSON (with the password) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every device: registered, or heard from.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// One device in full.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The device.
+        id: String,
+    },
+    /// Retires a device: its broker account stops working.
+    Retire {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The device.
+        id: String,
+    },
+    /// What the ingest stored per device (windows, scans, events, losses).
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Creates a token and prints it (the only time it is shown).
+    Create {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Its name (unique).
+        #[arg(long)]
+        name: String,
+        /// What it may read: fleet (default), site:SITE or device:ID.
+        #[arg(long, default_value = "fleet")]
+        scope: String,
+    },
+    /// Every token (never the tokens themselves).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token: it stops working at once.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Its name.
+        name: String,
     },
 }
 
@@ -89,8 +175,8 @@ enum ConfigCommand {
     },
 }
 
-fn load(path: Option<&PathBuf>) -> Result<FleetConfig, String> {
-    config::load(path.map(PathBuf::as_path)).map_err(|e| e.to_string())
+fn load(arg: &ConfigArg) -> Result<FleetConfig, String> {
+    config::load(arg.config.as_deref()).map_err(|e| e.to_string())
 }
 
 async fn open(config: &FleetConfig) -> Result<Db, String> {
@@ -110,32 +196,201 @@ fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Who runs a command: recorded with every change it makes.
+fn cli_actor() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
+    format!("cli:{user}")
+}
+
+fn age(ms: Option<i64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(t) => {
+            let s = (now_ms() - t).max(0) / 1000;
+            if s < 120 {
+                format!("{s}s ago")
+            } else if s < 7200 {
+                format!("{}m ago", s / 60)
+            } else {
+                format!("{}h ago", s / 3600)
+            }
+        }
+    }
+}
+
 async fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Ingest { config } => {
-            let config = load(config.as_ref())?;
-            let db = open(&config).await?;
-            eprintln!(
-                "rxfleet ingest: database {:?}, broker {}://{}:{} as {}",
-                db.backend(),
-                if config.broker.tls { "mqtts" } else { "mqtt" },
-                config.broker.host,
-                config.broker.port,
-                config.broker.username
-            );
-            let stats = Arc::new(IngestStats::default());
-            ingest::run(config, db.clone(), stats, shutdown_signal()).await.map_err(|e| e.to_string())?;
-            db.close().await;
-            Ok(())
+        Command::Serve(arg) => {
+            let config = load(&arg)?;
+            serve::serve(config, Parts { http: true }, shutdown_signal()).await.map_err(|e| e.to_string())
         }
-        Command::Migrate { config } => {
-            let db = open(&load(config.as_ref())?).await?;
+        Command::Ingest(arg) => {
+            let config = load(&arg)?;
+            if config.broker.managed.is_some() {
+                return Err("rxfleet ingest reads an external broker (broker.mode = \"external\"); \
+                            `rxfleet serve` runs the managed one"
+                    .into());
+            }
+            serve::serve(config, Parts { http: false }, shutdown_signal()).await.map_err(|e| e.to_string())
+        }
+        Command::Migrate(arg) => {
+            let db = open(&load(&arg)?).await?;
             let applied = db.applied_migrations().await.map_err(|e| e.to_string())?;
             println!("database {:?}: migrations applied {applied:?}", db.backend());
             Ok(())
         }
-        Command::Devices { command: DevicesCommand::List { config, json } } => {
-            let db = open(&load(config.as_ref())?).await?;
+        Command::Devices { command } => devices(command).await,
+        Command::Tokens { command } => tokens(command).await,
+        Command::Rejects { config, json } => {
+            let db = open(&load(&config)?).await?;
+            let rejects = db.rejects().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&rejects);
+            } else {
+                for r in rejects {
+                    println!("{} {} {} x{}: {}", r.device_id, r.channel, r.reason, r.count, r.last_error);
+                }
+            }
+            Ok(())
+        }
+        Command::Events { config, device, json } => {
+            let db = open(&load(&config)?).await?;
+            let events = db.fleet_events(device.as_deref()).await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&events);
+            } else {
+                for e in events {
+                    println!(
+                        "{} {} {} {} {}",
+                        e.time_ms,
+                        e.device_id.unwrap_or_default(),
+                        e.kind,
+                        e.actor.unwrap_or_default(),
+                        e.details
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Check { config } } => {
+            config::load(Some(&config)).map_err(|e| e.to_string())?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+    }
+}
+
+async fn devices(command: DevicesCommand) -> Result<(), String> {
+    match command {
+        DevicesCommand::Add { config, site, id, out, json } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let (device_id, password) =
+                db.add_device(id.as_deref(), &site, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            if let Some(dir) = out {
+                let (config_path, password_path) = provision::write_files(&config, &dir, &device_id, &site, &password)
+                    .map_err(|e| format!("device {device_id} is registered, but {}: {e}", dir.display()))?;
+                println!("{device_id}");
+                eprintln!(
+                    "rxfleet: device {device_id} registered at site {site}; wrote {} and {}",
+                    config_path.display(),
+                    password_path.display()
+                );
+            } else {
+                let fragment = provision::appliance_config(
+                    &config,
+                    &device_id,
+                    &site,
+                    std::path::Path::new(provision::DEFAULT_PASSWORD_FILE),
+                );
+                if json {
+                    print_json(&serde_json::json!({
+                        "device_id": device_id, "site": site, "password": password, "config": fragment,
+                    }));
+                } else {
+                    print!("{fragment}");
+                    eprintln!(
+                        "rxfleet: device {device_id} registered at site {site}. Its broker password (shown only \
+                         now) goes to {} on the appliance, mode 0600:\n{password}",
+                        provision::DEFAULT_PASSWORD_FILE
+                    );
+                }
+            }
+            Ok(())
+        }
+        DevicesCommand::List { config, site, json } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let query = DeviceQuery { site, sort: DeviceSort::Site, limit: 10_000, ..DeviceQuery::default() };
+            let mut all = Vec::new();
+            loop {
+                let (page, total) = db
+                    .device_page(&Scope::Fleet, &DeviceQuery { offset: all.len() as i64, ..query.clone() }, now_ms(), config.attention)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let done = page.is_empty() || all.len() + page.len() >= total as usize;
+                all.extend(page);
+                if done {
+                    break;
+                }
+            }
+            if json {
+                print_json(&all);
+            } else {
+                println!(
+                    "{:<32} {:<20} {:<10} {:<10} {:<10} {:<5} {:>7}  ATTENTION",
+                    "DEVICE", "SITE", "STATE", "LAST SEEN", "MODEL", "ENG", "BACKLOG"
+                );
+                for d in all {
+                    let attention: Vec<String> =
+                        d.attention.iter().map(|a| serde_json::to_value(a).unwrap().as_str().unwrap_or("").to_string()).collect();
+                    println!(
+                        "{:<32} {:<20} {:<10} {:<10} {:<10} {:<5} {:>7}  {}",
+                        d.device_id,
+                        d.site.unwrap_or_else(|| "-".into()),
+                        serde_json::to_value(d.state).unwrap().as_str().unwrap_or(""),
+                        age(d.last_seen_ms),
+                        d.model_version.unwrap_or_else(|| "-".into()),
+                        d.engine.unwrap_or_else(|| "-".into()),
+                        d.outbox_depth.map_or("-".into(), |n| n.to_string()),
+                        attention.join(",")
+                    );
+                }
+            }
+            Ok(())
+        }
+        DevicesCommand::Show { config, id } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let device = db
+                .device(&id, now_ms(), config.attention)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no device {id:?}"))?;
+            print_json(&device);
+            Ok(())
+        }
+        DevicesCommand::Retire { config, id } => {
+            let db = open(&load(&config)?).await?;
+            db.retire_device(&id, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            println!("device {id} retired: its broker account goes at the broker's next reload (within seconds)");
+            Ok(())
+        }
+        DevicesCommand::Stats { config, json } => {
+            let db = open(&load(&config)?).await?;
             let devices = db.devices().await.map_err(|e| e.to_string())?;
             if json {
                 print_json(&devices);
@@ -153,37 +408,44 @@ async fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Rejects { config, json } => {
-            let db = open(&load(config.as_ref())?).await?;
-            let rejects = db.rejects().await.map_err(|e| e.to_string())?;
+    }
+}
+
+async fn tokens(command: TokensCommand) -> Result<(), String> {
+    match command {
+        TokensCommand::Create { config, role, name, scope } => {
+            let db = open(&load(&config)?).await?;
+            let role = Role::parse(&role)?;
+            let scope = Scope::parse(&scope)?;
+            let (info, token) =
+                db.create_token(&name, role, &scope, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            println!("{token}");
+            eprintln!(
+                "rxfleet: token {:?} ({}, {}) created; it is shown only now. Send it as `Authorization: Bearer TOKEN`.",
+                info.name,
+                info.role.as_str(),
+                info.scope
+            );
+            Ok(())
+        }
+        TokensCommand::List { config, json } => {
+            let db = open(&load(&config)?).await?;
+            let tokens = db.tokens().await.map_err(|e| e.to_string())?;
             if json {
-                print_json(&rejects);
+                print_json(&tokens);
             } else {
-                for r in rejects {
-                    println!("{} {} {} x{}: {}", r.device_id, r.channel, r.reason, r.count, r.last_error);
+                println!("{:<24} {:<9} {:<24} {:<12} CREATED BY", "NAME", "ROLE", "SCOPE", "STATE");
+                for t in tokens {
+                    let state = if t.revoked_ms.is_some() { "revoked" } else { "active" };
+                    println!("{:<24} {:<9} {:<24} {:<12} {}", t.name, t.role.as_str(), t.scope, state, t.created_by);
                 }
             }
             Ok(())
         }
-        Command::Events { config, device, json } => {
-            let db = open(&load(config.as_ref())?).await?;
-            let events = db.fleet_events(device.as_deref()).await.map_err(|e| e.to_string())?;
-            if json {
-                print_json(&events);
-            } else {
-                for e in events {
-                    println!("{} {} {} {}", e.time_ms, e.device_id.unwrap_or_default(), e.kind, e.details);
-                }
-            }
-            Ok(())
-        }
-        Command::PrintDefaultConfig => {
-            print!("{DEFAULT_CONFIG}");
-            Ok(())
-        }
-        Command::Config { command: ConfigCommand::Check { config } } => {
-            load(Some(&config))?;
-            println!("{}: ok", config.display());
+        TokensCommand::Revoke { config, name } => {
+            let db = open(&load(&config)?).await?;
+            db.revoke_token(&name, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            println!("token {name} revoked");
             Ok(())
         }
     }
