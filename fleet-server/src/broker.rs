@@ -126,6 +126,31 @@ pub fn mosquitto_conf(dir: &Path, broker: &ManagedBroker, run_as_root: bool) -> 
     conf
 }
 
+/// Where `rxfleet serve` notes the pid of the Mosquitto it started.
+pub const PID_FILE: &str = "mosquitto.pid";
+
+/// Stops a Mosquitto an earlier `rxfleet serve` of this state directory
+/// started and left running (it was killed, or crashed): its pid is in
+/// [`PID_FILE`] and its command line names this directory's configuration.
+pub async fn stop_stale(dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(dir.join(PID_FILE)).ok().and_then(|t| t.trim().parse::<i32>().ok()) else {
+        return;
+    };
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&dir.join("mosquitto.conf").display().to_string()))
+        .unwrap_or(false);
+    let Some(pid) = rustix::process::Pid::from_raw(pid).filter(|_| ours) else { return };
+    tracing::warn!(pid = pid.as_raw_nonzero().get(), "stopping the managed Mosquitto an earlier rxfleet left running");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{}", pid.as_raw_nonzero())).exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+}
+
 /// The password file: the ingest's account and every live device's.
 pub fn passwd_file(ingest_user: &str, ingest_hash: &str, devices: &[(String, String)]) -> String {
     let mut text = format!("{ingest_user}:{ingest_hash}\n");
@@ -156,10 +181,11 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Writes the broker's files and checks its port is free.
-    pub fn prepare(config: &FleetConfig, db: Db, stats: Arc<BrokerStats>) -> Result<Supervisor, BrokerError> {
+    pub async fn prepare(config: &FleetConfig, db: Db, stats: Arc<BrokerStats>) -> Result<Supervisor, BrokerError> {
         let broker = config.broker.managed.clone().expect("a managed broker is configured");
         let dir = managed_broker_dir(&config.state_dir);
         std::fs::create_dir_all(dir.join("data")).map_err(io(&dir))?;
+        stop_stale(&dir).await;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
         for addr in std::iter::once(broker.listen).chain(broker.tls.as_ref().map(|t| t.0)) {
             std::net::TcpListener::bind(addr).map_err(|_| BrokerError::PortInUse { addr })?;
@@ -184,6 +210,7 @@ impl Supervisor {
     }
 
     async fn spawn(&self) -> Result<Child, BrokerError> {
+        stop_stale(&self.dir).await;
         let child = Command::new(&self.broker.mosquitto)
             .arg("-c")
             .arg(self.dir.join("mosquitto.conf"))
@@ -191,6 +218,9 @@ impl Supervisor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| BrokerError::Start(format!("cannot run {}: {e}", self.broker.mosquitto.display())))?;
+        if let Some(pid) = child.id() {
+            write_private(&self.dir.join(PID_FILE), &format!("{pid}\n"))?;
+        }
         Ok(child)
     }
 

@@ -494,9 +494,8 @@ impl Db {
         let row = sqlx::query("SELECT chain_rewritten_ms, chain_epoch FROM devices WHERE device_id = $1")
             .bind(device_id)
             .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| RegistryError::NotFound(device_id.to_string()))?;
-        let Some(rewritten_ms) = row.get::<Option<i64>, _>(0) else {
+            .await?;
+        let Some(rewritten_ms) = row.as_ref().and_then(|r| r.get::<Option<i64>, _>(0)) else {
             return Err(RegistryError::Invalid(format!("device {device_id:?} has no audit chain rewrite to review")));
         };
         sqlx::query("UPDATE devices SET chain_reviewed_ms = $2, chain_reviewed_by = $3 WHERE device_id = $1")
@@ -505,7 +504,8 @@ impl Db {
             .bind(actor)
             .execute(&mut *tx)
             .await?;
-        let details = serde_json::json!({ "rewritten_ms": rewritten_ms, "chain_epoch": row.get::<i64, _>(1) });
+        let epoch = row.as_ref().map_or(0, |r| r.get::<i64, _>(1));
+        let details = serde_json::json!({ "rewritten_ms": rewritten_ms, "chain_epoch": epoch });
         record_change(&mut tx, now_ms, actor, "audit_chain_reviewed", Some(device_id), details).await?;
         tx.commit().await?;
         Ok(())

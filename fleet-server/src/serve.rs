@@ -76,7 +76,7 @@ pub async fn serve(
     let broker_stats = Arc::new(BrokerStats::default());
     let broker_task = match &config.broker.managed {
         Some(managed) => {
-            let supervisor = Supervisor::prepare(&config, db.clone(), broker_stats.clone())?;
+            let supervisor = Supervisor::prepare(&config, db.clone(), broker_stats.clone()).await?;
             let child = supervisor.start().await?;
             eprintln!(
                 "rxfleet: MQTT broker (managed Mosquitto, pid {}) on mqtt://{}{}",

@@ -101,7 +101,7 @@ impl Ingest {
         std::fs::write(
             &config,
             format!(
-                "[fleet]\nstate_dir = {:?}\n[database]\nurl = {url:?}\n[broker]\nurl = {broker:?}\n\
+                "[fleet]\nstate_dir = {:?}\n[database]\nurl = {url:?}\n[broker]\nmode = \"external\"\nurl = {broker:?}\n\
                  password_file = {:?}\nca_file = {:?}\nclient_id = \"rxfleet-ingest-{}\"\n[ingest]\nbatch_wait_ms = 10\n",
                 dir.display().to_string(),
                 password.display().to_string(),
@@ -172,7 +172,7 @@ impl Ingest {
 
     /// The fleet's devices by id.
     pub fn devices(&self) -> BTreeMap<String, Value> {
-        let devices = self.query(&["devices", "list"]);
+        let devices = self.query(&["devices", "stats"]);
         devices.as_array().unwrap().iter().map(|d| (d["device_id"].as_str().unwrap().to_string(), d.clone())).collect()
     }
 }
@@ -203,7 +203,7 @@ fn start_sim(dir: &Path, port: u16, prefix: &str, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-fn finish_sim(mut sim: Child, dir: &Path) -> BTreeMap<String, Value> {
+pub fn finish_sim(mut sim: Child, dir: &Path) -> BTreeMap<String, Value> {
     let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
         if let Some(status) = sim.try_wait().unwrap() {
@@ -221,7 +221,7 @@ fn finish_sim(mut sim: Child, dir: &Path) -> BTreeMap<String, Value> {
 
 /// Every device's own counts equal the fleet's: windows (base windows),
 /// scans, events; and the fleet acknowledged every seq the device gave out.
-fn assert_totals_match(report: &BTreeMap<String, Value>, fleet: &BTreeMap<String, Value>, label: &str) {
+pub fn assert_totals_match(report: &BTreeMap<String, Value>, fleet: &BTreeMap<String, Value>, label: &str) {
     assert_eq!(report.keys().collect::<Vec<_>>(), fleet.keys().collect::<Vec<_>>(), "{label}: devices");
     for (id, own) in report {
         let f = &fleet[id];

@@ -4,3 +4,5 @@
 mod broker;
 mod fleet;
 mod link;
+mod prometheus;
+mod serve;

@@ -42,9 +42,13 @@ struct Args {
     /// Device ids are `{prefix}-s{site}-c{n}`.
     #[arg(long, default_value = "sim")]
     prefix: String,
-    /// Every device's broker password.
-    #[arg(long)]
+    /// Every device's broker password (unless --passwords names the device).
+    #[arg(long, default_value = "")]
     password: String,
+    /// A JSON object of device id → broker password (devices provisioned
+    /// one by one with `rxfleet devices add`).
+    #[arg(long)]
+    passwords: Option<PathBuf>,
     /// Where the devices' outboxes live (one directory each).
     #[arg(long)]
     state_dir: PathBuf,
@@ -252,6 +256,13 @@ async fn run(args: Args) -> Result<bool, String> {
     }
     mix.iter_mut().for_each(|m| *m /= total);
     let offline = args.offline.as_deref().map(parse_range).transpose()?;
+    let passwords: std::collections::HashMap<String, String> = match &args.passwords {
+        None => Default::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+    };
     let link_config = LinkConfig {
         host: host.to_string(),
         port,
@@ -279,7 +290,10 @@ async fn run(args: Args) -> Result<bool, String> {
         devices.push(device.clone());
         let args = args.clone();
         let mix = mix.clone();
-        let link_config = link_config.clone();
+        let mut link_config = link_config.clone();
+        if let Some(password) = passwords.get(&device.id) {
+            link_config.password = password.clone();
+        }
         let backlog_ready = backlog_ready.clone();
         producers.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (n as u64 + 1).wrapping_mul(0x1000_0000_01B3));
