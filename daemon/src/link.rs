@@ -25,6 +25,10 @@ use crate::audit::now_ms;
 use crate::outbox::{AckOutcome, MessageKind, Outbox};
 use crate::telemetry::finalize;
 
+/// How often a connected appliance republishes its retained status (outbox
+/// depth and age, engine, audit head), so the fleet's view stays current.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(60);
+
 /// Where the link connects and how it proves who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkConfig {
@@ -164,6 +168,7 @@ pub async fn run(
         let (client, mut events) = AsyncClient::new(options, 256);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_progress = tokio::time::Instant::now();
+        let mut last_status = tokio::time::Instant::now();
         let failure = loop {
             tokio::select! {
                 () = &mut stop => {
@@ -188,6 +193,14 @@ pub async fn run(
                         last_progress = tokio::time::Instant::now();
                     }
                     pump(&client, &outbox, &device_id);
+                    // The retained status keeps the fleet's view of the
+                    // outbox and engine current, not just as of the connect.
+                    if state.get() == LinkState::Up && last_status.elapsed() >= STATUS_REFRESH {
+                        last_status = tokio::time::Instant::now();
+                        if let Ok(online) = encode(&status()) {
+                            let _ = client.try_publish(status_topic.clone(), QoS::AtLeastOnce, true, online);
+                        }
+                    }
                 }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -201,6 +214,7 @@ pub async fn run(
                         if let Ok(online) = encode(&status()) {
                             let _ = client.try_publish(status_topic.clone(), QoS::AtLeastOnce, true, online);
                         }
+                        last_status = tokio::time::Instant::now();
                         pump(&client, &outbox, &device_id);
                     }
                     Ok(Event::Incoming(Packet::Publish(message))) if message.topic == ack_topic => {

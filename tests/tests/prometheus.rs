@@ -68,8 +68,7 @@ fn read(path: &str) -> String {
 /// Whether promtool is here; without it the test says so and, where it must
 /// be (`scripts/test`), fails.
 fn promtool_present(test: &str) -> bool {
-    let present =
-        Command::new("sh").args(["-c", "command -v promtool"]).output().is_ok_and(|o| o.status.success());
+    let present = Command::new("sh").args(["-c", "command -v promtool"]).output().is_ok_and(|o| o.status.success());
     if !present {
         assert!(
             std::env::var_os("RXVISION_REQUIRE_REFERENCES").is_none(),
@@ -96,7 +95,8 @@ fn promtool(args: &[&str]) {
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for (start, _) in text.match_indices("rxvision_") {
-        let preceded = text[..start].chars().next_back().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+        let preceded =
+            text[..start].chars().next_back().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
         if preceded {
             continue;
         }
@@ -270,7 +270,11 @@ fn the_dashboard_has_its_panels_on_the_templated_prometheus_and_rxfleet_metrics_
     assert!(queries.len() >= PANELS.len());
     for (title, expr) in &queries {
         assert!(!metric_names(expr).is_empty(), "panel {title:?} queries no rxvision metric: {expr}");
-        assert_eq!(unknown_metrics(expr), Vec::<String>::new(), "metrics rxfleet does not expose, in {title:?}: {expr}");
+        assert_eq!(
+            unknown_metrics(expr),
+            Vec::<String>::new(),
+            "metrics rxfleet does not expose, in {title:?}: {expr}"
+        );
     }
 }
 
@@ -285,7 +289,10 @@ fn the_dashboard_queries_are_promql_promtool_accepts() {
         let expr = ["$__rate_interval", "$__interval", "$__range"].iter().fold(expr.clone(), |e, v| e.replace(v, "5m"));
         assert!(!expr.contains('$'), "panel {title:?} uses a variable the check does not know: {expr}");
         // A JSON string is a YAML double-quoted scalar.
-        rules.push_str(&format!("      - record: dashboard:query{i}\n        expr: {}\n", serde_json::Value::from(expr)));
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::Value::from(expr)
+        ));
     }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dashboard-queries.yml");

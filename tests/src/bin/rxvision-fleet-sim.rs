@@ -88,6 +88,10 @@ struct Args {
     /// How long to wait for every outbox to empty after the last window.
     #[arg(long, default_value_t = 120)]
     drain_timeout_secs: u64,
+    /// Stamp windows from now on (with --interval-ms equal to
+    /// --window-seconds × 1000: real time, for demos), rather than ending now.
+    #[arg(long)]
+    live: bool,
     /// Where to write the report (JSON).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -272,7 +276,13 @@ async fn run(args: Args) -> Result<bool, String> {
         ack_timeout: Duration::from_secs(args.ack_timeout_secs),
         keep_alive: Duration::from_secs(args.keep_alive_secs),
     };
-    let start_ms = now_ms().saturating_sub(args.windows * args.window_seconds * 1000);
+    // The simulated span ends now (a backlog looks as old as it is), or,
+    // live, starts now (windows stamped as they are produced).
+    let start_ms = if args.live {
+        now_ms()
+    } else {
+        now_ms().saturating_sub(args.windows * args.window_seconds * 1000)
+    };
     let mut producers = Vec::new();
     let mut devices = Vec::new();
     // Devices offline at the end start their links together, once every
