@@ -231,7 +231,10 @@ impl RangeParams {
             return Err(ApiError::new(Code::BadRequest, "from_ms must be before to_ms"));
         }
         if to - from > MAX_RANGE_MS {
-            return Err(ApiError::new(Code::RangeTooLong, format!("a range is at most {} days", MAX_RANGE_MS / 86_400_000)));
+            return Err(ApiError::new(
+                Code::RangeTooLong,
+                format!("a range is at most {} days", MAX_RANGE_MS / 86_400_000),
+            ));
         }
         Ok((from, to))
     }
@@ -285,10 +288,15 @@ pub struct ReplicaInfo {
 #[utoipa::path(get, path = "/fleet", tag = "fleet", params(RangeParams), responses(
     (status = 200, body = FleetSummary), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn fleet(State(state): State<AppState>, caller: Caller, Query(range): Query<RangeParams>) -> ApiResult<FleetSummary> {
+async fn fleet(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(range): Query<RangeParams>,
+) -> ApiResult<FleetSummary> {
     require_fleet(&caller)?;
     let (from, to) = range.resolve()?;
-    let (devices, attention, versions) = state.db.device_counts(&Scope::Fleet, now_ms(), state.config.attention).await?;
+    let (devices, attention, versions) =
+        state.db.device_counts(&Scope::Fleet, now_ms(), state.config.attention).await?;
     let mut total = Counts::default();
     for hour in state.db.hourly("fleet", from, to).await? {
         total.add(&hour.counts);
@@ -525,7 +533,10 @@ async fn list_devices(
     }
     if let Some(s) = &p.state {
         if !["online", "offline", "retired", "never_seen", "attention"].contains(&s.as_str()) {
-            return Err(ApiError::new(Code::BadRequest, format!("state {s:?}: online, offline, retired, never_seen or attention")));
+            return Err(ApiError::new(
+                Code::BadRequest,
+                format!("state {s:?}: online, offline, retired, never_seen or attention"),
+            ));
         }
     }
     let descending = match p.order.as_deref() {
@@ -629,11 +640,7 @@ async fn retire_device(
 #[utoipa::path(post, path = "/devices/{device_id}/chain-review", tag = "devices", params(("device_id" = String, Path)),
     responses((status = 200, body = Done), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
     (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-async fn review_chain(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(device_id): Path<String>,
-) -> ApiResult<Done> {
+async fn review_chain(State(state): State<AppState>, caller: Caller, Path(device_id): Path<String>) -> ApiResult<Done> {
     require(&caller, Role::Operator)?;
     let device = scoped_device(&state, &caller, &device_id).await?;
     state.db.review_chain(&device.device_id, &caller.actor(), now_ms()).await?;
@@ -760,7 +767,8 @@ async fn create_token(
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     require(&caller, Role::Admin)?;
     let Json(body) = body.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
-    let scope = Scope::parse(body.scope.as_deref().unwrap_or("fleet")).map_err(|e| ApiError::new(Code::BadRequest, e))?;
+    let scope =
+        Scope::parse(body.scope.as_deref().unwrap_or("fleet")).map_err(|e| ApiError::new(Code::BadRequest, e))?;
     let (info, token) = state.db.create_token(&body.name, body.role, &scope, &caller.actor(), now_ms()).await?;
     Ok((StatusCode::CREATED, Json(CreatedToken { token, info })))
 }
@@ -779,7 +787,10 @@ struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 

@@ -59,15 +59,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
 
 /// Writes `text` to `path` with mode 0600 through a temporary file and a
 /// rename, so Mosquitto never reads half a file.
-fn write_private(path: &Path, text: &str) -> Result<(), BrokerError> {
+pub fn write_private(path: &Path, text: &str) -> Result<(), BrokerError> {
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
     file.write_all(text.as_bytes()).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
@@ -234,10 +229,7 @@ impl Supervisor {
                 return Ok(child);
             }
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(BrokerError::Start(format!(
-                    "mosquitto exited ({status}) at start: {}",
-                    self.log_tail()
-                )));
+                return Err(BrokerError::Start(format!("mosquitto exited ({status}) at start: {}", self.log_tail())));
             }
             if started.elapsed() > Duration::from_secs(10) {
                 return Err(BrokerError::Start(format!("mosquitto did not listen within 10 s: {}", self.log_tail())));

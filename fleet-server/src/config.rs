@@ -403,7 +403,9 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     let managed = match raw.broker.mode.as_str() {
         "managed" => {
             if !raw.broker.url.is_empty() {
-                problems.push("broker.url: the managed broker's address is broker.listen (url is for mode = \"external\")".into());
+                problems.push(
+                    "broker.url: the managed broker's address is broker.listen (url is for mode = \"external\")".into(),
+                );
             }
             let listen = socket("broker.listen", &raw.broker.listen, &mut problems).unwrap_or_else(unspecified);
             let tls = if raw.broker.tls_listen.is_empty() {
@@ -443,9 +445,8 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     };
     match parse_broker_url(&device_url) {
         Err(e) => problems.push(format!("broker.device_url: {e}")),
-        Ok((_, host, _)) if host == "0.0.0.0" || host == "::" => {
-            problems.push("broker.device_url: the broker listens on every address; name the one appliances reach".into())
-        }
+        Ok((_, host, _)) if host == "0.0.0.0" || host == "::" => problems
+            .push("broker.device_url: the broker listens on every address; name the one appliances reach".into()),
         Ok(_) => {}
     }
     let url = if raw.database.url.is_empty() {
@@ -467,19 +468,22 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     });
     let password = if managed.is_some() {
         if !raw.broker.password_file.is_empty() || !raw.broker.password_credential.is_empty() {
-            problems.push("broker.password_file: the managed broker's ingest password is generated (mode = \"external\" only)".into());
+            problems.push(
+                "broker.password_file: the managed broker's ingest password is generated (mode = \"external\" only)"
+                    .into(),
+            );
         }
         Secret::File(managed_ingest_password(&state_dir))
     } else {
         match (raw.broker.password_file.is_empty(), raw.broker.password_credential.is_empty()) {
-        (true, true) => Secret::None,
-        (false, true) => Secret::File(raw.broker.password_file.into()),
-        (true, false) => Secret::Credential(raw.broker.password_credential),
-        (false, false) => {
-            problems.push("broker.password_file and broker.password_credential: set one, not both".into());
-            Secret::None
+            (true, true) => Secret::None,
+            (false, true) => Secret::File(raw.broker.password_file.into()),
+            (true, false) => Secret::Credential(raw.broker.password_credential),
+            (false, false) => {
+                problems.push("broker.password_file and broker.password_credential: set one, not both".into());
+                Secret::None
+            }
         }
-    }
     };
     if tls && raw.broker.ca_file.is_empty() {
         problems.push("broker.ca_file: mqtts:// needs the CA certificate to check the broker against".into());
@@ -502,10 +506,7 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
             ttl: Duration::from_millis(raw.lease.ttl_ms),
             renew: Duration::from_millis(raw.lease.renew_ms),
         },
-        attention: BacklogLimits {
-            messages: raw.attention.backlog_messages,
-            age_s: raw.attention.backlog_age_seconds,
-        },
+        attention: BacklogLimits { messages: raw.attention.backlog_messages, age_s: raw.attention.backlog_age_seconds },
         state_dir,
         database: DatabaseConfig { url, max_connections: raw.database.max_connections },
         broker: BrokerConfig {

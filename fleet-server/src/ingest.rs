@@ -164,8 +164,7 @@ pub async fn run(
             }
         }
         let (accepted, rejected) = classify_batch(&batch);
-        let Some(committed) =
-            commit_with_retry(&db, fence.as_ref(), &accepted, &rejected, &stats, &mut stop_rx).await
+        let Some(committed) = commit_with_retry(&db, fence.as_ref(), &accepted, &rejected, &stats, &mut stop_rx).await
         else {
             break; // stopping with the batch uncommitted: the broker redelivers it
         };

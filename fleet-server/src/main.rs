@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// An external Mosquitto's accounts.
+    Broker {
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
     /// API tokens.
     Tokens {
         #[command(subcommand)]
@@ -129,6 +134,22 @@ enum DevicesCommand {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Writes a Mosquitto password file with every live device's account
+    /// and the ingest's (for an external Mosquitto: reload it afterwards).
+    Passwd {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The password file to write (replaced atomically, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// The ingest account's password (first line), hashed into the file.
+        #[arg(long)]
+        ingest_password_file: PathBuf,
     },
 }
 
@@ -250,6 +271,22 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Devices { command } => devices(command).await,
         Command::Tokens { command } => tokens(command).await,
+        Command::Broker { command: BrokerCommand::Passwd { config, out, ingest_password_file } } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let ingest = rxvision_fleet::config::Secret::File(ingest_password_file)
+                .read()?
+                .ok_or("the ingest password file is empty")?;
+            let devices = db.broker_accounts().await.map_err(|e| e.to_string())?;
+            let text = rxvision_fleet::broker::passwd_file(
+                &config.broker.username,
+                &rxvision_fleet::devices::hash_password(&ingest),
+                &devices,
+            );
+            rxvision_fleet::broker::write_private(&out, &text).map_err(|e| e.to_string())?;
+            println!("{}: {} device accounts and {}", out.display(), devices.len(), config.broker.username);
+            Ok(())
+        }
         Command::Rejects { config, json } => {
             let db = open(&load(&config)?).await?;
             let rejects = db.rejects().await.map_err(|e| e.to_string())?;
@@ -338,7 +375,12 @@ async fn devices(command: DevicesCommand) -> Result<(), String> {
             let mut all = Vec::new();
             loop {
                 let (page, total) = db
-                    .device_page(&Scope::Fleet, &DeviceQuery { offset: all.len() as i64, ..query.clone() }, now_ms(), config.attention)
+                    .device_page(
+                        &Scope::Fleet,
+                        &DeviceQuery { offset: all.len() as i64, ..query.clone() },
+                        now_ms(),
+                        config.attention,
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 let done = page.is_empty() || all.len() + page.len() >= total as usize;
@@ -355,8 +397,11 @@ async fn devices(command: DevicesCommand) -> Result<(), String> {
                     "DEVICE", "SITE", "STATE", "LAST SEEN", "MODEL", "ENG", "BACKLOG"
                 );
                 for d in all {
-                    let attention: Vec<String> =
-                        d.attention.iter().map(|a| serde_json::to_value(a).unwrap().as_str().unwrap_or("").to_string()).collect();
+                    let attention: Vec<String> = d
+                        .attention
+                        .iter()
+                        .map(|a| serde_json::to_value(a).unwrap().as_str().unwrap_or("").to_string())
+                        .collect();
                     println!(
                         "{:<32} {:<20} {:<10} {:<10} {:<10} {:<5} {:>7}  {}",
                         d.device_id,

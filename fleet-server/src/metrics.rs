@@ -9,6 +9,13 @@
 //! metrics` checks it in the tests). Device gauges are sparse: a device
 //! appears only while it is offline or has an unreviewed audit chain
 //! rewrite, which keeps a 100,000-device fleet's scrape small.
+//!
+//! Replicas: the fleet-wide figures (everything read from the database)
+//! are exposed only by the replica holding the leader lease, so summing a
+//! metric over every scraped replica counts the fleet once; after a
+//! failover the series continue on the new leader (a new `instance`,
+//! which `rate` handles). Every replica exposes its own process figures
+//! and `rxvision_fleet_leader`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -104,9 +111,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn render(state: &AppState) -> Result<String, crate::db::DbError> {
+    let mut out = Exposition::default();
+    if state.leader.load(Ordering::Relaxed) {
+        render_fleet(state, &mut out).await?;
+    }
+    render_replica(state, &mut out);
+    Ok(out.0)
+}
+
+/// What the database says of the fleet (the leader only).
+async fn render_fleet(state: &AppState, out: &mut Exposition) -> Result<(), crate::db::DbError> {
     let db = &state.db;
     let now = now_ms();
-    let mut out = Exposition::default();
     let ever = db.fleet_by_model(0).await?;
     let day = db.fleet_by_model(now - 24 * HOUR_MS).await?;
 
@@ -151,7 +167,7 @@ async fn render(state: &AppState) -> Result<String, crate::db::DbError> {
         "Share of answers pharmacists confirmed over the last 24 hours (only with at least 20 answers).",
     );
     for (version, counts) in &day {
-        accuracy(&mut out, version, counts);
+        accuracy(out, version, counts);
     }
     out.family("rxvision_engine_fallbacks_total", "counter", "Scans the CPU answered after a GPU failure.");
     for (version, counts) in &ever {
@@ -173,7 +189,11 @@ async fn render(state: &AppState) -> Result<String, crate::db::DbError> {
     let (flagged, _) = db.device_page(&Scope::Fleet, &query, now, limits).await?;
     out.family("rxvision_device_offline", "gauge", "1 for each live device that is offline.");
     for d in flagged.iter().filter(|d| d.attention.contains(&Attention::Offline)) {
-        out.sample("rxvision_device_offline", &[("device_id", &d.device_id), ("site", d.site.as_deref().unwrap_or(""))], 1.0);
+        out.sample(
+            "rxvision_device_offline",
+            &[("device_id", &d.device_id), ("site", d.site.as_deref().unwrap_or(""))],
+            1.0,
+        );
     }
     out.family(
         "rxvision_device_audit_chain_rewritten",
@@ -190,9 +210,22 @@ async fn render(state: &AppState) -> Result<String, crate::db::DbError> {
     let (backlog, oldest) = db.outbox_backlog().await?;
     out.family("rxvision_outbox_backlog_messages", "gauge", "Messages waiting in online devices' outboxes.");
     out.sample("rxvision_outbox_backlog_messages", &[], backlog as f64);
-    out.family("rxvision_outbox_oldest_unacked_seconds", "gauge", "Age of the oldest unacknowledged message of any online device.");
+    out.family(
+        "rxvision_outbox_oldest_unacked_seconds",
+        "gauge",
+        "Age of the oldest unacknowledged message of any online device.",
+    );
     out.sample("rxvision_outbox_oldest_unacked_seconds", &[], oldest as f64);
 
+    out.family("rxvision_ingest_rejects_total", "counter", "Payloads the fleet refused, by reason.");
+    for (reason, n) in db.rejects_by_reason().await? {
+        out.sample("rxvision_ingest_rejects_total", &[("reason", &reason)], n as f64);
+    }
+    Ok(())
+}
+
+/// This replica's own figures.
+fn render_replica(state: &AppState, out: &mut Exposition) {
     let ingest = &state.ingest;
     out.family("rxvision_ingest_messages_total", "counter", "Device messages this replica's ingest took, by result.");
     for (result, n) in [
@@ -201,10 +234,6 @@ async fn render(state: &AppState) -> Result<String, crate::db::DbError> {
         ("status", ingest.statuses.load(Ordering::Relaxed)),
     ] {
         out.sample("rxvision_ingest_messages_total", &[("result", result)], n as f64);
-    }
-    out.family("rxvision_ingest_rejects_total", "counter", "Payloads the fleet refused, by reason.");
-    for (reason, n) in db.rejects_by_reason().await? {
-        out.sample("rxvision_ingest_rejects_total", &[("reason", &reason)], n as f64);
     }
     out.family("rxvision_ingest_commit_failures_total", "counter", "Batches this replica could not commit (retried).");
     out.sample("rxvision_ingest_commit_failures_total", &[], ingest.commit_failures.load(Ordering::Relaxed) as f64);
@@ -219,7 +248,6 @@ async fn render(state: &AppState) -> Result<String, crate::db::DbError> {
         let counts: Vec<i64> = counts.iter().map(|&n| i64::try_from(n).unwrap_or(i64::MAX)).collect();
         out.histogram("rxvision_api_request_duration_seconds", &[("route", route)], &API_BOUNDS, &counts, *sum);
     }
-    Ok(out.0)
 }
 
 fn accuracy(out: &mut Exposition, version: &str, counts: &Counts) {

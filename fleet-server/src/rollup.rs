@@ -198,8 +198,7 @@ impl Counts {
             engine_fallbacks: self.engine_fallbacks,
             latency_p50_ms: latency_quantile(&self.latency, 0.50),
             latency_p95_ms: latency_quantile(&self.latency, 0.95),
-            confidence_mean: (self.confidence_count > 0)
-                .then(|| self.confidence_sum / self.confidence_count as f64),
+            confidence_mean: (self.confidence_count > 0).then(|| self.confidence_sum / self.confidence_count as f64),
             feedback_confirmed: self.feedback_confirmed,
             feedback_corrected: self.feedback_corrected,
             accuracy: rate(self.feedback_confirmed, feedback),
@@ -379,12 +378,8 @@ impl Db {
              GROUP BY scope",
             sum_columns()
         );
-        let rows =
-            sqlx::query(&sql).bind(prefix).bind(upper).bind(from_ms).bind(to_ms).fetch_all(&self.pool).await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get::<String, _>(0)[prefix.len()..].to_string(), Counts::from_row(r, 1)))
-            .collect())
+        let rows = sqlx::query(&sql).bind(prefix).bind(upper).bind(from_ms).bind(to_ms).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| (r.get::<String, _>(0)[prefix.len()..].to_string(), Counts::from_row(r, 1))).collect())
     }
 
     /// The fleet's sums per model version since `from_ms` (0: ever).

@@ -112,7 +112,9 @@ pub async fn serve(
             .map_err(|source| ServeError::Listen { addr: config.http.listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.http.listen, source })?;
         let scheme = if config.http.tls.is_some() { "https" } else { "http" };
-        eprintln!("rxfleet: dashboard {scheme}://{addr}/  API {scheme}://{addr}/api/v1/  metrics {scheme}://{addr}/metrics");
+        eprintln!(
+            "rxfleet: dashboard {scheme}://{addr}/  API {scheme}://{addr}/api/v1/  metrics {scheme}://{addr}/metrics"
+        );
         Some(api::serve_http(listener, config.http.tls.clone(), state, stop_rx.clone()).await?)
     } else {
         None

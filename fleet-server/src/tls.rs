@@ -33,7 +33,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 }
 
 /// Accepts TLS connections and serves `app` on each until `stop` changes.
-pub async fn serve(listener: tokio::net::TcpListener, acceptor: TlsAcceptor, app: Router, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

@@ -149,11 +149,10 @@ impl Db {
 
     /// Every token, revoked ones included, by id.
     pub async fn tokens(&self) -> Result<Vec<TokenInfo>, DbError> {
-        let rows = sqlx::query(
-            "SELECT id, name, role, scope, created_ms, created_by, revoked_ms FROM api_tokens ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT id, name, role, scope, created_ms, created_by, revoked_ms FROM api_tokens ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| TokenInfo {
@@ -190,10 +189,11 @@ impl Db {
 
     /// The caller a presented token stands for, if it is valid and not revoked.
     pub async fn authenticate(&self, token: &str) -> Result<Option<Caller>, DbError> {
-        let row = sqlx::query("SELECT name, role, scope FROM api_tokens WHERE token_sha256 = $1 AND revoked_ms IS NULL")
-            .bind(token_sha256(token))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT name, role, scope FROM api_tokens WHERE token_sha256 = $1 AND revoked_ms IS NULL")
+                .bind(token_sha256(token))
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.and_then(|r| {
             Some(Caller {
                 name: r.get(0),

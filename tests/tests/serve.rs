@@ -16,7 +16,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::broker::tools_present;
-use crate::fleet::{assert_totals_match, binary, broker_for, database_urls, finish_sim, sim_devices, INGEST, SIM_PASSWORD};
+use crate::fleet::{
+    assert_totals_match, binary, broker_for, database_urls, finish_sim, sim_devices, INGEST, SIM_PASSWORD,
+};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -27,7 +29,13 @@ fn free_port() -> u16 {
 }
 
 /// One HTTP/1.1 exchange on its own connection (`Connection: close`): (status, body).
-fn try_http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> std::io::Result<(u16, Vec<u8>)> {
+fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -82,7 +90,8 @@ fn try_http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, bod
 fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     while let Some(end) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..end]).split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..end]).split(';').next().unwrap().trim(), 16)
+            .unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -96,7 +105,8 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 fn api(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
     let body = body.map(|b| b.to_string());
     let (status, bytes) = try_http(addr, method, path, token, body.as_deref()).unwrap();
-    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    let value =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
     (status, value)
 }
 
@@ -369,11 +379,14 @@ fn tokens_roles_scopes_audit_events_and_retirement() {
         assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{token:?}: {body}");
     }
     // The admin provisions devices through the API; a viewer and an operator cannot.
-    let (status, a1) = api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-a", "device_id": "a-1"})));
+    let (status, a1) =
+        api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-a", "device_id": "a-1"})));
     assert_eq!(status, 201, "{a1}");
-    let (status, _) = api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-a", "device_id": "a-2"})));
+    let (status, _) =
+        api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-a", "device_id": "a-2"})));
     assert_eq!(status, 201);
-    let (status, b1) = api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-b", "device_id": "b-1"})));
+    let (status, b1) =
+        api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-b", "device_id": "b-1"})));
     assert_eq!(status, 201);
     for token in [&viewer, &operator] {
         let (status, body) = api(addr, "POST", "/api/v1/devices", Some(token), Some(json!({"site": "site-a"})));
@@ -392,9 +405,11 @@ fn tokens_roles_scopes_audit_events_and_retirement() {
     // Bad input: a clear error, nothing created.
     let (status, body) = api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "a/b"})));
     assert_eq!(status, 400, "{body}");
-    let (status, body) = api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "s", "colour": "red"})));
+    let (status, body) =
+        api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "s", "colour": "red"})));
     assert!(status == 400 && body["error"]["message"].as_str().unwrap().contains("colour"), "{body}");
-    let (status, _) = api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-a", "device_id": "a-1"})));
+    let (status, _) =
+        api(addr, "POST", "/api/v1/devices", Some(&admin), Some(json!({"site": "site-a", "device_id": "a-1"})));
     assert_eq!(status, 409);
     let (status, body) = api(addr, "GET", "/api/v1/fleet/telemetry?from_ms=0&to_ms=99999999999999", Some(&admin), None);
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("range_too_long")), "{body}");
@@ -532,10 +547,8 @@ fn the_openapi_document_is_committed_and_every_route_answers_as_documented() {
     let mut checked = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, operation) in item.as_object().unwrap() {
-            let concrete = path
-                .replace("{device_id}", &device)
-                .replace("{site}", "doc-site")
-                .replace("{name}", "doc-victim");
+            let concrete =
+                path.replace("{device_id}", &device).replace("{site}", "doc-site").replace("{name}", "doc-victim");
             let body = match (method.as_str(), path.as_str()) {
                 ("post", "/devices") => Some(json!({"site": "doc-site"})),
                 ("post", "/tokens") => Some(json!({"name": "doc-victim", "role": "viewer"})),
@@ -717,7 +730,11 @@ impl Browser {
     fn wait_loaded(&self) {
         let started = Instant::now();
         loop {
-            let loaded = self.call("POST", "/execute/sync", json!({"script": "return document.body.dataset.loaded || ''", "args": []}));
+            let loaded = self.call(
+                "POST",
+                "/execute/sync",
+                json!({"script": "return document.body.dataset.loaded || ''", "args": []}),
+            );
             if loaded == "true" {
                 return;
             }

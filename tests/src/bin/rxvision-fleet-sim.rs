@@ -278,11 +278,8 @@ async fn run(args: Args) -> Result<bool, String> {
     };
     // The simulated span ends now (a backlog looks as old as it is), or,
     // live, starts now (windows stamped as they are produced).
-    let start_ms = if args.live {
-        now_ms()
-    } else {
-        now_ms().saturating_sub(args.windows * args.window_seconds * 1000)
-    };
+    let start_ms =
+        if args.live { now_ms() } else { now_ms().saturating_sub(args.windows * args.window_seconds * 1000) };
     let mut producers = Vec::new();
     let mut devices = Vec::new();
     // Devices offline at the end start their links together, once every
