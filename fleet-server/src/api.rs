@@ -164,6 +164,10 @@ impl From<RegistryError> for ApiError {
             RegistryError::Invalid(m) => ApiError::new(Code::BadRequest, m),
             RegistryError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
             RegistryError::Exists(_) | RegistryError::Retired(_) => ApiError::new(Code::Conflict, e.to_string()),
+            RegistryError::Ca(m) => {
+                tracing::error!(error = %m, "the fleet's CA failed");
+                ApiError::new(Code::Internal, format!("the fleet's CA: {m}"))
+            }
             RegistryError::Db(e) => e.into(),
         }
     }
@@ -594,6 +598,10 @@ pub struct Provisioned {
     pub password: String,
     /// The `[device]` and `[telemetry]` sections of its `rxvisiond.toml`.
     pub config: String,
+    /// Its client certificate (PEM), when the fleet has a CA.
+    pub client_certificate: Option<String>,
+    /// The certificate's private key (PEM; mode 0600 on the appliance).
+    pub client_key: Option<String>,
 }
 
 #[utoipa::path(post, path = "/devices", tag = "devices", request_body = NewDevice, responses(
@@ -606,15 +614,35 @@ async fn add_device(
 ) -> Result<(StatusCode, Json<Provisioned>), ApiError> {
     require(&caller, Role::Admin)?;
     let Json(body) = body.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
-    let (device_id, password) =
-        state.db.add_device(body.device_id.as_deref(), &body.site, &caller.actor(), now_ms()).await?;
+    let registered = crate::provision::register(
+        &state.config,
+        &state.db,
+        body.device_id.as_deref(),
+        &body.site,
+        &caller.actor(),
+        now_ms(),
+    )
+    .await?;
+    let (cert, key) = crate::provision::DEFAULT_CLIENT_FILES;
+    let client = registered.certificate.as_ref().map(|_| (std::path::Path::new(cert), std::path::Path::new(key)));
     let config = crate::provision::appliance_config(
         &state.config,
-        &device_id,
+        &registered.device_id,
         &body.site,
         std::path::Path::new(crate::provision::DEFAULT_PASSWORD_FILE),
+        client,
     );
-    Ok((StatusCode::CREATED, Json(Provisioned { device_id, site: body.site, password, config })))
+    Ok((
+        StatusCode::CREATED,
+        Json(Provisioned {
+            device_id: registered.device_id,
+            site: body.site,
+            password: registered.password,
+            config,
+            client_certificate: registered.certificate.as_ref().map(|c| c.cert_pem.clone()),
+            client_key: registered.certificate.map(|c| c.key_pem),
+        }),
+    ))
 }
 
 /// The outcome of a change.

@@ -82,7 +82,7 @@ fn ingest_password(state_dir: &Path) -> Result<String, BrokerError> {
 }
 
 /// The broker's configuration file.
-pub fn mosquitto_conf(dir: &Path, broker: &ManagedBroker, run_as_root: bool) -> String {
+pub fn mosquitto_conf(dir: &Path, broker: &ManagedBroker, client_ca: Option<&Path>, run_as_root: bool) -> String {
     let mut conf = format!(
         "# Written by `rxfleet serve` at every start: edit rxfleet's configuration instead.\n\
          per_listener_settings false\n\
@@ -112,6 +112,10 @@ pub fn mosquitto_conf(dir: &Path, broker: &ManagedBroker, run_as_root: bool) -> 
             cert.display(),
             key.display()
         ));
+        if let Some(ca) = client_ca {
+            // Appliances show a certificate from the fleet's CA as well as their password.
+            conf.push_str(&format!("cafile {}\nrequire_certificate true\n", ca.display()));
+        }
     }
     if run_as_root {
         // Mosquitto started as root switches to the `mosquitto` user, which
@@ -186,7 +190,8 @@ impl Supervisor {
             std::net::TcpListener::bind(addr).map_err(|_| BrokerError::PortInUse { addr })?;
         }
         let password = ingest_password(&config.state_dir)?;
-        let conf = mosquitto_conf(&dir, &broker, rustix::process::geteuid().is_root());
+        let client_ca = config.broker.ca_dir.as_deref().map(crate::ca::cert_path);
+        let conf = mosquitto_conf(&dir, &broker, client_ca.as_deref(), rustix::process::geteuid().is_root());
         write_private(&dir.join("mosquitto.conf"), &conf)?;
         write_private(&dir.join("rxvision.acl"), ACL)?;
         Ok(Supervisor {
@@ -323,7 +328,7 @@ mod tests {
             listen: "127.0.0.1:18830".parse().unwrap(),
             tls: Some(("0.0.0.0:18883".parse().unwrap(), "/c.pem".into(), "/k.pem".into())),
         };
-        let conf = mosquitto_conf(Path::new("/s/mosquitto"), &broker, false);
+        let conf = mosquitto_conf(Path::new("/s/mosquitto"), &broker, Some(Path::new("/ca/ca.crt")), false);
         for line in [
             "allow_anonymous false",
             "password_file /s/mosquitto/passwd",
@@ -331,6 +336,8 @@ mod tests {
             "listener 18830 127.0.0.1",
             "listener 18883 0.0.0.0",
             "certfile /c.pem",
+            "cafile /ca/ca.crt",
+            "require_certificate true",
         ] {
             assert!(conf.lines().any(|l| l == line), "{line} missing from\n{conf}");
         }

@@ -132,6 +132,7 @@ struct RawBroker {
     tls_cert_file: String,
     tls_key_file: String,
     device_url: String,
+    ca_dir: String,
     url: String,
     username: String,
     password_file: String,
@@ -150,6 +151,7 @@ impl Default for RawBroker {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             device_url: String::new(),
+            ca_dir: String::new(),
             url: String::new(),
             username: "rxfleet-ingest".into(),
             password_file: String::new(),
@@ -285,6 +287,8 @@ pub struct BrokerConfig {
     pub managed: Option<ManagedBroker>,
     /// The broker URL appliances are given (`devices add`).
     pub device_url: String,
+    /// The fleet's CA for appliances' client certificates, if any.
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// Batching of the ingest.
@@ -440,7 +444,8 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     } else {
         match &managed {
             Some(ManagedBroker { tls: Some((addr, ..)), .. }) => format!("mqtts://{addr}"),
-            _ => broker_url.clone(),
+            Some(ManagedBroker { listen, .. }) => format!("mqtt://{listen}"),
+            None => broker_url.clone(),
         }
     };
     match parse_broker_url(&device_url) {
@@ -519,6 +524,7 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
             client_id: raw.broker.client_id,
             managed,
             device_url,
+            ca_dir: (!raw.broker.ca_dir.is_empty()).then(|| raw.broker.ca_dir.into()),
         },
         ingest: IngestConfig {
             batch_max: raw.ingest.batch_max,
@@ -558,6 +564,31 @@ mod tests {
         .unwrap_err();
         let ConfigError::Invalid { problems, .. } = err else { panic!("{err}") };
         assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn broker_modes_are_checked() {
+        let problems = |text: &str| match parse(text, "f.toml") {
+            Err(ConfigError::Invalid { problems, .. }) => problems.join("; "),
+            other => panic!("{other:?}"),
+        };
+        assert!(problems("[broker]\nmode = \"external\"\n").contains("broker.url"));
+        assert!(problems("[broker]\nurl = \"mqtt://h:1\"\n").contains("url is for mode"));
+        assert!(problems("[broker]\nmode = \"cloud\"\n").contains("broker.mode"));
+        assert!(problems("[broker]\ntls_listen = \"0.0.0.0:18883\"\n").contains("tls_cert_file"));
+        assert!(problems("[broker]\nlisten = \"0.0.0.0:18830\"\n").contains("broker.device_url"));
+        assert!(problems("[http]\ntls_cert_file = \"/c.pem\"\n").contains("both or neither"));
+        assert!(problems("[lease]\nttl_ms = 1000\nrenew_ms = 900\n").contains("lease"));
+        let external =
+            parse("[broker]\nmode = \"external\"\nurl = \"mqtts://b:8883\"\nca_file = \"/ca.pem\"\n", "f").unwrap();
+        assert_eq!((external.broker.managed, external.broker.device_url.as_str()), (None, "mqtts://b:8883"));
+        let tls = parse(
+            "[broker]\ntls_listen = \"0.0.0.0:18883\"\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"\n\
+             device_url = \"mqtts://fleet.example:18883\"\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(tls.broker.port, 18830, "the ingest uses the plain loopback listener");
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum RegistryError {
     /// It is retired already.
     #[error("device {0:?} is retired")]
     Retired(String),
+    /// The fleet's CA could not issue a certificate.
+    #[error("the fleet's CA: {0}")]
+    Ca(String),
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -77,6 +80,13 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     ring::rand::SystemRandom::new().fill(&mut bytes).expect("the system RNG works");
     bytes
+}
+
+/// A fresh device id for `site`: the site and 8 random hex digits.
+pub fn new_device_id(site: &str) -> String {
+    let suffix: String = random_bytes::<4>().iter().map(|b| format!("{b:02x}")).collect();
+    let prefix: String = site.chars().take(55).collect();
+    format!("{prefix}-{suffix}")
 }
 
 /// A new broker password: 192 random bits, URL-safe base64.
@@ -432,14 +442,7 @@ impl Db {
         now_ms: i64,
     ) -> Result<(String, String), RegistryError> {
         check_site(site)?;
-        let device_id = match device_id {
-            Some(id) => id.to_string(),
-            None => {
-                let suffix: String = random_bytes::<4>().iter().map(|b| format!("{b:02x}")).collect();
-                let prefix: String = site.chars().take(55).collect();
-                format!("{prefix}-{suffix}")
-            }
-        };
+        let device_id = device_id.map_or_else(|| new_device_id(site), str::to_string);
         check_device_id(&device_id)?;
         let password = new_password();
         let mut tx = self.pool.begin().await?;
@@ -508,6 +511,16 @@ impl Db {
         let details = serde_json::json!({ "rewritten_ms": rewritten_ms, "chain_epoch": epoch });
         record_change(&mut tx, now_ms, actor, "audit_chain_reviewed", Some(device_id), details).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records the serial of the client certificate issued to a device.
+    pub async fn set_cert_serial(&self, device_id: &str, serial: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE device_registry SET cert_serial = $2 WHERE device_id = $1")
+            .bind(device_id)
+            .bind(serial)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -20,6 +20,7 @@
 //!   and acknowledgement, and the ingest's queries.
 //! * [`rollup`] — telemetry windows summed per hour and scope, and the figures made of them.
 //! * [`devices`] — the registry, broker credentials, and each device's view and attention.
+//! * [`ca`] — the fleet's CA: client certificates for appliances.
 //! * [`provision`] — the configuration fragment a new appliance is given.
 //! * [`tokens`] — API tokens, roles and scopes.
 //! * [`api`] — the HTTP API (axum, OpenAPI by utoipa) and the router of everything HTTP.
@@ -29,6 +30,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod ca;
 pub mod chain;
 pub mod classify;
 pub mod config;

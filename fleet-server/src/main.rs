@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// The fleet's CA for appliances' client certificates.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// An external Mosquitto's accounts.
     Broker {
         #[command(subcommand)]
@@ -135,6 +140,12 @@ enum DevicesCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Creates the CA in `[broker] ca_dir` (ca.key mode 0600, ca.crt).
+    Init(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -271,6 +282,14 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Devices { command } => devices(command).await,
         Command::Tokens { command } => tokens(command).await,
+        Command::Ca { command: CaCommand::Init(arg) } => {
+            let config = load(&arg)?;
+            let dir = config.broker.ca_dir.ok_or("set [broker] ca_dir to the directory the CA goes to")?;
+            let cert = rxvision_fleet::ca::init(&dir)?;
+            println!("{}", cert.display());
+            eprintln!("rxfleet: CA created; `devices add` now issues client certificates signed by it");
+            Ok(())
+        }
         Command::Broker { command: BrokerCommand::Passwd { config, out, ingest_password_file } } => {
             let config = load(&config)?;
             let db = open(&config).await?;
@@ -335,27 +354,33 @@ async fn devices(command: DevicesCommand) -> Result<(), String> {
         DevicesCommand::Add { config, site, id, out, json } => {
             let config = load(&config)?;
             let db = open(&config).await?;
-            let (device_id, password) =
-                db.add_device(id.as_deref(), &site, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            let registered = provision::register(&config, &db, id.as_deref(), &site, &cli_actor(), now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            let (device_id, password) = (&registered.device_id, &registered.password);
             if let Some(dir) = out {
-                let (config_path, password_path) = provision::write_files(&config, &dir, &device_id, &site, &password)
-                    .map_err(|e| format!("device {device_id} is registered, but {}: {e}", dir.display()))?;
+                let config_path =
+                    provision::write_files(&config, &dir, device_id, &site, password, registered.certificate.as_ref())
+                        .map_err(|e| format!("device {device_id} is registered, but {}: {e}", dir.display()))?;
                 println!("{device_id}");
                 eprintln!(
-                    "rxfleet: device {device_id} registered at site {site}; wrote {} and {}",
-                    config_path.display(),
-                    password_path.display()
+                    "rxfleet: device {device_id} registered at site {site}; wrote {} and its credentials next to it",
+                    config_path.display()
                 );
             } else {
+                let (cert, key) = provision::DEFAULT_CLIENT_FILES;
                 let fragment = provision::appliance_config(
                     &config,
-                    &device_id,
+                    device_id,
                     &site,
                     std::path::Path::new(provision::DEFAULT_PASSWORD_FILE),
+                    registered.certificate.as_ref().map(|_| (std::path::Path::new(cert), std::path::Path::new(key))),
                 );
                 if json {
                     print_json(&serde_json::json!({
                         "device_id": device_id, "site": site, "password": password, "config": fragment,
+                        "client_certificate": registered.certificate.as_ref().map(|c| &c.cert_pem),
+                        "client_key": registered.certificate.as_ref().map(|c| &c.key_pem),
                     }));
                 } else {
                     print!("{fragment}");
@@ -364,6 +389,12 @@ async fn devices(command: DevicesCommand) -> Result<(), String> {
                          now) goes to {} on the appliance, mode 0600:\n{password}",
                         provision::DEFAULT_PASSWORD_FILE
                     );
+                    if let Some(c) = &registered.certificate {
+                        eprintln!(
+                            "Its client certificate goes to {} and its key to {} (mode 0600):\n{}{}",
+                            cert, key, c.cert_pem, c.key_pem
+                        );
+                    }
                 }
             }
             Ok(())

@@ -89,7 +89,7 @@ fn sign(dir: &Path, name: &str, subject: &str, extfile: Option<&str>) {
 
 /// A CA, and a server certificate for `localhost` signed by it, as the
 /// shipped configuration names them (`ca.crt`, `server.crt`, `server.key`).
-fn make_certificates(dir: &Path) {
+pub fn make_certificates(dir: &Path) {
     make_ca(dir, "ca", "/CN=rxvision test CA");
     std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
     sign(dir, "server", "/CN=localhost", Some("san.ext"));

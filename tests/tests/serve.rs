@@ -511,6 +511,46 @@ fn tokens_roles_scopes_audit_events_and_retirement() {
         );
     }
     assert_eq!(changes.iter().filter(|(k, _)| k == "device_added").count(), 3);
+
+    // For an external Mosquitto: the registry's live accounts as its password file.
+    let ingest_password = dir.path().join("ingest.password");
+    std::fs::write(&ingest_password, "ingest-secret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ingest_password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let external = dir.path().join("external");
+    std::fs::create_dir_all(&external).unwrap();
+    let passwd = external.join("passwd");
+    let ingest_arg = ingest_password.to_str().unwrap();
+    fleet.cli_ok(&["broker", "passwd", "--out", passwd.to_str().unwrap(), "--ingest-password-file", ingest_arg]);
+    let text = std::fs::read_to_string(&passwd).unwrap();
+    let users: Vec<&str> = text.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(users, ["rxfleet-ingest", "a-2", "b-1"], "live devices only: {text}");
+    let port = free_port();
+    std::fs::write(
+        external.join("mosquitto.conf"),
+        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nuser root\n", passwd.display()),
+    )
+    .unwrap();
+    let mut mosquitto =
+        Command::new("mosquitto").arg("-c").arg(external.join("mosquitto.conf")).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let login = |user: &str, password: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", user, "-P", password, "-t", "t", "-m", "x"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(login("b-1", b1_password), "a live device logs in to the external broker");
+    assert!(login("rxfleet-ingest", "ingest-secret"));
+    assert!(!login("a-1", password), "a retired device does not");
+    let _ = mosquitto.kill();
+    let _ = mosquitto.wait();
 }
 
 #[test]
@@ -753,4 +793,65 @@ impl Browser {
         std::fs::write(dir.join(name), bytes).unwrap();
         eprintln!("screenshot: {}", dir.join(name).display());
     }
+}
+
+#[test]
+fn with_a_fleet_ca_the_tls_listener_wants_the_device_certificate_and_password() {
+    if !tools_present("with_a_fleet_ca_the_tls_listener_wants_the_device_certificate_and_password") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("server-certs");
+    std::fs::create_dir_all(&server).unwrap();
+    crate::broker::make_certificates(&server);
+    let (plain, tls) = (free_port(), free_port());
+    let config = dir.path().join("rxfleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fleet]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{plain}\"\n\
+             tls_listen = \"127.0.0.1:{tls}\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n\
+             device_url = \"mqtts://localhost:{tls}\"\nca_dir = {:?}\n",
+            dir.path().join("state").display().to_string(),
+            server.join("server.crt").display().to_string(),
+            server.join("server.key").display().to_string(),
+            dir.path().join("fleet-ca").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let init = Command::new(binary("rxfleet")).args(["ca", "init", "--config"]).arg(&config).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let again = Command::new(binary("rxfleet")).args(["ca", "init", "--config"]).arg(&config).output().unwrap();
+    assert!(!again.status.success(), "an existing CA is never replaced");
+    let fleet = Fleet::start("ca", Some(&config), &[]);
+    let appliance = dir.path().join("appliance");
+    fleet.cli_ok(&["devices", "add", "--site", "store-7", "--id", "tls-1", "--out", appliance.to_str().unwrap()]);
+    let fragment = std::fs::read_to_string(appliance.join("rxvisiond-telemetry.toml")).unwrap();
+    assert!(fragment.contains(&format!("broker = \"mqtts://localhost:{tls}\"")), "{fragment}");
+    assert!(fragment.contains("client_cert_file") && fragment.contains("client_key_file"), "{fragment}");
+    let verified = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.path().join("fleet-ca/ca.crt"))
+        .arg(appliance.join("client.crt"))
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+    let password = std::fs::read_to_string(appliance.join("broker.password")).unwrap();
+    let publish = |with_certificate: bool| {
+        let mut command = Command::new("mosquitto_pub");
+        command.args(["-h", "localhost", "-p", &tls.to_string(), "--cafile"]).arg(server.join("ca.crt"));
+        if with_certificate {
+            command.arg("--cert").arg(appliance.join("client.crt")).arg("--key").arg(appliance.join("client.key"));
+        }
+        command
+            .args(["-u", "tls-1", "-P", password.trim(), "-t", "rxv/v1/dev/tls-1/events", "-q", "1", "-m", "{}"])
+            .output()
+            .unwrap()
+    };
+    let started = Instant::now();
+    while !publish(true).status.success() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the device with its certificate cannot connect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!publish(false).status.success(), "without the certificate the TLS listener refuses the device");
 }
