@@ -17,6 +17,8 @@ mod broker;
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/fleet.rs"]
 mod fleet;
+#[path = "raw_broker.rs"]
+mod raw_broker;
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};
@@ -26,48 +28,6 @@ use fleet::{binary, broker_for, database_urls, sim_devices, Ingest, INGEST, SIM_
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Messages per second from one QoS 1 publisher to one QoS 1 subscriber.
-fn raw_broker_rate(port: u16, device: &str, messages: usize, bytes: usize) -> f64 {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async move {
-        let topic = format!("rxv/v1/dev/{device}/telemetry");
-        let mut sub = MqttOptions::new("bench-raw-sub", "127.0.0.1", port);
-        sub.set_credentials(INGEST.0, INGEST.1);
-        sub.set_max_packet_size(1 << 20, 1 << 20);
-        let (sub_client, mut sub_events) = AsyncClient::new(sub, 10_000);
-        sub_client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
-        loop {
-            if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_events.poll().await {
-                break;
-            }
-        }
-        let mut publisher = MqttOptions::new("bench-raw-pub", "127.0.0.1", port);
-        publisher.set_credentials(device, PASSWORD);
-        publisher.set_max_packet_size(1 << 20, 1 << 20);
-        publisher.set_inflight(1000);
-        let (pub_client, mut pub_events) = AsyncClient::new(publisher, 10_000);
-        let payload = vec![b'x'; bytes];
-        let started = Instant::now();
-        let sender = tokio::spawn(async move {
-            for _ in 0..messages {
-                pub_client.publish(&topic, QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
-            }
-            pub_client
-        });
-        tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
-        let mut received = 0;
-        while received < messages {
-            if let Ok(Event::Incoming(Packet::Publish(_))) = sub_events.poll().await {
-                received += 1;
-            }
-        }
-        let rate = messages as f64 / started.elapsed().as_secs_f64();
-        let _ = sender.await;
-        rate
-    })
 }
 
 fn main() {
@@ -123,7 +83,14 @@ fn main() {
         let report = report.as_object().unwrap();
         let total_bytes: u64 = report.values().map(|d| d["window_bytes"].as_u64().unwrap()).sum();
         let size = (total_bytes / (devices as u64 * windows)) as usize;
-        let raw = raw_broker_rate(broker.port, &ids[0], (messages as usize).min(100_000), size);
+        let raw = raw_broker::raw_broker_rate(
+            broker.port,
+            INGEST,
+            (&ids[0], PASSWORD),
+            &ids[0],
+            (messages as usize).min(100_000),
+            size,
+        );
         let rate = messages / seconds;
         println!(
             "  [{backend}] drained {messages:.0} messages of ~{size} bytes in {seconds:.1} s: {rate:.0} messages/s; raw broker {raw:.0} messages/s; ingest/raw {:.2}",

@@ -165,7 +165,25 @@ impl Broker {
                 Command::new("mosquitto_passwd").args(&args).arg(&passwd).args([user, password]).status().unwrap();
             assert!(status.success(), "mosquitto_passwd failed for {user}");
         }
-        std::fs::copy(workspace().join("packaging/mosquitto/rxvision.acl"), dir.path().join("rxvision.acl")).unwrap();
+        Broker::start_in(dir, "", tls)
+    }
+
+    /// Starts a broker with a ready password file (`user:hash` lines) and
+    /// `extra_acl` appended to the shipped ACL (benchmarks with many accounts).
+    pub fn start_with_passwd(passwd: &str, extra_acl: &str) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("passwd"), passwd).unwrap();
+        Broker::start_in(dir, extra_acl, false)
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra_acl: &str, tls: bool) -> Broker {
+        let acl = std::fs::read_to_string(workspace().join("packaging/mosquitto/rxvision.acl")).unwrap();
+        std::fs::write(dir.path().join("rxvision.acl"), format!("{extra_acl}\n{acl}")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let shipped = std::fs::read_to_string(workspace().join("packaging/mosquitto/rxvision.conf")).unwrap();
         let mut config = String::new();
