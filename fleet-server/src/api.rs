@@ -175,6 +175,20 @@ impl From<RegistryError> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// Query parameters; a malformed one is a JSON `bad_request`, not axum's text.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<ApiQuery<T>, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(e) => Err(ApiError::new(Code::BadRequest, e.body_text())),
+        }
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -295,7 +309,7 @@ pub struct ReplicaInfo {
 async fn fleet(
     State(state): State<AppState>,
     caller: Caller,
-    Query(range): Query<RangeParams>,
+    ApiQuery(range): ApiQuery<RangeParams>,
 ) -> ApiResult<FleetSummary> {
     require_fleet(&caller)?;
     let (from, to) = range.resolve()?;
@@ -368,7 +382,7 @@ async fn telemetry(state: &AppState, scope: String, range: &RangeParams) -> ApiR
 async fn fleet_telemetry(
     State(state): State<AppState>,
     caller: Caller,
-    Query(range): Query<RangeParams>,
+    ApiQuery(range): ApiQuery<RangeParams>,
 ) -> ApiResult<TelemetryReport> {
     require_fleet(&caller)?;
     telemetry(&state, "fleet".into(), &range).await
@@ -381,7 +395,7 @@ async fn site_telemetry(
     State(state): State<AppState>,
     caller: Caller,
     Path(site): Path<String>,
-    Query(range): Query<RangeParams>,
+    ApiQuery(range): ApiQuery<RangeParams>,
 ) -> ApiResult<TelemetryReport> {
     match &caller.scope {
         Scope::Fleet => {}
@@ -408,7 +422,7 @@ async fn device_telemetry(
     State(state): State<AppState>,
     caller: Caller,
     Path(device_id): Path<String>,
-    Query(range): Query<RangeParams>,
+    ApiQuery(range): ApiQuery<RangeParams>,
 ) -> ApiResult<TelemetryReport> {
     let device = scoped_device(&state, &caller, &device_id).await?;
     telemetry(&state, format!("device:{}", device.device_id), &range).await
@@ -459,7 +473,11 @@ pub struct SiteList {
 #[utoipa::path(get, path = "/sites", tag = "fleet", params(RangeParams), responses(
     (status = 200, body = SiteList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn sites(State(state): State<AppState>, caller: Caller, Query(range): Query<RangeParams>) -> ApiResult<SiteList> {
+async fn sites(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(range): ApiQuery<RangeParams>,
+) -> ApiResult<SiteList> {
     let (from, to) = range.resolve()?;
     if let Scope::Device(_) = caller.scope {
         return Err(ApiError::new(Code::Forbidden, format!("token {:?} reads only {}", caller.name, caller.scope)));
@@ -529,7 +547,7 @@ pub struct DevicePage {
 async fn list_devices(
     State(state): State<AppState>,
     caller: Caller,
-    Query(p): Query<DeviceListParams>,
+    ApiQuery(p): ApiQuery<DeviceListParams>,
 ) -> ApiResult<DevicePage> {
     let limit = p.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -719,7 +737,11 @@ pub struct EventPage {
 #[utoipa::path(get, path = "/events", tag = "fleet", params(EventParams), responses(
     (status = 200, body = EventPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
-async fn events(State(state): State<AppState>, caller: Caller, Query(p): Query<EventParams>) -> ApiResult<EventPage> {
+async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<EventParams>,
+) -> ApiResult<EventPage> {
     let limit = p.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::new(Code::BadRequest, format!("limit must be 1-{MAX_PAGE}")));

@@ -602,14 +602,14 @@ impl Db {
             filters.push_str(&format!(" AND device_id LIKE ${next} ESCAPE '!'"));
             values.push(format!("%{}%", needle.replace('!', "!!").replace('%', "!%").replace('_', "!_")));
         }
-        let order = match query.sort {
-            DeviceSort::DeviceId => "device_id",
-            DeviceSort::Site => "site, device_id",
-            DeviceSort::LastSeen => "COALESCE(last_seen_ms, 0), device_id",
-            DeviceSort::Backlog => "COALESCE(outbox_depth, 0), device_id",
+        let keys: &[&str] = match query.sort {
+            DeviceSort::DeviceId => &["device_id"],
+            DeviceSort::Site => &["site", "device_id"],
+            DeviceSort::LastSeen => &["COALESCE(last_seen_ms, 0)", "device_id"],
+            DeviceSort::Backlog => &["COALESCE(outbox_depth, 0)", "device_id"],
         };
         let direction = if query.descending { "DESC" } else { "ASC" };
-        let order: Vec<String> = order.split(", ").map(|c| format!("{c} {direction}")).collect();
+        let order: Vec<String> = keys.iter().map(|c| format!("{c} {direction}")).collect();
         let view = device_view_sql();
         let page_sql = format!(
             "SELECT * FROM ({view}) x WHERE 1 = 1{filters} ORDER BY {} LIMIT {} OFFSET {}",

@@ -209,20 +209,18 @@ async fn connect(port: u16, connections: usize, ids: &[String], tracker: Arc<Tra
     Loadgen { clients, devices }
 }
 
-/// One API request's latency in ms (HTTP/1.1, its own connection).
-fn get(addr: SocketAddr, path: &str, token: &str) -> f64 {
+/// One API request: its latency in ms and its body (HTTP/1.1, its own connection).
+fn get(addr: SocketAddr, path: &str, token: &str) -> (f64, String) {
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr).unwrap();
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
-    assert!(
-        response.starts_with(b"HTTP/1.1 200"),
-        "{path}: {}",
-        String::from_utf8_lossy(&response[..80.min(response.len())])
-    );
-    started.elapsed().as_secs_f64() * 1000.0
+    let text = String::from_utf8_lossy(&response).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{path}: {}", &text[..300.min(text.len())]);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (started.elapsed().as_secs_f64() * 1000.0, body)
 }
 
 fn main() {
@@ -303,6 +301,23 @@ fn main() {
         let started = Instant::now();
         let load = runtime.block_on(connect(broker.port, connections, &ids, tracker.clone()));
         println!("  [{backend}] {connections} connections up in {:.1} s", started.elapsed().as_secs_f64());
+        // Every device's status reaches the fleet before the clock starts.
+        loop {
+            let (_, body) = get(http, "/api/v1/fleet", &token);
+            let summary: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if summary["devices"]["online"].as_u64() == Some(devices as u64) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "the fleet does not see every device online: {summary}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        println!(
+            "  [{backend}] the fleet sees {devices} devices online after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
 
         // Steady: every device one window a minute, spread evenly.
         let stop = Arc::new(AtomicBool::new(false));
@@ -321,7 +336,7 @@ fn main() {
                 ];
                 while !stop.load(Ordering::Relaxed) {
                     for (name, path) in &paths {
-                        let ms = get(http, path, &token);
+                        let (ms, _) = get(http, path, &token);
                         samples.lock().unwrap().entry(name).or_default().push(ms);
                     }
                     std::thread::sleep(Duration::from_millis(200));

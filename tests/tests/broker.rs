@@ -170,6 +170,7 @@ impl Broker {
 
     /// Starts a broker with a ready password file (`user:hash` lines) and
     /// `extra_acl` appended to the shipped ACL (benchmarks with many accounts).
+    #[allow(dead_code)] // used by the benchmarks
     pub fn start_with_passwd(passwd: &str, extra_acl: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("passwd"), passwd).unwrap();
@@ -177,6 +178,7 @@ impl Broker {
     }
 
     /// The broker's process id.
+    #[allow(dead_code)] // used by the benchmarks
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -417,6 +417,31 @@ fn tokens_roles_scopes_audit_events_and_retirement() {
     assert_eq!(status, 400, "{body}");
     let (_, all) = api(addr, "GET", "/api/v1/devices", Some(&admin), None);
     assert_eq!(all["total"], 3, "{all}");
+    // Every sort, both ways; pages of one follow the cursor to the end.
+    for sort in ["device_id", "site", "last_seen", "backlog"] {
+        for order in ["asc", "desc"] {
+            let (status, page) =
+                api(addr, "GET", &format!("/api/v1/devices?sort={sort}&order={order}"), Some(&admin), None);
+            assert_eq!((status, page["total"].as_i64()), (200, Some(3)), "{sort} {order}: {page}");
+        }
+    }
+    let (_, page) = api(addr, "GET", "/api/v1/devices?sort=device_id&order=desc&limit=1", Some(&admin), None);
+    assert_eq!(page["items"][0]["device_id"], "b-1");
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/devices?limit=1".to_string();
+    loop {
+        let (_, page) = api(addr, "GET", &path, Some(&admin), None);
+        seen.push(page["items"][0]["device_id"].as_str().unwrap().to_string());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/devices?limit=1&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["a-1", "a-2", "b-1"]);
+    let (status, body) = api(addr, "GET", "/api/v1/devices?sort=colour", Some(&admin), None);
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (status, body) = api(addr, "GET", "/api/v1/fleet?from_ms=yesterday", Some(&admin), None);
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
 
     // Scopes: a site's token sees its site only; a device's token its device only.
     let site_a = fleet.token("viewer", "site-a-viewer", "site:site-a");
