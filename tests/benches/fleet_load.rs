@@ -351,24 +351,28 @@ fn main() {
             for (client, own) in load.clients.iter().zip(&load.devices) {
                 let (client, own, tracker) = (client.clone(), own.clone(), tracker.clone());
                 tasks.push(tokio::spawn(async move {
-                    let slot = Duration::from_millis(60_000 / own.len().max(1) as u64);
-                    // Each connection's devices take turns; connections start at random offsets.
-                    let offset = Duration::from_millis(rand_offset(&own[0]));
-                    tokio::time::sleep(offset).await;
-                    let mut seq = 0u64;
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds) - offset;
-                    while tokio::time::Instant::now() < deadline {
-                        seq += 1;
-                        for id in &own {
+                    // A connection's devices take turns within the minute, from
+                    // an offset stable per connection; device j's k-th window
+                    // goes at offset + j·slot + k minutes, until the deadline.
+                    let slot_ms = 60_000 / own.len().max(1) as u64;
+                    let offset = rand_offset(&own[0]) % slot_ms.max(1);
+                    let start = tokio::time::Instant::now();
+                    let deadline = start + Duration::from_secs(seconds);
+                    'minutes: for k in 0u64.. {
+                        let seq = k + 1;
+                        for (j, id) in own.iter().enumerate() {
+                            let at = start + Duration::from_millis(offset + j as u64 * slot_ms + k * 60_000);
+                            if at >= deadline {
+                                break 'minutes;
+                            }
+                            tokio::time::sleep_until(at).await;
                             tracker.sent(id, seq);
                             let payload = window(id, seq, now_ms());
                             let _ = client
                                 .publish(format!("rxv/v1/dev/{id}/telemetry"), QoS::AtLeastOnce, false, payload)
                                 .await;
-                            tokio::time::sleep(slot).await;
                         }
                     }
-                    seq
                 }));
             }
             for task in tasks {
@@ -438,15 +442,24 @@ fn main() {
         });
         let total = devices as u64 * backlog;
         let wait = Instant::now();
+        let mut resent = 0;
+        let mut last_resend = Instant::now();
         while tracker.acked.load(Ordering::Relaxed) - before < total && wait.elapsed() < Duration::from_secs(1800) {
             std::thread::sleep(Duration::from_millis(100));
+            // As the appliance's outbox does: what waits longer than the ack
+            // timeout is sent again (a broker may drop it: Mosquitto drops
+            // QoS 1 messages beyond a subscriber's max_queued_messages).
+            if last_resend.elapsed() >= ACK_TIMEOUT {
+                last_resend = Instant::now();
+                resent += runtime.block_on(resend_overdue(&load, &tracker));
+            }
         }
         let drained = tracker.acked.load(Ordering::Relaxed) - before;
         let seconds_drain = drain.elapsed().as_secs_f64();
         let size = window(&ids[0], 1, now_ms()).len();
         let raw = raw_broker::raw_broker_rate(broker.port, fleet::INGEST, (LOADGEN, PASSWORD), &ids[0], 50_000, size);
         println!(
-            "  [{backend}] reconnect backlog: {drained} of {total} windows acked in {seconds_drain:.1} s = {:.0} windows/s; raw broker {raw:.0} messages/s; ratio {:.2}",
+            "  [{backend}] reconnect backlog: {drained} of {total} windows acked in {seconds_drain:.1} s = {:.0} windows/s ({resent} sent again after {ACK_TIMEOUT:?}); raw broker {raw:.0} messages/s; ratio {:.2}",
             drained as f64 / seconds_drain,
             drained as f64 / seconds_drain / raw
         );
@@ -455,6 +468,35 @@ fn main() {
         let _ = serve.wait();
         drop(broker);
     }
+}
+
+/// The appliances' default ack timeout (`[telemetry] ack_timeout_seconds`).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends again every window unacknowledged for longer than the ack timeout;
+/// returns how many.
+async fn resend_overdue(load: &Loadgen, tracker: &Tracker) -> u64 {
+    let overdue: Vec<(usize, String, u64)> = {
+        let pending = tracker.pending.lock().unwrap();
+        load.devices
+            .iter()
+            .enumerate()
+            .flat_map(|(c, own)| own.iter().map(move |id| (c, id)))
+            .flat_map(|(c, id)| {
+                pending
+                    .get(id)
+                    .into_iter()
+                    .flat_map(|seqs| seqs.iter())
+                    .filter(|(_, sent)| sent.elapsed() >= ACK_TIMEOUT)
+                    .map(move |(seq, _)| (c, id.clone(), *seq))
+            })
+            .collect()
+    };
+    for (c, id, seq) in &overdue {
+        let payload = window(id, *seq, now_ms());
+        let _ = load.clients[*c].publish(format!("rxv/v1/dev/{id}/telemetry"), QoS::AtLeastOnce, false, payload).await;
+    }
+    overdue.len() as u64
 }
 
 /// A spread of start offsets within the first minute, stable per device.

@@ -152,7 +152,10 @@ impl Fleet {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[{name}] {line}");
-                if let Some(rest) = line.strip_prefix("rxfleet: dashboard http://") {
+                let address = line
+                    .strip_prefix("rxfleet: dashboard http://")
+                    .or(line.strip_prefix("rxfleet: dashboard https://"));
+                if let Some(rest) = address {
                     let _ = tx.send(rest.split('/').next().unwrap().to_string());
                 }
                 lines.lock().unwrap().push(line);
@@ -834,13 +837,16 @@ fn with_a_fleet_ca_the_tls_listener_wants_the_device_certificate_and_password() 
     std::fs::write(
         &config,
         format!(
-            "[fleet]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{plain}\"\n\
+            "[fleet]\nstate_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:{plain}\"\n\
              tls_listen = \"127.0.0.1:{tls}\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n\
-             device_url = \"mqtts://localhost:{tls}\"\nca_dir = {:?}\n",
+             device_url = \"mqtts://localhost:{tls}\"\nca_dir = {:?}\n\
+             [http]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
             dir.path().join("state").display().to_string(),
             server.join("server.crt").display().to_string(),
             server.join("server.key").display().to_string(),
             dir.path().join("fleet-ca").display().to_string(),
+            server.join("server.crt").display().to_string(),
+            server.join("server.key").display().to_string(),
         ),
     )
     .unwrap();
@@ -879,4 +885,30 @@ fn with_a_fleet_ca_the_tls_listener_wants_the_device_certificate_and_password() 
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!publish(false).status.success(), "without the certificate the TLS listener refuses the device");
+
+    // The API over HTTPS, with the certificate checked against its CA.
+    let https = |ca: &Path| {
+        let mut client = Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-servername", "localhost", "-CAfile"])
+            .arg(ca)
+            .arg("-connect")
+            .arg(fleet.http.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        client
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"GET /api/v1/openapi.json HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let out = client.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let answer = https(&server.join("ca.crt"));
+    assert!(answer.contains(" 200 OK") && answer.contains("RxVision fleet API"), "{answer}");
+    let refused = https(&dir.path().join("fleet-ca/ca.crt"));
+    assert!(!refused.contains(" 200 OK"), "a client that does not trust the certificate gets nothing");
 }
