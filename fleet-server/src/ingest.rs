@@ -101,7 +101,14 @@ pub async fn run(
 ) -> Result<(), IngestError> {
     let options = mqtt_options(&config)?;
     let (client, mut events) = AsyncClient::new(options, 20_000);
-    let (batches_tx, mut batches_rx) = mpsc::channel::<Publish>(20_000);
+    // Unbounded, so the poller never waits on the committer: while it polls,
+    // the broker's PUBACKs for our acks free the client's in-flight window
+    // and the committer's requests drain. With a bounded channel the two
+    // waited on each other under load (the committer on the full request
+    // queue, the poller on the full batch channel) and the ingest stopped.
+    // What arrives is bounded by the broker's in-flight window for this
+    // session (unacknowledged messages: max_inflight_messages).
+    let (batches_tx, mut batches_rx) = mpsc::unbounded_channel::<Publish>();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         stop.await;
@@ -127,7 +134,7 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if batches_tx.send(publish).await.is_err() {
+                    if batches_tx.send(publish).is_err() {
                         return;
                     }
                 }

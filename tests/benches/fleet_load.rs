@@ -272,15 +272,19 @@ fn main() {
         let mut serve = std::process::Command::new(fleet::binary("rxfleet"))
             .args(["serve", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = serve.stderr.take().unwrap();
+        let log_path = std::env::temp_dir().join(format!("rxfleet-load-{backend}.log"));
+        println!("  [{backend}] rxfleet's log: {}", log_path.display());
         std::thread::spawn(move || {
             use std::io::BufRead;
+            let mut log = std::fs::File::create(log_path).unwrap();
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
                 if let Some(rest) = line.strip_prefix("rxfleet: dashboard http://") {
                     let _ = tx.send(rest.split('/').next().unwrap().to_string());
                 }
