@@ -10,7 +10,6 @@
 //! OpenAPI document is generated from the handlers (utoipa) and served at
 //! `/api/v1/openapi.json`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -925,28 +924,4 @@ pub async fn serve_http(
             Ok(tokio::spawn(crate::tls::serve(listener, acceptor, app, stop)))
         }
     }
-}
-
-/// Route → latency histogram, for tests that read the document.
-pub fn openapi_paths() -> HashMap<String, Vec<String>> {
-    let (_, doc) = api_router();
-    doc.paths
-        .paths
-        .iter()
-        .map(|(path, item)| {
-            let mut methods = Vec::new();
-            for (name, op) in [
-                ("get", &item.get),
-                ("post", &item.post),
-                ("put", &item.put),
-                ("delete", &item.delete),
-                ("patch", &item.patch),
-            ] {
-                if op.is_some() {
-                    methods.push(name.to_string());
-                }
-            }
-            (path.clone(), methods)
-        })
-        .collect()
 }

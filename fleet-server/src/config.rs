@@ -97,16 +97,10 @@ impl Default for RawAttention {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawFleet {
     state_dir: String,
-}
-
-impl Default for RawFleet {
-    fn default() -> RawFleet {
-        RawFleet { state_dir: String::new() }
-    }
 }
 
 #[derive(Debug, Deserialize)]
