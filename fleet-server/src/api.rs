@@ -38,6 +38,7 @@ use crate::devices::{
 };
 use crate::ingest::IngestStats;
 use crate::metrics::LatencyHistograms;
+use crate::now_ms;
 use crate::rollup::{Aggregate, Counts, HOUR_MS};
 use crate::serve::ServeError;
 use crate::tokens::{Caller, Role, TokenInfo};
@@ -221,13 +222,6 @@ fn require_fleet(caller: &Caller) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(Code::Forbidden, format!("token {:?} reads only {}", caller.name, caller.scope)))
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// A time range (Unix ms); default: the last 24 hours.

@@ -59,13 +59,6 @@ pub enum IngestError {
     Credentials(String),
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn mqtt_options(config: &FleetConfig) -> Result<MqttOptions, IngestError> {
     let broker = &config.broker;
     let mut options = MqttOptions::new(broker.client_id.clone(), broker.host.clone(), broker.port);
@@ -233,7 +226,7 @@ async fn commit_with_retry(
 ) -> Option<Committed> {
     let mut delay = Duration::from_millis(250);
     loop {
-        match db.commit_fenced(fence, accepted, rejected, now_ms()).await {
+        match db.commit_fenced(fence, accepted, rejected, u64::try_from(crate::now_ms()).unwrap_or(0)).await {
             Ok(committed) => return Some(committed),
             Err(DbError::LeaseLost) => {
                 tracing::warn!("this replica lost the leader lease: the ingest stops");

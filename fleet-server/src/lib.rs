@@ -45,3 +45,11 @@ pub mod rollup;
 pub mod serve;
 pub mod tls;
 pub mod tokens;
+
+/// The fleet's wall clock, Unix milliseconds (0 before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use rxvision_fleet::config::{self, FleetConfig, DEFAULT_CONFIG};
 use rxvision_fleet::db::Db;
 use rxvision_fleet::devices::{DeviceQuery, DeviceSort, Scope};
+use rxvision_fleet::now_ms;
 use rxvision_fleet::provision;
 use rxvision_fleet::serve::{self, Parts};
 use rxvision_fleet::tokens::Role;
@@ -226,13 +227,6 @@ async fn shutdown_signal() {
 
 fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Who runs a command: recorded with every change it makes.

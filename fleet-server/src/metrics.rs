@@ -28,6 +28,7 @@ use rxvision_protocol::LATENCY_BOUNDS_MS;
 
 use crate::api::AppState;
 use crate::devices::{Attention, DeviceQuery, Scope};
+use crate::now_ms;
 use crate::rollup::{Counts, HOUR_MS, VERDICTS};
 
 /// Accuracy is reported only from this many feedback answers in 24 hours.
@@ -90,13 +91,6 @@ impl Exposition {
         self.sample(&format!("{name}_sum"), pairs, sum);
         self.sample(&format!("{name}_count"), pairs, cumulative as f64);
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// `GET /metrics`.
