@@ -64,7 +64,8 @@ pub fn check_site(site: &str) -> Result<(), RegistryError> {
     }
 }
 
-fn check_device_id(id: &str) -> Result<(), RegistryError> {
+/// A device id the registry accepts: the protocol's id rule, and not the fleet's own names.
+pub fn check_device_id(id: &str) -> Result<(), RegistryError> {
     if !rxvision_protocol::topic::valid_device_id(id) {
         return Err(RegistryError::Invalid(format!(
             "{id:?} is not a device id (1-64 letters, digits, '-', '_' or '.')"
@@ -432,40 +433,42 @@ fn counts_from_row(row: &AnyRow, first: usize) -> (DeviceCounts, AttentionCounts
 }
 
 impl Db {
-    /// Registers a device at `site` and returns its broker password (shown
-    /// once; only its hash is kept). `device_id` `None`: `SITE-` and 8 hex digits.
+    /// Registers a device at `site` (with the serial of the client
+    /// certificate issued to it, if any) and returns its broker password
+    /// (shown once; only its hash is kept).
     pub async fn add_device(
         &self,
-        device_id: Option<&str>,
+        device_id: &str,
         site: &str,
+        cert_serial: Option<&str>,
         actor: &str,
         now_ms: i64,
-    ) -> Result<(String, String), RegistryError> {
+    ) -> Result<String, RegistryError> {
         check_site(site)?;
-        let device_id = device_id.map_or_else(|| new_device_id(site), str::to_string);
-        check_device_id(&device_id)?;
+        check_device_id(device_id)?;
         let password = new_password();
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO device_registry (device_id, site, created_ms, created_by, password_hash) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_id) DO NOTHING",
+            "INSERT INTO device_registry (device_id, site, created_ms, created_by, password_hash, cert_serial) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO NOTHING",
         )
-        .bind(&device_id)
+        .bind(device_id)
         .bind(site)
         .bind(now_ms)
         .bind(actor)
         .bind(hash_password(&password))
+        .bind(cert_serial.map(str::to_string))
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if inserted == 0 {
-            return Err(RegistryError::Exists(device_id));
+            return Err(RegistryError::Exists(device_id.to_string()));
         }
         bump_registry(&mut tx).await?;
-        record_change(&mut tx, now_ms, actor, "device_added", Some(&device_id), serde_json::json!({ "site": site }))
+        record_change(&mut tx, now_ms, actor, "device_added", Some(device_id), serde_json::json!({ "site": site }))
             .await?;
         tx.commit().await?;
-        Ok((device_id, password))
+        Ok(password)
     }
 
     /// Retires a device: its broker account goes at the broker's next reload.
@@ -511,16 +514,6 @@ impl Db {
         let details = serde_json::json!({ "rewritten_ms": rewritten_ms, "chain_epoch": epoch });
         record_change(&mut tx, now_ms, actor, "audit_chain_reviewed", Some(device_id), details).await?;
         tx.commit().await?;
-        Ok(())
-    }
-
-    /// Records the serial of the client certificate issued to a device.
-    pub async fn set_cert_serial(&self, device_id: &str, serial: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE device_registry SET cert_serial = $2 WHERE device_id = $1")
-            .bind(device_id)
-            .bind(serial)
-            .execute(&self.pool)
-            .await?;
         Ok(())
     }
 

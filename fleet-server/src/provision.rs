@@ -76,14 +76,13 @@ pub async fn register(
 ) -> Result<Registered, crate::devices::RegistryError> {
     crate::devices::check_site(site)?;
     let device_id = device_id.map_or_else(|| crate::devices::new_device_id(site), str::to_string);
+    crate::devices::check_device_id(&device_id)?;
     let certificate = match &config.broker.ca_dir {
         Some(dir) => Some(crate::ca::issue(dir, &device_id).map_err(crate::devices::RegistryError::Ca)?),
         None => None,
     };
-    let (device_id, password) = db.add_device(Some(&device_id), site, actor, now_ms).await?;
-    if let Some(c) = &certificate {
-        db.set_cert_serial(&device_id, &c.serial).await?;
-    }
+    let serial = certificate.as_ref().map(|c| c.serial.as_str());
+    let password = db.add_device(&device_id, site, serial, actor, now_ms).await?;
     Ok(Registered { device_id, password, certificate })
 }
 
