@@ -33,6 +33,7 @@ pub mod broker;
 pub mod ca;
 pub mod chain;
 pub mod classify;
+mod commit;
 pub mod config;
 pub mod dashboard;
 pub mod db;

@@ -320,35 +320,42 @@ pub struct HourCounts {
 }
 
 impl Db {
-    /// Adds a batch's rows to `rollup_hourly` inside its transaction.
-    pub(crate) async fn add_rollups(tx: &mut crate::db::Tx<'_>, rollup: &BatchRollup) -> Result<(), DbError> {
+    /// Adds a batch's rows to `rollup_hourly` inside its transaction
+    /// (multi-row upserts; each key appears once in a batch).
+    pub(crate) async fn add_rollups(
+        tx: &mut crate::db::Tx<'_>,
+        backend: crate::db::Backend,
+        rollup: &BatchRollup,
+    ) -> Result<(), DbError> {
         let mut columns: Vec<String> = INT_COLUMNS.iter().map(|c| (*c).to_string()).collect();
         columns.push("confidence_sum".into());
         columns.push("latency_sum_ms".into());
         columns.extend((0..LATENCY_BUCKETS).map(|k| format!("lat_{k}")));
-        let placeholders: Vec<String> = (4..4 + columns.len()).map(|k| format!("${k}")).collect();
         let updates: Vec<String> = columns.iter().map(|c| format!("{c} = rollup_hourly.{c} + excluded.{c}")).collect();
-        let sql = format!(
-            "INSERT INTO rollup_hourly (scope, hour_ms, model_version, {}) VALUES ($1, $2, $3, {}) \
-             ON CONFLICT (scope, hour_ms, model_version) DO UPDATE SET {}",
-            columns.join(", "),
-            placeholders.join(", "),
-            updates.join(", ")
-        );
+        let into = format!("INSERT INTO rollup_hourly (scope, hour_ms, model_version, {})", columns.join(", "));
+        let tail = format!("ON CONFLICT (scope, hour_ms, model_version) DO UPDATE SET {}", updates.join(", "));
         let mut rows: Vec<_> = rollup.0.iter().collect();
         rows.sort_by(|a, b| a.0.cmp(b.0)); // one lock order for every writer
-        for ((scope, hour, version), counts) in rows {
-            let mut query = sqlx::query(&sql).bind(scope).bind(*hour).bind(version);
-            for value in counts.ints() {
-                query = query.bind(value);
-            }
-            query = query.bind(counts.confidence_sum).bind(counts.latency_sum_ms);
-            for value in counts.latency {
-                query = query.bind(value);
-            }
-            query.execute(&mut **tx).await?;
-        }
-        Ok(())
+        crate::commit::insert_rows(
+            tx,
+            backend,
+            &into,
+            3 + columns.len(),
+            &tail,
+            &rows,
+            |query, ((scope, hour, version), counts)| {
+                let mut query = query.bind(scope).bind(*hour).bind(version);
+                for value in counts.ints() {
+                    query = query.bind(value);
+                }
+                query = query.bind(counts.confidence_sum).bind(counts.latency_sum_ms);
+                for value in counts.latency {
+                    query = query.bind(value);
+                }
+                query
+            },
+        )
+        .await
     }
 
     /// A scope's hours in `[from_ms, to_ms)` with data, ascending.

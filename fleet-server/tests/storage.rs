@@ -200,6 +200,21 @@ async fn windows_whose_chain_shrinks_in_seq_order_are_flagged_in_order_or_not() 
             .unwrap();
         assert!(fine.rewrites.is_empty(), "{backend:?}: {:?}", fine.rewrites);
         assert_eq!(fine.acks["w-3"], 3);
+        // In one batch: 3 (5) is shorter than 1 (10), and 2 (20), late, is
+        // longer than 3, the window after it in the new epoch.
+        let both = db
+            .commit(
+                &[
+                    window("w-4", 1, 1, head(10, 'h')),
+                    window("w-4", 3, 1, head(5, 'i')),
+                    window("w-4", 2, 1, head(20, 'j')),
+                ],
+                &[],
+                1_000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(both.rewrites.len(), 2, "{backend:?}: {:?}", both.rewrites);
     }
 }
 
@@ -254,4 +269,119 @@ async fn a_restored_audit_store_is_flagged_once_and_an_outage_backlog_is_not() {
             assert_eq!(db.stored_seqs(d).await.unwrap(), [1, 2, 3, 4]);
         }
     }
+}
+
+/// A small deterministic generator (the scenarios must be the same on every run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// What the fleet holds, comparable across databases (times left out).
+async fn holdings(db: &Db, devices: &[String]) -> String {
+    let mut out = String::new();
+    for d in db.devices().await.unwrap() {
+        out.push_str(&format!(
+            "{} acked {} online {} rewrites {} windows {} scans {} events {}\n",
+            d.device_id, d.acked_seq, d.online, d.chain_rewrites, d.windows, d.scans, d.events
+        ));
+    }
+    for device in devices {
+        out.push_str(&format!("{device} seqs {:?}\n", db.stored_seqs(device).await.unwrap()));
+    }
+    for e in db.fleet_events(None).await.unwrap() {
+        out.push_str(&format!("{:?} {} {}\n", e.device_id, e.kind, e.details));
+    }
+    out
+}
+
+/// Several appliances' traffic as the ingest meets it: windows whose chain
+/// grows (or not, without scans), statuses, events, resends, messages out
+/// of order, and now and then a restored audit store (a shorter or forked chain).
+fn scenario(rng: &mut Lcg, devices: &[String]) -> Vec<Incoming> {
+    struct Device {
+        seq: u64,
+        length: u64,
+        fork: u64,
+    }
+    let chain = |fork: u64, length: u64| ChainHead { next_seq: length, head: format!("{fork:016x}{length:048x}") };
+    let mut state: Vec<Device> = devices.iter().map(|_| Device { seq: 0, length: 1, fork: 0 }).collect();
+    let mut messages: Vec<Incoming> = Vec::new();
+    for _ in 0..80 {
+        let k = rng.below(devices.len() as u64) as usize;
+        let (id, d) = (&devices[k], &mut state[k]);
+        match rng.below(20) {
+            0..=9 => {
+                d.seq += 1;
+                d.length += rng.below(4);
+                messages.push(window(id, d.seq, 1, chain(d.fork, d.length)));
+            }
+            10..=11 => {
+                d.seq += 1;
+                messages.push(event(id, d.seq));
+            }
+            12..=14 => {
+                let time_ms = (d.seq + 1) * 60_000 + 1_000;
+                messages.push(status(id, rng.below(4) > 0, Some(chain(d.fork, d.length)), time_ms));
+            }
+            15 if !messages.is_empty() => {
+                let again = messages[rng.below(messages.len() as u64) as usize].clone();
+                messages.push(again);
+            }
+            16..=17 if messages.len() > 1 => {
+                let at = messages.len() - 1;
+                messages.swap(at, at - 1 - rng.below(at.min(8) as u64) as usize);
+            }
+            18 => {
+                d.length = d.length.saturating_sub(rng.below(6)).max(1);
+                d.fork += 1;
+            }
+            _ => d.seq += 1, // a message the ingest never sees (a hole)
+        }
+    }
+    messages
+}
+
+#[tokio::test]
+async fn a_batch_stores_what_its_messages_store_one_by_one() {
+    let devices: Vec<String> = (1..=3).map(|k| format!("mix-{k}")).collect();
+    let whole = Databases::new("whole").await;
+    let single = Databases::new("single").await;
+    let chunked = Databases::new("chunked").await;
+    let mut rng = Lcg(7);
+    let mut rewrites = 0;
+    for round in 0..12 {
+        let messages = scenario(&mut rng, &devices);
+        let mut cuts = Vec::new();
+        let mut at = 0;
+        while at < messages.len() {
+            let len = 1 + rng.below(12) as usize;
+            cuts.push(at..(at + len).min(messages.len()));
+            at += len;
+        }
+        for ((a, b), c) in
+            whole.open_each().await.into_iter().zip(single.open_each().await).zip(chunked.open_each().await)
+        {
+            let backend = a.backend();
+            let committed = a.commit(&messages, &[], 1_000).await.unwrap();
+            rewrites += committed.rewrites.len();
+            for message in &messages {
+                b.commit(std::slice::from_ref(message), &[], 1_000).await.unwrap();
+            }
+            for cut in &cuts {
+                c.commit(&messages[cut.clone()], &[], 1_000).await.unwrap();
+            }
+            let expected = holdings(&b, &devices).await;
+            assert_eq!(holdings(&a, &devices).await, expected, "{backend:?}, round {round}: one batch");
+            assert_eq!(holdings(&c, &devices).await, expected, "{backend:?}, round {round}: batches of 1-12");
+            for db in [a, b, c] {
+                db.close().await;
+            }
+        }
+    }
+    assert!(rewrites > 0, "the scenarios restore an audit store now and then");
 }
