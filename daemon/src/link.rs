@@ -136,6 +136,17 @@ fn pump(client: &AsyncClient, outbox: &Outbox, device_id: &str) {
     }
 }
 
+/// [`pump`], and when that starts a wait for an ack (none was awaited
+/// before), the ack timeout counts from now: a link idle for longer than
+/// the timeout must not resend a message the moment it is sent.
+fn pump_timed(client: &AsyncClient, outbox: &Outbox, device_id: &str, waiting_since: &mut tokio::time::Instant) {
+    let was_waiting = outbox.awaiting_ack();
+    pump(client, outbox, device_id);
+    if !was_waiting && outbox.awaiting_ack() {
+        *waiting_since = tokio::time::Instant::now();
+    }
+}
+
 /// Runs the link until `stop` resolves. `status` makes the retained online status.
 pub async fn run(
     config: LinkConfig,
@@ -192,7 +203,7 @@ pub async fn run(
                         outbox.rewind();
                         last_progress = tokio::time::Instant::now();
                     }
-                    pump(&client, &outbox, &device_id);
+                    pump_timed(&client, &outbox, &device_id, &mut last_progress);
                     // The retained status keeps the fleet's view of the
                     // outbox and engine current, not just as of the connect.
                     if state.get() == LinkState::Up && last_status.elapsed() >= STATUS_REFRESH {
@@ -215,7 +226,7 @@ pub async fn run(
                             let _ = client.try_publish(status_topic.clone(), QoS::AtLeastOnce, true, online);
                         }
                         last_status = tokio::time::Instant::now();
-                        pump(&client, &outbox, &device_id);
+                        pump_timed(&client, &outbox, &device_id, &mut last_progress);
                     }
                     Ok(Event::Incoming(Packet::Publish(message))) if message.topic == ack_topic => {
                         match decode_on::<Ack>(&device_id, &message.payload) {
@@ -223,7 +234,7 @@ pub async fn run(
                                 Ok(AckOutcome::Ahead { highest }) => tracing::warn!(seq = ack.seq, highest, "an ack above anything sent was ignored"),
                                 Ok(AckOutcome::Committed { .. }) => {
                                     last_progress = tokio::time::Instant::now();
-                                    pump(&client, &outbox, &device_id);
+                                    pump_timed(&client, &outbox, &device_id, &mut last_progress);
                                 }
                                 Ok(AckOutcome::Stale) => {}
                                 Err(e) => tracing::error!(error = %e, "an ack could not be stored"),

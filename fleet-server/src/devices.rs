@@ -64,6 +64,19 @@ pub fn check_site(site: &str) -> Result<(), RegistryError> {
     }
 }
 
+/// A device to register.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    /// Its id.
+    pub device_id: String,
+    /// Its site.
+    pub site: String,
+    /// Its broker password (only the hash is stored).
+    pub password: String,
+    /// The serial of the client certificate issued to it, if any.
+    pub cert_serial: Option<String>,
+}
+
 /// A device id the registry accepts: the protocol's id rule, and not the fleet's own names.
 pub fn check_device_id(id: &str) -> Result<(), RegistryError> {
     if !rxvision_protocol::topic::valid_device_id(id) {
@@ -444,31 +457,63 @@ impl Db {
         actor: &str,
         now_ms: i64,
     ) -> Result<String, RegistryError> {
-        check_site(site)?;
-        check_device_id(device_id)?;
-        let password = new_password();
+        let device = NewDevice {
+            device_id: device_id.to_string(),
+            site: site.to_string(),
+            password: new_password(),
+            cert_serial: cert_serial.map(str::to_string),
+        };
+        self.add_devices(std::slice::from_ref(&device), actor, now_ms).await?;
+        Ok(device.password)
+    }
+
+    /// Registers devices in one transaction: all of them, or (an id taken,
+    /// or not acceptable) none. Each is a `device_added` event.
+    pub async fn add_devices(&self, devices: &[NewDevice], actor: &str, now_ms: i64) -> Result<(), RegistryError> {
+        for device in devices {
+            check_site(&device.site)?;
+            check_device_id(&device.device_id)?;
+        }
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO device_registry (device_id, site, created_ms, created_by, password_hash, cert_serial) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO NOTHING",
-        )
-        .bind(device_id)
-        .bind(site)
-        .bind(now_ms)
-        .bind(actor)
-        .bind(hash_password(&password))
-        .bind(cert_serial.map(str::to_string))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            return Err(RegistryError::Exists(device_id.to_string()));
+        for device in devices {
+            let inserted = sqlx::query(
+                "INSERT INTO device_registry (device_id, site, created_ms, created_by, password_hash, cert_serial) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_id) DO NOTHING",
+            )
+            .bind(&device.device_id)
+            .bind(&device.site)
+            .bind(now_ms)
+            .bind(actor)
+            .bind(hash_password(&device.password))
+            .bind(device.cert_serial.clone())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(RegistryError::Exists(device.device_id.clone()));
+            }
+            let details = serde_json::json!({ "site": device.site });
+            record_change(&mut tx, now_ms, actor, "device_added", Some(&device.device_id), details).await?;
         }
         bump_registry(&mut tx).await?;
-        record_change(&mut tx, now_ms, actor, "device_added", Some(device_id), serde_json::json!({ "site": site }))
-            .await?;
         tx.commit().await?;
-        Ok(password)
+        Ok(())
+    }
+
+    /// Which of `ids` are registered (retired ones included).
+    pub async fn registered(&self, ids: &[String]) -> Result<Vec<String>, RegistryError> {
+        let mut found = Vec::new();
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = (1..=chunk.len()).map(|k| format!("${k}")).collect();
+            let sql = format!("SELECT device_id FROM device_registry WHERE device_id IN ({})", list.join(", "));
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            found.extend(query.fetch_all(&self.pool).await?.iter().map(|r| r.get::<String, _>(0)));
+        }
+        found.sort();
+        Ok(found)
     }
 
     /// Retires a device: its broker account goes at the broker's next reload.

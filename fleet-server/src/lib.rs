@@ -42,6 +42,7 @@ pub mod ingest;
 pub mod lease;
 pub mod metrics;
 pub mod provision;
+pub mod rollout;
 pub mod rollup;
 pub mod serve;
 pub mod tls;

@@ -126,6 +126,19 @@ enum DevicesCommand {
         /// The device.
         id: String,
     },
+    /// Registers many devices from a CSV file (header `site,device_id`; an
+    /// empty id is made from the site): all of them or none. Each device's
+    /// rxvisiond-telemetry.toml and credentials go to OUT/<device_id>/;
+    /// prints device_id,site,config for each.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The CSV file.
+        file: PathBuf,
+        /// The directory for the devices' files.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Retires a device: its broker account stops working.
     Retire {
         #[command(flatten)]
@@ -451,6 +464,23 @@ async fn devices(command: DevicesCommand) -> Result<(), String> {
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("no device {id:?}"))?;
             print_json(&device);
+            Ok(())
+        }
+        DevicesCommand::Import { config, file, out } => {
+            let config = load(&config)?;
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let rows = provision::parse_import(&text).map_err(|e| format!("{}:\n{e}", file.display()))?;
+            let db = open(&config).await?;
+            let imported = provision::import(&config, &db, &rows, &out, &cli_actor(), now_ms()).await?;
+            println!("device_id,site,config");
+            for device in &imported {
+                println!("{},{},{}", device.device_id, device.site, device.config_path.display());
+            }
+            eprintln!(
+                "rxfleet: {} devices registered; their configuration and credentials are under {}",
+                imported.len(),
+                out.display()
+            );
             Ok(())
         }
         DevicesCommand::Retire { config, id } => {

@@ -102,13 +102,22 @@ struct Tracker {
     latencies: Mutex<Vec<f64>>,
     /// Per device: the highest seq sent.
     last: Mutex<HashMap<String, u64>>,
+    /// Per device: since when it waits for an ack without progress (the
+    /// appliance's link sends everything unacknowledged again after the ack
+    /// timeout without progress).
+    waiting_since: Mutex<HashMap<String, Instant>>,
     acked: AtomicU64,
     sent: AtomicU64,
 }
 
 impl Tracker {
     fn sent(&self, device: &str, seq: u64) {
-        self.pending.lock().unwrap().entry(device.to_string()).or_default().insert(seq, Instant::now());
+        let mut pending = self.pending.lock().unwrap();
+        let seqs = pending.entry(device.to_string()).or_default();
+        if seqs.is_empty() {
+            self.waiting_since.lock().unwrap().insert(device.to_string(), Instant::now());
+        }
+        seqs.insert(seq, Instant::now());
         self.last.lock().unwrap().insert(device.to_string(), seq);
         self.sent.fetch_add(1, Ordering::Relaxed);
     }
@@ -119,6 +128,9 @@ impl Tracker {
         let mut pending = self.pending.lock().unwrap();
         let Some(seqs) = pending.get_mut(&ack.device_id) else { return };
         let done: Vec<u64> = seqs.range(..=ack.seq).map(|(s, _)| *s).collect();
+        if !done.is_empty() {
+            self.waiting_since.lock().unwrap().insert(ack.device_id.clone(), now);
+        }
         let mut latencies = self.latencies.lock().unwrap();
         for seq in done {
             let sent = seqs.remove(&seq).unwrap();
@@ -269,6 +281,26 @@ fn main() {
             ),
         )
         .unwrap();
+        // Every device registered at its pharmacy, as an installer onboards a chain.
+        let csv = run.join("devices.csv");
+        let rows: Vec<String> = ids.iter().map(|id| format!("{},{id}", &id[..10])).collect();
+        std::fs::write(&csv, format!("site,device_id\n{}\n", rows.join("\n"))).unwrap();
+        let started = Instant::now();
+        let import = std::process::Command::new(fleet::binary("rxfleet"))
+            .args(["devices", "import", "--config"])
+            .arg(&config)
+            .arg(&csv)
+            .arg("--out")
+            .arg(run.join("devices"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(import.success(), "{backend}: devices import");
+        println!(
+            "  [{backend}] {devices} devices registered at {} sites by `rxfleet devices import` in {:.1} s",
+            devices.min(2000),
+            started.elapsed().as_secs_f64()
+        );
         let mut serve = std::process::Command::new(fleet::binary("rxfleet"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -450,10 +482,11 @@ fn main() {
         let mut last_resend = Instant::now();
         while tracker.acked.load(Ordering::Relaxed) - before < total && wait.elapsed() < Duration::from_secs(1800) {
             std::thread::sleep(Duration::from_millis(100));
-            // As the appliance's outbox does: what waits longer than the ack
-            // timeout is sent again (a broker may drop it: Mosquitto drops
-            // QoS 1 messages beyond a subscriber's max_queued_messages).
-            if last_resend.elapsed() >= ACK_TIMEOUT {
+            // As the appliance's link does: a device that waited longer than
+            // the ack timeout without progress sends everything again (a broker
+            // may drop messages: Mosquitto drops QoS 1 messages beyond a
+            // subscriber's max_queued_messages).
+            if last_resend.elapsed() >= Duration::from_secs(1) {
                 last_resend = Instant::now();
                 resent += runtime.block_on(resend_overdue(&load, &tracker));
             }
@@ -463,7 +496,7 @@ fn main() {
         let size = window(&ids[0], 1, now_ms()).len();
         let raw = raw_broker::raw_broker_rate(broker.port, fleet::INGEST, (LOADGEN, PASSWORD), &ids[0], 50_000, size);
         println!(
-            "  [{backend}] reconnect backlog: {drained} of {total} windows acked in {seconds_drain:.1} s = {:.0} windows/s ({resent} sent again after {ACK_TIMEOUT:?}); raw broker {raw:.0} messages/s; ratio {:.2}",
+            "  [{backend}] reconnect backlog: {drained} of {total} windows acked in {seconds_drain:.1} s = {:.0} windows/s ({resent} sent again after {ACK_TIMEOUT:?} without progress); raw broker {raw:.0} messages/s; ratio {:.2}",
             drained as f64 / seconds_drain,
             drained as f64 / seconds_drain / raw
         );
@@ -477,24 +510,24 @@ fn main() {
 /// The appliances' default ack timeout (`[telemetry] ack_timeout_seconds`).
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Sends again every window unacknowledged for longer than the ack timeout;
-/// returns how many.
+/// Sends again, as the appliance's link does, every window of a device that
+/// waited longer than the ack timeout without any progress; returns how many.
 async fn resend_overdue(load: &Loadgen, tracker: &Tracker) -> u64 {
     let overdue: Vec<(usize, String, u64)> = {
         let pending = tracker.pending.lock().unwrap();
-        load.devices
-            .iter()
-            .enumerate()
-            .flat_map(|(c, own)| own.iter().map(move |id| (c, id)))
-            .flat_map(|(c, id)| {
-                pending
-                    .get(id)
-                    .into_iter()
-                    .flat_map(|seqs| seqs.iter())
-                    .filter(|(_, sent)| sent.elapsed() >= ACK_TIMEOUT)
-                    .map(move |(seq, _)| (c, id.clone(), *seq))
-            })
-            .collect()
+        let mut waiting = tracker.waiting_since.lock().unwrap();
+        let mut overdue = Vec::new();
+        for (c, own) in load.devices.iter().enumerate() {
+            for id in own {
+                let Some(seqs) = pending.get(id).filter(|s| !s.is_empty()) else { continue };
+                let since = waiting.entry(id.clone()).or_insert_with(Instant::now);
+                if since.elapsed() >= ACK_TIMEOUT {
+                    *since = Instant::now();
+                    overdue.extend(seqs.keys().map(|seq| (c, id.clone(), *seq)));
+                }
+            }
+        }
+        overdue
     };
     for (c, id, seq) in &overdue {
         let payload = window(id, *seq, now_ms());

@@ -169,8 +169,7 @@ impl Broker {
     }
 
     /// Starts a broker with a ready password file (`user:hash` lines) and
-    /// `extra_acl` appended to the shipped ACL (benchmarks with many accounts).
-    #[allow(dead_code)] // used by the benchmarks
+    /// `extra_acl` appended to the shipped ACL (many accounts, or a load generator's).
     pub fn start_with_passwd(passwd: &str, extra_acl: &str) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("passwd"), passwd).unwrap();

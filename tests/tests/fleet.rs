@@ -142,8 +142,18 @@ impl Ingest {
 
     /// `kill -9`, then a new ingest with the same configuration.
     pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.relaunch();
+    }
+
+    /// `kill -9`: its broker session stays, and the broker queues for it.
+    pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// A new ingest with the same configuration (and session).
+    pub fn relaunch(&mut self) {
         *self = Ingest::launch(self.config.clone());
     }
 
@@ -728,4 +738,104 @@ fn rxfleet_prints_its_default_configuration_and_names_a_wrong_key() {
     let out = Command::new(binary("rxfleet")).args(["migrate", "--config"]).arg(&bad_db).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("database"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A window of `device` as an appliance sends it (the protocol's golden
+/// example with the device's id, `seq` and a growing chain).
+fn window_payload(device: &str, seq: u64) -> Vec<u8> {
+    let golden = workspace_path("protocol/tests/golden/telemetry.json");
+    let mut window: rxvision_protocol::Telemetry = serde_json::from_slice(&std::fs::read(golden).unwrap()).unwrap();
+    window.device_id = device.into();
+    window.seq = seq;
+    window.window.start_ms = 1_780_000_000_000 + seq * 60_000;
+    window.window.end_ms = window.window.start_ms + 60_000;
+    window.audit = rxvision_protocol::ChainHead { next_seq: seq * 5, head: format!("{seq:064x}") };
+    rxvision_protocol::encode(&window).unwrap()
+}
+
+fn workspace_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+}
+
+/// Regression: a backlog larger than the ingest client's request queue
+/// (20,000), queued by the broker while the ingest was away. With bounded
+/// channels the task reading the broker and the committer (publishing acks
+/// and PUBACKs) waited on each other, and the ingest stopped reading for
+/// good (found by the load benchmark at 3,000 devices x 30 windows).
+#[test]
+fn a_backlog_beyond_the_ingest_clients_queue_drains() {
+    if !tools_present("a_backlog_beyond_the_ingest_clients_queue_drains") {
+        return;
+    }
+    const DEVICES: usize = 3_000;
+    const WINDOWS: u64 = 15;
+    let (loadgen, secret) = ("rxtest-loadgen", "loadgen-secret-1");
+    let hash = rxvision_fleet::devices::hash_password;
+    let passwd = format!("{}:{}\n{loadgen}:{}\n", INGEST.0, hash(INGEST.1), hash(secret));
+    let broker = Broker::start_with_passwd(&passwd, &format!("user {loadgen}\ntopic write rxv/v1/dev/+/telemetry\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/fleet.db", dir.path().display());
+    let mut ingest = Ingest::start(dir.path(), broker.port, &url);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let publish = |messages: Vec<(String, Vec<u8>)>| {
+        runtime.block_on(async {
+            let mut options = rumqttc::MqttOptions::new("rxtest-backlog", "127.0.0.1", broker.port);
+            options.set_credentials(loadgen, secret);
+            options.set_max_packet_size(1 << 20, 1 << 20);
+            options.set_inflight(1000);
+            let (client, mut events) = rumqttc::AsyncClient::new(options, 1000);
+            let total = messages.len();
+            let sender = tokio::spawn(async move {
+                for (topic, payload) in messages {
+                    client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+                }
+                client
+            });
+            let mut acked = 0;
+            while acked < total {
+                match tokio::time::timeout(Duration::from_secs(60), events.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("publishing the backlog: {e}"),
+                    Err(_) => panic!("the broker stopped acknowledging at {acked} of {total}"),
+                }
+            }
+            let _ = sender.await.unwrap().disconnect().await;
+        });
+    };
+    // The ingest's session holds its subscription once a probe is stored.
+    publish(vec![("rxv/v1/dev/probe/telemetry".into(), window_payload("probe", 1))]);
+    let started = Instant::now();
+    while ingest.devices().get("probe").map(|d| d["acked_seq"].as_i64()) != Some(Some(1)) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the probe window is not stored");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ingest.kill();
+    let devices: Vec<String> = (0..DEVICES).map(|n| format!("backlog-{n:05}")).collect();
+    let mut messages = Vec::new();
+    for seq in 1..=WINDOWS {
+        for id in &devices {
+            messages.push((format!("rxv/v1/dev/{id}/telemetry"), window_payload(id, seq)));
+        }
+    }
+    publish(messages);
+    eprintln!("{} windows queued for the ingest's session", DEVICES as u64 * WINDOWS);
+    ingest.relaunch();
+    let started = Instant::now();
+    loop {
+        let fleet = ingest.devices();
+        let done = devices.iter().filter(|id| fleet.get(*id).and_then(|d| d["acked_seq"].as_u64()) == Some(WINDOWS));
+        let done = done.count();
+        if done == DEVICES {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "{done} of {DEVICES} devices fully acknowledged after 300 s: the ingest stopped reading"
+        );
+        assert!(ingest.running(), "the ingest exited");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!("drained in {:.1} s", started.elapsed().as_secs_f64());
 }

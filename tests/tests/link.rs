@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -53,6 +54,21 @@ fn start_daemon(dir: &Path, broker_port: u16) -> Daemon {
 }
 
 fn start_daemon_to(dir: &Path, broker: &str, ca_file: Option<&Path>, client: Option<(&Path, &Path)>) -> Daemon {
+    start_daemon_with(dir, broker, ca_file, client, &[])
+}
+
+/// [`start_daemon_to`] with more edits of the test configuration (`(from, to)` text replacements).
+fn start_daemon_edited(dir: &Path, broker: &str, edits: &[(&str, &str)]) -> Daemon {
+    start_daemon_with(dir, broker, None, None, edits)
+}
+
+fn start_daemon_with(
+    dir: &Path,
+    broker: &str,
+    ca_file: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+    edits: &[(&str, &str)],
+) -> Daemon {
     let fixture = workspace().join("models/bundles/fixture-cnn/0.1.0");
     secret(&dir.join("audit.key"), &"cd".repeat(32));
     secret(&dir.join("api.key"), API_KEY);
@@ -84,6 +100,10 @@ fn start_daemon_to(dir: &Path, broker: &str, ca_file: Option<&Path>, client: Opt
         )
         .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))))
         .replace("ack_timeout_seconds = 30", "ack_timeout_seconds = 2");
+    let config = edits.iter().fold(config, |config, (from, to)| {
+        assert!(config.contains(from), "the test configuration has {from:?}");
+        config.replace(from, to)
+    });
     let path = dir.join("rxvisiond.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(rxvisiond())
@@ -204,6 +224,72 @@ fn the_outbox_reaches_the_fleet_through_the_broker_and_acks_empty_it() {
         assert!(started.elapsed() < Duration::from_secs(10), "the ack never arrived: {status}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The appliance's link waits the ack timeout for each message after a
+/// quiet spell: the timeout counted from the last ack, so a window sent
+/// after a longer gap than the timeout (60 s windows, 30 s timeout in the
+/// field) was sent twice at once whenever the fleet took over half a second
+/// to acknowledge it, doubling the load just when the fleet was slow.
+#[test]
+fn after_a_quiet_spell_a_message_waits_its_ack_timeout_before_it_is_sent_again() {
+    if !crate::broker::tools_present("after_a_quiet_spell_a_message_waits_its_ack_timeout_before_it_is_sent_again") {
+        return;
+    }
+    let broker = Broker::start(&[INGEST, DEVICE]);
+    // A fleet that acknowledges every message a second after it arrives
+    // (slower than the link's half-second tick, faster than the 2 s timeout).
+    let mut fleet = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", INGEST.0, "-P", INGEST.1])
+        .args(["-V", "mqttv311", "-i", "slow-fleet", "-q", "1", "-v"])
+        .args(["-t", "rxv/v1/dev/+/telemetry", "-t", "rxv/v1/dev/+/events"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deliveries: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let reader = {
+        let (stdout, deliveries, port) = (fleet.stdout.take().unwrap(), deliveries.clone(), broker.port);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Some((topic, payload)) = line.split_once(' ') else { continue };
+                let seq = if topic.ends_with("/telemetry") {
+                    let window: Telemetry = decode(payload.as_bytes()).unwrap();
+                    deliveries.lock().unwrap().push(window.seq);
+                    window.seq
+                } else {
+                    decode::<Event>(payload.as_bytes()).unwrap().seq
+                };
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let ack = format!("{{\"v\":1,\"device_id\":\"{}\",\"seq\":{seq}}}", DEVICE.0);
+                    let _ = Command::new("mosquitto_pub")
+                        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", INGEST.0, "-P", INGEST.1])
+                        .args(["-q", "1", "-t", "rxv/v1/dev/counter-test/ack", "-m", &ack])
+                        .status();
+                });
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_daemon_edited(
+        dir.path(),
+        &format!("mqtt://127.0.0.1:{}", broker.port),
+        &[("window_seconds = 1", "window_seconds = 4")],
+    );
+    // Three windows, each after a quiet spell of about 3 s.
+    for _ in 0..3 {
+        scan(&d);
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.kill().unwrap();
+    fleet.wait().unwrap();
+    reader.join().unwrap();
+    let deliveries = deliveries.lock().unwrap();
+    assert!(deliveries.len() >= 2, "windows reached the fleet: {deliveries:?}");
+    let mut unique = deliveries.clone();
+    unique.dedup();
+    assert_eq!(*deliveries, unique, "a window was sent again before its ack timeout");
 }
 
 #[test]

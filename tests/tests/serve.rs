@@ -911,4 +911,54 @@ fn with_a_fleet_ca_the_tls_listener_wants_the_device_certificate_and_password() 
     assert!(answer.contains(" 200 OK") && answer.contains("RxVision fleet API"), "{answer}");
     let refused = https(&dir.path().join("fleet-ca/ca.crt"));
     assert!(!refused.contains(" 200 OK"), "a client that does not trust the certificate gets nothing");
+
+    // Onboarding many at once: `devices import`, all or nothing.
+    let csv = dir.path().join("devices.csv");
+    let batch = dir.path().join("batch");
+    let import = |text: &str| {
+        std::fs::write(&csv, text).unwrap();
+        fleet.cli(&["devices", "import", csv.to_str().unwrap(), "--out", batch.to_str().unwrap()])
+    };
+    let (ok, out, err) = import("site,device_id\nstore-8,tls-2\nstore-9,\n");
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[1].starts_with("tls-2,store-8,") && lines[2].starts_with("store-9-"), "{out}");
+    let made = lines[2].split(',').next().unwrap();
+    for id in ["tls-2", made] {
+        let shown = fleet.cli_ok(&["devices", "show", id]);
+        assert!(shown.contains("store-"), "{shown}");
+        for file in ["rxvisiond-telemetry.toml", "broker.password", "client.crt", "client.key"] {
+            assert!(batch.join(id).join(file).exists(), "{id}/{file}");
+        }
+    }
+    // The imported device connects with its own certificate and password (after the broker's reload).
+    let password = std::fs::read_to_string(batch.join("tls-2/broker.password")).unwrap();
+    let started = Instant::now();
+    loop {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "localhost", "-p", &tls.to_string(), "--cafile"])
+            .arg(server.join("ca.crt"))
+            .arg("--cert")
+            .arg(batch.join("tls-2/client.crt"))
+            .arg("--key")
+            .arg(batch.join("tls-2/client.key"))
+            .args(["-u", "tls-2", "-P", password.trim(), "-t", "rxv/v1/dev/tls-2/events", "-q", "1", "-m", "{}"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the imported device cannot connect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One id taken: nothing registered, no files left.
+    let (ok, _, err) = import("site,device_id\nstore-9,tls-3\nstore-8,tls-2\n");
+    assert!(!ok && err.contains("registered already: tls-2"), "{err}");
+    assert!(!fleet.cli(&["devices", "show", "tls-3"]).0, "tls-3 was not registered");
+    assert!(!batch.join("tls-3").exists(), "no files for a refused import");
+    // A malformed file names its lines and changes nothing.
+    let (ok, _, err) = import("site,device_id\nstore-9,tls-4\nstore 10,tls-5\nstore-9,tls-4,x\n");
+    assert!(!ok && err.contains("line 3:") && err.contains("line 4:"), "{err}");
+    assert!(!fleet.cli(&["devices", "show", "tls-4"]).0 && !batch.join("tls-4").exists());
 }

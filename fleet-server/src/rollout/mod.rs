@@ -1,0 +1,44 @@
+//! Staged rollouts: which devices a stage holds, what a stage's telemetry
+//! says against its control cohort, and how a rollout moves on.
+//!
+//! - [`sequential`] — the anytime-valid rate comparison every gate uses.
+//! - [`stage`] — the judgement of a stage and the rollout's state machine
+//!   (no I/O: time and evidence come from the caller).
+
+pub mod sequential;
+pub mod stage;
+
+/// A device's place in the fleet for every rollout: a stable number in
+/// `0..10_000` from its id (SHA-256), so stage `p %` holds the devices below
+/// `p · 100`, the same devices in every rollout and on every replica, and a
+/// device computes its own.
+pub fn cohort_bucket(device_id: &str) -> u32 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, device_id.as_bytes());
+    let bytes = digest.as_ref();
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) % 10_000
+}
+
+/// Whether a device is in a stage of `percent` %.
+pub fn in_stage(device_id: &str, percent: u32) -> bool {
+    cohort_bucket(device_id) < percent.saturating_mul(100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_nest_and_hold_about_their_share() {
+        let ids: Vec<String> = (0..20_000).map(|n| format!("store-{n:05}-counter-1")).collect();
+        let mut previous = 0;
+        for percent in [1, 10, 50, 100] {
+            let members = ids.iter().filter(|id| in_stage(id, percent)).count();
+            let expected = 200 * percent as usize;
+            assert!(members.abs_diff(expected) <= expected / 10 + 30, "{percent} %: {members}");
+            assert!(members >= previous, "a later stage holds every device of an earlier one");
+            previous = members;
+        }
+        assert_eq!(ids.iter().filter(|id| in_stage(id, 0)).count(), 0);
+        assert_eq!(cohort_bucket("store-0412-counter-1"), cohort_bucket("store-0412-counter-1"));
+    }
+}
