@@ -150,7 +150,12 @@ pub async fn run(
     });
 
     let mut last_report = tokio::time::Instant::now();
+    // Where the time of the last report period went: waiting for messages,
+    // committing, handing acks and PUBACKs to the client.
+    let (mut waiting, mut committing, mut acking) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut batches, mut messages) = (0_u64, 0_u64);
     loop {
+        let wait_started = tokio::time::Instant::now();
         let first = tokio::select! {
             _ = stop_rx.changed() => break,
             first = batches_rx.recv() => match first { Some(p) => p, None => break },
@@ -163,12 +168,16 @@ pub async fn run(
                 _ => break,
             }
         }
+        let commit_started = tokio::time::Instant::now();
+        waiting += commit_started - wait_started;
         let (accepted, rejected) = classify_batch(&batch);
         let Some(committed) = commit_with_retry(&db, fence.as_ref(), &accepted, &rejected, &stats, &mut stop_rx).await
         else {
             break; // stopping with the batch uncommitted: the broker redelivers it
         };
         record(&stats, &committed);
+        let ack_started = tokio::time::Instant::now();
+        committing += ack_started - commit_started;
         for (device, seq) in &committed.acks {
             let ack = Ack { v: PROTOCOL_VERSION, device_id: device.clone(), seq: *seq };
             if let (Ok(name), Ok(payload)) = (topic::topic(device, Channel::Ack), encode(&ack)) {
@@ -178,14 +187,24 @@ pub async fn run(
         for publish in &batch {
             let _ = client.ack(publish).await;
         }
+        acking += ack_started.elapsed();
+        batches += 1;
+        messages += batch.len() as u64;
         if last_report.elapsed() >= Duration::from_secs(60) {
             last_report = tokio::time::Instant::now();
             tracing::info!(
                 stored = stats.stored.load(Ordering::Relaxed),
                 duplicates = stats.duplicates.load(Ordering::Relaxed),
                 rejected = stats.rejected.load(Ordering::Relaxed),
-                "ingest totals"
+                batches,
+                messages,
+                waiting_ms = waiting.as_millis(),
+                committing_ms = committing.as_millis(),
+                acking_ms = acking.as_millis(),
+                "ingest totals (the last three: time of the last period)"
             );
+            (waiting, committing, acking) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+            (batches, messages) = (0, 0);
         }
     }
     // Let the last acks and PUBACKs go out, then leave the session to the broker.
