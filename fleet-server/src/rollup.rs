@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use rxvision_protocol::{Telemetry, LATENCY_BOUNDS_MS};
+use rxvision_protocol::{Telemetry, CONFIDENCE_BOUNDS, LATENCY_BOUNDS_MS};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -29,7 +29,7 @@ pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
 pub const HOUR_MS: i64 = 3_600_000;
 
 /// The integer columns of `rollup_hourly` after the key, in [`Counts`] order.
-const INT_COLUMNS: [&str; 14] = [
+const INT_COLUMNS: [&str; 15] = [
     "windows",
     "scans",
     "v_match",
@@ -44,7 +44,11 @@ const INT_COLUMNS: [&str; 14] = [
     "feedback_corrected",
     "confidence_count",
     "latency_count",
+    "confidence_low",
 ];
+
+/// Top-1 probability at or below which a pill counts as identified with low confidence.
+pub const LOW_CONFIDENCE: f64 = 0.9;
 
 /// Sums of telemetry windows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -67,6 +71,8 @@ pub struct Counts {
     pub confidence_count: i64,
     /// Sum of their confidences.
     pub confidence_sum: f64,
+    /// Those at or below [`LOW_CONFIDENCE`] (windows with the protocol's confidence buckets).
+    pub confidence_low: i64,
     /// Scans with a latency in the standard buckets.
     pub latency_count: i64,
     /// Sum of those latencies, ms.
@@ -97,6 +103,11 @@ impl Counts {
             latency_count = count(w.latency_ms.total());
             latency_sum_ms = w.latency_ms.sum;
         }
+        let mut confidence_low = 0;
+        if w.confidence.bounds == CONFIDENCE_BOUNDS && w.confidence.counts.len() == CONFIDENCE_BOUNDS.len() + 1 {
+            let low_buckets = CONFIDENCE_BOUNDS.iter().filter(|b| **b <= LOW_CONFIDENCE).count();
+            confidence_low = count(w.confidence.counts[..low_buckets].iter().sum());
+        }
         Counts {
             windows: i64::from(w.window.windows),
             scans: count(w.scans),
@@ -107,6 +118,7 @@ impl Counts {
             feedback_corrected: count(w.feedback.corrected.values().sum()),
             confidence_count: count(w.confidence.total()),
             confidence_sum: w.confidence.sum,
+            confidence_low,
             latency_count,
             latency_sum_ms,
             latency,
@@ -126,6 +138,7 @@ impl Counts {
         self.feedback_corrected += other.feedback_corrected;
         self.confidence_count += other.confidence_count;
         self.confidence_sum += other.confidence_sum;
+        self.confidence_low += other.confidence_low;
         self.latency_count += other.latency_count;
         self.latency_sum_ms += other.latency_sum_ms;
         for (mine, theirs) in self.latency.iter_mut().zip(other.latency) {
@@ -133,7 +146,7 @@ impl Counts {
         }
     }
 
-    fn ints(&self) -> [i64; 14] {
+    fn ints(&self) -> [i64; 15] {
         let v = self.verdicts;
         [
             self.windows,
@@ -150,16 +163,17 @@ impl Counts {
             self.feedback_corrected,
             self.confidence_count,
             self.latency_count,
+            self.confidence_low,
         ]
     }
 
     /// Reads the sums from a row laid out as [`sum_columns`] starting at `first`.
-    fn from_row(row: &AnyRow, first: usize) -> Counts {
+    pub(crate) fn from_row(row: &AnyRow, first: usize) -> Counts {
         let int = |k: usize| row.get::<Option<i64>, _>(first + k).unwrap_or(0);
         let float = |k: usize| row.get::<Option<f64>, _>(first + k).unwrap_or(0.0);
         let mut latency = [0; LATENCY_BUCKETS];
         for (k, slot) in latency.iter_mut().enumerate() {
-            *slot = int(16 + k);
+            *slot = int(17 + k);
         }
         Counts {
             windows: int(0),
@@ -171,8 +185,9 @@ impl Counts {
             feedback_corrected: int(11),
             confidence_count: int(12),
             latency_count: int(13),
-            confidence_sum: float(14),
-            latency_sum_ms: float(15),
+            confidence_low: int(14),
+            confidence_sum: float(15),
+            latency_sum_ms: float(16),
             latency,
         }
     }
@@ -302,7 +317,7 @@ impl BatchRollup {
     }
 }
 
-fn sum_columns() -> String {
+pub(crate) fn sum_columns() -> String {
     let mut columns: Vec<String> = INT_COLUMNS.iter().map(|c| format!("CAST(SUM({c}) AS BIGINT)")).collect();
     columns.push("CAST(SUM(confidence_sum) AS DOUBLE PRECISION)".into());
     columns.push("CAST(SUM(latency_sum_ms) AS DOUBLE PRECISION)".into());

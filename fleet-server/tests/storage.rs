@@ -106,12 +106,12 @@ impl Databases {
 async fn migrations_run_once_and_a_reopened_database_keeps_everything() {
     let dbs = Databases::new("migrations").await;
     for db in dbs.open_each().await {
-        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2]);
+        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3]);
         db.commit(&[window("counter-1", 1, 5, head(10, 'a'))], &[], 1_000).await.unwrap();
         db.close().await;
     }
     for db in dbs.open_each().await {
-        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2], "{:?}", db.backend());
+        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3], "{:?}", db.backend());
         assert_eq!(db.stored_seqs("counter-1").await.unwrap(), [1], "{:?}", db.backend());
     }
 }
@@ -384,4 +384,67 @@ async fn a_batch_stores_what_its_messages_store_one_by_one() {
         }
     }
     assert!(rewrites > 0, "the scenarios restore an audit store now and then");
+}
+
+/// A window of `device` on `version` ending in `hour` (Unix hours), with
+/// 10 scans of which `uncertain` UNCERTAIN and the rest MATCH.
+fn versioned_window(device: &str, seq: u64, version: &str, hour: u64, uncertain: u64) -> Incoming {
+    let Incoming::Telemetry(mut w) = window(device, seq, 10, head(seq * 10, 'v')) else { unreachable!() };
+    w.model_version = version.into();
+    w.window.end_ms = hour * 3_600_000 + 30 * 60_000;
+    w.window.start_ms = w.window.end_ms - 60_000;
+    w.verdicts = [("MATCH".to_string(), 10 - uncertain), ("UNCERTAIN".to_string(), uncertain)].into();
+    Incoming::Telemetry(w)
+}
+
+#[tokio::test]
+async fn a_stage_is_compared_with_its_control_cohort_on_their_own_versions_over_the_same_hours() {
+    use rxvision_fleet::rollout::evidence::StageQuery;
+    use rxvision_fleet::rollout::in_stage;
+    use rxvision_fleet::rollout::stage::Metric;
+    let dbs = Databases::new("evidence").await;
+    let ids: Vec<String> = (0..40).map(|n| format!("ev-{n:02}")).collect();
+    let (stage, control): (Vec<&String>, Vec<&String>) = ids.iter().partition(|id| in_stage(id, 50));
+    assert!(stage.len() >= 3 && control.len() >= 3, "both cohorts hold devices");
+    let hour = 480_000; // the stage began at this hour
+    for db in dbs.open_each().await {
+        let backend = db.backend();
+        for id in &ids {
+            db.add_device(id, "site-ev", None, "cli:test", 0).await.unwrap();
+        }
+        let mut batch = Vec::new();
+        // Stage devices on 2.0 with 3 UNCERTAIN in 10, except the last, not yet updated.
+        for (k, id) in stage.iter().enumerate() {
+            let version = if k + 1 == stage.len() { "1.0" } else { "2.0" };
+            batch.push(versioned_window(id, 1, version, hour, 3));
+            batch.push(versioned_window(id, 2, version, hour + 1, 3));
+        }
+        // Control devices on 1.0 with 1 in 10, except the last, on another version;
+        // and windows from before the stage began, which do not count.
+        for (k, id) in control.iter().enumerate() {
+            let version = if k + 1 == control.len() { "0.9" } else { "1.0" };
+            batch.push(versioned_window(id, 1, version, hour - 2, 9));
+            batch.push(versioned_window(id, 2, version, hour, 1));
+            batch.push(versioned_window(id, 3, version, hour + 1, 1));
+        }
+        db.commit(&batch, &[], 1_000).await.unwrap();
+        let query = StageQuery { candidate: "2.0", previous: "1.0", percent: 50, since_ms: hour as i64 * 3_600_000 + 600_000 };
+        let evidence = db.stage_evidence(&query).await.unwrap();
+        let (s, c) = ((stage.len() - 1) as u64, (control.len() - 1) as u64);
+        assert_eq!(evidence.stage_devices as usize, stage.len(), "{backend:?}");
+        assert_eq!(u64::from(evidence.stage_devices_reporting), s, "{backend:?}: the device on 1.0 is not evidence");
+        assert_eq!(evidence.stage_scans, s * 20, "{backend:?}");
+        let uncertain = &evidence.metrics[&Metric::Uncertain];
+        assert_eq!(uncertain.len(), 2, "{backend:?}: one period per hour since the stage began");
+        for period in uncertain {
+            assert_eq!(
+                (period.stage_events, period.stage_exposure, period.control_events, period.control_exposure),
+                (3 * s, 10 * s, c, 10 * c),
+                "{backend:?}"
+            );
+        }
+        let automation = &evidence.metrics[&Metric::NotAutomated][0];
+        assert_eq!((automation.stage_events, automation.stage_exposure), (3 * s, 10 * s), "{backend:?}");
+        assert!(evidence.last_telemetry_ms.is_some());
+    }
 }

@@ -2,9 +2,11 @@
 //! says against its control cohort, and how a rollout moves on.
 //!
 //! - [`sequential`] — the anytime-valid rate comparison every gate uses.
+//! - [`evidence`] — a stage's evidence from the devices' hourly rollups.
 //! - [`stage`] — the judgement of a stage and the rollout's state machine
 //!   (no I/O: time and evidence come from the caller).
 
+pub mod evidence;
 pub mod sequential;
 pub mod stage;
 

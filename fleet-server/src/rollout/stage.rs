@@ -20,7 +20,7 @@ pub enum Metric {
     NotAutomated,
     /// Scans slower than the control cohort's p95, per scan with a latency.
     Slow,
-    /// Identified pills with top-1 probability below 0.9, per identified pill.
+    /// Identified pills with top-1 probability at most 0.9, per identified pill.
     LowConfidence,
     /// GPU requests the CPU answered after a failure, per scan.
     Fallbacks,
