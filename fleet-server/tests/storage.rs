@@ -428,7 +428,8 @@ async fn a_stage_is_compared_with_its_control_cohort_on_their_own_versions_over_
             batch.push(versioned_window(id, 3, version, hour + 1, 1));
         }
         db.commit(&batch, &[], 1_000).await.unwrap();
-        let query = StageQuery { candidate: "2.0", previous: "1.0", percent: 50, since_ms: hour as i64 * 3_600_000 + 600_000 };
+        let query =
+            StageQuery { candidate: "2.0", previous: "1.0", percent: 50, since_ms: hour as i64 * 3_600_000 + 600_000 };
         let evidence = db.stage_evidence(&query).await.unwrap();
         let (s, c) = ((stage.len() - 1) as u64, (control.len() - 1) as u64);
         assert_eq!(evidence.stage_devices as usize, stage.len(), "{backend:?}");

@@ -40,13 +40,12 @@ type Hours = BTreeMap<i64, (Counts, Counts)>;
 impl Db {
     /// The evidence about a stage from telemetry (see the module documentation).
     pub async fn stage_evidence(&self, query: &StageQuery<'_>) -> Result<Evidence, DbError> {
-        let registered: Vec<String> =
-            sqlx::query("SELECT device_id FROM device_registry WHERE retired_ms IS NULL")
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+        let registered: Vec<String> = sqlx::query("SELECT device_id FROM device_registry WHERE retired_ms IS NULL")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let stage_devices = registered.iter().filter(|id| super::in_stage(id, query.percent)).count();
         let first_hour = query.since_ms - query.since_ms.rem_euclid(HOUR_MS);
         let columns = crate::rollup::sum_columns();

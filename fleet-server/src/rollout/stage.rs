@@ -113,6 +113,18 @@ impl Default for Plan {
 }
 
 impl Plan {
+    /// Reads a plan file (TOML; every key optional, an unknown key is an
+    /// error naming it) and checks it; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Plan, String> {
+        let plan: Plan = serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "(top level)".to_string() } else { key };
+            format!("{file}: {key}: {}", e.inner().message())
+        })?;
+        plan.check().map_err(|problems| format!("{file}: {problems}"))?;
+        Ok(plan)
+    }
+
     /// Every problem with the plan, at once.
     pub fn check(&self) -> Result<(), String> {
         let mut problems = Vec::new();
@@ -472,6 +484,24 @@ mod tests {
             assert!(problems.contains(expected), "{expected:?} in {problems}");
         }
         assert!(Plan { stages: vec![100], ..Plan::default() }.check().is_err(), "a stage with a control cohort");
+    }
+
+    #[test]
+    fn a_plan_file_sets_what_it_names_and_a_wrong_key_is_named() {
+        let plan =
+            Plan::parse("stages = [5, 25, 100]\nsoak_minutes = 120\napprove_last_stage = false\n", "p.toml").unwrap();
+        assert_eq!(
+            (plan.stages.as_slice(), plan.soak_minutes, plan.approve_last_stage),
+            (&[5, 25, 100][..], 120, false)
+        );
+        assert_eq!(plan.min_scans, Plan::default().min_scans, "what the file leaves out is the default");
+        let wrong = Plan::parse("soak_minute = 120\n", "p.toml").unwrap_err();
+        assert!(wrong.contains("p.toml") && wrong.contains("soak_minute"), "{wrong}");
+        let typed = Plan::parse("alpha = \"low\"\n", "p.toml").unwrap_err();
+        assert!(typed.contains("alpha"), "{typed}");
+        let unchecked = Plan::parse("stages = [50, 10]\n", "p.toml").unwrap_err();
+        assert!(unchecked.contains("must rise"), "{unchecked}");
+        assert_eq!(Plan::parse("", "p.toml").unwrap(), Plan::default());
     }
 
     #[test]
