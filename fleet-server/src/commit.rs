@@ -189,42 +189,34 @@ pub(crate) async fn write(
                     }
                 }
             }
-            Incoming::Telemetry(_) | Incoming::Event(_) => {
-                let seq = message.seq().unwrap_or_default();
+            Incoming::Telemetry(window) => {
                 sequenced.insert(device);
-                if seq <= state.acked || !state.stored_above.insert(seq) {
-                    out.duplicates += 1;
+                if !is_new(state, window.seq, &mut out) {
                     continue;
                 }
-                out.stored += 1;
-                let (channel, payload) = match message {
-                    Incoming::Telemetry(m) => ("telemetry", serde_json::to_string(m)),
-                    Incoming::Event(m) => ("events", serde_json::to_string(m)),
-                    Incoming::Status(m) => ("status", serde_json::to_string(m)),
-                };
-                pending.messages.push((device, seq, channel, payload.expect("a message serialises")));
-                match message {
-                    Incoming::Telemetry(window) => {
-                        let report = Report {
-                            head: &window.audit,
-                            window_seq: Some(window.seq),
-                            device_ms: window.window.end_ms,
-                        };
-                        if let Some(rewrite) =
-                            check_chain(tx, backend, &mut pending, device, state, &report, now_ms).await?
-                        {
-                            out.rewrites.push((device.to_string(), rewrite));
-                        }
-                        pending.windows.push((window, state.epoch));
-                        rollup.add(window, state.site.as_deref());
-                        if seq > state.max_seq {
-                            state.last_window = Some(window.audit.clone());
-                        }
-                    }
-                    Incoming::Event(event) => pending.events.push(event),
-                    Incoming::Status(_) => {}
+                let payload = serde_json::to_string(window).expect("a window serialises");
+                pending.messages.push((device, window.seq, "telemetry", payload));
+                let report =
+                    Report { head: &window.audit, window_seq: Some(window.seq), device_ms: window.window.end_ms };
+                if let Some(rewrite) = check_chain(tx, backend, &mut pending, device, state, &report, now_ms).await? {
+                    out.rewrites.push((device.to_string(), rewrite));
                 }
-                state.max_seq = state.max_seq.max(seq);
+                pending.windows.push((window, state.epoch));
+                rollup.add(window, state.site.as_deref());
+                if window.seq > state.max_seq {
+                    state.last_window = Some(window.audit.clone());
+                }
+                state.max_seq = state.max_seq.max(window.seq);
+            }
+            Incoming::Event(event) => {
+                sequenced.insert(device);
+                if !is_new(state, event.seq, &mut out) {
+                    continue;
+                }
+                let payload = serde_json::to_string(event).expect("an event serialises");
+                pending.messages.push((device, event.seq, "events", payload));
+                pending.events.push(event);
+                state.max_seq = state.max_seq.max(event.seq);
             }
         }
     }
@@ -263,6 +255,18 @@ pub(crate) async fn write(
         out.rejected += 1;
     }
     Ok(out)
+}
+
+/// Whether a numbered message is new (not at or below the device's
+/// acknowledged `seq`, nor stored above it, before or by this batch); counts it.
+fn is_new(state: &mut DeviceState, seq: u64, out: &mut Committed) -> bool {
+    let new = seq > state.acked && state.stored_above.insert(seq);
+    if new {
+        out.stored += 1;
+    } else {
+        out.duplicates += 1;
+    }
+    new
 }
 
 /// Creates the rows of devices not seen before, notes that every device of
