@@ -449,3 +449,75 @@ async fn a_stage_is_compared_with_its_control_cohort_on_their_own_versions_over_
         assert!(evidence.last_telemetry_ms.is_some());
     }
 }
+
+#[tokio::test]
+async fn a_rollout_is_started_commanded_judged_and_halted_with_its_numbers_kept() {
+    use rxvision_fleet::rollout::in_stage;
+    use rxvision_fleet::rollout::stage::{Outcome, Plan, State};
+    use rxvision_fleet::rollout::store::{AdminCommand, RolloutError};
+    let dbs = Databases::new("rollouts").await;
+    let ids: Vec<String> = (0..40).map(|n| format!("ro-{n:02}")).collect();
+    let hour: u64 = 480_000;
+    let start_ms = hour as i64 * 3_600_000;
+    let plan = Plan { stages: vec![50, 100], ..Plan::default() };
+    for db in dbs.open_each().await {
+        let backend = db.backend();
+        for id in &ids {
+            db.add_device(id, "site-ro", None, "cli:test", 0).await.unwrap();
+        }
+        let bad = Plan { stages: vec![100], ..Plan::default() };
+        assert!(matches!(
+            db.start_rollout("2.0", "1.0", &bad, "cli:alice", start_ms).await,
+            Err(RolloutError::Invalid(_))
+        ));
+        assert!(matches!(
+            db.start_rollout("1.0", "1.0", &plan, "cli:alice", start_ms).await,
+            Err(RolloutError::Invalid(_))
+        ));
+        let first = db.start_rollout("1.5", "1.0", &plan, "cli:alice", start_ms).await.unwrap();
+        assert_eq!((first.percent, first.state.clone()), (50, State::Running { stage: 0, since_ms: start_ms }));
+        let again = db.start_rollout("2.0", "1.0", &plan, "cli:bob", start_ms).await;
+        assert!(matches!(again, Err(RolloutError::Conflict(_))), "{backend:?}: one active rollout");
+        // Admin commands, and one the state does not take.
+        let paused = db.command_rollout(first.id, AdminCommand::Pause, "cli:alice", start_ms + 1).await.unwrap();
+        assert!(matches!(paused.state, State::Paused { .. }));
+        assert!(db.decide_rollout((0, 0), start_ms + 2).await.unwrap().is_none(), "a paused rollout is not judged");
+        let refused = db.command_rollout(first.id, AdminCommand::Approve, "cli:alice", start_ms + 2).await;
+        assert!(matches!(refused, Err(RolloutError::Conflict(_))), "{backend:?}");
+        db.command_rollout(first.id, AdminCommand::Resume, "cli:alice", start_ms + 3).await.unwrap();
+        // No telemetry yet: keep watching; the judgement is kept, nothing moves.
+        let soaking = db.decide_rollout((0, 0), start_ms + 60_000).await.unwrap().unwrap();
+        assert!(matches!(soaking.outcome, Outcome::Continue(_)), "{:?}", soaking.outcome);
+        let aborted = db.command_rollout(first.id, AdminCommand::Abort, "cli:bob", start_ms + 70_000).await.unwrap();
+        assert_eq!((aborted.percent, aborted.state.is_final()), (0, true));
+        assert!(db.active_rollout().await.unwrap().is_none());
+
+        // A worse candidate: its stage answers UNCERTAIN three times as often.
+        let rollout = db.start_rollout("2.0", "1.0", &plan, "cli:alice", start_ms).await.unwrap();
+        let mut batch = Vec::new();
+        for id in &ids {
+            let (version, uncertain) = if in_stage(id, 50) { ("2.0", 3) } else { ("1.0", 1) };
+            for seq in 1..=3 {
+                batch.push(versioned_window(id, seq, version, hour, uncertain));
+            }
+        }
+        db.commit(&batch, &[], 1_000).await.unwrap();
+        let halt = db.decide_rollout((0, 0), start_ms + 30 * 60_000).await.unwrap().unwrap();
+        assert!(
+            matches!(&halt.outcome, Outcome::Fail(why) if why.contains("uncertain")),
+            "{backend:?}: {:?}",
+            halt.outcome
+        );
+        let halted = db.rollout(rollout.id).await.unwrap().unwrap();
+        assert!(matches!(halted.state, State::Halted { stage: 0, .. }) && halted.percent == 0, "{:?}", halted.state);
+        let kept = db.rollout_decisions(rollout.id, 10).await.unwrap();
+        assert_eq!(kept, [halt.clone()], "{backend:?}: the judgement is kept with its numbers");
+        let uncertain = halt.metrics.iter().find(|m| m.metric.as_str() == "uncertain").unwrap();
+        assert!(uncertain.interval.0 > 1.1, "{uncertain:?}");
+        let events: Vec<String> = db.fleet_events(None).await.unwrap().into_iter().map(|e| e.kind).collect();
+        for kind in ["rollout_started", "rollout_paused", "rollout_resumed", "rollout_aborted", "rollout_halted"] {
+            assert!(events.iter().any(|k| k == kind), "{backend:?}: {kind} in {events:?}");
+        }
+        assert!(!events.iter().any(|k| k == "rollout_judged"), "a judgement that moves nothing is not a fleet event");
+    }
+}

@@ -3,12 +3,15 @@
 //!
 //! - [`sequential`] — the anytime-valid rate comparison every gate uses.
 //! - [`evidence`] — a stage's evidence from the devices' hourly rollups.
+//! - [`store`] — rollouts in the database: start, admin commands, and the
+//!   leader's step that judges the running stage.
 //! - [`stage`] — the judgement of a stage and the rollout's state machine
 //!   (no I/O: time and evidence come from the caller).
 
 pub mod evidence;
 pub mod sequential;
 pub mod stage;
+pub mod store;
 
 /// A device's place in the fleet for every rollout: a stable number in
 /// `0..10_000` from its id (SHA-256), so stage `p %` holds the devices below
