@@ -83,37 +83,50 @@ pub fn init(dir: &Path) -> Result<PathBuf, String> {
     Ok(cert_path(dir))
 }
 
-fn load(dir: &Path) -> Result<(Certificate, KeyPair), String> {
-    let pem = std::fs::read_to_string(key_path(dir))
-        .map_err(|e| format!("{}: {e} (create the CA with `rxfleet ca init`)", key_path(dir).display()))?;
-    let key = KeyPair::from_pem(&pem).map_err(|e| format!("{}: {e}", key_path(dir).display()))?;
-    let cert = ca_params()?.self_signed(&key).map_err(|e| e.to_string())?;
-    Ok((cert, key))
+/// The fleet's CA, read once to issue any number of client certificates.
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
 }
 
-/// Issues a client certificate for `device_id`.
+impl Ca {
+    /// Reads the CA in `dir` (made by `rxfleet ca init`).
+    pub fn load(dir: &Path) -> Result<Ca, String> {
+        let pem = std::fs::read_to_string(key_path(dir))
+            .map_err(|e| format!("{}: {e} (create the CA with `rxfleet ca init`)", key_path(dir).display()))?;
+        let key = KeyPair::from_pem(&pem).map_err(|e| format!("{}: {e}", key_path(dir).display()))?;
+        let cert = ca_params()?.self_signed(&key).map_err(|e| e.to_string())?;
+        Ok(Ca { cert, key })
+    }
+
+    /// Issues a client certificate for `device_id`.
+    pub fn issue(&self, device_id: &str) -> Result<ClientCertificate, String> {
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, device_id);
+        params.distinguished_name = name;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let mut serial = [0u8; 16];
+        ring::rand::SystemRandom::new().fill(&mut serial).map_err(|_| "the system RNG failed")?;
+        serial[0] &= 0x7f; // a positive number
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(CLIENT_DAYS);
+        let cert = params.signed_by(&key, &self.cert, &self.key).map_err(|e| e.to_string())?;
+        Ok(ClientCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}
+
+/// Issues a client certificate for `device_id` from the CA in `dir`.
 pub fn issue(dir: &Path, device_id: &str) -> Result<ClientCertificate, String> {
-    let (ca, ca_key) = load(dir)?;
-    let key = KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
-    let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, device_id);
-    params.distinguished_name = name;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let mut serial = [0u8; 16];
-    ring::rand::SystemRandom::new().fill(&mut serial).map_err(|_| "the system RNG failed")?;
-    serial[0] &= 0x7f; // a positive number
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::days(CLIENT_DAYS);
-    let cert = params.signed_by(&key, &ca, &ca_key).map_err(|e| e.to_string())?;
-    Ok(ClientCertificate {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
-    })
+    Ca::load(dir)?.issue(device_id)
 }
 
 #[cfg(test)]

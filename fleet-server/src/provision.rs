@@ -241,16 +241,19 @@ pub async fn import(
             let _ = std::fs::remove_dir_all(dir);
         }
     };
+    let ca = match &config.broker.ca_dir {
+        Some(dir) => {
+            Some(crate::ca::Ca::load(dir).map_err(|e| format!("the fleet's CA: {e}; nothing was registered"))?)
+        }
+        None => None,
+    };
     for (row, device_id) in rows.iter().zip(&ids) {
-        let certificate = match &config.broker.ca_dir {
-            Some(dir) => match crate::ca::issue(dir, device_id) {
-                Ok(certificate) => Some(certificate),
-                Err(e) => {
-                    undo(&written);
-                    return Err(format!("line {}: the fleet's CA: {e}; nothing was registered", row.line));
-                }
-            },
-            None => None,
+        let certificate = match ca.as_ref().map(|ca| ca.issue(device_id)).transpose() {
+            Ok(certificate) => certificate,
+            Err(e) => {
+                undo(&written);
+                return Err(format!("line {}: the fleet's CA: {e}; nothing was registered", row.line));
+            }
         };
         let password = crate::devices::new_password();
         let dir = out.join(device_id);

@@ -118,9 +118,9 @@ impl Db {
                 row.get::<String, _>(1)
             )));
         }
-        sqlx::query(
+        let id: i64 = sqlx::query(
             "INSERT INTO rollouts (model_version, previous_version, plan, state, active, created_ms, created_by, updated_ms) \
-             VALUES ($1, $2, $3, $4, 1, $5, $6, $5)",
+             VALUES ($1, $2, $3, $4, 1, $5, $6, $5) RETURNING id",
         )
         .bind(model_version)
         .bind(previous_version)
@@ -128,9 +128,9 @@ impl Db {
         .bind(json(&state))
         .bind(now_ms)
         .bind(actor)
-        .execute(&mut *tx)
-        .await?;
-        let id: i64 = sqlx::query("SELECT MAX(id) FROM rollouts").fetch_one(&mut *tx).await?.get(0);
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
         let details = serde_json::json!({
             "rollout": id, "model_version": model_version, "previous_version": previous_version, "stages": plan.stages,
         });
@@ -180,20 +180,15 @@ impl Db {
         now_ms: i64,
     ) -> Result<Rollout, RolloutError> {
         let rollout = self.rollout(id).await?.ok_or(RolloutError::NotFound(id))?;
-        let command_name = match command {
-            AdminCommand::Pause => "rollout_paused",
-            AdminCommand::Resume => "rollout_resumed",
-            AdminCommand::Approve => "rollout_approved",
-            AdminCommand::Abort => "rollout_aborted",
+        let (step, kind) = match command {
+            AdminCommand::Pause => (Command::Pause(actor), "rollout_paused"),
+            AdminCommand::Resume => (Command::Resume, "rollout_resumed"),
+            AdminCommand::Approve => (Command::Approve, "rollout_approved"),
+            AdminCommand::Abort => (Command::Abort(actor), "rollout_aborted"),
         };
-        let next = match command {
-            AdminCommand::Pause => stage::next(&rollout.plan, &rollout.state, &Command::Pause(actor), now_ms),
-            AdminCommand::Resume => stage::next(&rollout.plan, &rollout.state, &Command::Resume, now_ms),
-            AdminCommand::Approve => stage::next(&rollout.plan, &rollout.state, &Command::Approve, now_ms),
-            AdminCommand::Abort => stage::next(&rollout.plan, &rollout.state, &Command::Abort(actor), now_ms),
-        }
-        .map_err(|why| RolloutError::Conflict(format!("rollout {id}: {why}")))?;
-        self.move_rollout(&rollout, &next, None, actor, command_name, now_ms).await
+        let next = stage::next(&rollout.plan, &rollout.state, &step, now_ms)
+            .map_err(|why| RolloutError::Conflict(format!("rollout {id}: {why}")))?;
+        self.move_rollout(&rollout, &next, None, actor, kind, now_ms).await
     }
 
     /// The leader's step: judges the active rollout's running stage from
