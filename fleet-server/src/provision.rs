@@ -132,10 +132,13 @@ pub struct ImportRow {
 /// Reads a device import: CSV with a header naming the columns `site`
 /// (required) and `device_id` (optional; an empty cell makes one), in any
 /// order. Blank lines and lines starting with `#` are skipped. Site names
-/// and ids cannot hold commas or quotes, so no quoting is needed. Every
+/// and ids cannot hold commas or quotes, so no quoting is needed. A
+/// spreadsheet's byte-order mark and CRLF line ends are accepted. Every
 /// problem is reported at once, with its line.
 pub fn parse_import(text: &str) -> Result<Vec<ImportRow>, String> {
     let mut lines = text
+        .strip_prefix('\u{feff}')
+        .unwrap_or(text)
         .lines()
         .enumerate()
         .map(|(k, line)| (k + 1, line.trim()))
@@ -295,6 +298,9 @@ mod tests {
             ]
         );
         assert_eq!(parse_import("site\nstore-9\n").unwrap()[0].site, "store-9");
+        // As a spreadsheet saves "CSV UTF-8": a byte-order mark and CRLF.
+        let exported = parse_import("\u{feff}site,device_id\r\nstore-7,leeds-1\r\n").unwrap();
+        assert_eq!((exported[0].site.as_str(), exported[0].device_id.as_deref()), ("store-7", Some("leeds-1")));
     }
 
     #[test]
