@@ -864,7 +864,7 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The whole HTTP surface: `/api/v1/…`, `/api/v1/openapi.json`, `/metrics`, the dashboard.
+/// The whole HTTP surface: `/api/v1/…`, `/api/v1/openapi.json`, `/metrics`, the dashboard, `/tuf/…`.
 pub fn router(state: AppState) -> Router {
     let (api, mut doc) = api_router();
     doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
@@ -876,6 +876,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .route("/metrics", axum::routing::get(crate::metrics::metrics))
         .merge(crate::dashboard::routes())
+        .merge(crate::updates::http::routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), record_latency))
         .with_state(state)
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::devices::BacklogLimits;
 use crate::lease::LeaseConfig;
+use crate::updates::repo::Lifetimes;
 
 /// The annotated default configuration (`rxfleet print-default-config`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../firmware-cfg/rxfleet.toml");
@@ -55,6 +56,7 @@ struct RawConfig {
     ingest: RawIngest,
     lease: RawLease,
     attention: RawAttention,
+    updates: RawUpdates,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +96,31 @@ struct RawAttention {
 impl Default for RawAttention {
     fn default() -> RawAttention {
         RawAttention { backlog_messages: 120, backlog_age_seconds: 1800 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpdates {
+    keys_dir: String,
+    artifacts_dir: String,
+    targets_expiry_s: u64,
+    snapshot_expiry_s: u64,
+    timestamp_expiry_s: u64,
+    publish_interval_ms: u64,
+}
+
+impl Default for RawUpdates {
+    fn default() -> RawUpdates {
+        let lifetimes = Lifetimes::default();
+        RawUpdates {
+            keys_dir: String::new(),
+            artifacts_dir: String::new(),
+            targets_expiry_s: lifetimes.targets.as_secs(),
+            snapshot_expiry_s: lifetimes.snapshot.as_secs(),
+            timestamp_expiry_s: lifetimes.timestamp.as_secs(),
+            publish_interval_ms: 2000,
+        }
     }
 }
 
@@ -186,6 +213,21 @@ pub struct FleetConfig {
     pub broker: BrokerConfig,
     /// Batching of the ingest.
     pub ingest: IngestConfig,
+    /// The TUF repository and the model registry's files.
+    pub updates: UpdatesConfig,
+}
+
+/// The TUF repository and the registry's artifacts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdatesConfig {
+    /// The online signing keys (targets, snapshot, timestamp).
+    pub keys_dir: PathBuf,
+    /// Stored bundles, by SHA-256.
+    pub artifacts_dir: PathBuf,
+    /// How long each role's metadata is valid.
+    pub lifetimes: Lifetimes,
+    /// How often the leader checks whether the repository must be re-signed.
+    pub publish_interval: Duration,
 }
 
 /// The HTTP listener.
@@ -496,10 +538,37 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     if raw.ingest.batch_wait_ms > 10_000 {
         problems.push("ingest.batch_wait_ms: at most 10000".into());
     }
+    let u = &raw.updates;
+    if u.timestamp_expiry_s < 10
+        || u.snapshot_expiry_s < u.timestamp_expiry_s
+        || u.targets_expiry_s < u.timestamp_expiry_s
+    {
+        problems.push(
+            "updates: timestamp_expiry_s must be at least 10, and snapshot_expiry_s and targets_expiry_s at least timestamp_expiry_s".into(),
+        );
+    }
+    if !(100..=u.timestamp_expiry_s.saturating_mul(250)).contains(&u.publish_interval_ms) {
+        problems.push("updates.publish_interval_ms: at least 100 and at most a quarter of timestamp_expiry_s".into());
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
+    let updates = UpdatesConfig {
+        keys_dir: if u.keys_dir.is_empty() { state_dir.join("tuf-keys") } else { PathBuf::from(&u.keys_dir) },
+        artifacts_dir: if u.artifacts_dir.is_empty() {
+            state_dir.join("artifacts")
+        } else {
+            PathBuf::from(&u.artifacts_dir)
+        },
+        lifetimes: Lifetimes {
+            targets: Duration::from_secs(u.targets_expiry_s),
+            snapshot: Duration::from_secs(u.snapshot_expiry_s),
+            timestamp: Duration::from_secs(u.timestamp_expiry_s),
+        },
+        publish_interval: Duration::from_millis(u.publish_interval_ms),
+    };
     Ok(FleetConfig {
+        updates,
         http: HttpConfig { listen: http_listen, tls: http_tls },
         lease: LeaseConfig {
             ttl: Duration::from_millis(raw.lease.ttl_ms),

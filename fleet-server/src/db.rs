@@ -65,6 +65,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "ingest", include_str!("../migrations/0001_ingest.sql")),
     (2, "registry", include_str!("../migrations/0002_registry.sql")),
     (3, "rollouts", include_str!("../migrations/0003_rollouts.sql")),
+    (4, "updates", include_str!("../migrations/0004_updates.sql")),
 ];
 
 /// The embedded migrations with the backend's dialect filled in.

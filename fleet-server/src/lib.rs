@@ -27,6 +27,9 @@
 //! * [`dashboard`] — the embedded single-page dashboard.
 //! * [`metrics`] — `/metrics` in Prometheus' text format.
 //! * [`tls`] — HTTPS.
+//! * [`registry`] — model versions: push (checked, scanned, stored by hash), states, aliases.
+//! * [`updates`] — the TUF repository: keys, signed metadata, publishing.
+//! * [`rollout`] — staged rollouts judged against a concurrent control cohort.
 
 pub mod api;
 pub mod broker;
@@ -42,11 +45,13 @@ pub mod ingest;
 pub mod lease;
 pub mod metrics;
 pub mod provision;
+pub mod registry;
 pub mod rollout;
 pub mod rollup;
 pub mod serve;
 pub mod tls;
 pub mod tokens;
+pub mod updates;
 
 /// The fleet's wall clock, Unix milliseconds (0 before 1970).
 pub fn now_ms() -> i64 {

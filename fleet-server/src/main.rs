@@ -58,6 +58,21 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// The TUF repository's signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The model registry.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Staged rollouts of model versions.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Payloads the ingest refused, counted by device, channel and reason.
     Rejects {
         #[command(flatten)]
@@ -160,6 +175,151 @@ enum DevicesCommand {
 enum CaCommand {
     /// Creates the CA in `[broker] ca_dir` (ca.key mode 0600, ca.crt).
     Init(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Creates the TUF repository: root keys and `root.json` in DIR (keep
+    /// them offline; appliances and clients pin `root.json`), the online
+    /// keys in `[updates] keys_dir`, and the first root in the database.
+    Init {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Where the root keys and root.json go (must not hold root keys yet).
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many root keys to make.
+        #[arg(long, default_value_t = 3)]
+        root_keys: usize,
+        /// How many root keys must sign a new root.
+        #[arg(long, default_value_t = 2)]
+        threshold: u64,
+        /// How long the root is valid, in days (rotate before).
+        #[arg(long, default_value_t = 365)]
+        root_expires_days: u64,
+    },
+    /// Replaces the root keys: the current ones (at least their threshold,
+    /// the *.pem in DIR) and new ones made in NEW_DIR sign the next root.
+    RotateRoot {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The current root keys.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where the new root keys and root.json go.
+        #[arg(long)]
+        new_dir: PathBuf,
+        /// How many new root keys to make.
+        #[arg(long, default_value_t = 3)]
+        root_keys: usize,
+        /// How many of them must sign a new root.
+        #[arg(long, default_value_t = 2)]
+        threshold: u64,
+        /// How long the new root is valid, in days.
+        #[arg(long, default_value_t = 365)]
+        root_expires_days: u64,
+    },
+    /// Replaces online keys (all, or the roles named): a new root signed by
+    /// the root keys in DIR lists them; the leader re-signs with them.
+    RotateOnline {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The root keys (at least their threshold); root.json is rewritten here.
+        #[arg(long)]
+        dir: PathBuf,
+        /// targets, snapshot or timestamp (repeatable; default: all three).
+        #[arg(long)]
+        role: Vec<String>,
+        /// How long the new root is valid, in days.
+        #[arg(long, default_value_t = 365)]
+        root_expires_days: u64,
+    },
+    /// Every role's newest version and expiry.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Checks a bundle (directory or .tar.gz: structure, hashes, graph, the
+    /// security scan) and stores it as a candidate.
+    Push {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The bundle.
+        bundle: PathBuf,
+        /// Declare it the version the fleet already runs (only while the
+        /// registry has no production version).
+        #[arg(long)]
+        production: bool,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every version with its state and aliases.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One version (or alias: production, previous) in full.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The version or alias.
+        version: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--id N` (default: the active rollout) and `--json`.
+#[derive(clap::Args)]
+struct RolloutArg {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The rollout (default: the active one).
+    #[arg(long)]
+    id: Option<i64>,
+    /// JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Starts rolling a validated version out in place of production,
+    /// stage by stage (default 1 % → 10 % → 50 % → 100 %).
+    Start {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The model version.
+        version: String,
+        /// A plan (TOML: stages, soak_minutes, … see docs); default: the defaults.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The rollout's state, stage, and its latest decisions with their numbers.
+    Status(RolloutArg),
+    /// Stops where it is (devices keep what they run).
+    Pause(RolloutArg),
+    /// Goes on from a pause; the stage's evidence starts afresh.
+    Resume(RolloutArg),
+    /// Lets the last stage (100 %) go.
+    Approve(RolloutArg),
+    /// Stops it and orders its devices back to production.
+    Abort(RolloutArg),
 }
 
 #[derive(Subcommand)]
@@ -289,6 +449,9 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Devices { command } => devices(command).await,
         Command::Tokens { command } => tokens(command).await,
+        Command::Keys { command } => keys(command).await,
+        Command::Rollout { command } => rollout(command).await,
+        Command::Models { command } => models(command).await,
         Command::Ca { command: CaCommand::Init(arg) } => {
             let config = load(&arg)?;
             let dir = config.broker.ca_dir.ok_or("set [broker] ca_dir to the directory the CA goes to")?;
@@ -509,6 +672,296 @@ async fn devices(command: DevicesCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn days(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n.saturating_mul(86_400))
+}
+
+fn print_root(summary: &rxvision_fleet::updates::repo::RootSummary) {
+    println!(
+        "root version {} ({} of {} root keys sign the next root), expires {}",
+        summary.version,
+        summary.threshold,
+        summary.root_key_ids.len(),
+        iso(summary.expires_ms)
+    );
+    println!("pin on appliances and clients: {}", summary.root_json);
+}
+
+fn iso(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map(|t| t.to_string()).unwrap_or_else(|_| ms.to_string())
+}
+
+async fn keys(command: KeysCommand) -> Result<(), String> {
+    use rxvision_fleet::updates::keys::{read_keys_in, OnlineRole, ONLINE_ROLES};
+    match command {
+        KeysCommand::Init { config, dir, root_keys, threshold, root_expires_days } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let summary = db
+                .init_repository(
+                    &dir,
+                    root_keys,
+                    threshold,
+                    days(root_expires_days),
+                    &config.updates.keys_dir,
+                    &cli_actor(),
+                    now_ms(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            print_root(&summary);
+            eprintln!(
+                "rxfleet: root keys in {}: move them offline; online keys in {}",
+                dir.display(),
+                config.updates.keys_dir.display()
+            );
+            Ok(())
+        }
+        KeysCommand::RotateRoot { config, dir, new_dir, root_keys, threshold, root_expires_days } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let current = read_keys_in(&dir).map_err(|e| e.to_string())?;
+            if new_dir.join("root-1.pem").exists() {
+                return Err(format!("{} already holds root keys", new_dir.display()));
+            }
+            let new =
+                rxvision_fleet::updates::keys::generate_root_keys(&new_dir, root_keys).map_err(|e| e.to_string())?;
+            let summary = db
+                .rotate_root_keys(
+                    &current,
+                    &new,
+                    threshold,
+                    days(root_expires_days),
+                    &new_dir,
+                    &config.updates.keys_dir,
+                    &cli_actor(),
+                    now_ms(),
+                )
+                .await;
+            match summary {
+                Ok(summary) => {
+                    print_root(&summary);
+                    eprintln!("rxfleet: the old root keys in {} can now be destroyed", dir.display());
+                    Ok(())
+                }
+                Err(e) => {
+                    // Nothing was signed: the new keys are of no use.
+                    for key in &new {
+                        let _ = std::fs::remove_file(key.path());
+                    }
+                    Err(e.to_string())
+                }
+            }
+        }
+        KeysCommand::RotateOnline { config, dir, role, root_expires_days } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let roles = if role.is_empty() {
+                ONLINE_ROLES.to_vec()
+            } else {
+                role.iter()
+                    .map(|r| {
+                        OnlineRole::parse(r).ok_or_else(|| format!("--role {r:?}: targets, snapshot or timestamp"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            let root_keys = read_keys_in(&dir).map_err(|e| e.to_string())?;
+            let summary = db
+                .rotate_online_keys(
+                    &root_keys,
+                    &roles,
+                    days(root_expires_days),
+                    &dir,
+                    &config.updates.keys_dir,
+                    &cli_actor(),
+                    now_ms(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            print_root(&summary);
+            Ok(())
+        }
+        KeysCommand::Status { config, json } => {
+            let db = open(&load(&config)?).await?;
+            let status = db.tuf_status().await.map_err(|e| e.to_string())?;
+            if status.is_empty() {
+                return Err("no TUF repository yet: `rxfleet keys init --dir DIR`".into());
+            }
+            if json {
+                let value: serde_json::Map<String, serde_json::Value> = status
+                    .iter()
+                    .map(|(role, (version, expires))| {
+                        (role.clone(), serde_json::json!({"version": version, "expires_ms": expires}))
+                    })
+                    .collect();
+                print_json(&value);
+            } else {
+                for (role, (version, expires)) in status {
+                    println!("{role:<9} version {version:<6} expires {}", iso(expires));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn models(command: ModelsCommand) -> Result<(), String> {
+    use rxvision_fleet::registry::{ModelVersion, Pushed};
+    let show = |m: &ModelVersion| {
+        println!(
+            "{} {} [{}]{}",
+            m.name,
+            m.version,
+            m.state.as_str(),
+            if m.aliases.is_empty() { String::new() } else { format!(" ({})", m.aliases.join(", ")) }
+        );
+        println!("  {}", m.state_reason);
+        println!("  target {} sha256 {} ({} bytes)", m.target, m.sha256, m.length);
+        println!(
+            "  scan: {} nodes, {} parameters, opset {}, ops {:?}",
+            m.scan.nodes, m.scan.parameters, m.scan.opset, m.scan.ops
+        );
+        if let Some(gates) = &m.gate_report {
+            println!("  gates: {gates}");
+        }
+    };
+    match command {
+        ModelsCommand::Push { config, bundle, production, json } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let pushed = db
+                .push_model(&bundle, &config.updates.artifacts_dir, production, &cli_actor(), now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&pushed);
+            } else {
+                match &pushed {
+                    Pushed::Stored(m) => {
+                        println!("stored:");
+                        show(m);
+                    }
+                    Pushed::AlreadyStored(m) => {
+                        println!("already registered (same bytes):");
+                        show(m);
+                    }
+                }
+            }
+            Ok(())
+        }
+        ModelsCommand::List { config, json } => {
+            let db = open(&load(&config)?).await?;
+            let models = db.models().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&models);
+            } else {
+                println!("{:<12} {:<10} {:<12} {:<20} PUSHED", "VERSION", "NAME", "STATE", "ALIASES");
+                for m in models {
+                    println!(
+                        "{:<12} {:<10} {:<12} {:<20} {}",
+                        m.version,
+                        m.name,
+                        m.state.as_str(),
+                        m.aliases.join(","),
+                        age(Some(m.pushed_ms))
+                    );
+                }
+            }
+            Ok(())
+        }
+        ModelsCommand::Show { config, version, json } => {
+            let db = open(&load(&config)?).await?;
+            let model = db
+                .model(&version)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no model version or alias {version:?}"))?;
+            if json {
+                print_json(&model);
+            } else {
+                show(&model);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn which_rollout(db: &Db, id: Option<i64>) -> Result<rxvision_fleet::rollout::store::Rollout, String> {
+    match id {
+        Some(id) => db.rollout(id).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("no rollout {id}")),
+        None => db
+            .active_rollout()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no active rollout (name one with --id)".to_string()),
+    }
+}
+
+fn print_rollout(r: &rxvision_fleet::rollout::store::Rollout) {
+    println!(
+        "rollout {}: {} replacing {}: {} at {} % (stages {:?})",
+        r.id,
+        r.model_version,
+        r.previous_version,
+        serde_json::to_value(&r.state)
+            .ok()
+            .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(str::to_string))
+            .unwrap_or_default(),
+        r.percent,
+        r.plan.stages
+    );
+    println!("  state: {}", serde_json::to_string(&r.state).unwrap_or_default());
+    println!("  started by {} {}", r.created_by, age(Some(r.created_ms)));
+}
+
+async fn rollout(command: RolloutCommand) -> Result<(), String> {
+    use rxvision_fleet::rollout::stage::Plan;
+    use rxvision_fleet::rollout::store::AdminCommand;
+    let (arg, command) = match command {
+        RolloutCommand::Start { config, version, plan, json } => {
+            let db = open(&load(&config)?).await?;
+            let plan = match plan {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    Plan::parse(&text, &path.display().to_string())?
+                }
+                None => Plan::default(),
+            };
+            let started =
+                db.start_model_rollout(&version, &plan, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&started);
+            } else {
+                print_rollout(&started);
+            }
+            return Ok(());
+        }
+        RolloutCommand::Status(arg) => (arg, None),
+        RolloutCommand::Pause(arg) => (arg, Some(AdminCommand::Pause)),
+        RolloutCommand::Resume(arg) => (arg, Some(AdminCommand::Resume)),
+        RolloutCommand::Approve(arg) => (arg, Some(AdminCommand::Approve)),
+        RolloutCommand::Abort(arg) => (arg, Some(AdminCommand::Abort)),
+    };
+    let db = open(&load(&arg.config)?).await?;
+    let current = which_rollout(&db, arg.id).await?;
+    let rollout = match command {
+        Some(command) => {
+            db.command_rollout(current.id, command, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?
+        }
+        None => current,
+    };
+    let decisions = db.rollout_decisions(rollout.id, 20).await.map_err(|e| e.to_string())?;
+    if arg.json {
+        print_json(&serde_json::json!({"rollout": rollout, "decisions": decisions}));
+    } else {
+        print_rollout(&rollout);
+        for d in decisions.iter().take(5) {
+            println!("  {}", serde_json::to_string(d).unwrap_or_default());
+        }
+    }
+    Ok(())
 }
 
 async fn tokens(command: TokensCommand) -> Result<(), String> {

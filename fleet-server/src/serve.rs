@@ -105,6 +105,8 @@ pub async fn serve(
         stop_rx.clone(),
     ));
 
+    let publisher = tokio::spawn(publish_while_leading(config.clone(), db.clone(), leader.clone(), stop_rx.clone()));
+
     let http = if parts.http {
         let state = AppState::new(config.clone(), db.clone(), ingest_stats, broker_stats, leader, replica);
         let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -127,6 +129,7 @@ pub async fn serve(
         let _ = http.await;
     }
     let _ = leading.await;
+    let _ = publisher.await;
     if let Some(task) = broker_task {
         let _ = task.await;
     }
@@ -203,6 +206,41 @@ async fn lead(
         let _ = db.release_lease(lease::LEADER, &replica).await;
     }
     leader.store(false, Ordering::Relaxed);
+}
+
+/// While this replica leads, keeps the TUF repository listing what the
+/// registry and the active rollout want, and fresh.
+async fn publish_while_leading(config: FleetConfig, db: Db, leader: Arc<AtomicBool>, mut stop: watch::Receiver<bool>) {
+    let mut last_error: Option<String> = None;
+    loop {
+        if leader.load(Ordering::Relaxed) {
+            match crate::updates::publish(&config, &db).await {
+                Ok(plan) => {
+                    if plan.any() {
+                        tracing::info!(
+                            targets = plan.targets,
+                            snapshot = plan.snapshot,
+                            timestamp = plan.timestamp,
+                            "TUF repository signed"
+                        );
+                    }
+                    last_error = None;
+                }
+                Err(e) => {
+                    // Once per distinct failure, not every tick.
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        tracing::error!(error = %e, "cannot publish the TUF repository");
+                        eprintln!("rxfleet: cannot publish the TUF repository: {e}");
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            () = tokio::time::sleep(config.updates.publish_interval) => {}
+        }
+    }
 }
 
 async fn run_ingest(

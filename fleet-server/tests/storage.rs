@@ -48,13 +48,13 @@ fn status(device: &str, online: bool, audit: Option<ChainHead>, time_ms: u64) ->
 /// A database of each kind: a temporary SQLite file, and a fresh PostgreSQL
 /// database (dropped at the end) when the server is reachable; without it
 /// the test says so, and fails where it must run (CI).
-struct Databases {
+pub(crate) struct Databases {
     sqlite_dir: tempfile::TempDir,
     postgres: Option<String>,
 }
 
 impl Databases {
-    async fn new(test: &str) -> Databases {
+    pub(crate) async fn new(test: &str) -> Databases {
         let sqlite_dir = tempfile::tempdir().unwrap();
         sqlx::any::install_default_drivers();
         let name = format!("rxfleet_{}_{}", test, std::process::id());
@@ -87,13 +87,13 @@ impl Databases {
         Databases { sqlite_dir, postgres }
     }
 
-    fn urls(&self) -> Vec<String> {
+    pub(crate) fn urls(&self) -> Vec<String> {
         let mut urls = vec![format!("sqlite://{}/fleet.db", self.sqlite_dir.path().display())];
         urls.extend(self.postgres.clone());
         urls
     }
 
-    async fn open_each(&self) -> Vec<Db> {
+    pub(crate) async fn open_each(&self) -> Vec<Db> {
         let mut dbs = Vec::new();
         for url in self.urls() {
             dbs.push(Db::open(&DatabaseConfig { url, max_connections: 4 }).await.unwrap());
@@ -106,12 +106,12 @@ impl Databases {
 async fn migrations_run_once_and_a_reopened_database_keeps_everything() {
     let dbs = Databases::new("migrations").await;
     for db in dbs.open_each().await {
-        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3]);
+        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3, 4]);
         db.commit(&[window("counter-1", 1, 5, head(10, 'a'))], &[], 1_000).await.unwrap();
         db.close().await;
     }
     for db in dbs.open_each().await {
-        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3], "{:?}", db.backend());
+        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3, 4], "{:?}", db.backend());
         assert_eq!(db.stored_seqs("counter-1").await.unwrap(), [1], "{:?}", db.backend());
     }
 }

@@ -16,6 +16,8 @@
 //!   discovery.
 //! * [`selftest`] — parity of an engine with ONNX Runtime on the bundle's
 //!   golden images.
+//! * [`scan`] — the model security scan (external data, custom or unknown
+//!   operators, sub-graphs, absurd sizes) the fleet runs on every push.
 //! * [`formulary`] — the product descriptions
 //!   (`models/formulary/formulary.json`): loading, validation, twin faces.
 //! * [`features`] — the drift features the fleet watches, defined once.
@@ -52,4 +54,5 @@ pub mod formulary;
 pub mod labels;
 pub mod par;
 pub mod preprocess;
+pub mod scan;
 pub mod selftest;

@@ -16,9 +16,13 @@
 //! * [`decode`] / [`encode`] — bytes ↔ payload with the size limit, the
 //!   version check and validation; [`decode_on`] also checks that the
 //!   payload's device is the topic's.
+//! * [`updates`] — what a TUF target of the fleet's repository says
+//!   (`custom.rxvision`: kind, version, cohort bound, rollback order), the
+//!   cohort bucket of a device and which target it installs.
 
 pub mod messages;
 pub mod topic;
+pub mod updates;
 
 pub use messages::{
     feature_bounds, Ack, ChainHead, Desired, EngineState, Event, EventKind, Feedback, Histogram, Message, ModelRef,

@@ -24,7 +24,7 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -111,11 +111,11 @@ fn api(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Op
 }
 
 /// A running `rxfleet serve`; killed (SIGKILL) when dropped.
-struct Fleet {
+pub(crate) struct Fleet {
     child: Child,
     config: Option<PathBuf>,
     env: Vec<(String, String)>,
-    http: SocketAddr,
+    pub(crate) http: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -134,7 +134,7 @@ impl Drop for Fleet {
 
 impl Fleet {
     /// Starts `rxfleet serve` (with `config`, or none) and waits until it serves HTTP.
-    fn start(name: &str, config: Option<&Path>, env: &[(&str, &str)]) -> Fleet {
+    pub(crate) fn start(name: &str, config: Option<&Path>, env: &[(&str, &str)]) -> Fleet {
         let mut command = Command::new(binary("rxfleet"));
         command.arg("serve");
         if let Some(config) = config {
@@ -172,7 +172,7 @@ impl Fleet {
     }
 
     /// Waits until the log has a line containing `needle`.
-    fn wait_log(&self, needle: &str, within: Duration) {
+    pub(crate) fn wait_log(&self, needle: &str, within: Duration) {
         let started = Instant::now();
         while !self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
             assert!(started.elapsed() < within, "no log line with {needle:?} within {within:?}");
@@ -181,7 +181,7 @@ impl Fleet {
     }
 
     /// `rxfleet ARGS` with this fleet's configuration: (success, stdout, stderr).
-    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+    pub(crate) fn cli(&self, args: &[&str]) -> (bool, String, String) {
         let mut command = Command::new(binary("rxfleet"));
         command.args(args).env_remove("STATE_DIRECTORY");
         if let Some(config) = &self.config {
@@ -194,7 +194,7 @@ impl Fleet {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
 
-    fn cli_ok(&self, args: &[&str]) -> String {
+    pub(crate) fn cli_ok(&self, args: &[&str]) -> String {
         let (ok, out, err) = self.cli(args);
         assert!(ok, "rxfleet {args:?}: {err}");
         out

@@ -6,3 +6,4 @@ mod fleet;
 mod link;
 mod prometheus;
 mod serve;
+mod updates;

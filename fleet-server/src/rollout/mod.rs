@@ -13,15 +13,7 @@ pub mod sequential;
 pub mod stage;
 pub mod store;
 
-/// A device's place in the fleet for every rollout: a stable number in
-/// `0..10_000` from its id (SHA-256), so stage `p %` holds the devices below
-/// `p · 100`, the same devices in every rollout and on every replica, and a
-/// device computes its own.
-pub fn cohort_bucket(device_id: &str) -> u32 {
-    let digest = ring::digest::digest(&ring::digest::SHA256, device_id.as_bytes());
-    let bytes = digest.as_ref();
-    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) % 10_000
-}
+pub use rxvision_protocol::updates::cohort_bucket;
 
 /// Whether a device is in a stage of `percent` %.
 pub fn in_stage(device_id: &str, percent: u32) -> bool {

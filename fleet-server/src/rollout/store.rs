@@ -9,6 +9,7 @@ use sqlx::Row;
 use super::evidence::StageQuery;
 use super::stage::{self, Command, Decision, Outcome, Plan, State};
 use crate::db::{Db, DbError};
+use crate::registry::ModelState;
 
 /// Why a rollout request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +136,14 @@ impl Db {
             "rollout": id, "model_version": model_version, "previous_version": previous_version, "stages": plan.stages,
         });
         crate::devices::record_change(&mut tx, now_ms, actor, "rollout_started", None, details).await?;
+        crate::registry::set_state(
+            &mut tx,
+            model_version,
+            ModelState::RollingOut,
+            &format!("rollout {id} started by {actor}"),
+            now_ms,
+        )
+        .await?;
         tx.commit().await?;
         self.rollout(id).await?.ok_or(RolloutError::NotFound(id))
     }
@@ -257,6 +266,21 @@ impl Db {
             .bind(json(decision))
             .execute(&mut *tx)
             .await?;
+        }
+        // The registry follows a rollout's end.
+        match next {
+            State::Completed if rollout.state != State::Completed => {
+                crate::registry::promote(&mut tx, &rollout.model_version, rollout.id, now_ms).await?;
+            }
+            State::Halted { reason, .. } => {
+                let why = format!("rollout {} halted: {reason}", rollout.id);
+                crate::registry::set_state(&mut tx, &rollout.model_version, ModelState::Halted, &why, now_ms).await?;
+            }
+            State::Aborted { by } => {
+                let why = format!("rollout {} aborted by {by}", rollout.id);
+                crate::registry::set_state(&mut tx, &rollout.model_version, ModelState::Halted, &why, now_ms).await?;
+            }
+            _ => {}
         }
         // A judgement that changes nothing is kept with the rollout, not as a fleet event.
         if *next != rollout.state || decision.is_none() {

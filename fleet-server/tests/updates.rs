@@ -1,0 +1,359 @@
+//! The TUF repository and the model registry, on SQLite and PostgreSQL. The
+//! repository is read back by tough's own client (from the files the HTTP
+//! routes serve), so every signature, hash, version and expiry is checked by
+//! the reference Rust implementation, not by our code.
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+
+use rxvision_fleet::config::DatabaseConfig;
+use rxvision_fleet::db::Db;
+use rxvision_fleet::registry::{ModelState, Pushed, RegistryError};
+use rxvision_fleet::updates::keys::{read_keys_in, OnlineRole};
+use rxvision_fleet::updates::repo::{self, Lifetimes, Plan};
+use rxvision_protocol::updates::{TargetInfo, TargetKind};
+use sqlx::Row;
+
+use crate::storage::Databases;
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+fn now() -> i64 {
+    rxvision_fleet::now_ms()
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/fixture-cnn/0.1.0")
+}
+
+/// A copy of the fixture bundle under another version (manifest and its checksum rewritten).
+fn reversioned(dir: &Path, version: &str) -> PathBuf {
+    let out = dir.join(format!("fixture-{version}"));
+    copy_dir(&fixture(), &out);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = version.into();
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(out.join("manifest.json"), &bytes).unwrap();
+    let sum = rxvision_models::bundle::sha256_hex(&bytes);
+    std::fs::write(out.join("manifest.json.sha256"), format!("{sum}  manifest.json\n")).unwrap();
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// The repository as its HTTP routes serve it, written out as files:
+/// `metadata/<name>` and `targets/<sha256>.<target>`.
+async fn export(url: &str, artifacts: &Path, out: &Path) {
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await.unwrap();
+    std::fs::create_dir_all(out.join("metadata")).unwrap();
+    std::fs::create_dir_all(out.join("targets")).unwrap();
+    for row in sqlx::query("SELECT name, body FROM tuf_metadata").fetch_all(&mut conn).await.unwrap() {
+        std::fs::write(out.join("metadata").join(row.get::<String, _>(0)), row.get::<String, _>(1)).unwrap();
+    }
+    for row in sqlx::query("SELECT sha256, target FROM model_versions").fetch_all(&mut conn).await.unwrap() {
+        let (sha, target): (String, String) = (row.get(0), row.get(1));
+        std::fs::copy(artifacts.join(&sha), out.join("targets").join(format!("{sha}.{target}"))).unwrap();
+    }
+}
+
+async fn load(root_json: &[u8], tree: &Path) -> Result<tough::Repository, tough::error::Error> {
+    let metadata = url::Url::from_directory_path(tree.join("metadata")).unwrap();
+    let targets = url::Url::from_directory_path(tree.join("targets")).unwrap();
+    tough::RepositoryLoader::new(&root_json, metadata, targets).transport(tough::FilesystemTransport).load().await
+}
+
+fn infos(repo: &tough::Repository) -> HashMap<String, TargetInfo> {
+    repo.all_targets()
+        .map(|(name, t)| (name.raw().to_string(), TargetInfo::from_custom(&t.custom).unwrap().unwrap()))
+        .collect()
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    url: String,
+    db: Db,
+}
+
+impl Fleet {
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn keys(&self) -> PathBuf {
+        self.dir.path().join("online")
+    }
+    fn artifacts(&self) -> PathBuf {
+        self.dir.path().join("artifacts")
+    }
+    async fn publish(&self, at_ms: i64) -> Plan {
+        let wanted = self.db.wanted_targets().await.unwrap();
+        self.db.publish(&wanted, &self.keys(), &Lifetimes::default(), at_ms).await.unwrap()
+    }
+    /// tough loads the repository as served, trusting `root_json`.
+    async fn client(&self, root_json: &[u8]) -> Result<tough::Repository, tough::error::Error> {
+        let tree = tempfile::tempdir().unwrap();
+        export(&self.url, &self.artifacts(), tree.path()).await;
+        let loaded = load(root_json, tree.path()).await;
+        std::mem::forget(tree); // the repository's transport reads targets from it later
+        loaded
+    }
+}
+
+async fn fleets(test: &str) -> (Databases, Vec<Fleet>) {
+    let dbs = Databases::new(test).await;
+    let mut fleets = Vec::new();
+    for url in dbs.urls() {
+        let db = Db::open(&DatabaseConfig { url: url.clone(), max_connections: 4 }).await.unwrap();
+        fleets.push(Fleet { dir: tempfile::tempdir().unwrap(), url, db });
+    }
+    (dbs, fleets)
+}
+
+#[tokio::test]
+async fn tough_verifies_the_published_repository_and_its_targets() {
+    let (_dbs, fleets) = fleets("tuf_publish").await;
+    for f in fleets {
+        let backend = f.db.backend();
+        let summary = f.db.init_repository(&f.root(), 3, 2, 365 * DAY, &f.keys(), "cli:test", now()).await.unwrap();
+        assert_eq!((summary.version, summary.threshold, summary.root_key_ids.len()), (1, 2, 3));
+        let again =
+            f.db.init_repository(&f.dir.path().join("root2"), 3, 2, 365 * DAY, &f.keys(), "cli:test", now()).await;
+        assert!(again.is_err(), "{backend:?}: a second init is refused");
+        let root_json = std::fs::read(f.root().join("root.json")).unwrap();
+
+        // Before anything is published the repository is incomplete: no timestamp.
+        assert!(f.client(&root_json).await.is_err(), "{backend:?}");
+        assert_eq!(f.publish(now()).await, Plan { targets: true, snapshot: true, timestamp: true });
+        assert!(infos(&f.client(&root_json).await.unwrap()).is_empty(), "{backend:?}: no model yet");
+
+        let production = f.db.push_model(&fixture(), &f.artifacts(), true, "cli:test", now()).await.unwrap();
+        let Pushed::Stored(production) = production else { panic!("{backend:?}: stored") };
+        assert_eq!(
+            (production.state, production.aliases.clone()),
+            (ModelState::Production, vec!["production".to_string()])
+        );
+        let plan = f.publish(now()).await;
+        assert!(plan.targets && plan.snapshot && plan.timestamp, "{backend:?}: {plan:?}");
+        assert_eq!(f.publish(now()).await, Plan::default(), "{backend:?}: nothing changed, nothing signed");
+
+        let repo = f.client(&root_json).await.unwrap();
+        let listed = infos(&repo);
+        let info = &listed["fixture-cnn-0.1.0.tar.gz"];
+        assert_eq!(
+            (info.kind, info.version.as_str(), info.cohort_below, info.rollback),
+            (TargetKind::Model, "0.1.0", 10_000, false)
+        );
+        let name = tough::TargetName::new("fixture-cnn-0.1.0.tar.gz").unwrap();
+        let stream = repo.read_target(&name).await.unwrap().unwrap();
+        let bytes: Vec<u8> = tough::IntoVec::into_vec(stream).await.unwrap();
+        assert_eq!(
+            rxvision_models::bundle::sha256_hex(&bytes),
+            production.sha256,
+            "{backend:?}: tough checked the bytes"
+        );
+        let unpacked = tempfile::tempdir().unwrap();
+        std::fs::write(unpacked.path().join("b.tar.gz"), &bytes).unwrap();
+        rxvision_models::bundle::Bundle::load(&unpacked.path().join("b.tar.gz")).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_rollout_stage_and_a_halt_are_what_signed_targets_say() {
+    use rxvision_fleet::rollout::stage::Plan as RolloutPlan;
+    use rxvision_fleet::rollout::store::AdminCommand;
+    let (_dbs, fleets) = fleets("tuf_rollout").await;
+    for f in fleets {
+        let backend = f.db.backend();
+        f.db.init_repository(&f.root(), 1, 1, 365 * DAY, &f.keys(), "cli:test", now()).await.unwrap();
+        let root_json = std::fs::read(f.root().join("root.json")).unwrap();
+        f.db.push_model(&fixture(), &f.artifacts(), true, "cli:test", now()).await.unwrap();
+        let v2 = reversioned(f.dir.path(), "0.2.0");
+        f.db.push_model(&v2, &f.artifacts(), false, "cli:test", now()).await.unwrap();
+        let rollout = f.db.start_rollout("0.2.0", "0.1.0", &RolloutPlan::default(), "cli:test", now()).await.unwrap();
+        f.publish(now()).await;
+        let listed = infos(&f.client(&root_json).await.unwrap());
+        assert_eq!(listed["fixture-cnn-0.2.0.tar.gz"].cohort_below, 100, "{backend:?}: the 1 % stage");
+        assert_eq!(listed["fixture-cnn-0.1.0.tar.gz"].cohort_below, 10_000);
+        f.db.command_rollout(rollout.id, AdminCommand::Abort, "cli:test", now()).await.unwrap();
+        assert!(f.publish(now()).await.targets, "{backend:?}");
+        let listed = infos(&f.client(&root_json).await.unwrap());
+        assert!(!listed.contains_key("fixture-cnn-0.2.0.tar.gz"), "{backend:?}: the aborted candidate is gone");
+        assert!(listed["fixture-cnn-0.1.0.tar.gz"].rollback, "{backend:?}: production is an explicit rollback order");
+    }
+}
+
+#[test]
+fn roles_are_signed_anew_at_half_their_lifetime_and_when_targets_change() {
+    // The plan alone, on made-up time, against a real signed repository.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_dbs, fleets) = fleets("tuf_plan").await;
+        let f = fleets.into_iter().next().unwrap();
+        let t0 = now();
+        f.db.init_repository(&f.root(), 1, 1, 365 * DAY, &f.keys(), "cli:test", t0).await.unwrap();
+        let lifetimes = Lifetimes::default();
+        f.db.publish(&[], &f.keys(), &lifetimes, t0).await.unwrap();
+        let current = f.db.tuf_current().await.unwrap().unwrap();
+        let at = |hours: i64| t0 + hours * 3_600_000;
+        assert_eq!(repo::plan(&current, &[], &lifetimes, at(11)), Plan::default());
+        assert_eq!(repo::plan(&current, &[], &lifetimes, at(13)), Plan { timestamp: true, ..Plan::default() });
+        assert_eq!(
+            repo::plan(&current, &[], &lifetimes, at(85)),
+            Plan { snapshot: true, timestamp: true, ..Plan::default() }
+        );
+        assert_eq!(
+            repo::plan(&current, &[], &lifetimes, at(361)),
+            Plan { targets: true, snapshot: true, timestamp: true }
+        );
+        let wanted =
+            repo::WantedTarget { name: "x-1.0.0.tar.gz".into(), sha256: [7; 32], length: 10, custom: HashMap::new() };
+        assert_eq!(
+            repo::plan(&current, &[wanted], &lifetimes, at(1)),
+            Plan { targets: true, snapshot: true, timestamp: true }
+        );
+        // Refreshing only the timestamp keeps the versions of the others.
+        f.db.publish(&[], &f.keys(), &lifetimes, at(13)).await.unwrap();
+        let status = f.db.tuf_status().await.unwrap();
+        assert_eq!((status["targets"].0, status["snapshot"].0, status["timestamp"].0), (1, 1, 2));
+    });
+}
+
+#[tokio::test]
+async fn root_and_online_keys_rotate_and_old_clients_follow() {
+    let (_dbs, fleets) = fleets("tuf_rotate").await;
+    for f in fleets {
+        let backend = f.db.backend();
+        f.db.init_repository(&f.root(), 3, 2, 365 * DAY, &f.keys(), "cli:test", now()).await.unwrap();
+        let pinned = std::fs::read(f.root().join("root.json")).unwrap();
+        f.publish(now()).await;
+
+        // Below the old root's threshold: refused, nothing signed.
+        let mut current = read_keys_in(&f.root()).unwrap();
+        let one = vec![current.remove(0)];
+        let new_dir = f.dir.path().join("root-next");
+        let new_keys = rxvision_fleet::updates::keys::generate_root_keys(&new_dir, 2).unwrap();
+        let refused =
+            f.db.rotate_root_keys(&one, &new_keys, 2, 365 * DAY, &new_dir, &f.keys(), "cli:test", now()).await;
+        assert!(refused.unwrap_err().to_string().contains("needs 2"), "{backend:?}");
+        assert_eq!(f.db.tuf_status().await.unwrap()["root"].0, 1);
+
+        let all = read_keys_in(&f.root()).unwrap();
+        let rotated =
+            f.db.rotate_root_keys(&all, &new_keys, 2, 365 * DAY, &new_dir, &f.keys(), "cli:test", now()).await.unwrap();
+        assert_eq!(rotated.version, 2);
+        let repo = f.client(&pinned).await.unwrap();
+        assert_eq!(repo.root().signed.version.get(), 2, "{backend:?}: a client pinned to root 1 trusts root 2");
+
+        // The timestamp key is replaced: only the timestamp is signed anew, with the new key.
+        let before = f.db.tuf_status().await.unwrap();
+        f.db.rotate_online_keys(&new_keys, &[OnlineRole::Timestamp], 365 * DAY, &new_dir, &f.keys(), "cli:test", now())
+            .await
+            .unwrap();
+        assert_eq!(f.publish(now()).await, Plan { timestamp: true, ..Plan::default() }, "{backend:?}");
+        let after = f.db.tuf_status().await.unwrap();
+        assert_eq!((after["root"].0, after["timestamp"].0), (3, before["timestamp"].0 + 1));
+        let repo = f.client(&pinned).await.unwrap();
+        assert_eq!(repo.root().signed.version.get(), 3, "{backend:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_root_signed_below_the_threshold_is_refused_by_the_client() {
+    use tough::editor::signed::SignedRole;
+    use tough::schema::{KeyHolder, RoleType};
+    let (_dbs, fleets) = fleets("tuf_attack_root").await;
+    let f = fleets.into_iter().next().unwrap();
+    f.db.init_repository(&f.root(), 3, 2, 365 * DAY, &f.keys(), "cli:test", now()).await.unwrap();
+    let pinned = std::fs::read(f.root().join("root.json")).unwrap();
+    f.publish(now()).await;
+    // An attacker holding one of three root keys signs root 2 naming their own key alone.
+    let keys = read_keys_in(&f.root()).unwrap();
+    let current = f.db.tuf_current().await.unwrap().unwrap().root.signed;
+    let mut forged = current.clone();
+    forged.version = NonZeroU64::new(2).unwrap();
+    let role = forged.roles.get_mut(&RoleType::Root).unwrap();
+    role.keyids = vec![keys[0].id().clone()];
+    role.threshold = NonZeroU64::MIN;
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let signed = SignedRole::new(forged.clone(), &KeyHolder::Root(forged), &[keys[0].source()], &rng).await.unwrap();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&f.url).await.unwrap();
+    sqlx::query("INSERT INTO tuf_metadata (name, role, version, expires_ms, body, created_ms) VALUES ('2.root.json', 'root', 2, 0, $1, 0)")
+        .bind(String::from_utf8(signed.buffer().clone()).unwrap())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let refused = f.client(&pinned).await.unwrap_err().to_string();
+    assert!(refused.contains("threshold of 2 not met for role root"), "{refused}");
+}
+
+#[tokio::test]
+async fn pushes_are_checked_and_a_refused_bundle_leaves_nothing() {
+    let (_dbs, fleets) = fleets("registry_push").await;
+    for f in fleets {
+        let backend = f.db.backend();
+        let artifacts = f.artifacts();
+        let stored_files = || std::fs::read_dir(&artifacts).map(|d| d.count()).unwrap_or(0);
+
+        // A tampered file: the manifest's hash no longer matches.
+        let tampered = reversioned(f.dir.path(), "0.3.0");
+        std::fs::write(tampered.join("labels.json"), b"[]").unwrap();
+        let e = f.db.push_model(&tampered, &artifacts, false, "cli:test", now()).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Bundle { .. }) && e.to_string().contains("labels.json"), "{backend:?}: {e}");
+        // A truncated archive.
+        let archive = f.dir.path().join("truncated.tar.gz");
+        let packed = rxvision_fleet::registry::pack_dir(&fixture()).unwrap();
+        std::fs::write(&archive, &packed[..packed.len() / 2]).unwrap();
+        let e = f.db.push_model(&archive, &artifacts, false, "cli:test", now()).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Bundle { .. }), "{backend:?}: {e}");
+        assert_eq!(stored_files(), 0, "{backend:?}: nothing left behind");
+        assert!(f.db.models().await.unwrap().is_empty());
+
+        // The same bundle as an archive and as a directory is the same bytes.
+        std::fs::write(&archive, &packed).unwrap();
+        assert!(matches!(
+            f.db.push_model(&archive, &artifacts, false, "cli:test", now()).await.unwrap(),
+            Pushed::Stored(_)
+        ));
+        assert!(matches!(
+            f.db.push_model(&fixture(), &artifacts, false, "cli:test", now()).await.unwrap(),
+            Pushed::AlreadyStored(_)
+        ));
+        // The same version with other content is refused.
+        let other = reversioned(f.dir.path(), "0.1.0");
+        std::fs::write(other.join("MODEL_CARD.md"), b"another card").unwrap();
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(other.join("manifest.json")).unwrap()).unwrap();
+        manifest["files"]["MODEL_CARD.md"] = rxvision_models::bundle::sha256_hex(b"another card").into();
+        let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+        std::fs::write(other.join("manifest.json"), &bytes).unwrap();
+        std::fs::write(
+            other.join("manifest.json.sha256"),
+            format!("{}  manifest.json\n", rxvision_models::bundle::sha256_hex(&bytes)),
+        )
+        .unwrap();
+        let e = f.db.push_model(&other, &artifacts, false, "cli:test", now()).await.unwrap_err();
+        assert!(e.to_string().contains("already registered with other content"), "{backend:?}: {e}");
+        // A second production declaration is refused.
+        let v2 = reversioned(f.dir.path(), "0.2.0");
+        f.db.push_model(&v2, &artifacts, true, "cli:test", now()).await.unwrap();
+        let v3 = reversioned(f.dir.path(), "0.3.1");
+        let e = f.db.push_model(&v3, &artifacts, true, "cli:test", now()).await.unwrap_err();
+        assert!(e.to_string().contains("by a rollout"), "{backend:?}: {e}");
+        let listed: Vec<(String, ModelState)> =
+            f.db.models().await.unwrap().into_iter().map(|m| (m.version, m.state)).collect();
+        assert_eq!(listed.len(), 2, "{backend:?}: {listed:?}");
+        assert_eq!(f.db.model("production").await.unwrap().unwrap().version, "0.2.0");
+        assert!(f.db.fleet_events(None).await.unwrap().iter().any(|e| e.kind == "model_pushed"));
+    }
+}
