@@ -20,31 +20,20 @@ use rxvision_models::labels;
 /// images of twin faces are scored apart (when the dataset has a `face`
 /// column).
 pub fn evaluate(path: &CounterPath, dataset: &Path, twins: Option<TwinRule<'_>>) -> Result<EvalReport, String> {
-    let labels_path = dataset.join("labels.csv");
-    let text =
-        std::fs::read_to_string(&labels_path).map_err(|e| format!("{}: cannot read: {e}", labels_path.display()))?;
-    let records = labels::parse(&text).map_err(|e| format!("{}: {e}", labels_path.display()))?;
-    let (header, rows) = records.split_first().ok_or_else(|| format!("{}: empty", labels_path.display()))?;
-    let column = |name: &str| header.iter().position(|h| h == name);
-    let (file_col, ndc_col) = match (column("file"), column("ndc")) {
-        (Some(f), Some(n)) => (f, n),
-        _ => return Err(format!("{}: the header needs `file` and `ndc` columns", labels_path.display())),
-    };
-    let group_col = column("lookalike_group");
-    let face_col = column("face");
-    let mut scorer = Scorer::new(&path.classifier().bundle().labels, twins.filter(|_| face_col.is_some()));
+    let images = labels::read_dataset(&dataset.join("labels.csv"))?;
+    let has_faces = images.iter().any(|i| i.face.is_some());
+    let mut scorer = Scorer::new(&path.classifier().bundle().labels, twins.filter(|_| has_faces));
     let request = ScanRequest { expected_ndc: None, operator_id: "eval".into(), rx_ref: None };
-    for (i, row) in rows.iter().enumerate() {
-        if row.len() == 1 && row[0].is_empty() {
-            continue;
-        }
-        let (Some(file), Some(ndc)) = (row.get(file_col), row.get(ndc_col)) else {
-            return Err(format!("{}: row {} is short", labels_path.display(), i + 2));
-        };
+    for image in &images {
+        let file = &image.file;
         let bytes = std::fs::read(dataset.join(file)).map_err(|e| format!("{file}: cannot read: {e}"))?;
         let analysis = path.analyse(&request, &bytes).map_err(|e| format!("{file}: {e}"))?;
-        let field = |col: Option<usize>| col.and_then(|c| row.get(c)).map(String::as_str);
-        let sample = Sample { file, ndc, lookalike_group: field(group_col), face: field(face_col) };
+        let sample = Sample {
+            file,
+            ndc: &image.ndc,
+            lookalike_group: Some(image.lookalike_group.as_str()),
+            face: image.face.as_deref(),
+        };
         scorer.add(&sample, &analysis);
     }
     Ok(scorer.report())

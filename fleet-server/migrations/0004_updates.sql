@@ -39,3 +39,16 @@ CREATE TABLE model_aliases (
     version TEXT NOT NULL,
     updated_ms BIGINT NOT NULL
 );
+
+-- Held-out datasets for the validation gates, copied under
+-- <datasets_dir>/<hash>/. px_per_mm_milli: the camera scale × 1000 (an
+-- integer, portable between SQLite and PostgreSQL); NULL when unknown.
+CREATE TABLE datasets (
+    hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    images BIGINT NOT NULL,
+    products BIGINT NOT NULL,
+    px_per_mm_milli BIGINT,
+    added_ms BIGINT NOT NULL,
+    added_by TEXT NOT NULL
+);

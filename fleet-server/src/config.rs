@@ -9,8 +9,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::devices::BacklogLimits;
+use crate::gates::GateLimits;
 use crate::lease::LeaseConfig;
 use crate::updates::repo::Lifetimes;
+use rxvision_models::engine::EnginePreference;
 
 /// The annotated default configuration (`rxfleet print-default-config`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../firmware-cfg/rxfleet.toml");
@@ -57,6 +59,7 @@ struct RawConfig {
     lease: RawLease,
     attention: RawAttention,
     updates: RawUpdates,
+    gates: RawGates,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +123,37 @@ impl Default for RawUpdates {
             snapshot_expiry_s: lifetimes.snapshot.as_secs(),
             timestamp_expiry_s: lifetimes.timestamp.as_secs(),
             publish_interval_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGates {
+    datasets_dir: String,
+    engine: String,
+    min_top1: f64,
+    min_automation: f64,
+    max_false_match_lookalike: f64,
+    max_false_match_unknown: f64,
+    max_regression_points: f64,
+    max_p95_ms: f64,
+    max_peak_memory_mb: f64,
+}
+
+impl Default for RawGates {
+    fn default() -> RawGates {
+        let l = GateLimits::default();
+        RawGates {
+            datasets_dir: String::new(),
+            engine: "cpu".into(),
+            min_top1: l.min_top1,
+            min_automation: l.min_automation,
+            max_false_match_lookalike: l.max_false_match_lookalike,
+            max_false_match_unknown: l.max_false_match_unknown,
+            max_regression_points: l.max_regression_points,
+            max_p95_ms: l.max_p95_ms,
+            max_peak_memory_mb: l.max_peak_memory_mb,
         }
     }
 }
@@ -197,7 +231,7 @@ impl Default for RawIngest {
 }
 
 /// A checked configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
     /// Where the fleet keeps its state.
     pub state_dir: PathBuf,
@@ -215,6 +249,19 @@ pub struct FleetConfig {
     pub ingest: IngestConfig,
     /// The TUF repository and the model registry's files.
     pub updates: UpdatesConfig,
+    /// The validation gates.
+    pub gates: GatesConfig,
+}
+
+/// The validation gates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatesConfig {
+    /// Registered held-out datasets, by content hash.
+    pub datasets_dir: PathBuf,
+    /// The engine the gates measure on.
+    pub engine: EnginePreference,
+    /// What a model must meet.
+    pub limits: GateLimits,
 }
 
 /// The TUF repository and the registry's artifacts.
@@ -550,9 +597,50 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     if !(100..=u.timestamp_expiry_s.saturating_mul(250)).contains(&u.publish_interval_ms) {
         problems.push("updates.publish_interval_ms: at least 100 and at most a quarter of timestamp_expiry_s".into());
     }
+    let g = &raw.gates;
+    let engine = g.engine.parse::<EnginePreference>().unwrap_or_else(|_| {
+        problems.push(format!("gates.engine: {:?} is not auto, gpu or cpu", g.engine));
+        EnginePreference::Cpu
+    });
+    for (key, value) in [
+        ("min_top1", g.min_top1),
+        ("min_automation", g.min_automation),
+        ("max_false_match_lookalike", g.max_false_match_lookalike),
+        ("max_false_match_unknown", g.max_false_match_unknown),
+    ] {
+        if !(0.0..=1.0).contains(&value) {
+            problems.push(format!("gates.{key}: {value} is not a share between 0 and 1"));
+        }
+    }
+    for (key, value) in [
+        ("max_regression_points", g.max_regression_points),
+        ("max_p95_ms", g.max_p95_ms),
+        ("max_peak_memory_mb", g.max_peak_memory_mb),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            problems.push(format!("gates.{key}: {value} must be zero or more"));
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
+    let gates = GatesConfig {
+        datasets_dir: if g.datasets_dir.is_empty() {
+            state_dir.join("datasets")
+        } else {
+            PathBuf::from(&g.datasets_dir)
+        },
+        engine,
+        limits: GateLimits {
+            min_top1: g.min_top1,
+            min_automation: g.min_automation,
+            max_false_match_lookalike: g.max_false_match_lookalike,
+            max_false_match_unknown: g.max_false_match_unknown,
+            max_regression_points: g.max_regression_points,
+            max_p95_ms: g.max_p95_ms,
+            max_peak_memory_mb: g.max_peak_memory_mb,
+        },
+    };
     let updates = UpdatesConfig {
         keys_dir: if u.keys_dir.is_empty() { state_dir.join("tuf-keys") } else { PathBuf::from(&u.keys_dir) },
         artifacts_dir: if u.artifacts_dir.is_empty() {
@@ -569,6 +657,7 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     };
     Ok(FleetConfig {
         updates,
+        gates,
         http: HttpConfig { listen: http_listen, tls: http_tls },
         lease: LeaseConfig {
             ttl: Duration::from_millis(raw.lease.ttl_ms),

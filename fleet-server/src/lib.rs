@@ -28,6 +28,8 @@
 //! * [`metrics`] — `/metrics` in Prometheus' text format.
 //! * [`tls`] — HTTPS.
 //! * [`registry`] — model versions: push (checked, scanned, stored by hash), states, aliases.
+//! * [`datasets`] — held-out datasets for the gates, content-hashed and copied.
+//! * [`gates`] — a model measured with the appliances' counter path and judged against budgets and production.
 //! * [`updates`] — the TUF repository: keys, signed metadata, publishing.
 //! * [`rollout`] — staged rollouts judged against a concurrent control cohort.
 
@@ -39,8 +41,10 @@ pub mod classify;
 mod commit;
 pub mod config;
 pub mod dashboard;
+pub mod datasets;
 pub mod db;
 pub mod devices;
+pub mod gates;
 pub mod ingest;
 pub mod lease;
 pub mod metrics;

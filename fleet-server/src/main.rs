@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Held-out datasets for the validation gates.
+    Datasets {
+        #[command(subcommand)]
+        command: DatasetsCommand,
+    },
     /// Staged rollouts of model versions.
     Rollout {
         #[command(subcommand)]
@@ -245,9 +250,39 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Registers a dataset (labels.csv with file and ndc, and
+    /// lookalike_group and face when known; the images): checked,
+    /// content-hashed and copied into `[gates] datasets_dir`.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The dataset directory.
+        dir: PathBuf,
+        /// Its name (default: the directory's).
+        #[arg(long)]
+        name: Option<String>,
+        /// The camera scale the images were taken at (9 for rxvision-synth
+        /// frames): the gates then weigh by measured size, as appliances with
+        /// `[camera] px_per_mm` do.
+        #[arg(long)]
+        px_per_mm: Option<f32>,
+    },
+    /// Every registered dataset.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ModelsCommand {
     /// Checks a bundle (directory or .tar.gz: structure, hashes, graph, the
-    /// security scan) and stores it as a candidate.
+    /// security scan), stores it as a candidate, and runs the validation
+    /// gates on the newest registered dataset.
     Push {
         #[command(flatten)]
         config: ConfigArg,
@@ -257,6 +292,19 @@ enum ModelsCommand {
         /// registry has no production version).
         #[arg(long)]
         production: bool,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs the validation gates for a version (again): validated or rejected.
+    Validate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The version or alias.
+        version: String,
+        /// The dataset's name or hash (default: the newest registered).
+        #[arg(long)]
+        dataset: Option<String>,
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -450,6 +498,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Devices { command } => devices(command).await,
         Command::Tokens { command } => tokens(command).await,
         Command::Keys { command } => keys(command).await,
+        Command::Datasets { command } => datasets(command).await,
         Command::Rollout { command } => rollout(command).await,
         Command::Models { command } => models(command).await,
         Command::Ca { command: CaCommand::Init(arg) } => {
@@ -835,8 +884,18 @@ async fn models(command: ModelsCommand) -> Result<(), String> {
                 .push_model(&bundle, &config.updates.artifacts_dir, production, &cli_actor(), now_ms())
                 .await
                 .map_err(|e| e.to_string())?;
+            let (Pushed::Stored(model) | Pushed::AlreadyStored(model)) = &pushed;
+            let gates = if db.dataset(None).await.map_err(|e| e.to_string())?.is_some() && model.gate_report.is_none() {
+                Some(
+                    db.validate_model(&model.version, None, &config, &cli_actor(), now_ms())
+                        .await
+                        .map_err(|e| e.to_string())?,
+                )
+            } else {
+                None
+            };
             if json {
-                print_json(&pushed);
+                print_json(&serde_json::json!({"pushed": pushed, "gates": gates}));
             } else {
                 match &pushed {
                     Pushed::Stored(m) => {
@@ -848,8 +907,33 @@ async fn models(command: ModelsCommand) -> Result<(), String> {
                         show(m);
                     }
                 }
+                match &gates {
+                    Some(report) => print_gates(report),
+                    None if model.gate_report.is_none() => {
+                        eprintln!("rxfleet: no held-out dataset registered: `rxfleet datasets add DIR`, then `rxfleet models validate {}`", model.version)
+                    }
+                    None => {}
+                }
             }
             Ok(())
+        }
+        ModelsCommand::Validate { config, version, dataset, json } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let report = db
+                .validate_model(&version, dataset.as_deref(), &config, &cli_actor(), now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&report);
+            } else {
+                print_gates(&report);
+            }
+            if report.passed {
+                Ok(())
+            } else {
+                Err(format!("{} failed its gates", report.version))
+            }
         }
         ModelsCommand::List { config, json } => {
             let db = open(&load(&config)?).await?;
@@ -962,6 +1046,58 @@ async fn rollout(command: RolloutCommand) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn print_gates(report: &rxvision_fleet::gates::GateReport) {
+    let m = &report.measures;
+    println!(
+        "gates for {} on dataset {} ({} images, {}), engine {}: {}",
+        report.version,
+        report.dataset_name,
+        m.images,
+        &report.dataset_hash[..12.min(report.dataset_hash.len())],
+        m.engine,
+        if report.passed { "PASSED" } else { "FAILED" }
+    );
+    for gate in &report.gates {
+        println!("  {} {:<36} {}", if gate.passed { "ok  " } else { "FAIL" }, gate.name, gate.detail);
+    }
+}
+
+async fn datasets(command: DatasetsCommand) -> Result<(), String> {
+    match command {
+        DatasetsCommand::Add { config, dir, name, px_per_mm } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let d = db
+                .add_dataset(&dir, name.as_deref(), px_per_mm, &config.gates.datasets_dir, &cli_actor(), now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("dataset {} ({}): {} images of {} products", d.name, d.hash, d.images, d.products);
+            Ok(())
+        }
+        DatasetsCommand::List { config, json } => {
+            let db = open(&load(&config)?).await?;
+            let all = db.datasets().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&all);
+            } else {
+                println!("{:<20} {:<14} {:>7} {:>8} {:>9} ADDED", "NAME", "HASH", "IMAGES", "PRODUCTS", "PX/MM");
+                for d in all {
+                    println!(
+                        "{:<20} {:<14} {:>7} {:>8} {:>9} {}",
+                        d.name,
+                        &d.hash[..12],
+                        d.images,
+                        d.products,
+                        d.px_per_mm.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        age(Some(d.added_ms))
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn tokens(command: TokensCommand) -> Result<(), String> {

@@ -357,3 +357,126 @@ async fn pushes_are_checked_and_a_refused_bundle_leaves_nothing() {
         assert!(f.db.fleet_events(None).await.unwrap().iter().any(|e| e.kind == "model_pushed"));
     }
 }
+
+/// Real counter frames: every formulary product (the six the shipped model
+/// does not know included), front and back, at the counter camera's 640×480
+/// and 9 px/mm.
+fn render_dataset(dir: &Path) -> PathBuf {
+    use rxvision_synth::dataset::{write_dataset, DatasetSpec};
+    use rxvision_synth::scene::SceneOptions;
+    let formulary_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/formulary/formulary.json");
+    let formulary = rxvision_synth::load_formulary(&formulary_path).unwrap();
+    let out = dir.join("holdout");
+    let spec = DatasetSpec {
+        out: out.clone(),
+        per_class: 2,
+        seed: 20_261_130,
+        options: SceneOptions::camera(640, 480),
+        exclude: Vec::new(),
+        threads: 2,
+        pill_crops: None,
+    };
+    write_dataset(&formulary, &spec).unwrap();
+    out
+}
+
+/// The gates measure with the counter path itself (so they are slow): on
+/// SQLite only; the registry's storage is covered on both databases above.
+#[tokio::test]
+async fn gates_measure_with_the_counter_path_and_only_a_validated_model_rolls_out() {
+    use rxvision_fleet::config::{self, FleetConfig};
+    use rxvision_fleet::rollout::stage::Plan as RolloutPlan;
+    use rxvision_fleet::rollout::store::RolloutError;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cfg = dir.path().join("rxfleet.toml");
+    std::fs::write(&cfg, format!("[fleet]\nstate_dir = {:?}\n", state.display().to_string())).unwrap();
+    let mut config: FleetConfig = config::load(Some(&cfg)).unwrap();
+    let db = Db::open(&config.database).await.unwrap();
+    let pillnet = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/pillnet/0.4.0");
+    let artifacts = config.updates.artifacts_dir.clone();
+    db.push_model(&pillnet, &artifacts, true, "cli:test", now()).await.unwrap();
+
+    // No dataset yet: validation says what to do.
+    let e = db.validate_model("0.4.0", None, &config, "cli:test", now()).await.unwrap_err();
+    assert!(e.to_string().contains("datasets add"), "{e}");
+    // A dataset with a path outside itself is refused whole.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("labels.csv"), "file,ndc\n../../etc/passwd,00093-0832-01\nmissing.jpg,00093-0832-01\n")
+        .unwrap();
+    let e =
+        db.add_dataset(&bad, None, None, &config.gates.datasets_dir, "cli:test", now()).await.unwrap_err().to_string();
+    assert!(e.contains("not a path inside") && e.contains("missing.jpg"), "{e}");
+    assert!(db.datasets().await.unwrap().is_empty());
+
+    let source = render_dataset(dir.path());
+    let dataset = db
+        .add_dataset(&source, Some("holdout"), Some(9.0), &config.gates.datasets_dir, "cli:test", now())
+        .await
+        .unwrap();
+    assert_eq!((dataset.images, dataset.products), (166, 83));
+    let again = db
+        .add_dataset(&source, Some("other-name"), Some(9.0), &config.gates.datasets_dir, "cli:test", now())
+        .await
+        .unwrap();
+    assert_eq!(again.hash, dataset.hash, "the same contents are the same dataset");
+
+    // Production's numbers are measured and kept; its state does not move.
+    let production = db.validate_model("0.4.0", None, &config, "cli:test", now()).await.unwrap();
+    let m = &production.measures;
+    assert_eq!(m.images, 166);
+    assert!(m.identified >= 90 && m.top1 > 0.8, "{m:?}");
+    assert!(m.automation.n > 100 && m.false_match_lookalike.n > 50 && m.false_match_unknown.n > 0, "{m:?}");
+    assert!(m.false_match_lookalike.rate < 0.05 && m.p95_ms > 0.0 && m.peak_memory_mb > 10.0, "{m:?}");
+    assert_eq!(db.model("0.4.0").await.unwrap().unwrap().state, ModelState::Production);
+
+    // A new version under the brief's budgets: today's model misses the
+    // automation budget (issue 17), so it is rejected, with the reason, and
+    // cannot be rolled out.
+    let v5 = reversioned_pillnet(dir.path(), "0.5.0");
+    db.push_model(&v5, &artifacts, false, "cli:test", now()).await.unwrap();
+    let report = db.validate_model("0.5.0", None, &config, "cli:test", now()).await.unwrap();
+    assert_eq!(report.passed, m.automation.rate >= 0.9, "{:?}", report.gates);
+    let (_, against) = report.production.clone().expect("compared with production");
+    assert_eq!(against, *m, "production's stored measures are reused");
+    let same = report.gates.iter().find(|g| g.name == "automation_vs_production").unwrap();
+    assert!(same.passed && same.value.abs() < 1e-9, "the same weights measure the same: {same:?}");
+    if !report.passed {
+        let stored = db.model("0.5.0").await.unwrap().unwrap();
+        assert_eq!(stored.state, ModelState::Rejected);
+        assert!(stored.state_reason.contains("automation"), "{}", stored.state_reason);
+        let refused = db.start_model_rollout("0.5.0", &RolloutPlan::default(), "cli:test", now()).await.unwrap_err();
+        assert!(matches!(refused, RolloutError::Invalid(ref why) if why.contains("rejected")), "{refused}");
+    }
+
+    // Limits an operator chose: validated, and then it may roll out.
+    config.gates.limits.min_automation = 0.0;
+    config.gates.limits.min_top1 = 0.5;
+    config.gates.limits.max_false_match_lookalike = 0.05;
+    config.gates.limits.max_false_match_unknown = 0.5;
+    config.gates.limits.max_p95_ms = 10_000.0;
+    let report = db.validate_model("0.5.0", Some("holdout"), &config, "cli:test", now()).await.unwrap();
+    assert!(report.passed, "{:?}", report.gates);
+    assert_eq!(db.model("0.5.0").await.unwrap().unwrap().state, ModelState::Validated);
+    let rollout = db.start_model_rollout("0.5.0", &RolloutPlan::default(), "cli:test", now()).await.unwrap();
+    assert_eq!((rollout.previous_version.as_str(), rollout.percent), ("0.4.0", 1));
+    assert_eq!(db.model("0.5.0").await.unwrap().unwrap().state, ModelState::RollingOut);
+}
+
+/// A copy of the shipped model under another version.
+fn reversioned_pillnet(dir: &Path, version: &str) -> PathBuf {
+    let out = dir.join(format!("pillnet-{version}"));
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/bundles/pillnet/0.4.0"), &out);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = version.into();
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(out.join("manifest.json"), &bytes).unwrap();
+    std::fs::write(
+        out.join("manifest.json.sha256"),
+        format!("{}  manifest.json\n", rxvision_models::bundle::sha256_hex(&bytes)),
+    )
+    .unwrap();
+    out
+}

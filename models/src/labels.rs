@@ -117,6 +117,45 @@ pub fn parse(text: &str) -> Result<Vec<Vec<String>>, String> {
     Ok(records)
 }
 
+/// One image of a labelled dataset, as evaluations read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetImage {
+    /// Image path relative to the dataset directory.
+    pub file: String,
+    /// Product NDC.
+    pub ndc: String,
+    /// Look-alike group (empty when in none, or when the dataset has no such column).
+    pub lookalike_group: String,
+    /// `front` or `back`; `None` when the dataset does not say.
+    pub face: Option<String>,
+}
+
+/// The images of a `labels.csv` (columns `file` and `ndc`, and
+/// `lookalike_group` and `face` when present), in order; blank lines skipped.
+pub fn read_dataset(path: &Path) -> Result<Vec<DatasetImage>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let records = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (header, rows) = records.split_first().ok_or_else(|| format!("{}: empty", path.display()))?;
+    let column = |name: &str| header.iter().position(|h| h == name);
+    let (Some(file), Some(ndc)) = (column("file"), column("ndc")) else {
+        return Err(format!("{}: the header needs `file` and `ndc` columns", path.display()));
+    };
+    let (group, face) = (column("lookalike_group"), column("face"));
+    rows.iter()
+        .enumerate()
+        .filter(|(_, r)| !(r.len() == 1 && r[0].is_empty()))
+        .map(|(i, r)| {
+            let field = |c: Option<usize>| c.and_then(|c| r.get(c)).cloned();
+            match (field(Some(file)).filter(|f| !f.is_empty()), field(Some(ndc))) {
+                (Some(file), Some(ndc)) => {
+                    Ok(DatasetImage { file, ndc, lookalike_group: field(group).unwrap_or_default(), face: field(face) })
+                }
+                _ => Err(format!("{}: row {} is short", path.display(), i + 2)),
+            }
+        })
+        .collect()
+}
+
 /// The `file` column of a `labels.csv`, in order.
 pub fn read_files(path: &Path) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -227,8 +227,9 @@ impl<'a> Scorer<'a> {
         }
     }
 
-    /// Whether image `ndc`/`face` shows a face some *other* known product shares.
-    fn is_twin(&self, ndc: &str, face: &str) -> bool {
+    /// Whether image `ndc`/`face` shows a face some *other* known product
+    /// shares (always false without a twin rule).
+    pub fn is_twin(&self, ndc: &str, face: &str) -> bool {
         let Some(rule) = self.twins else { return false };
         let face = match face {
             "front" => Face::Front,
@@ -347,5 +348,96 @@ impl<'a> Scorer<'a> {
             }),
             mistakes: self.mistakes,
         }
+    }
+}
+
+/// A share of verification scans answered MATCH.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MatchRate {
+    /// Scans.
+    pub n: usize,
+    /// Of them answered MATCH.
+    pub matched: usize,
+    /// `matched / n` (0 without scans).
+    pub rate: f64,
+}
+
+impl MatchRate {
+    fn add(&mut self, matched: bool) {
+        self.n += 1;
+        self.matched += usize::from(matched);
+        self.rate = self.matched as f64 / self.n as f64;
+    }
+}
+
+/// The counter as a pharmacy system uses it, with an expected NDC: scans of
+/// a correct known pill answered MATCH (automation; refusals count against
+/// it; twin faces, which no picture can decide, left out), and scans of a
+/// wrong pill answered MATCH (false MATCH) when a look-alike the model knows
+/// is expected, for pills of known products and of products the model does
+/// not know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct VerifyReport {
+    /// The pill's own NDC expected: MATCH is right.
+    pub automation: MatchRate,
+    /// A known look-alike expected for a known pill: MATCH is wrong.
+    pub false_match_lookalike: MatchRate,
+    /// A known look-alike expected for a pill of a product the model does not know: MATCH is wrong.
+    pub false_match_unknown: MatchRate,
+}
+
+/// Which known product to expect in place of a dataset image's own: the
+/// first other product (by NDC) of its look-alike group that the model
+/// knows. `known_by_group` maps a look-alike group to the known NDCs in it.
+pub fn lookalike_for<'a>(
+    ndc: &str,
+    group: &str,
+    known_by_group: &'a BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Option<&'a str> {
+    if group.is_empty() {
+        return None;
+    }
+    known_by_group.get(group)?.iter().map(String::as_str).find(|other| *other != ndc)
+}
+
+impl VerifyReport {
+    /// Adds one verification scan: `own` says whether the pill's product is
+    /// one the model knows, `expected_own` whether its own NDC was expected,
+    /// `verdict` what the counter answered.
+    pub fn add(&mut self, known: bool, expected_own: bool, verdict: Verdict) {
+        let matched = verdict == Verdict::Match;
+        match (known, expected_own) {
+            (true, true) => self.automation.add(matched),
+            (true, false) => self.false_match_lookalike.add(matched),
+            (false, _) => self.false_match_unknown.add(matched),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verification_scans_land_in_their_case() {
+        let mut report = VerifyReport::default();
+        report.add(true, true, Verdict::Match);
+        report.add(true, true, Verdict::BadImage);
+        report.add(true, false, Verdict::Mismatch);
+        report.add(false, false, Verdict::Match);
+        assert_eq!((report.automation.n, report.automation.matched, report.automation.rate), (2, 1, 0.5));
+        assert_eq!((report.false_match_lookalike.n, report.false_match_lookalike.matched), (1, 0));
+        assert_eq!((report.false_match_unknown.n, report.false_match_unknown.rate), (1, 1.0));
+    }
+
+    #[test]
+    fn the_lookalike_is_another_known_product_of_the_group() {
+        let known: BTreeMap<String, std::collections::BTreeSet<String>> =
+            [("LA01".to_string(), ["a".to_string(), "b".to_string()].into())].into();
+        assert_eq!(lookalike_for("a", "LA01", &known), Some("b"));
+        assert_eq!(lookalike_for("b", "LA01", &known), Some("a"));
+        assert_eq!(lookalike_for("x", "LA01", &known), Some("a"), "an unknown product gets the first known one");
+        assert_eq!(lookalike_for("a", "", &known), None);
+        assert_eq!(lookalike_for("a", "LA02", &known), None);
     }
 }
