@@ -312,6 +312,14 @@ pub struct AppState {
     pub limits: ApiLimits,
     /// Telemetry windows and their outbox, when `[telemetry]` is enabled.
     pub telemetry: Option<TelemetryService>,
+    /// The updater, when `[updates]` is enabled.
+    pub updates: Option<UpdatesHandle>,
+    /// The model slots and how long a new model's trial lasts.
+    pub slots: Option<(crate::updates::slots::SlotStore, std::time::Duration)>,
+    /// Told when a new model was installed: the service stops and `run` restarts it.
+    pub restart: Arc<tokio::sync::Notify>,
+    /// Set when the service stopped to restart into a new model.
+    pub restart_requested: AtomicBool,
     /// One permit per scan allowed to run at once.
     scans: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
@@ -319,6 +327,15 @@ pub struct AppState {
     /// The last picture shown on the counter page: what the pharmacist saw is what is verified.
     preview: Mutex<Option<(Instant, Vec<u8>)>>,
     references: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+/// The updater and the hint the fleet's `desired` message gives it.
+#[derive(Debug, Clone)]
+pub struct UpdatesHandle {
+    /// The updater.
+    pub updater: Arc<crate::updates::Updater>,
+    /// Notified when the fleet hints that metadata changed.
+    pub hint: Arc<tokio::sync::Notify>,
 }
 
 /// What one request may cost.
@@ -366,6 +383,10 @@ impl AppState {
             formulary,
             limits,
             telemetry: None,
+            updates: None,
+            slots: None,
+            restart: Arc::new(tokio::sync::Notify::new()),
+            restart_requested: AtomicBool::new(false),
             scans: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_scans)),
             metrics,
             started: Instant::now(),
@@ -376,6 +397,22 @@ impl AppState {
 }
 
 impl AppState {
+    /// Checks for signed model updates.
+    pub fn with_updates(mut self, updates: UpdatesHandle) -> AppState {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// Keeps a new model's trial until it has served `healthy_after`.
+    pub fn with_slots(
+        mut self,
+        store: crate::updates::slots::SlotStore,
+        healthy_after: std::time::Duration,
+    ) -> AppState {
+        self.slots = Some((store, healthy_after));
+        self
+    }
+
     /// Counts scans and feedback into telemetry windows.
     pub fn with_telemetry(mut self, telemetry: TelemetryService) -> AppState {
         self.telemetry = Some(telemetry);

@@ -92,6 +92,40 @@ pub struct RawConfig {
     /// Telemetry windows and the outbox (added after version 1: optional, off by default).
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    /// Signed model updates (added after version 1: optional, off by default).
+    #[serde(default)]
+    pub updates: RawUpdates,
+}
+
+/// `[updates]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpdates {
+    /// Fetch and install the model signed metadata assigns to this device.
+    pub enabled: bool,
+    /// The fleet's HTTP base URL (`http://fleet:8490`); the repository is under `/tuf/`.
+    pub repository: String,
+    /// The pinned `root.json` (from `rxfleet keys init`).
+    pub root_file: String,
+    /// Seconds between checks when no hint arrives.
+    pub poll_interval_seconds: u64,
+    /// Starts a new model may take before the daemon goes back to the previous one.
+    pub max_starts: u32,
+    /// Seconds a new model must serve before it is kept for good.
+    pub healthy_after_seconds: u64,
+}
+
+impl Default for RawUpdates {
+    fn default() -> RawUpdates {
+        RawUpdates {
+            enabled: false,
+            repository: String::new(),
+            root_file: String::new(),
+            poll_interval_seconds: 3600,
+            max_starts: 3,
+            healthy_after_seconds: 120,
+        }
+    }
 }
 
 /// `[telemetry]`.
@@ -373,6 +407,8 @@ pub struct Config {
     pub images: ImageLimits,
     /// Telemetry windows and the outbox.
     pub telemetry: TelemetryConfig,
+    /// Signed model updates, when enabled.
+    pub updates: Option<crate::updates::UpdatesConfig>,
 }
 
 /// The validated `[camera]` section.
@@ -735,10 +771,47 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     if raw.images.min_side == 0 || raw.images.min_side > raw.images.max_side {
         problem("images.min_side", format!("{} is outside 1..=images.max_side", raw.images.min_side));
     }
+    let u = &raw.updates;
+    let updates = if u.enabled {
+        let base = url::Url::parse(&u.repository).ok().filter(|url| url.scheme() == "http" && url.has_host());
+        if base.is_none() {
+            problem("updates.repository", format!("{:?} is not the fleet's http://host:port", u.repository));
+        }
+        if u.root_file.is_empty() {
+            problem("updates.root_file", "must name the pinned root.json from `rxfleet keys init`".into());
+        }
+        if !(10..=7 * 86_400).contains(&u.poll_interval_seconds) {
+            problem("updates.poll_interval_seconds", format!("{} is outside 10..=604800", u.poll_interval_seconds));
+        }
+        if !(1..=100).contains(&u.max_starts) {
+            problem("updates.max_starts", format!("{} is outside 1..=100", u.max_starts));
+        }
+        if !(1..=86_400).contains(&u.healthy_after_seconds) {
+            problem("updates.healthy_after_seconds", format!("{} is outside 1..=86400", u.healthy_after_seconds));
+        }
+        base.map(|mut base| {
+            if !base.path().ends_with('/') {
+                base.set_path(&format!("{}/", base.path()));
+            }
+            crate::updates::UpdatesConfig {
+                repository: crate::updates::fetch::RepositoryConfig {
+                    base,
+                    root_file: PathBuf::from(&u.root_file),
+                    datastore: raw.device.state_dir.join("tuf"),
+                },
+                poll_interval: Duration::from_secs(u.poll_interval_seconds),
+                max_starts: u.max_starts,
+                healthy_after: Duration::from_secs(u.healthy_after_seconds),
+            }
+        })
+    } else {
+        None
+    };
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Config {
+        updates,
         device_id: raw.device.id,
         state_dir: raw.device.state_dir,
         bundle: (!raw.model.bundle.is_empty()).then(|| PathBuf::from(raw.model.bundle)),

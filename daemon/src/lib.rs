@@ -18,6 +18,8 @@
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
 //!   and its keys; `audit verify` and `audit export` stand on it.
+//! * [`updates`] — signed model updates: the fleet's TUF repository, A/B
+//!   slots, verification before a switch, automatic return after a crash loop.
 //!
 //! The classifier (`Classifier`) is `rxvision-models`' `classify`, the
 //! counter path's decisions and analysis are `rxvision-counter`'s, the
@@ -40,3 +42,4 @@ pub mod outbox;
 pub mod scan;
 pub mod service;
 pub mod telemetry;
+pub mod updates;

@@ -147,13 +147,15 @@ fn pump_timed(client: &AsyncClient, outbox: &Outbox, device_id: &str, waiting_si
     }
 }
 
-/// Runs the link until `stop` resolves. `status` makes the retained online status.
+/// Runs the link until `stop` resolves. `status` makes the retained online
+/// status; a `desired` message from the fleet notifies `hint` (the updater).
 pub async fn run(
     config: LinkConfig,
     device_id: String,
     outbox: Arc<Outbox>,
     state: Arc<LinkStatus>,
     status: impl Fn() -> Status + Send + 'static,
+    hint: Arc<tokio::sync::Notify>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     tokio::pin!(stop);
@@ -240,6 +242,12 @@ pub async fn run(
                                 Err(e) => tracing::error!(error = %e, "an ack could not be stored"),
                             },
                             Err(e) => tracing::warn!(error = %e, "a malformed ack was ignored"),
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(message))) if message.topic == desired_topic => {
+                        match decode_on::<rxvision_protocol::Desired>(&device_id, &message.payload) {
+                            Ok(_) => hint.notify_one(),
+                            Err(e) => tracing::warn!(error = %e, "a malformed desired hint was ignored"),
                         }
                     }
                     Ok(_) => {}

@@ -158,7 +158,8 @@ fn main() -> ExitCode {
                 let _ = writeln!(out, "rxvisiond: listening on http://{addr}");
                 let _ = out.flush();
             }) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(rxvision_daemon::service::Stopped::Signal) => ExitCode::SUCCESS,
+                Ok(rxvision_daemon::service::Stopped::Restart) => restart_self(),
                 Err(e) => {
                     eprintln!("rxvisiond: {e}");
                     ExitCode::from(e.exit_code())
@@ -175,4 +176,24 @@ fn main() -> ExitCode {
         eprintln!("rxvisiond: {e}");
         ExitCode::from(e.exit_code())
     })
+}
+
+/// Starts this program anew in this process (same arguments, same PID, so a
+/// supervisor sees one service): after a model update, the new model loads
+/// through the ordinary start, which counts the start against its trial.
+/// Files are opened close-on-exec, so the audit store's lock goes with the
+/// old image.
+fn restart_self() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("rxvisiond: cannot restart into the new model: {e}");
+            return ExitCode::from(75);
+        }
+    };
+    let error = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+    eprintln!("rxvisiond: cannot restart into the new model: {error}");
+    // A supervisor (systemd Restart=always) starts it again.
+    ExitCode::from(75)
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::api::{router, ApiLimits, AppState};
+use crate::api::{router, ApiLimits, AppState, UpdatesHandle};
 use crate::audit::{now_ms, AuditError, AuditLog, AuditOptions, KeyError, KeyRing, StoreHealth};
 use crate::camera::{DirSource, FrameSource, LiveCamera, SyntheticSource};
 use crate::config::{CameraConfig, Config};
@@ -29,6 +29,7 @@ use crate::control;
 use crate::outbox::{MessageKind, Outbox, OutboxError};
 use crate::scan::Scanner;
 use crate::telemetry::{stored_event, TelemetryService};
+use crate::updates::slots::SlotStore;
 use rxvision_counter::analysis::CounterPath;
 use rxvision_counter::size::SizeCue;
 use rxvision_models::classify::{Classifier, ClassifyError};
@@ -126,7 +127,20 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
     let keys = KeyRing::load(&key_path, &config.audit.previous_key_files)?;
     let audit = AuditLog::open_with(&config.audit.dir, keys, audit_options(config))?;
     let roots: Vec<PathBuf> = config.bundle_dirs.clone();
-    let classifier = Classifier::open(config.bundle.as_deref(), &roots, config.engine)?;
+    // An installed model (A/B slot) runs in place of the configured one.
+    let slot_store = SlotStore::new(&config.state_dir.join("models"));
+    let max_starts = config.updates.as_ref().map_or(3, |u| u.max_starts);
+    let classifier = match crate::updates::choose_at_start(&slot_store, max_starts, &audit) {
+        Some(installed) => match Classifier::open(Some(&installed), &roots, config.engine) {
+            Ok(classifier) => classifier,
+            Err(e) => {
+                tracing::error!(bundle = %installed.display(), error = %e, "the installed model does not load: going back");
+                let previous = crate::updates::roll_back_after_load_failure(&slot_store, &audit, &e.to_string());
+                Classifier::open(previous.as_deref().or(config.bundle.as_deref()), &roots, config.engine)?
+            }
+        },
+        None => Classifier::open(config.bundle.as_deref(), &roots, config.engine)?,
+    };
     tracing::info!(model = %classifier.bundle(), engine = %classifier.engines().choice(), "model ready");
     let camera: Option<Box<dyn FrameSource>> = match &config.camera {
         CameraConfig::None => None,
@@ -163,7 +177,21 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         max_concurrent_scans: config.api.max_concurrent_scans,
         request_timeout: config.api.request_timeout,
     };
-    let state = AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary, limits);
+    let healthy_after = config.updates.as_ref().map_or(Duration::from_secs(120), |u| u.healthy_after);
+    let mut state = AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary, limits)
+        .with_slots(slot_store, healthy_after);
+    if let Some(updates) = &config.updates {
+        let updater = crate::updates::Updater::new(
+            updates.clone(),
+            &config.device_id,
+            config.state_dir.join("models"),
+            state.scanner.shared_audit(),
+            config.engine,
+            classifier.bundle().manifest.version.to_string(),
+        );
+        state = state
+            .with_updates(UpdatesHandle { updater: Arc::new(updater), hint: Arc::new(tokio::sync::Notify::new()) });
+    }
     if !config.telemetry.enabled {
         return Ok(state);
     }
@@ -223,6 +251,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     let stop_windows = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let windows = state.telemetry.as_ref().and_then(|t| t.start(stop_windows.clone()));
+    let hint = state.updates.as_ref().map_or_else(|| Arc::new(tokio::sync::Notify::new()), |u| u.hint.clone());
     if let Some(telemetry) = &state.telemetry {
         if let Some(link) = telemetry.link.clone() {
             let for_status = state.clone();
@@ -232,9 +261,17 @@ pub async fn serve(
                 telemetry.outbox.clone(),
                 telemetry.link_state.clone(),
                 move || for_status.device_status(),
+                hint.clone(),
                 stopped(stop.clone()),
             ));
         }
+    }
+    if let Some(updates) = &state.updates {
+        let (updater, restart) = (updates.updater.clone(), state.restart.clone());
+        tasks.spawn(crate::updates::run(updater, hint, restart, stopped(stop.clone())));
+    }
+    if let Some((store, healthy_after)) = &state.slots {
+        tasks.spawn(crate::updates::confirm_after(store.clone(), *healthy_after));
     }
     let control_file = options.control.as_ref().map(|(_, path)| path.clone());
     if let Some((listener, _)) = options.control {
@@ -262,11 +299,16 @@ pub async fn serve(
         }
     };
     let shutting_down = state.clone();
+    let restart = state.restart.clone();
     let app = router(state.clone());
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         tokio::select! {
             () = shutdown => tracing::info!("shutting down: finishing requests in flight"),
             () = audit_lost => {}
+            () = restart.notified() => {
+                tracing::info!("a new model was installed: finishing requests in flight, then restarting");
+                shutting_down.restart_requested.store(true, Ordering::Release);
+            }
         }
         shutting_down.shutting_down.store(true, Ordering::Release);
         let _ = stop_tx.send(true);
@@ -342,7 +384,7 @@ impl RunError {
 /// `rxvisiond run`: assembles the service from `config`, binds its address
 /// and serves until SIGTERM or Ctrl-C. `on_listening` is told the bound
 /// address (useful with port 0).
-pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), RunError> {
+pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<Stopped, RunError> {
     let state = Arc::new(assemble(&config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -358,9 +400,19 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         on_listening(addr);
         tracing::info!(%addr, "serving the local API");
         let options = ServeOptions { control, retention: config.audit.retention };
-        serve(listener, state, options, shutdown_signal()).await?;
-        Ok(())
+        serve(listener, state.clone(), options, shutdown_signal()).await?;
+        Ok(if state.restart_requested.load(Ordering::Acquire) { Stopped::Restart } else { Stopped::Signal })
     })
+}
+
+/// Why `rxvisiond run` returned without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM or Ctrl-C.
+    Signal,
+    /// A new model was installed: the process must start again (`main`
+    /// executes itself anew once everything is closed).
+    Restart,
 }
 
 /// Binds the control socket (`audit` commands while the daemon holds the

@@ -757,6 +757,129 @@
     return { el: panel('Events', {}, el('div', { class: 'scroll' }, table), el('div', { class: 'table-foot' }, older, error)), load };
   }
 
+  // ------------------------------------------------------- models and rollouts
+
+  const ROLLOUT_TONE = { running: 'green', paused: 'amber', awaiting_approval: 'amber', completed: 'grey', halted: 'red', aborted: 'red' };
+  const MODEL_TONE = { production: 'green', validated: 'green', rolling_out: 'amber', candidate: 'grey', rejected: 'red', halted: 'red', retired: 'grey' };
+  const OUTCOME_TONE = { pass: 'green', continue: 'grey', fail: 'red', inconclusive: 'amber', outage: 'amber' };
+  const rolloutHref = (id) => '#/rollout/' + enc(id);
+  const fmtRatio = (x) => (x == null ? '—' : x.toFixed(2) + '×');
+
+  function gatesSummary(report) {
+    if (!report) return muted('not validated');
+    const failed = report.gates.filter((g) => !g.passed).map((g) => g.name);
+    const m = report.measures;
+    return el('span', {},
+      badge(report.passed ? 'gates passed' : 'gates failed', report.passed ? 'green' : 'red', { title: failed.join(', ') }), ' ',
+      muted(`automation ${fmtPct(m.automation.rate)}, false MATCH ${fmtPct(m.false_match_lookalike.rate)} / ${fmtPct(m.false_match_unknown.rate)}, p95 ${fmtMs(m.p95_ms)}`));
+  }
+
+  function pageRollouts(view) {
+    const models = el('div', { class: 'scroll' }, loading());
+    const rollouts = el('div', { class: 'scroll' }, loading());
+    view.root.append(pageHead('Models and rollouts'), panel('Rollouts', {}, rollouts), panel('Model registry', {}, models));
+    return async () => {
+      const [modelList, rolloutList] = await Promise.all([api('/models'), api('/rollouts')]);
+      return () => {
+        rollouts.replaceChildren(el('table', { testid: 'rollouts' },
+          el('thead', {}, el('tr', {}, ['#', 'Version', 'Replacing', 'State', 'Fleet share', 'Started'].map((h) => el('th', {}, h)))),
+          el('tbody', {}, rolloutList.length ? rolloutList.map((r) => el('tr', { 'data-rollout': r.id },
+            el('td', {}, el('a', { href: rolloutHref(r.id) }, '#' + r.id)),
+            el('td', { class: 'mono' }, r.model_version), el('td', { class: 'mono' }, r.previous_version),
+            el('td', {}, badge(r.state.state.replace(/_/g, ' '), ROLLOUT_TONE[r.state.state], { 'data-state': r.state.state })),
+            el('td', { class: 'num' }, r.percent + ' %'), el('td', {}, when(r.created_ms)))) : emptyRow(6, 'No rollout yet.'))));
+        models.replaceChildren(el('table', { testid: 'models' },
+          el('thead', {}, el('tr', {}, ['Version', 'State', 'Aliases', 'Gates', 'Pushed'].map((h) => el('th', {}, h)))),
+          el('tbody', {}, modelList.length ? modelList.map((m) => el('tr', { 'data-version': m.version },
+            el('td', { class: 'mono' }, m.name + ' ' + m.version),
+            el('td', {}, badge(m.state.replace(/_/g, ' '), MODEL_TONE[m.state], { title: m.state_reason, 'data-state': m.state })),
+            el('td', {}, m.aliases.join(', ')), el('td', {}, gatesSummary(m.gate_report)), el('td', {}, when(m.pushed_ms)))) :
+            emptyRow(5, 'No model pushed yet (rxfleet models push).'))));
+      };
+    };
+  }
+
+  function rolloutActions(view, r) {
+    const role = state.me && state.me.role;
+    const s = r.state.state;
+    const allowed = [];
+    if (s === 'running' && (role === 'operator' || role === 'admin')) allowed.push('pause');
+    if (role === 'admin') {
+      if (s === 'paused') allowed.push('resume');
+      if (s === 'awaiting_approval') allowed.push('approve');
+      if (!['completed', 'halted', 'aborted'].includes(s)) allowed.push('abort');
+    }
+    if (!allowed.length) return null;
+    const msg = el('span', { class: 'error', testid: 'rollout-action-error' });
+    const buttons = allowed.map((action) => el('button', {
+      type: 'button', class: action === 'abort' ? 'danger' : 'primary', testid: 'rollout-' + action,
+      onclick: async () => {
+        if (action === 'abort' && !window.confirm('Abort this rollout and order its devices back?')) return;
+        buttons.forEach((b) => { b.disabled = true; });
+        msg.textContent = '';
+        try {
+          await api(`/rollouts/${r.id}/${action}`, null, 'POST');
+          await load(view, true);
+        } catch (e) {
+          if (e.status === 401) return authLost();
+          buttons.forEach((b) => { b.disabled = false; });
+          msg.textContent = e.message;
+        }
+      },
+    }, action[0].toUpperCase() + action.slice(1)));
+    return el('div', { class: 'actions' }, buttons, ' ', msg);
+  }
+
+  function decisionRow(d, plan) {
+    const outcome = d.outcome.outcome;
+    const why = d.outcome.reason || '';
+    const vetoes = d.vetoes[0] + d.vetoes[1];
+    return el('tr', { 'data-outcome': outcome },
+      el('td', {}, when(d.at_ms), el('div', { class: 'muted small' }, `${fmtInt(d.minutes)} min into the stage`)),
+      el('td', { class: 'num' }, (plan.stages[d.stage] ?? '?') + ' %'),
+      el('td', {}, badge(outcome, OUTCOME_TONE[outcome], { title: why }), why ? el('div', { class: 'muted small' }, why) : '',
+        vetoes ? el('div', { class: 'error small' }, `${d.vetoes[0]} install failures, ${d.vetoes[1]} crash loops`) : ''),
+      el('td', { class: 'num' }, `${fmtInt(d.stage_devices[1])} of ${fmtInt(d.stage_devices[0])}`),
+      el('td', { class: 'num' }, fmtInt(d.stage_scans)),
+      el('td', {}, el('table', { class: 'metrics' }, d.metrics.map((m) => el('tr', { 'data-metric': m.metric },
+        el('td', {}, m.metric.replace(/_/g, ' ')),
+        el('td', { class: 'num' }, `${fmtInt(m.totals.stage_events)} / ${fmtInt(m.totals.stage_exposure)}`),
+        el('td', { class: 'num' }, `${fmtInt(m.totals.control_events)} / ${fmtInt(m.totals.control_exposure)}`),
+        el('td', { class: 'num', title: 'stage rate over control rate' }, fmtRatio(m.ratio)),
+        el('td', { class: 'num', title: 'confidence sequence' },
+          `[${m.interval[0].toFixed(2)}, ${m.interval[1] == null ? '∞' : m.interval[1].toFixed(2)}]`))))));
+  }
+
+  function pageRollout(view, { id }) {
+    const head = el('span', { class: 'head-info' });
+    const fields = el('div', { class: 'fields' }, loading());
+    const actions = el('div');
+    const decisions = el('div', { class: 'scroll' }, loading());
+    view.root.append(
+      el('p', { class: 'crumbs' }, el('a', { href: '#/rollouts' }, 'Rollouts'), ' / rollout'),
+      pageHead(['Rollout #' + id, ' ', head]), actions, panel('Details', {}, fields),
+      panel('Decisions (newest first; counts are stage / control, events / scans)', {}, decisions));
+    return async () => {
+      const v = await api('/rollouts/' + enc(id));
+      return () => {
+        const r = v.rollout;
+        head.replaceChildren(badge(r.state.state.replace(/_/g, ' '), ROLLOUT_TONE[r.state.state], { testid: 'rollout-state', 'data-state': r.state.state }));
+        actions.replaceChildren(rolloutActions(view, r) || '');
+        fields.replaceChildren(fieldGroup('Rollout', [
+          ['Version', el('span', { class: 'mono', testid: 'rollout-version' }, r.model_version)],
+          ['Replacing (control cohort)', el('span', { class: 'mono' }, r.previous_version)],
+          ['Fleet share now', el('span', { testid: 'rollout-percent' }, r.percent + ' %')],
+          ['Stages', r.plan.stages.map((p) => p + ' %').join(' → ')],
+          ['Why', r.state.reason || r.state.by || '—'],
+          ['Started', [when(r.created_ms), ' by ', r.created_by]],
+        ]));
+        decisions.replaceChildren(el('table', { testid: 'decisions' },
+          el('thead', {}, el('tr', {}, ['When', 'Stage', 'Outcome', 'Reporting devices', 'Scans', 'Metrics: stage, control, ratio, interval'].map((h) => el('th', {}, h)))),
+          el('tbody', {}, v.decisions.length ? v.decisions.map((d) => decisionRow(d, r.plan)) : emptyRow(6, 'Not judged yet.'))));
+      };
+    };
+  }
+
   function pageNotFound(view) {
     view.root.append(pageHead('Page not found'), el('p', {}, el('a', { href: '#/' }, '← Fleet overview')));
     return async () => () => {};
@@ -776,6 +899,8 @@
     if (segs[0] === 'device' && segs.length === 2) return { page: pageDevice, params: { id: segs[1] } };
     if (segs[0] === 'site' && segs.length === 2) return { page: pageSite, params: { site: segs[1] } };
     if (segs[0] === 'devices' && segs.length === 1) return { page: pageDevices, params: query };
+    if (segs[0] === 'rollouts' && segs.length === 1) return { page: pageRollouts, params: {} };
+    if (segs[0] === 'rollout' && segs.length === 2) return { page: pageRollout, params: { id: segs[1] } };
     return { page: pageNotFound, params: {} };
   }
 

@@ -158,6 +158,34 @@ impl From<DbError> for ApiError {
     }
 }
 
+impl From<crate::registry::ModelError> for ApiError {
+    fn from(e: crate::registry::ModelError) -> ApiError {
+        use crate::registry::ModelError;
+        match e {
+            ModelError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
+            ModelError::Bundle { .. } | ModelError::Scan { .. } => ApiError::new(Code::BadRequest, e.to_string()),
+            ModelError::Conflict(_) => ApiError::new(Code::Conflict, e.to_string()),
+            ModelError::Io { .. } => {
+                tracing::error!(error = %e, "the registry's files");
+                ApiError::new(Code::Internal, e.to_string())
+            }
+            ModelError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::rollout::store::RolloutError> for ApiError {
+    fn from(e: crate::rollout::store::RolloutError) -> ApiError {
+        use crate::rollout::store::RolloutError;
+        match e {
+            RolloutError::Invalid(m) => ApiError::new(Code::BadRequest, m),
+            RolloutError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
+            RolloutError::Conflict(m) => ApiError::new(Code::Conflict, m),
+            RolloutError::Db(e) => e.into(),
+        }
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> ApiError {
         match e {
@@ -825,6 +853,119 @@ async fn revoke_token(State(state): State<AppState>, caller: Caller, Path(name):
     Ok(Json(Done { ok: true }))
 }
 
+#[utoipa::path(get, path = "/models", tag = "updates", responses(
+    (status = 200, body = Vec<crate::registry::ModelVersion>), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_models(State(state): State<AppState>, caller: Caller) -> ApiResult<Vec<crate::registry::ModelVersion>> {
+    require_fleet(&caller)?;
+    Ok(Json(state.db.models().await?))
+}
+
+#[utoipa::path(get, path = "/models/{version}", tag = "updates", params(("version" = String, Path, description = "a version, or the alias production or previous")),
+    responses((status = 200, body = crate::registry::ModelVersion), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_model(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(version): Path<String>,
+) -> ApiResult<crate::registry::ModelVersion> {
+    require_fleet(&caller)?;
+    let model = state.db.model(&version).await?;
+    Ok(Json(model.ok_or_else(|| ApiError::new(Code::NotFound, format!("no model version {version}")))?))
+}
+
+/// A rollout with its latest decisions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RolloutView {
+    /// The rollout.
+    pub rollout: crate::rollout::store::Rollout,
+    /// Its judgements, newest first (at most 50), each with every metric's
+    /// counts, ratio, interval and evidence (`rollout::stage::Decision`).
+    #[schema(value_type = Vec<Object>)]
+    pub decisions: Vec<crate::rollout::stage::Decision>,
+}
+
+#[utoipa::path(get, path = "/rollouts", tag = "updates", responses(
+    (status = 200, body = Vec<crate::rollout::store::Rollout>), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_rollouts(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Vec<crate::rollout::store::Rollout>> {
+    require_fleet(&caller)?;
+    Ok(Json(state.db.rollouts(100).await?))
+}
+
+async fn rollout_view(state: &AppState, id: i64) -> ApiResult<RolloutView> {
+    let rollout =
+        state.db.rollout(id).await?.ok_or_else(|| ApiError::new(Code::NotFound, format!("no rollout {id}")))?;
+    let decisions = state.db.rollout_decisions(id, 50).await?;
+    Ok(Json(RolloutView { rollout, decisions }))
+}
+
+#[utoipa::path(get, path = "/rollouts/{id}", tag = "updates", params(("id" = i64, Path)), responses(
+    (status = 200, body = RolloutView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_rollout(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<RolloutView> {
+    require_fleet(&caller)?;
+    let id =
+        id.parse::<i64>().map_err(|_| ApiError::new(Code::BadRequest, format!("{id:?} is not a rollout number")))?;
+    rollout_view(&state, id).await
+}
+
+/// Starts a rollout.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewRollout {
+    /// A validated model version above production.
+    pub version: String,
+    /// The plan (the keys of a plan file; default: the defaults).
+    #[schema(value_type = Option<Object>)]
+    pub plan: Option<crate::rollout::stage::Plan>,
+}
+
+#[utoipa::path(post, path = "/rollouts", tag = "updates", request_body = NewRollout, responses(
+    (status = 201, body = crate::rollout::store::Rollout), (status = 400, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn start_rollout(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<NewRollout>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<crate::rollout::store::Rollout>), ApiError> {
+    require(&caller, Role::Admin)?;
+    let Json(body) = body.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
+    let plan = body.plan.unwrap_or_default();
+    let started = state.db.start_model_rollout(&body.version, &plan, &caller.actor(), now_ms()).await?;
+    Ok((StatusCode::CREATED, Json(started)))
+}
+
+#[utoipa::path(post, path = "/rollouts/{id}/{action}", tag = "updates",
+    params(("id" = i64, Path), ("action" = String, Path, description = "pause (operator), resume, approve or abort (admin)")),
+    responses((status = 200, body = RolloutView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn command_rollout(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<RolloutView> {
+    use crate::rollout::store::AdminCommand;
+    let id =
+        id.parse::<i64>().map_err(|_| ApiError::new(Code::BadRequest, format!("{id:?} is not a rollout number")))?;
+    let (command, role) = match action.as_str() {
+        "pause" => (AdminCommand::Pause, Role::Operator),
+        "resume" => (AdminCommand::Resume, Role::Admin),
+        "approve" => (AdminCommand::Approve, Role::Admin),
+        "abort" => (AdminCommand::Abort, Role::Admin),
+        other => return Err(ApiError::new(Code::BadRequest, format!("{other:?}: pause, resume, approve or abort"))),
+    };
+    require(&caller, role)?;
+    require_fleet(&caller)?;
+    state.db.command_rollout(id, command, &caller.actor(), now_ms()).await?;
+    rollout_view(&state, id).await
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -839,9 +980,9 @@ impl utoipa::Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "RxVision fleet API", description = "Devices, sites, telemetry, events and tokens of an RxVision fleet."),
+    info(title = "RxVision fleet API", description = "Devices, sites, telemetry, events, tokens, models and rollouts of an RxVision fleet."),
     modifiers(&BearerAuth),
-    tags((name = "fleet"), (name = "devices"), (name = "telemetry"), (name = "tokens"))
+    tags((name = "fleet"), (name = "devices"), (name = "telemetry"), (name = "tokens"), (name = "updates"))
 )]
 struct ApiDoc;
 
@@ -861,6 +1002,11 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(events))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
+        .routes(routes!(list_models))
+        .routes(routes!(get_model))
+        .routes(routes!(list_rollouts, start_rollout))
+        .routes(routes!(get_rollout))
+        .routes(routes!(command_rollout))
         .split_for_parts()
 }
 

@@ -111,6 +111,7 @@ struct RawUpdates {
     snapshot_expiry_s: u64,
     timestamp_expiry_s: u64,
     publish_interval_ms: u64,
+    judge_interval_ms: u64,
 }
 
 impl Default for RawUpdates {
@@ -123,6 +124,7 @@ impl Default for RawUpdates {
             snapshot_expiry_s: lifetimes.snapshot.as_secs(),
             timestamp_expiry_s: lifetimes.timestamp.as_secs(),
             publish_interval_ms: 2000,
+            judge_interval_ms: 60_000,
         }
     }
 }
@@ -275,6 +277,8 @@ pub struct UpdatesConfig {
     pub lifetimes: Lifetimes,
     /// How often the leader checks whether the repository must be re-signed.
     pub publish_interval: Duration,
+    /// How often the leader judges the active rollout's stage.
+    pub judge_interval: Duration,
 }
 
 /// The HTTP listener.
@@ -597,6 +601,9 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
     if !(100..=u.timestamp_expiry_s.saturating_mul(250)).contains(&u.publish_interval_ms) {
         problems.push("updates.publish_interval_ms: at least 100 and at most a quarter of timestamp_expiry_s".into());
     }
+    if !(100..=3_600_000).contains(&u.judge_interval_ms) {
+        problems.push("updates.judge_interval_ms: 100 to 3600000".into());
+    }
     let g = &raw.gates;
     let engine = g.engine.parse::<EnginePreference>().unwrap_or_else(|_| {
         problems.push(format!("gates.engine: {:?} is not auto, gpu or cpu", g.engine));
@@ -654,6 +661,7 @@ fn validate(raw: RawConfig) -> Result<FleetConfig, Vec<String>> {
             timestamp: Duration::from_secs(u.timestamp_expiry_s),
         },
         publish_interval: Duration::from_millis(u.publish_interval_ms),
+        judge_interval: Duration::from_millis(u.judge_interval_ms),
     };
     Ok(FleetConfig {
         updates,

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::FleetConfig;
 use crate::datasets::Dataset;
 use crate::db::Db;
-use crate::registry::{artifact_path, ModelState, RegistryError, PRODUCTION};
+use crate::registry::{artifact_path, ModelError, ModelState, PRODUCTION};
 
 /// The formulary the fleet's models are made for (sizes for the size cue,
 /// twin faces), as shipped.
@@ -336,10 +336,10 @@ impl Db {
         config: &FleetConfig,
         actor: &str,
         now_ms: i64,
-    ) -> Result<GateReport, RegistryError> {
-        let model = self.model(version).await?.ok_or_else(|| RegistryError::NotFound(version.into()))?;
+    ) -> Result<GateReport, ModelError> {
+        let model = self.model(version).await?.ok_or_else(|| ModelError::NotFound(version.into()))?;
         let dataset = self.dataset(dataset).await?.ok_or_else(|| {
-            RegistryError::Conflict(match dataset {
+            ModelError::Conflict(match dataset {
                 Some(d) => format!("no dataset {d:?} (`rxfleet datasets list`)"),
                 None => "no held-out dataset registered: `rxfleet datasets add DIR`".into(),
             })
@@ -352,8 +352,8 @@ impl Db {
             async move {
                 tokio::task::spawn_blocking(move || measure(&bundle, &dataset, &dir, engine))
                     .await
-                    .map_err(|e| RegistryError::Conflict(format!("the measurement failed: {e}")))?
-                    .map_err(RegistryError::Conflict)
+                    .map_err(|e| ModelError::Conflict(format!("the measurement failed: {e}")))?
+                    .map_err(ModelError::Conflict)
             }
         };
         let measures = run(model.sha256.clone()).await?;

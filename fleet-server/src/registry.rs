@@ -42,7 +42,7 @@ pub const PREVIOUS: &str = "previous";
 const MAX_ARCHIVE_BYTES: u64 = bundle::MAX_TOTAL_BYTES;
 
 /// Where a model version is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelState {
     /// Pushed; gates not yet run.
@@ -82,7 +82,7 @@ impl ModelState {
 
 /// Why a registry request was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
+pub enum ModelError {
     /// The bundle is not a valid bundle.
     #[error("{path}: not a valid model bundle: {problem}")]
     Bundle {
@@ -118,14 +118,14 @@ pub enum RegistryError {
     Db(#[from] DbError),
 }
 
-impl From<sqlx::Error> for RegistryError {
-    fn from(e: sqlx::Error) -> RegistryError {
-        RegistryError::Db(DbError::Sql(e))
+impl From<sqlx::Error> for ModelError {
+    fn from(e: sqlx::Error) -> ModelError {
+        ModelError::Db(DbError::Sql(e))
     }
 }
 
 /// A model version as registered.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct ModelVersion {
     /// Its semantic version (the registry's key).
     pub version: String,
@@ -144,10 +144,13 @@ pub struct ModelVersion {
     /// Its TUF target name.
     pub target: String,
     /// The bundle's manifest.
+    #[schema(value_type = Object)]
     pub manifest: serde_json::Value,
-    /// What the security scan found.
+    /// What the security scan found (ops, nodes, parameters, opset).
+    #[schema(value_type = Object)]
     pub scan: ScanReport,
-    /// The validation gates' report, once run.
+    /// The validation gates' report, once run (`gates::GateReport`).
+    #[schema(value_type = Option<Object>)]
     pub gate_report: Option<serde_json::Value>,
     /// When and by whom it was pushed.
     pub pushed_ms: i64,
@@ -200,12 +203,12 @@ pub fn pack_dir(dir: &Path) -> std::io::Result<Vec<u8>> {
     archive.into_inner()?.finish()
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Io { path: path.display().to_string(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io { path: path.display().to_string(), source }
 }
 
 /// Writes `bytes` to `dir/<tmp>` durably; returns the path.
-fn write_staged(dir: &Path, bytes: &[u8]) -> Result<PathBuf, RegistryError> {
+fn write_staged(dir: &Path, bytes: &[u8]) -> Result<PathBuf, ModelError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut nonce = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).expect("system RNG");
@@ -218,9 +221,9 @@ fn write_staged(dir: &Path, bytes: &[u8]) -> Result<PathBuf, RegistryError> {
 const COLUMNS: &str = "version, name, state, sha256, length, target, manifest, scan, gate_report, state_reason, \
                        pushed_ms, pushed_by, updated_ms";
 
-fn from_row(row: &AnyRow, aliases: &[(String, String)]) -> Result<ModelVersion, RegistryError> {
+fn from_row(row: &AnyRow, aliases: &[(String, String)]) -> Result<ModelVersion, ModelError> {
     let version: String = row.get(0);
-    let corrupt = |what: &str, e: String| RegistryError::Conflict(format!("model {version}: stored {what}: {e}"));
+    let corrupt = |what: &str, e: String| ModelError::Conflict(format!("model {version}: stored {what}: {e}"));
     let state: String = row.get(2);
     Ok(ModelVersion {
         aliases: aliases.iter().filter(|(_, v)| *v == version).map(|(a, _)| a.clone()).collect(),
@@ -256,12 +259,12 @@ impl Db {
         production: bool,
         actor: &str,
         now_ms: i64,
-    ) -> Result<Pushed, RegistryError> {
+    ) -> Result<Pushed, ModelError> {
         let meta = std::fs::metadata(path).map_err(io(path))?;
         let bytes = if meta.is_dir() {
             pack_dir(path).map_err(io(path))?
         } else if meta.len() > MAX_ARCHIVE_BYTES {
-            return Err(RegistryError::Bundle {
+            return Err(ModelError::Bundle {
                 path: path.display().to_string(),
                 problem: format!("{} bytes, more than {MAX_ARCHIVE_BYTES}", meta.len()),
             });
@@ -270,10 +273,10 @@ impl Db {
         };
         let staged = write_staged(artifacts_dir, &bytes)?;
         let checked = Bundle::load(&staged)
-            .map_err(|e| RegistryError::Bundle { path: path.display().to_string(), problem: e.to_string() })
+            .map_err(|e| ModelError::Bundle { path: path.display().to_string(), problem: e.to_string() })
             .and_then(|b| {
                 let report = scan::scan(&b)
-                    .map_err(|findings| RegistryError::Scan { path: path.display().to_string(), findings })?;
+                    .map_err(|findings| ModelError::Scan { path: path.display().to_string(), findings })?;
                 Ok((b, report))
             });
         let (loaded, report) = match checked {
@@ -306,10 +309,10 @@ impl Db {
             let existing: String = row.get(0);
             drop(tx);
             if existing == sha256 {
-                let model = self.model(&version).await?.ok_or_else(|| RegistryError::NotFound(version.clone()))?;
+                let model = self.model(&version).await?.ok_or_else(|| ModelError::NotFound(version.clone()))?;
                 return Ok(Pushed::AlreadyStored(model));
             }
-            return Err(RegistryError::Conflict(format!(
+            return Err(ModelError::Conflict(format!(
                 "version {version} is already registered with other content (SHA-256 {existing}): \
                  give the new bundle a new version"
             )));
@@ -319,7 +322,7 @@ impl Db {
             .fetch_optional(&mut *tx)
             .await?
         {
-            return Err(RegistryError::Conflict(format!(
+            return Err(ModelError::Conflict(format!(
                 "this fleet serves the model family {:?}; {} is a {:?}",
                 row.get::<String, _>(0),
                 loaded,
@@ -331,7 +334,7 @@ impl Db {
             .fetch_optional(&mut *tx)
             .await?;
         if production && has_production.is_some() {
-            return Err(RegistryError::Conflict(format!(
+            return Err(ModelError::Conflict(format!(
                 "the fleet already has a production version ({}): a new one gets there by a rollout",
                 has_production.map(|r| r.get::<String, _>(0)).unwrap_or_default()
             )));
@@ -366,17 +369,17 @@ impl Db {
         });
         crate::devices::record_change(&mut tx, now_ms, actor, "model_pushed", None, details).await?;
         tx.commit().await?;
-        let model = self.model(&version).await?.ok_or_else(|| RegistryError::NotFound(version.clone()))?;
+        let model = self.model(&version).await?.ok_or_else(|| ModelError::NotFound(version.clone()))?;
         Ok(Pushed::Stored(model))
     }
 
-    async fn aliases(&self) -> Result<Vec<(String, String)>, RegistryError> {
+    async fn aliases(&self) -> Result<Vec<(String, String)>, ModelError> {
         let rows = sqlx::query("SELECT alias, version FROM model_aliases ORDER BY alias").fetch_all(&self.pool).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Every registered version, newest push first.
-    pub async fn models(&self) -> Result<Vec<ModelVersion>, RegistryError> {
+    pub async fn models(&self) -> Result<Vec<ModelVersion>, ModelError> {
         let aliases = self.aliases().await?;
         let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM model_versions ORDER BY pushed_ms DESC, version DESC"))
             .fetch_all(&self.pool)
@@ -385,7 +388,7 @@ impl Db {
     }
 
     /// One version, by version or alias.
-    pub async fn model(&self, version_or_alias: &str) -> Result<Option<ModelVersion>, RegistryError> {
+    pub async fn model(&self, version_or_alias: &str) -> Result<Option<ModelVersion>, ModelError> {
         let aliases = self.aliases().await?;
         let version =
             aliases.iter().find(|(a, _)| a == version_or_alias).map(|(_, v)| v.as_str()).unwrap_or(version_or_alias);
@@ -398,7 +401,7 @@ impl Db {
 
     /// Whether `file` (`<sha256>.<target>`, as TUF clients fetch targets
     /// with consistent snapshots) is a registered artifact; its SHA-256.
-    pub async fn artifact_for(&self, file: &str) -> Result<Option<String>, RegistryError> {
+    pub async fn artifact_for(&self, file: &str) -> Result<Option<String>, ModelError> {
         let Some((sha256, target)) = file.split_once('.') else { return Ok(None) };
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
@@ -415,7 +418,7 @@ impl Db {
     /// for every device (an explicit rollback order when the last rollout
     /// halted or was aborted), and the candidate of the active rollout for
     /// its stage's devices.
-    pub async fn wanted_targets(&self) -> Result<Vec<WantedTarget>, RegistryError> {
+    pub async fn wanted_targets(&self) -> Result<Vec<WantedTarget>, ModelError> {
         let mut wanted = Vec::new();
         let last = sqlx::query("SELECT model_version, plan, state, active FROM rollouts ORDER BY id DESC LIMIT 1")
             .fetch_optional(&self.pool)
@@ -434,9 +437,7 @@ impl Db {
                     }
                 }
                 _ => {
-                    return Err(RegistryError::Conflict(
-                        "the latest rollout's stored plan or state does not parse".into(),
-                    ))
+                    return Err(ModelError::Conflict("the latest rollout's stored plan or state does not parse".into()))
                 }
             }
         }
@@ -444,7 +445,7 @@ impl Db {
             wanted.push(target(&production, COHORT_BUCKETS, rollback)?);
         }
         if let Some((version, percent)) = candidate {
-            let model = self.model(&version).await?.ok_or(RegistryError::NotFound(version))?;
+            let model = self.model(&version).await?.ok_or(ModelError::NotFound(version))?;
             if percent > 0 {
                 wanted.push(target(&model, percent.min(100) * (COHORT_BUCKETS / 100), false)?);
             }
@@ -501,12 +502,12 @@ impl Db {
     }
 }
 
-fn target(model: &ModelVersion, cohort_below: u32, rollback: bool) -> Result<WantedTarget, RegistryError> {
+fn target(model: &ModelVersion, cohort_below: u32, rollback: bool) -> Result<WantedTarget, ModelError> {
     let mut sha256 = [0u8; 32];
     let decoded: Option<Vec<u8>> =
         (0..32).map(|i| u8::from_str_radix(model.sha256.get(2 * i..2 * i + 2)?, 16).ok()).collect();
     sha256.copy_from_slice(&decoded.filter(|d| d.len() == 32).ok_or_else(|| {
-        RegistryError::Conflict(format!("model {}: stored SHA-256 {:?} is not hex", model.version, model.sha256))
+        ModelError::Conflict(format!("model {}: stored SHA-256 {:?} is not hex", model.version, model.sha256))
     })?);
     let info = TargetInfo {
         kind: TargetKind::Model,

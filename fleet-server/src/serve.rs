@@ -208,11 +208,24 @@ async fn lead(
     leader.store(false, Ordering::Relaxed);
 }
 
-/// While this replica leads, keeps the TUF repository listing what the
-/// registry and the active rollout want, and fresh.
+/// While this replica leads: judges the active rollout every
+/// `judge_interval`, and keeps the TUF repository listing what the registry
+/// and the rollout want (a stage's move is signed within a publish interval),
+/// and fresh.
 async fn publish_while_leading(config: FleetConfig, db: Db, leader: Arc<AtomicBool>, mut stop: watch::Receiver<bool>) {
     let mut last_error: Option<String> = None;
+    let mut judged = tokio::time::Instant::now();
     loop {
+        if leader.load(Ordering::Relaxed) && judged.elapsed() >= config.updates.judge_interval {
+            judged = tokio::time::Instant::now();
+            match db.judge_active_rollout(crate::now_ms()).await {
+                Ok(Some(decision)) => {
+                    tracing::info!(stage = decision.stage, outcome = ?decision.outcome, "rollout judged")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot judge the active rollout"),
+            }
+        }
         if leader.load(Ordering::Relaxed) {
             match crate::updates::publish(&config, &db).await {
                 Ok(plan) => {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rxvision_fleet::config::DatabaseConfig;
 use rxvision_fleet::db::Db;
-use rxvision_fleet::registry::{ModelState, Pushed, RegistryError};
+use rxvision_fleet::registry::{ModelError, ModelState, Pushed};
 use rxvision_fleet::updates::keys::{read_keys_in, OnlineRole};
 use rxvision_fleet::updates::repo::{self, Lifetimes, Plan};
 use rxvision_protocol::updates::{TargetInfo, TargetKind};
@@ -309,13 +309,13 @@ async fn pushes_are_checked_and_a_refused_bundle_leaves_nothing() {
         let tampered = reversioned(f.dir.path(), "0.3.0");
         std::fs::write(tampered.join("labels.json"), b"[]").unwrap();
         let e = f.db.push_model(&tampered, &artifacts, false, "cli:test", now()).await.unwrap_err();
-        assert!(matches!(e, RegistryError::Bundle { .. }) && e.to_string().contains("labels.json"), "{backend:?}: {e}");
+        assert!(matches!(e, ModelError::Bundle { .. }) && e.to_string().contains("labels.json"), "{backend:?}: {e}");
         // A truncated archive.
         let archive = f.dir.path().join("truncated.tar.gz");
         let packed = rxvision_fleet::registry::pack_dir(&fixture()).unwrap();
         std::fs::write(&archive, &packed[..packed.len() / 2]).unwrap();
         let e = f.db.push_model(&archive, &artifacts, false, "cli:test", now()).await.unwrap_err();
-        assert!(matches!(e, RegistryError::Bundle { .. }), "{backend:?}: {e}");
+        assert!(matches!(e, ModelError::Bundle { .. }), "{backend:?}: {e}");
         assert_eq!(stored_files(), 0, "{backend:?}: nothing left behind");
         assert!(f.db.models().await.unwrap().is_empty());
 

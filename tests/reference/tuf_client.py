@@ -34,6 +34,9 @@ def main() -> int:
         metadata_base_url=metadata_url,
         target_base_url=targets_url,
         target_dir=download_dir,
+        # The trusted root is the one in metadata_dir: the pinned root.json
+        # at first, then the newest root this client verified.
+        bootstrap=None,
     )
     try:
         updater.refresh()

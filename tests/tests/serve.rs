@@ -615,11 +615,17 @@ fn the_openapi_document_is_committed_and_every_route_answers_as_documented() {
     let mut checked = 0;
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, operation) in item.as_object().unwrap() {
-            let concrete =
-                path.replace("{device_id}", &device).replace("{site}", "doc-site").replace("{name}", "doc-victim");
+            let concrete = path
+                .replace("{device_id}", &device)
+                .replace("{site}", "doc-site")
+                .replace("{name}", "doc-victim")
+                .replace("{version}", "production")
+                .replace("{id}", "1")
+                .replace("{action}", "pause");
             let body = match (method.as_str(), path.as_str()) {
                 ("post", "/devices") => Some(json!({"site": "doc-site"})),
                 ("post", "/tokens") => Some(json!({"name": "doc-victim", "role": "viewer"})),
+                ("post", "/rollouts") => Some(json!({"version": "9.9.9"})),
                 _ => None,
             };
             let (status, answer) =

@@ -96,8 +96,9 @@ fn the_reference_tuf_client_verifies_the_live_repository_through_rotations_and_r
     let pushed: Value =
         serde_json::from_str(&fleet.cli_ok(&["models", "push", pillnet.to_str().unwrap(), "--production", "--json"]))
             .unwrap();
-    assert_eq!(pushed["outcome"], "stored", "{pushed}");
-    let sha256 = pushed["model"]["sha256"].as_str().unwrap().to_string();
+    assert_eq!(pushed["pushed"]["outcome"], "stored");
+    assert!(pushed["gates"].is_null(), "no held-out dataset registered, no gates run");
+    let sha256 = pushed["pushed"]["model"]["sha256"].as_str().unwrap().to_string();
 
     // A client that trusts only root.json refreshes and downloads every target.
     let work = dir.path().join("client");

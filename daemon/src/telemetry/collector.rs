@@ -135,7 +135,8 @@ impl WindowWorker {
 
     /// Counts the audit records from `through` to the chain's head into
     /// `counts`; returns the head's sequence number and the events those
-    /// records announce (a clock found behind, an accepted store), stored.
+    /// records announce (a clock found behind, an accepted store, a model
+    /// installed, refused or rolled back), stored.
     fn count_records(&self, counts: &mut WindowCounts, through: u64) -> (u64, Vec<Vec<u8>>) {
         let (head, _) = self.audit.head();
         let mut events = Vec::new();
@@ -165,11 +166,17 @@ impl WindowWorker {
                         counts.add_feedback(&class, confirmed);
                     }
                 }
-                RecordKind::ClockJump | RecordKind::StoreAccepted => {
-                    let kind = if record.kind == RecordKind::ClockJump {
-                        EventKind::ClockJump
-                    } else {
-                        EventKind::AuditStoreAccepted
+                RecordKind::ClockJump | RecordKind::StoreAccepted | RecordKind::ModelChange => {
+                    let kind = match record.kind {
+                        RecordKind::ClockJump => EventKind::ClockJump,
+                        RecordKind::StoreAccepted => EventKind::AuditStoreAccepted,
+                        _ => match record.details.get("event").and_then(serde_json::Value::as_str) {
+                            Some(crate::updates::event::INSTALLED) => EventKind::ModelInstalled,
+                            Some(crate::updates::event::REJECTED) => EventKind::ModelRejected,
+                            Some(crate::updates::event::ROLLED_BACK) => EventKind::ModelRolledBack,
+                            Some(crate::updates::event::SELFTEST_FAILED) => EventKind::SelftestFailed,
+                            _ => continue,
+                        },
                     };
                     let mut details = record.details.as_object().cloned().unwrap_or_default();
                     details.insert("audit_seq".into(), record.seq.into());

@@ -35,7 +35,7 @@ impl From<sqlx::Error> for RolloutError {
 }
 
 /// A rollout as stored.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Rollout {
     /// Its number.
     pub id: i64,
@@ -43,9 +43,13 @@ pub struct Rollout {
     pub model_version: String,
     /// The version it replaces (what the control cohort runs).
     pub previous_version: String,
-    /// How it proceeds.
+    /// How it proceeds (stages, soak, limits).
+    #[schema(value_type = Object)]
     pub plan: Plan,
-    /// Where it is.
+    /// Where it is: `{"state": "running", "stage": 0, "since_ms": …}`,
+    /// `paused` (with `reason`), `awaiting_approval`, `completed`, `halted`
+    /// (with `reason`) or `aborted` (with `by`).
+    #[schema(value_type = Object)]
     pub state: State,
     /// Percent of the fleet assigned the new version now.
     pub percent: u32,
@@ -157,6 +161,15 @@ impl Db {
         row.as_ref().map(from_row).transpose()
     }
 
+    /// The newest rollouts, newest first (at most `limit`).
+    pub async fn rollouts(&self, limit: i64) -> Result<Vec<Rollout>, RolloutError> {
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM rollouts ORDER BY id DESC LIMIT $1"))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
     /// The active rollout, if any.
     pub async fn active_rollout(&self) -> Result<Option<Rollout>, RolloutError> {
         let row =
@@ -227,6 +240,44 @@ impl Db {
         };
         self.move_rollout(&rollout, &next, Some(&decision), "rxfleet", kind, now_ms).await?;
         Ok(Some(decision))
+    }
+
+    /// The updater's vetoes against a rollout's candidate from the devices
+    /// of its current stage: install failures (`model_rejected` or
+    /// `selftest_failed` for the candidate's version) and crash-loop
+    /// rollbacks (`model_rolled_back` from it with reason `crash_loop`). A
+    /// version is rolled out once, so its version names this rollout's events.
+    pub async fn rollout_vetoes(&self, rollout: &Rollout) -> Result<(u64, u64), RolloutError> {
+        let rows = sqlx::query(
+            "SELECT device_id, kind, details FROM device_events \
+             WHERE kind IN ('model_rejected', 'selftest_failed', 'model_rolled_back')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let (mut failures, mut crash_loops) = (0, 0);
+        for row in rows {
+            let device: String = row.get(0);
+            if !super::in_stage(&device, rollout.percent) {
+                continue;
+            }
+            let kind: String = row.get(1);
+            let details: serde_json::Value = serde_json::from_str(&row.get::<String, _>(2)).unwrap_or_default();
+            let about = |key: &str| details[key].as_str() == Some(rollout.model_version.as_str());
+            match kind.as_str() {
+                "model_rejected" | "selftest_failed" if about("version") => failures += 1,
+                "model_rolled_back" if about("from") && details["reason"] == "crash_loop" => crash_loops += 1,
+                _ => {}
+            }
+        }
+        Ok((failures, crash_loops))
+    }
+
+    /// The leader's step with the updater's vetoes: judges the active
+    /// rollout's running stage (see [`Db::decide_rollout`]).
+    pub async fn judge_active_rollout(&self, now_ms: i64) -> Result<Option<Decision>, RolloutError> {
+        let Some(rollout) = self.active_rollout().await? else { return Ok(None) };
+        let vetoes = self.rollout_vetoes(&rollout).await?;
+        self.decide_rollout(vetoes, now_ms).await
     }
 
     /// Stores a rollout's next state (and the decision behind it), if the

@@ -315,6 +315,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     device.outbox.clone(),
                     Arc::new(LinkStatus::default()),
                     move || status_device.status(true),
+                    Arc::new(tokio::sync::Notify::new()),
                     async move {
                         let _ = rx.await;
                     },
