@@ -352,6 +352,31 @@ impl Db {
             .collect())
     }
 
+    /// What one device reported (its `events` channel: `model_installed`,
+    /// `engine_fallback` …), oldest first by its `seq`, at most `limit`
+    /// (the newest); `time_ms` is the device's clock and `actor` is
+    /// `device`.
+    pub async fn device_events(&self, device_id: &str, limit: i64) -> Result<Vec<FleetEvent>, DbError> {
+        let rows = sqlx::query(
+            "SELECT time_ms, kind, details FROM (SELECT seq, time_ms, kind, details FROM device_events \
+             WHERE device_id = $1 ORDER BY seq DESC LIMIT $2) newest ORDER BY seq",
+        )
+        .bind(device_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| FleetEvent {
+                time_ms: r.get(0),
+                device_id: Some(device_id.to_string()),
+                kind: r.get(1),
+                details: serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default(),
+                actor: Some("device".into()),
+            })
+            .collect())
+    }
+
     /// Refusals summed by reason code.
     pub async fn rejects_by_reason(&self) -> Result<Vec<(String, i64)>, DbError> {
         let rows = sqlx::query(

@@ -87,7 +87,8 @@ enum Command {
         json: bool,
     },
     /// Events: what the fleet raised (`audit_chain_rewritten` …) and every
-    /// change with who made it.
+    /// change with who made it; with `--device`, also what the device itself
+    /// reported (`model_installed` …, actor `device`).
     Events {
         #[command(flatten)]
         config: ConfigArg,
@@ -539,7 +540,12 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Events { config, device, json } => {
             let db = open(&load(&config)?).await?;
-            let events = db.fleet_events(device.as_deref()).await.map_err(|e| e.to_string())?;
+            let mut events = db.fleet_events(device.as_deref()).await.map_err(|e| e.to_string())?;
+            if let Some(device) = &device {
+                // What the device itself reported, in time order with the fleet's.
+                events.extend(db.device_events(device, 1000).await.map_err(|e| e.to_string())?);
+                events.sort_by_key(|e| e.time_ms);
+            }
             if json {
                 print_json(&events);
             } else {

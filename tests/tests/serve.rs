@@ -29,7 +29,7 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// One HTTP/1.1 exchange on its own connection (`Connection: close`): (status, body).
-fn try_http(
+pub(crate) fn try_http(
     addr: SocketAddr,
     method: &str,
     path: &str,

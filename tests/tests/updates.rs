@@ -143,3 +143,231 @@ fn the_reference_tuf_client_verifies_the_live_repository_through_rotations_and_r
     assert!(refused.contains("sha256") || refused.contains("hash") || refused.contains("Length"), "{refused}");
     assert!(!dir.path().join("client-4/downloads/pillnet-0.4.0.tar.gz").exists(), "nothing tampered is kept");
 }
+
+/// A copy of the shipped model under another version.
+fn reversioned_pillnet(dir: &Path, version: &str) -> PathBuf {
+    let out = dir.join(format!("pillnet-{version}"));
+    let from = workspace().join("models/bundles/pillnet/0.4.0");
+    let status = Command::new("cp").arg("-r").arg(&from).arg(&out).status().unwrap();
+    assert!(status.success());
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = version.into();
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(out.join("manifest.json"), &bytes).unwrap();
+    let sum = rxvision_models::bundle::sha256_hex(&bytes);
+    std::fs::write(out.join("manifest.json.sha256"), format!("{sum}  manifest.json\n")).unwrap();
+    out
+}
+
+/// A device id whose cohort bucket is `in_stage` of the 1 % stage, or not.
+fn device_id(prefix: &str, in_stage: bool) -> String {
+    (0..)
+        .map(|n| format!("{prefix}-{n}"))
+        .find(|id| (rxvision_protocol::updates::cohort_bucket(id) < 100) == in_stage)
+        .unwrap()
+}
+
+const API_KEY: &str = "updates-test-api-key-01";
+
+/// A running `rxvisiond` on a fixed port (it keeps it across its restart into a new model).
+struct Appliance {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Appliance {
+    fn start(
+        dir: &Path,
+        id: &str,
+        bundle: &Path,
+        fleet: &str,
+        root_json: &Path,
+        broker: Option<(&str, &str)>,
+    ) -> Appliance {
+        std::fs::create_dir_all(dir).unwrap();
+        let secret = |path: &Path, text: &str| {
+            std::fs::write(path, text).unwrap();
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        };
+        secret(&dir.join("audit.key"), &"ab".repeat(32));
+        secret(&dir.join("api.key"), API_KEY);
+        let p = |path: &Path| format!("{:?}", path.display().to_string());
+        let port = free_port();
+        let mut config = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml"))
+            .unwrap()
+            .replace("id = \"unprovisioned\"", &format!("id = \"{id}\""))
+            .replace("state_dir = \"/var/lib/rxvision\"", &format!("state_dir = {}", p(dir)))
+            .replace("bundle = \"\"", &format!("bundle = {}", p(bundle)))
+            .replace("engine = \"auto\"", "engine = \"cpu\"")
+            .replace("listen = \"127.0.0.1:8470\"", &format!("listen = \"127.0.0.1:{port}\""))
+            .replace("api_key_file = \"\"", &format!("api_key_file = {}", p(&dir.join("api.key"))))
+            .replace("api_key_credential = \"api-key\"", "api_key_credential = \"\"")
+            .replace("dir = \"/var/lib/rxvision/audit\"", &format!("dir = {}", p(&dir.join("audit"))))
+            .replace("\nkey_file = \"\"", &format!("\nkey_file = {}", p(&dir.join("audit.key"))))
+            .replace("\nkey_credential = \"audit-key\"", "\nkey_credential = \"\"")
+            .replace("enabled = false\n# The fleet's HTTP address", "enabled = true\n# The fleet's HTTP address")
+            .replace("repository = \"\"", &format!("repository = \"{fleet}\""))
+            .replace("root_file = \"\"", &format!("root_file = {}", p(root_json)))
+            .replace("poll_interval_seconds = 3600", "poll_interval_seconds = 10")
+            .replace("healthy_after_seconds = 120", "healthy_after_seconds = 3");
+        if let Some((broker, password)) = broker {
+            secret(&dir.join("broker.password"), password);
+            config = config
+                .replace("enabled = false\n# Length of a window", "enabled = true\n# Length of a window")
+                .replace("window_seconds = 60", "window_seconds = 1")
+                .replace("broker = \"\"", &format!("broker = \"{broker}\""))
+                .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))));
+        }
+        let path = dir.join("rxvisiond.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(workspace().join("target/debug/rxvisiond"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("RXVISION_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let appliance = Appliance { child, addr, dir: dir.to_path_buf() };
+        appliance.wait_model(|_| true, Duration::from_secs(60));
+        appliance
+    }
+
+    /// The model version `/v1/status` reports (None while it is not answering).
+    fn model(&self) -> Option<String> {
+        let (status, body) = crate::serve::try_http(self.addr, "GET", "/v1/status", Some(API_KEY), None).ok()?;
+        let value: Value = serde_json::from_slice(&body).ok()?;
+        (status == 200).then(|| value["model"]["version"].as_str().map(str::to_string)).flatten()
+    }
+
+    fn wait_model(&self, ok: impl Fn(&str) -> bool, within: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(version) = self.model().filter(|v| ok(v)) {
+                return version;
+            }
+            assert!(started.elapsed() < within, "the appliance did not get there; it runs {:?}", self.model());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn slots(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("models/slots.json")).unwrap_or_default())
+            .unwrap_or(Value::Null)
+    }
+}
+
+#[test]
+fn appliances_install_what_signed_metadata_assigns_return_when_ordered_and_refuse_a_lower_version() {
+    let test = "appliances_install_what_signed_metadata_assigns";
+    if !tools_present(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("rxfleet.toml");
+    // Gates an operator chose for this test: today's shipped model misses
+    // the brief's automation budget (issue 17).
+    std::fs::write(
+        &config,
+        format!(
+            "[fleet]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{}\"\n\
+             [updates]\npublish_interval_ms = 200\n[gates]\nmin_automation = 0.0\nmin_top1 = 0.5\n\
+             max_false_match_lookalike = 0.5\nmax_false_match_unknown = 0.5\nmax_p95_ms = 10000.0\n",
+            state.display().to_string(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let fleet = Fleet::start("updates", Some(&config), &[]);
+    fleet.wait_log("this replica leads", Duration::from_secs(20));
+    let base = format!("http://{}", fleet.http);
+    let root_dir = dir.path().join("offline-root");
+    fleet.cli_ok(&["keys", "init", "--dir", root_dir.to_str().unwrap(), "--root-keys", "1", "--threshold", "1"]);
+    let root_json = root_dir.join("root.json");
+    let v4 = workspace().join("models/bundles/pillnet/0.4.0");
+    fleet.cli_ok(&["models", "push", v4.to_str().unwrap(), "--production"]);
+
+    // A held-out dataset, and a new version through its gates.
+    let holdout = dir.path().join("holdout");
+    let synth = Command::new(workspace().join("target/debug/rxvision-synth"))
+        .current_dir(workspace())
+        .args(["dataset", "--out", holdout.to_str().unwrap(), "--seed", "77", "--per-class", "1", "--size", "640x480"])
+        .args(["--px-per-mm", "9"])
+        .output()
+        .unwrap();
+    assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
+    fleet.cli_ok(&["datasets", "add", holdout.to_str().unwrap(), "--px-per-mm", "9"]);
+    let v5 = reversioned_pillnet(dir.path(), "0.5.0");
+    let out = fleet.cli_ok(&["models", "push", v5.to_str().unwrap()]);
+    assert!(out.contains("PASSED"), "{out}");
+
+    // One appliance in the 1 % stage, one outside it that runs 0.5.0 already.
+    let inside = device_id("counter-upd", true);
+    let outside = device_id("counter-upd", false);
+    let added: Value =
+        serde_json::from_str(&fleet.cli_ok(&["devices", "add", "--site", "upd-site", "--id", &inside, "--json"]))
+            .unwrap();
+    let broker = format!(
+        "mqtt://{}",
+        added["config"].as_str().unwrap().split("broker = \"mqtt://").nth(1).unwrap().split('"').next().unwrap()
+    );
+    let a = Appliance::start(
+        &dir.path().join("a"),
+        &inside,
+        &v4,
+        &base,
+        &root_json,
+        Some((&broker, added["password"].as_str().unwrap())),
+    );
+    let b = Appliance::start(&dir.path().join("b"), &outside, &v5, &base, &root_json, None);
+    assert_eq!(a.model().as_deref(), Some("0.4.0"));
+
+    // Outside the stage, production is assigned without a rollback order: the
+    // lower version is refused and 0.5.0 keeps running.
+    fleet.cli_ok(&["rollout", "start", "0.5.0"]);
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(b.model().as_deref(), Some("0.5.0"), "a lower version without a rollback order is refused");
+    assert!(b.slots().is_null(), "nothing was installed: {}", b.slots());
+
+    // Inside the stage: the candidate is installed into slot a, the daemon
+    // restarts into it (same port), and its trial ends after it served.
+    a.wait_model(|v| v == "0.5.0", Duration::from_secs(60));
+    let slots = a.slots();
+    assert_eq!(slots["active"]["version"], "0.5.0", "{slots}");
+    assert_eq!(slots["active"]["slot"], "a");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(a.slots()["trial"].is_null(), "the trial ended: {}", a.slots());
+
+    // The fleet hears of the install from the appliance's audit log.
+    let started = Instant::now();
+    loop {
+        let events = fleet.cli_ok(&["events", "--device", &inside]);
+        if events.contains("model_installed") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no model_installed event at the fleet: {events}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Abort: production becomes an explicit rollback order, and the stage's
+    // appliance returns to 0.4.0 by itself (into the other slot).
+    fleet.cli_ok(&["rollout", "abort"]);
+    a.wait_model(|v| v == "0.4.0", Duration::from_secs(60));
+    let slots = a.slots();
+    assert_eq!(
+        (slots["active"]["version"].as_str(), slots["active"]["slot"].as_str()),
+        (Some("0.4.0"), Some("b")),
+        "{slots}"
+    );
+    assert_eq!(slots["previous"]["version"], "0.5.0");
+    // Outside the stage, the order applies too: 0.5.0 → 0.4.0.
+    b.wait_model(|v| v == "0.4.0", Duration::from_secs(60));
+}
