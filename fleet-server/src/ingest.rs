@@ -80,7 +80,9 @@ fn mqtt_options(config: &FleetConfig) -> Result<MqttOptions, IngestError> {
 }
 
 /// Runs the ingest until `stop` resolves: the batch in hand is committed
-/// (or left to the broker's redelivery) first.
+/// (or left to the broker's redelivery) first. When `hints` changes (the
+/// signed targets changed), every live device gets a retained `desired`
+/// hint to refresh its update metadata now.
 ///
 /// With a `fence`, every commit first checks that this replica still holds
 /// the leader lease; when it does not, the ingest stops with the batch
@@ -90,6 +92,7 @@ pub async fn run(
     db: Db,
     stats: Arc<IngestStats>,
     fence: Option<Fence>,
+    mut hints: tokio::sync::watch::Receiver<u64>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), IngestError> {
     let options = mqtt_options(&config)?;
@@ -159,6 +162,12 @@ pub async fn run(
         let first = tokio::select! {
             _ = stop_rx.changed() => break,
             first = batches_rx.recv() => match first { Some(p) => p, None => break },
+            changed = hints.changed() => {
+                if changed.is_ok() {
+                    hint_devices(&client, &db).await;
+                }
+                continue;
+            }
         };
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + config.ingest.batch_wait;
@@ -270,4 +279,26 @@ fn record(stats: &IngestStats, committed: &Committed) {
     stats.statuses.fetch_add(committed.statuses, Ordering::Relaxed);
     stats.rejected.fetch_add(committed.rejected, Ordering::Relaxed);
     stats.batches.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A retained `desired` hint to every registered, live device: signed
+/// targets changed, refresh now (what to install stays signed metadata's).
+async fn hint_devices(client: &AsyncClient, db: &Db) {
+    let devices = match db.broker_accounts().await {
+        Ok(devices) => devices,
+        Err(e) => return tracing::warn!(error = %e, "cannot list devices to hint at an update"),
+    };
+    let issued_ms = u64::try_from(crate::now_ms()).unwrap_or(0);
+    for (device_id, _) in &devices {
+        let hint = rxvision_protocol::Desired {
+            v: PROTOCOL_VERSION,
+            device_id: device_id.clone(),
+            fetch_updates: true,
+            issued_ms,
+        };
+        if let (Ok(name), Ok(payload)) = (topic::topic(device_id, Channel::Desired), encode(&hint)) {
+            let _ = client.publish(name, QoS::AtLeastOnce, true, payload).await;
+        }
+    }
+    tracing::info!(devices = devices.len(), "update hints sent");
 }

@@ -95,6 +95,8 @@ pub async fn serve(
 
     let ingest_stats = Arc::new(IngestStats::default());
     let leader = Arc::new(AtomicBool::new(false));
+    // The publisher counts signed targets changes; the ingest hints devices at each.
+    let (hints_tx, hints_rx) = watch::channel(0_u64);
     let replica = lease::replica_id();
     let leading = tokio::spawn(lead(
         config.clone(),
@@ -102,10 +104,12 @@ pub async fn serve(
         replica.clone(),
         ingest_stats.clone(),
         leader.clone(),
+        hints_rx,
         stop_rx.clone(),
     ));
 
-    let publisher = tokio::spawn(publish_while_leading(config.clone(), db.clone(), leader.clone(), stop_rx.clone()));
+    let publisher =
+        tokio::spawn(publish_while_leading(config.clone(), db.clone(), leader.clone(), hints_tx, stop_rx.clone()));
 
     let http = if parts.http {
         let state = AppState::new(config.clone(), db.clone(), ingest_stats, broker_stats, leader, replica);
@@ -157,6 +161,7 @@ async fn lead(
     replica: String,
     stats: Arc<IngestStats>,
     leader: Arc<AtomicBool>,
+    hints: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut running: Option<(i64, watch::Sender<bool>, JoinHandle<()>)> = None;
@@ -191,7 +196,14 @@ async fn lead(
             eprintln!("rxfleet: this replica leads (term {term}): ingest running");
             let fence = Fence { name: lease::LEADER.into(), holder: replica.clone(), term };
             let (stop_ingest, stop_ingest_rx) = watch::channel(false);
-            let task = tokio::spawn(run_ingest(config.clone(), db.clone(), stats.clone(), fence, stop_ingest_rx));
+            let task = tokio::spawn(run_ingest(
+                config.clone(),
+                db.clone(),
+                stats.clone(),
+                fence,
+                hints.clone(),
+                stop_ingest_rx,
+            ));
             running = Some((term, stop_ingest, task));
             leader.store(true, Ordering::Relaxed);
         }
@@ -212,7 +224,13 @@ async fn lead(
 /// `judge_interval`, and keeps the TUF repository listing what the registry
 /// and the rollout want (a stage's move is signed within a publish interval),
 /// and fresh.
-async fn publish_while_leading(config: FleetConfig, db: Db, leader: Arc<AtomicBool>, mut stop: watch::Receiver<bool>) {
+async fn publish_while_leading(
+    config: FleetConfig,
+    db: Db,
+    leader: Arc<AtomicBool>,
+    hints: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut last_error: Option<String> = None;
     let mut judged = tokio::time::Instant::now();
     loop {
@@ -236,6 +254,9 @@ async fn publish_while_leading(config: FleetConfig, db: Db, leader: Arc<AtomicBo
                             timestamp = plan.timestamp,
                             "TUF repository signed"
                         );
+                    }
+                    if plan.targets {
+                        hints.send_modify(|n| *n += 1);
                     }
                     last_error = None;
                 }
@@ -261,12 +282,13 @@ async fn run_ingest(
     db: Db,
     stats: Arc<IngestStats>,
     fence: Fence,
+    hints: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    if let Err(e) = ingest::run(config, db, stats, Some(fence), stopped).await {
+    if let Err(e) = ingest::run(config, db, stats, Some(fence), hints, stopped).await {
         tracing::error!(error = %e, "the ingest could not start");
         // Retried at the next renewal: the task has finished.
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -216,8 +216,10 @@ impl Appliance {
             .replace("enabled = false\n# The fleet's HTTP address", "enabled = true\n# The fleet's HTTP address")
             .replace("repository = \"\"", &format!("repository = \"{fleet}\""))
             .replace("root_file = \"\"", &format!("root_file = {}", p(root_json)))
-            .replace("poll_interval_seconds = 3600", "poll_interval_seconds = 10")
             .replace("healthy_after_seconds = 120", "healthy_after_seconds = 3");
+        if broker.is_none() {
+            config = config.replace("poll_interval_seconds = 3600", "poll_interval_seconds = 10");
+        }
         if let Some((broker, password)) = broker {
             secret(&dir.join("broker.password"), password);
             config = config
@@ -337,8 +339,9 @@ fn appliances_install_what_signed_metadata_assigns_return_when_ordered_and_refus
     assert_eq!(b.model().as_deref(), Some("0.5.0"), "a lower version without a rollback order is refused");
     assert!(b.slots().is_null(), "nothing was installed: {}", b.slots());
 
-    // Inside the stage: the candidate is installed into slot a, the daemon
-    // restarts into it (same port), and its trial ends after it served.
+    // Inside the stage (checking hourly, so moved by the fleet's hint): the
+    // candidate is installed into slot a, the daemon restarts into it (same
+    // port), and its trial ends after it served.
     a.wait_model(|v| v == "0.5.0", Duration::from_secs(60));
     let slots = a.slots();
     assert_eq!(slots["active"]["version"], "0.5.0", "{slots}");
