@@ -78,6 +78,38 @@ async fn get(url: &Url, range_from: Option<u64>) -> Result<Response, String> {
     Ok(Response { status: response.status().as_u16(), body: response.into_body() })
 }
 
+/// Why the repository could not be asked (a connection, a timeout, an HTTP
+/// status): carried as the cause of the transport's errors, so that a check
+/// tells it apart from what tough refuses in the bytes that did arrive
+/// (tough reports a hash mismatch or an oversized file as a transport error too).
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether `error` (tough's) comes from the repository being unreachable.
+fn unreachable(error: &tough::error::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<Unreachable>().is_some() {
+            return true;
+        }
+        if let Some(t) = e.downcast_ref::<TransportError>() {
+            if t.kind() == TransportErrorKind::FileNotFound {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// tough's transport over plain HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct HttpTransport;
@@ -85,7 +117,7 @@ pub struct HttpTransport;
 #[tough::async_trait]
 impl Transport for HttpTransport {
     async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
-        let other = |e: String| TransportError::new_with_cause(TransportErrorKind::Other, url.clone(), e);
+        let other = |e: String| TransportError::new_with_cause(TransportErrorKind::Other, url.clone(), Unreachable(e));
         let mut response = get(&url, None).await.map_err(other)?;
         match response.status {
             200 => {}
@@ -97,7 +129,9 @@ impl Transport for HttpTransport {
             let frame = frame.map_err(|e| other(e.to_string()))?;
             if let Some(data) = frame.data_ref() {
                 if body.len() + data.len() > MAX_METADATA_BYTES {
-                    return Err(other(format!("more than {MAX_METADATA_BYTES} bytes")));
+                    // Endless data: refused, not merely unreachable.
+                    let why = format!("more than {MAX_METADATA_BYTES} bytes");
+                    return Err(TransportError::new_with_cause(TransportErrorKind::Other, url.clone(), why));
                 }
                 body.extend_from_slice(data);
             }
@@ -144,10 +178,13 @@ pub async fn refresh(config: &RepositoryConfig) -> Result<Repository, FetchError
         .datastore(&config.datastore)
         .load()
         .await;
-    loaded.map_err(|e| match e {
-        // Not reached, or not answering: try again later.
-        tough::error::Error::Transport { .. } => FetchError::Network(e.to_string()),
-        _ => FetchError::Refused(e.to_string()),
+    loaded.map_err(|e| {
+        if unreachable(&e) {
+            // Not reached, or not answering: try again later.
+            FetchError::Network(e.to_string())
+        } else {
+            FetchError::Refused(e.to_string())
+        }
     })
 }
 

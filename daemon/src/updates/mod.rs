@@ -181,6 +181,8 @@ impl Updater {
             );
         };
         if wanted == running {
+            // A refusal reported before is reported again if it recurs.
+            *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Checked::UpToDate;
         }
         if wanted < running && !info.rollback {
