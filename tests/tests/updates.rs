@@ -615,3 +615,51 @@ fn attacks_on_the_repository_are_refused_with_nothing_installed_and_reported() {
     assert!(refusals >= 7, "every attack reported: {events:?}");
     confirmed(&a);
 }
+
+#[test]
+fn a_new_model_that_keeps_the_daemon_from_staying_up_is_given_up_for_the_previous_one() {
+    let test = "a_new_model_that_keeps_the_daemon_from_staying_up";
+    if !tools_present(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = UpdateFleet::start(dir.path(), "crashloop", "1", "1", "judge_interval_ms = 500\n");
+    let id = device_id("counter-crash", true);
+    let (broker, password) = f.add_device(&id);
+    let device_dir = dir.path().join("a");
+    let start = || Appliance::start(&device_dir, &id, &f.v4, &f.base, &f.root_json(), Some((&broker, &password)));
+    let mut a = start();
+    f.fleet.cli_ok(&["rollout", "start", "0.5.0"]);
+    a.wait_model(|v| v == "0.5.0", Duration::from_secs(60));
+    assert_eq!(a.slots()["trial"]["starts"], 1, "on trial: {}", a.slots());
+    // The new model never serves its 3 s: killed at once and started again,
+    // as systemd would after a crash (starts 2 and 3 of at most 3).
+    for _ in 0..2 {
+        drop(a);
+        a = start();
+        assert_eq!(a.model().as_deref(), Some("0.5.0"), "still on trial: {}", a.slots());
+    }
+    drop(a);
+    // The fourth start is one too many: back to the configured bundle, by
+    // itself, and the bundle is never installed here again.
+    let a = start();
+    assert_eq!(a.model().as_deref(), Some("0.4.0"));
+    let slots = a.slots();
+    assert!(slots["active"].is_null() && slots["trial"].is_null(), "{slots}");
+    assert_eq!(slots["given_up"].as_array().map(Vec::len), Some(1), "{slots}");
+    let back = f.wait_event(&id, "model_rolled_back", |d| d["reason"] == "crash_loop");
+    assert_eq!((back["details"]["from"].as_str(), back["details"]["to"].as_str()), (Some("0.5.0"), None));
+    // The fleet counts the crash loop against the stage as a veto and halts the rollout.
+    let started = Instant::now();
+    loop {
+        let status: Value =
+            serde_json::from_str(&f.fleet.cli_ok(&["rollout", "status", "--id", "1", "--json"])).unwrap();
+        if status["rollout"]["state"]["state"] == "halted" {
+            assert!(status["rollout"]["state"]["reason"].as_str().unwrap().contains("crash"), "{status}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "not halted: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(a.model().as_deref(), Some("0.4.0"));
+}

@@ -192,15 +192,21 @@ impl Updater {
                 details,
             );
         }
+        let mut slots = match self.store.load() {
+            Ok(s) => s,
+            Err(e) => return self.refuse(event::REJECTED, e.to_string(), details),
+        };
+        if slots.given_up.contains(&sha256) {
+            // Already reported when it was given up (`model_rolled_back`).
+            let why = format!("{name}: this bundle was given up here after it failed (crash loop or load failure)");
+            tracing::info!(reason = %why, "update not installed");
+            return Checked::Refused(why);
+        }
         let downloads = self.store.downloads();
         let file = match fetch::download(&self.config.repository, &name, target.length, &sha256, &downloads).await {
             Ok(file) => file,
             Err(FetchError::Network(why)) => return Checked::Unreachable(why),
             Err(FetchError::Refused(why)) => return self.refuse(event::REJECTED, why, details),
-        };
-        let mut slots = match self.store.load() {
-            Ok(s) => s,
-            Err(e) => return self.refuse(event::REJECTED, e.to_string(), details),
         };
         let slot = slots.inactive();
         let written = match self.store.write_bundle(slot, &file) {

@@ -78,6 +78,10 @@ pub struct Slots {
     pub previous: Option<Installed>,
     /// Set by a switch until the new model has served long enough.
     pub trial: Option<Trial>,
+    /// SHA-256 of bundles given up here (a crash loop, a load failure):
+    /// never installed again, whatever metadata assigns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub given_up: Vec<String>,
 }
 
 /// What a start should load.
@@ -127,6 +131,9 @@ impl Slots {
         let from = self.active.take()?;
         self.active = self.previous.take();
         self.trial = None;
+        if !self.given_up.contains(&from.sha256) {
+            self.given_up.push(from.sha256.clone());
+        }
         Some((from, self.active.clone()))
     }
 
@@ -244,7 +251,11 @@ mod tests {
             assert_eq!(slots.on_start(3), Start::Load(Some(installed(Slot::A, "0.5.0"))));
         }
         assert_eq!(slots.on_start(3), Start::RolledBack { from: installed(Slot::A, "0.5.0"), to: None });
-        assert_eq!(slots, Slots::default(), "back on the configured bundle, no trial");
+        assert_eq!(
+            slots,
+            Slots { given_up: vec!["00".repeat(32)], ..Slots::default() },
+            "back on the configured bundle, no trial, the bundle given up"
+        );
         assert_eq!(slots.on_start(3), Start::Load(None));
     }
 
