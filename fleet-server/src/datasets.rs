@@ -229,7 +229,7 @@ impl Db {
         tokio::task::spawn_blocking(move || copy(&source, &files, &datasets, &hash_copy))
             .await
             .expect("the copy does not panic")?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(&format!("INSERT INTO datasets ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
             .bind(&hash)
             .bind(&name)

@@ -260,7 +260,7 @@ impl Db {
         rejected: &[Rejected],
         now_ms: u64,
     ) -> Result<Committed, DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some(fence) = fence {
             self.check_fence(&mut tx, fence).await?;
         }
@@ -434,6 +434,19 @@ impl Db {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(|r| u(r.get(0))).collect())
+    }
+
+    /// Begins a transaction that will write. On SQLite it takes the write
+    /// lock at once (waiting up to the busy timeout while another
+    /// connection writes): a transaction that reads first and writes later
+    /// is refused at once ("database is locked") when another connection
+    /// wrote in between, which an admin's command met under the ingest's load.
+    pub(crate) async fn begin_write(&self) -> Result<Tx<'static>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Sqlite {
+            sqlx::query("UPDATE leases SET term = term WHERE 1 = 0").execute(&mut *tx).await?;
+        }
+        Ok(tx)
     }
 
     /// Closes the pool.

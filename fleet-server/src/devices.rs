@@ -474,7 +474,7 @@ impl Db {
             check_site(&device.site)?;
             check_device_id(&device.device_id)?;
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for device in devices {
             let inserted = sqlx::query(
                 "INSERT INTO device_registry (device_id, site, created_ms, created_by, password_hash, cert_serial) \
@@ -518,7 +518,7 @@ impl Db {
 
     /// Retires a device: its broker account goes at the broker's next reload.
     pub async fn retire_device(&self, device_id: &str, actor: &str, now_ms: i64) -> Result<(), RegistryError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT retired_ms FROM device_registry WHERE device_id = $1")
             .bind(device_id)
             .fetch_optional(&mut *tx)
@@ -541,7 +541,7 @@ impl Db {
 
     /// Marks the device's latest audit chain rewrite reviewed.
     pub async fn review_chain(&self, device_id: &str, actor: &str, now_ms: i64) -> Result<(), RegistryError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT chain_rewritten_ms, chain_epoch FROM devices WHERE device_id = $1")
             .bind(device_id)
             .fetch_optional(&mut *tx)

@@ -397,7 +397,7 @@ impl Db {
             }
             (true, false) => (ModelState::Rejected, format!("gates failed: {}", failed.join("; "))),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE model_versions SET gate_report = $2, state = $3, state_reason = $4, updated_ms = $5 WHERE version = $1")
             .bind(&model.version)
             .bind(serde_json::to_string(&report).expect("a report serialises"))

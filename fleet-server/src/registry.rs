@@ -300,7 +300,7 @@ impl Db {
         let version = manifest.version.to_string();
         let target = format!("{}-{version}.tar.gz", manifest.name);
 
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some(row) = sqlx::query("SELECT sha256 FROM model_versions WHERE version = $1")
             .bind(&version)
             .fetch_optional(&mut *tx)

@@ -123,7 +123,7 @@ impl Db {
             return Err(RegistryError::Invalid("an admin token is fleet-wide: leave out the scope".into()));
         }
         let token = new_token();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO api_tokens (name, role, scope, token_sha256, created_ms, created_by) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
@@ -169,7 +169,7 @@ impl Db {
 
     /// Revokes a token by name: it stops working at once.
     pub async fn revoke_token(&self, name: &str, actor: &str, now_ms: i64) -> Result<(), RegistryError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let revoked = sqlx::query(
             "UPDATE api_tokens SET revoked_ms = $2, revoked_by = $3 WHERE name = $1 AND revoked_ms IS NULL",
         )

@@ -705,7 +705,7 @@ fn leader_failover_by_kill_9_loses_and_doubles_nothing() {
 }
 
 /// A WebDriver session on headless Chromium through chromedriver.
-struct Browser {
+pub(crate) struct Browser {
     driver: Child,
     addr: SocketAddr,
     session: String,
@@ -723,7 +723,7 @@ impl Drop for Browser {
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
-    fn start() -> Option<Browser> {
+    pub(crate) fn start() -> Option<Browser> {
         let found = |exe: &str| Command::new(exe).arg("--version").output().is_ok_and(|o| o.status.success());
         if !found("chromedriver") || !found("chromium") {
             assert!(
@@ -766,11 +766,11 @@ impl Browser {
         v["value"].clone()
     }
 
-    fn go(&self, url: &str) {
+    pub(crate) fn go(&self, url: &str) {
         self.call("POST", "/url", json!({"url": url}));
     }
 
-    fn find(&self, css: &str) -> String {
+    pub(crate) fn find(&self, css: &str) -> String {
         let started = Instant::now();
         loop {
             let path = format!("/session/{}/element", self.session);
@@ -783,25 +783,25 @@ impl Browser {
         }
     }
 
-    fn click(&self, css: &str) {
+    pub(crate) fn click(&self, css: &str) {
         self.call("POST", &format!("/element/{}/click", self.find(css)), json!({}));
     }
 
-    fn type_into(&self, css: &str, text: &str) {
+    pub(crate) fn type_into(&self, css: &str, text: &str) {
         self.call("POST", &format!("/element/{}/value", self.find(css)), json!({"text": text}));
     }
 
-    fn attr(&self, css: &str, name: &str) -> String {
+    pub(crate) fn attr(&self, css: &str, name: &str) -> String {
         let value = self.call("GET", &format!("/element/{}/attribute/{name}", self.find(css)), json!({}));
         value.as_str().unwrap_or_default().to_string()
     }
 
-    fn count(&self, css: &str) -> usize {
+    pub(crate) fn count(&self, css: &str) -> usize {
         self.call("POST", "/elements", json!({"using": "css selector", "value": css})).as_array().unwrap().len()
     }
 
     /// Waits until the page says its first render finished.
-    fn wait_loaded(&self) {
+    pub(crate) fn wait_loaded(&self) {
         let started = Instant::now();
         loop {
             let loaded = self.call(
@@ -818,7 +818,7 @@ impl Browser {
     }
 
     /// Saves a screenshot under `ci-artifacts/` (kept by CI).
-    fn screenshot(&self, name: &str) {
+    pub(crate) fn screenshot(&self, name: &str) {
         let png = self.call("GET", "/screenshot", json!({}));
         let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "a PNG");

@@ -169,6 +169,11 @@ fn device_id(prefix: &str, in_stage: bool) -> String {
 
 const API_KEY: &str = "updates-test-api-key-01";
 
+thread_local! {
+    /// Further edits of the appliances' configuration a test asks for.
+    static APPLIANCE_EDITS: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A running `rxvisiond` on a fixed port (it keeps it across its restart into a new model).
 struct Appliance {
     child: std::process::Child,
@@ -241,6 +246,10 @@ impl Appliance {
                 .replace("window_seconds = 60", "window_seconds = 1")
                 .replace("broker = \"\"", &format!("broker = \"{broker}\""))
                 .replace("password_file = \"\"", &format!("password_file = {}", p(&dir.join("broker.password"))));
+        }
+        for (from, to) in APPLIANCE_EDITS.with(|e| e.borrow().clone()) {
+            assert!(config.contains(&from), "the appliance configuration has {from:?}");
+            config = config.replace(&from, &to);
         }
         let path = dir.join("rxvisiond.toml");
         std::fs::write(&path, config).unwrap();
@@ -316,7 +325,8 @@ impl UpdateFleet {
             format!(
                 "[fleet]\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[broker]\nlisten = \"127.0.0.1:{}\"\n\
                  [updates]\npublish_interval_ms = 200\n{extra}[gates]\nmin_automation = 0.0\nmin_top1 = 0.5\n\
-                 max_false_match_lookalike = 0.5\nmax_false_match_unknown = 0.5\nmax_p95_ms = 10000.0\n",
+                 max_false_match_lookalike = 0.5\nmax_false_match_unknown = 0.5\nmax_p95_ms = 10000.0\n\
+                 max_regression_points = 100.0\n",
                 state.display().to_string(),
                 free_port()
             ),
@@ -726,4 +736,197 @@ fn kill_9_at_any_moment_of_an_install_leaves_a_working_verified_model() {
     // The cuts fell before and after the switch.
     eprintln!("after the cut (version, no slot active, a partial download): {seen:?}");
     assert!(seen.iter().any(|(v, ..)| v == "0.4.0") && seen.iter().any(|(v, ..)| v == "0.5.0"), "{seen:?}");
+}
+
+/// A copy of the shipped model under another version that answers
+/// UNCERTAIN far more often (its confidence threshold raised).
+fn hesitant_pillnet(dir: &Path, version: &str) -> PathBuf {
+    let out = reversioned_pillnet(dir, version);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    manifest["thresholds"]["min_confidence"] = serde_json::json!(0.9999999);
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(out.join("manifest.json"), &bytes).unwrap();
+    let sum = rxvision_models::bundle::sha256_hex(&bytes);
+    std::fs::write(out.join("manifest.json.sha256"), format!("{sum}  manifest.json\n")).unwrap();
+    out
+}
+
+/// Waits until rollout `id` is in `state` (its status JSON), within `limit`.
+fn wait_rollout(f: &UpdateFleet, id: u32, state: &str, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let status: Value =
+            serde_json::from_str(&f.fleet.cli_ok(&["rollout", "status", "--id", &id.to_string(), "--json"])).unwrap();
+        if status["rollout"]["state"]["state"] == state {
+            return status;
+        }
+        let halted_early =
+            ["halted", "aborted", "completed"].contains(&status["rollout"]["state"]["state"].as_str().unwrap_or(""));
+        assert!(
+            !halted_early && started.elapsed() < limit,
+            "rollout {id} is not {state}: {}",
+            status["rollout"]["state"]
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+}
+
+#[test]
+fn staged_rollouts_on_twenty_appliances_pass_halt_and_pause_by_field_evidence() {
+    let test = "staged_rollouts_on_twenty_appliances";
+    if !tools_present(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Judged every second; a worse model may fail the regression gate, which
+    // this test lets through so that the field catches it.
+    let f = UpdateFleet::start(dir.path(), "stages", "1", "1", "judge_interval_ms = 1000\n");
+    let v3 = hesitant_pillnet(dir.path(), "0.6.0");
+    let v4 = reversioned_pillnet(dir.path(), "0.7.0");
+    for bundle in [&v3, &v4] {
+        f.fleet.cli_ok(&["models", "push", bundle.to_str().unwrap()]);
+    }
+    // Appliances on the synthetic camera; identification scans.
+    let formulary = workspace().join("models/formulary/formulary.json");
+    APPLIANCE_EDITS.with(|e| {
+        *e.borrow_mut() = vec![
+            ("source = \"none\"".into(), "source = \"synthetic\"".into()),
+            (
+                "formulary = \"/usr/share/rxvision/formulary.json\"".into(),
+                format!("formulary = {:?}", formulary.display().to_string()),
+            ),
+        ]
+    });
+    let appliances: Vec<(String, Appliance)> = (0..20)
+        .map(|n| {
+            let id = format!("counter-stage-{n:02}");
+            let (broker, password) = f.add_device(&id);
+            let a = Appliance::start(
+                &dir.path().join(&id),
+                &id,
+                &f.v4,
+                &f.base,
+                &f.root_json(),
+                Some((&broker, &password)),
+            );
+            (id, a)
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pace = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(50));
+    let addrs: Vec<std::net::SocketAddr> = appliances.iter().map(|(_, a)| a.addr).collect();
+    let scanner = {
+        let (stop, pace) = (stop.clone(), pace.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for addr in &addrs {
+                    let body = r#"{"operator_id":"tech-1"}"#;
+                    let _ = crate::serve::try_http(*addr, "POST", "/v1/verify", Some(API_KEY), Some(body));
+                    std::thread::sleep(Duration::from_millis(pace.load(std::sync::atomic::Ordering::Relaxed)));
+                }
+            }
+        })
+    };
+    let plan = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let quick = plan(
+        "quick.toml",
+        "stages = [25, 50, 100]\nsoak_minutes = 1\nmax_stage_minutes = 10\nmin_scans = 100\nmin_devices = 2\n\
+         alpha = 0.2\npass_margin = 4.0\noutage_minutes = 5\n",
+    );
+    let versions = |expected: &str| appliances.iter().filter(|(_, a)| a.model().as_deref() == Some(expected)).count();
+
+    // v1 → v2 through every stage: 25 %, 50 %, then 100 % after an admin's
+    // approval. (A loose plan: slow scans are about 1 % of scans, and
+    // showing that rate not worse within a tight margin takes thousands of
+    // scans a stage; the rollout benchmark measures the statistics.)
+    f.fleet.cli_ok(&["rollout", "start", "0.5.0", "--plan", quick.to_str().unwrap()]);
+    let awaiting = wait_rollout(&f, 1, "awaiting_approval", Duration::from_secs(600));
+    assert_eq!(awaiting["decisions"][0]["outcome"]["outcome"], "pass", "{awaiting}");
+    let passes = f.fleet.cli_ok(&["events"]).lines().filter(|l| l.contains("rollout_stage_passed")).count();
+    assert_eq!(passes, 2, "two stages passed");
+    f.fleet.cli_ok(&["rollout", "approve"]);
+    wait_rollout(&f, 1, "completed", Duration::from_secs(30));
+    let started = Instant::now();
+    while versions("0.5.0") < 20 {
+        assert!(started.elapsed() < Duration::from_secs(120), "{} of 20 on 0.5.0", versions("0.5.0"));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let production: Value = serde_json::from_str(&f.fleet.cli_ok(&["models", "show", "production", "--json"])).unwrap();
+    assert_eq!(production["version"], "0.5.0");
+
+    // A worse v3 (UNCERTAIN far more often) is halted at its first stage
+    // before the soak ends, and its devices return to v2 by themselves.
+    let long_soak = plan(
+        "long-soak.toml",
+        "stages = [25, 50, 100]\nsoak_minutes = 30\nmax_stage_minutes = 60\nmin_scans = 100\nmin_devices = 2\nalpha = 0.1\n",
+    );
+    f.fleet.cli_ok(&["rollout", "start", "0.6.0", "--plan", long_soak.to_str().unwrap()]);
+    let started = Instant::now();
+    let halted = wait_rollout(&f, 2, "halted", Duration::from_secs(300));
+    assert!(started.elapsed() < Duration::from_secs(30 * 60), "halted before the soak ended");
+    let reason = halted["rollout"]["state"]["reason"].as_str().unwrap();
+    assert!(reason.contains("uncertain") || reason.contains("automated"), "{reason}");
+    let decision = &halted["decisions"][0];
+    let uncertain = decision["metrics"].as_array().unwrap().iter().find(|m| m["metric"] == "uncertain").unwrap();
+    assert!(
+        uncertain["interval"][0].as_f64().unwrap() > 1.0,
+        "the stage's UNCERTAIN rate is above the control's: {uncertain}"
+    );
+    let started = Instant::now();
+    while versions("0.5.0") < 20 {
+        assert!(started.elapsed() < Duration::from_secs(120), "{} of 20 back on 0.5.0", versions("0.5.0"));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // v4 with too little traffic: inconclusive at its cap, paused for a human, not passed.
+    pace.store(2_000, std::sync::atomic::Ordering::Relaxed);
+    let starved = plan(
+        "starved.toml",
+        "stages = [25, 50, 100]\nsoak_minutes = 1\nmax_stage_minutes = 2\nmin_scans = 100000\nmin_devices = 2\n",
+    );
+    f.fleet.cli_ok(&["rollout", "start", "0.7.0", "--plan", starved.to_str().unwrap()]);
+    let paused = wait_rollout(&f, 3, "paused", Duration::from_secs(300));
+    let reason = paused["rollout"]["state"]["reason"].as_str().unwrap();
+    assert!(reason.contains("too little evidence"), "{paused}");
+    assert_eq!(paused["rollout"]["percent"], 25, "it stays where it was");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    scanner.join().unwrap();
+
+    // The decisions and their numbers through the API.
+    let admin = f.fleet.cli_ok(&["tokens", "create", "--role", "admin", "--name", "stages-admin"]).trim().to_string();
+    let (status, body) = crate::serve::try_http(f.fleet.http, "GET", "/api/v1/rollouts/2", Some(&admin), None).unwrap();
+    let view: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(view["rollout"]["state"]["state"], "halted");
+    assert!(view["decisions"][0]["metrics"].as_array().unwrap().len() >= 4, "{view}");
+
+    // … and on the dashboard, where an admin resumes the paused rollout.
+    let Some(browser) = crate::serve::Browser::start() else { return };
+    let base = format!("http://{}", f.fleet.http);
+    browser.go(&format!("{base}/"));
+    browser.find("[data-testid=login-form]");
+    browser.type_into("#token", &admin);
+    browser.click("#login");
+    browser.wait_loaded();
+    browser.go(&format!("{base}/#/rollouts"));
+    browser.wait_loaded();
+    assert_eq!(browser.count("[data-testid=rollouts] tr[data-rollout]"), 3);
+    assert_eq!(browser.attr("[data-testid=models] tr[data-version='0.5.0'] [data-state]", "data-state"), "production");
+    browser.go(&format!("{base}/#/rollout/2"));
+    browser.wait_loaded();
+    assert_eq!(browser.attr("[data-testid=rollout-state]", "data-state"), "halted");
+    assert!(browser.count("[data-testid=decisions] tr[data-outcome='fail']") == 1);
+    assert!(browser.count("[data-testid=decisions] tr[data-metric='uncertain']") >= 1);
+    browser.screenshot("dashboard-rollout-halted.png");
+    browser.go(&format!("{base}/#/rollout/3"));
+    browser.wait_loaded();
+    assert_eq!(browser.attr("[data-testid=rollout-state]", "data-state"), "paused");
+    browser.click("[data-testid=rollout-resume]");
+    browser.wait_loaded();
+    let resumed: Value = serde_json::from_str(&f.fleet.cli_ok(&["rollout", "status", "--id", "3", "--json"])).unwrap();
+    assert_eq!(resumed["rollout"]["state"]["state"], "running", "resumed from the dashboard");
 }

@@ -113,7 +113,7 @@ impl Db {
         }
         plan.check().map_err(RolloutError::Invalid)?;
         let state = State::Running { stage: 0, since_ms: now_ms };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some(row) =
             sqlx::query("SELECT id, model_version FROM rollouts WHERE active = 1").fetch_optional(&mut *tx).await?
         {
@@ -291,7 +291,7 @@ impl Db {
         kind: &str,
         now_ms: i64,
     ) -> Result<Rollout, RolloutError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let moved =
             sqlx::query("UPDATE rollouts SET state = $2, active = $3, updated_ms = $4 WHERE id = $1 AND state = $5")
                 .bind(rollout.id)

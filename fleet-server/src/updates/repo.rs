@@ -310,12 +310,6 @@ async fn sign_root(
     signed.add_old_signatures(extra).map_err(tuf("signing root"))
 }
 
-/// How many of `keys` the root's root role lists, and its threshold.
-fn root_signers(root: &Root, keys: &[SigningKey]) -> (usize, u64) {
-    let role = &root.roles[&RoleType::Root];
-    (keys.iter().filter(|k| role.keyids.contains(k.id())).count(), role.threshold.get())
-}
-
 fn write_root_json(dir: &Path, body: &str) -> Result<(), RepoError> {
     let path = dir.join("root.json");
     let staged = dir.join("root.json.new");
@@ -389,7 +383,7 @@ impl Db {
     }
 
     async fn store_metadata(&self, files: &[MetadataFile], now_ms: i64) -> Result<(), RepoError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for file in files {
             // Versioned names are never replaced: a second writer's
             // transaction fails here and changes nothing. timestamp.json is
@@ -477,7 +471,7 @@ impl Db {
             expires_ms: file.expires_ms,
             root_json: root_dir.join("root.json").display().to_string(),
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         crate::devices::record_change(
             &mut tx,
             now_ms,
@@ -489,6 +483,31 @@ impl Db {
         .await?;
         tx.commit().await?;
         Ok(summary)
+    }
+
+    /// The current root and those of `keys` its root role lists, refused
+    /// below its threshold (`purpose` says what they are to sign).
+    async fn root_and_signers<'k>(
+        &self,
+        keys: &'k [SigningKey],
+        purpose: &str,
+    ) -> Result<(Root, Vec<&'k SigningKey>), RepoError> {
+        let current = self
+            .tuf_current()
+            .await?
+            .ok_or_else(|| RepoError::State("no repository yet: `rxfleet keys init`".into()))?;
+        let root = current.root.signed;
+        let role = &root.roles[&RoleType::Root];
+        let signers: Vec<&SigningKey> = keys.iter().filter(|k| role.keyids.contains(k.id())).collect();
+        if (signers.len() as u64) < role.threshold.get() {
+            return Err(RepoError::State(format!(
+                "root version {} needs {} of its root keys to {purpose}; {} given",
+                root.version,
+                role.threshold,
+                signers.len()
+            )));
+        }
+        Ok((root, signers))
     }
 
     /// Replaces the root keys: `current_keys` (at least the current root's
@@ -505,26 +524,14 @@ impl Db {
         actor: &str,
         now_ms: i64,
     ) -> Result<RootSummary, RepoError> {
-        let current = self
-            .tuf_current()
-            .await?
-            .ok_or_else(|| RepoError::State("no repository yet: `rxfleet keys init`".into()))?;
-        let old = &current.root.signed;
-        let (have, need) = root_signers(old, current_keys);
-        if (have as u64) < need {
-            return Err(RepoError::State(format!(
-                "root version {} needs {need} of its root keys to sign its successor; {have} given",
-                old.version
-            )));
-        }
+        let (old, old_signers) = self.root_and_signers(current_keys, "sign its successor").await?;
+        let old = &old;
         let threshold = NonZeroU64::new(threshold).filter(|t| t.get() <= new_keys.len() as u64).ok_or_else(|| {
             RepoError::State(format!("the threshold must be 1 to {} (the new root keys)", new_keys.len()))
         })?;
         let online = OnlineKeys::read(keys_dir)?;
         let version = next_version(Some(old.version));
         let new_signers: Vec<&SigningKey> = new_keys.iter().collect();
-        let old_signers: Vec<&SigningKey> =
-            current_keys.iter().filter(|k| old.roles[&RoleType::Root].keyids.contains(k.id())).collect();
         let root = root_role(version, expiry(now_ms, root_lifetime), &new_signers, threshold, &online);
         let signed = sign_root(root, &new_signers, Some((old, &old_signers))).await?;
         self.add_root(&signed, root_dir, actor, "tuf_root_rotated", now_ms).await
@@ -543,22 +550,10 @@ impl Db {
         actor: &str,
         now_ms: i64,
     ) -> Result<RootSummary, RepoError> {
-        let current = self
-            .tuf_current()
-            .await?
-            .ok_or_else(|| RepoError::State("no repository yet: `rxfleet keys init`".into()))?;
-        let old = &current.root.signed;
-        let (have, need) = root_signers(old, root_keys);
-        if (have as u64) < need {
-            return Err(RepoError::State(format!(
-                "root version {} needs {need} of its root keys to list new online keys; {have} given",
-                old.version
-            )));
-        }
+        let (old, signers) = self.root_and_signers(root_keys, "list new online keys").await?;
+        let old = &old;
         OnlineKeys::generate(keys_dir, roles)?;
         let online = OnlineKeys::read(keys_dir)?;
-        let signers: Vec<&SigningKey> =
-            root_keys.iter().filter(|k| old.roles[&RoleType::Root].keyids.contains(k.id())).collect();
         let threshold = old.roles[&RoleType::Root].threshold;
         let root =
             root_role(next_version(Some(old.version)), expiry(now_ms, root_lifetime), &signers, threshold, &online);
