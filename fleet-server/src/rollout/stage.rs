@@ -292,7 +292,7 @@ pub fn judge(plan: &Plan, stage: usize, started_ms: i64, now_ms: i64, evidence: 
         Outcome::Continue(format!("soaking: {minutes} of {} minutes", plan.soak_minutes))
     } else if evidence.stage_devices_reporting < needed_devices || evidence.stage_scans < plan.min_scans {
         let why = format!(
-            "{} of {needed_devices} devices reporting since installing, {} of {} scans",
+            "{} devices reporting since installing ({needed_devices} needed), {} of {} scans",
             evidence.stage_devices_reporting, evidence.stage_scans, plan.min_scans
         );
         if minutes >= plan.max_stage_minutes {
