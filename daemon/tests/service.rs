@@ -661,7 +661,7 @@ impl Browser {
             if done(&text) {
                 return text;
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "{what}: {css} still says {text:?}");
+            assert!(started.elapsed() < Duration::from_secs(90), "{what}: {css} still says {text:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
