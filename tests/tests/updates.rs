@@ -835,16 +835,17 @@ fn staged_rollouts_on_twenty_appliances_pass_halt_and_pause_by_field_evidence() 
     let quick = plan(
         "quick.toml",
         "stages = [25, 50, 100]\nsoak_minutes = 1\nmax_stage_minutes = 10\nmin_scans = 100\nmin_devices = 2\n\
-         alpha = 0.2\npass_margin = 4.0\noutage_minutes = 5\n",
+         alpha = 0.2\npass_margin = 20.0\noutage_minutes = 5\n",
     );
     let versions = |expected: &str| appliances.iter().filter(|(_, a)| a.model().as_deref() == Some(expected)).count();
 
     // v1 → v2 through every stage: 25 %, 50 %, then 100 % after an admin's
-    // approval. (A loose plan: slow scans are about 1 % of scans, and
-    // showing that rate not worse within a tight margin takes thousands of
-    // scans a stage; the rollout benchmark measures the statistics.)
+    // approval. (A loose plan: slow scans are about 1 % of scans, the
+    // stage's devices have just restarted (their first scans are slower),
+    // and showing that rate not worse within a tight margin takes thousands
+    // of scans a stage; the rollout benchmark measures the statistics.)
     f.fleet.cli_ok(&["rollout", "start", "0.5.0", "--plan", quick.to_str().unwrap()]);
-    let awaiting = wait_rollout(&f, 1, "awaiting_approval", Duration::from_secs(600));
+    let awaiting = wait_rollout(&f, 1, "awaiting_approval", Duration::from_secs(900));
     assert_eq!(awaiting["decisions"][0]["outcome"]["outcome"], "pass", "{awaiting}");
     let passes = f.fleet.cli_ok(&["events"]).lines().filter(|l| l.contains("rollout_stage_passed")).count();
     assert_eq!(passes, 2, "two stages passed");
