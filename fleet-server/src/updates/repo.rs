@@ -216,6 +216,17 @@ fn expiry(now_ms: i64, lifetime: Duration) -> jiff::Timestamp {
     jiff::Timestamp::from_second(seconds).expect("an expiry within jiff's range")
 }
 
+/// How snapshot.json names targets.json, and timestamp.json snapshot.json:
+/// version, length and SHA-256 of the exact bytes served.
+fn metafile(version: NonZeroU64, length: u64, sha256: Vec<u8>) -> Metafile {
+    Metafile {
+        length: Some(length),
+        hashes: Some(Hashes { sha256: Decoded::from(sha256), _extra: HashMap::new() }),
+        version,
+        _extra: HashMap::new(),
+    }
+}
+
 fn next_version(previous: Option<NonZeroU64>) -> NonZeroU64 {
     previous.map_or(NonZeroU64::MIN, |v| v.checked_add(1).expect("metadata version below u64::MAX"))
 }
@@ -604,15 +615,7 @@ impl Db {
             let version = next_version(current.snapshot.as_ref().map(|s| s.signed.signed.version));
             let expires = expiry(now_ms, lifetimes.snapshot);
             let mut role = Snapshot::new(SPEC_VERSION.into(), version, expires);
-            role.meta.insert(
-                "targets.json".into(),
-                Metafile {
-                    length: Some(targets_length),
-                    hashes: Some(Hashes { sha256: Decoded::from(targets_sha256), _extra: HashMap::new() }),
-                    version: targets_version,
-                    _extra: HashMap::new(),
-                },
-            );
+            role.meta.insert("targets.json".into(), metafile(targets_version, targets_length, targets_sha256));
             let signed = SignedRole::new(role, &holder, &[online.snapshot.source()], &rng)
                 .await
                 .map_err(tuf("signing snapshot"))?;
@@ -627,15 +630,7 @@ impl Db {
         let version = next_version(current.timestamp.as_ref().map(|t| t.signed.signed.version));
         let expires = expiry(now_ms, lifetimes.timestamp);
         let mut role = Timestamp::new(SPEC_VERSION.into(), version, expires);
-        role.meta.insert(
-            "snapshot.json".into(),
-            Metafile {
-                length: Some(snapshot_length),
-                hashes: Some(Hashes { sha256: Decoded::from(snapshot_sha256), _extra: HashMap::new() }),
-                version: snapshot_version,
-                _extra: HashMap::new(),
-            },
-        );
+        role.meta.insert("snapshot.json".into(), metafile(snapshot_version, snapshot_length, snapshot_sha256));
         let signed = SignedRole::new(role, &holder, &[online.timestamp.source()], &rng)
             .await
             .map_err(tuf("signing timestamp"))?;
