@@ -314,11 +314,11 @@ pub struct AppState {
     pub telemetry: Option<TelemetryService>,
     /// The updater, when `[updates]` is enabled.
     pub updates: Option<UpdatesHandle>,
-    /// The model slots and how long a new model's trial lasts.
-    pub slots: Option<(crate::updates::slots::SlotStore, std::time::Duration)>,
-    /// Told when a new model was installed: the service stops and `run` restarts it.
+    /// The model and release slots and how long a new model's or release's trial lasts.
+    pub slots: Option<(Vec<crate::updates::slots::SlotStore>, std::time::Duration)>,
+    /// Told when a new model or release was installed: the service stops and `run` restarts it.
     pub restart: Arc<tokio::sync::Notify>,
-    /// Set when the service stopped to restart into a new model.
+    /// Set when the service stopped to restart into a new model or release.
     pub restart_requested: AtomicBool,
     /// One permit per scan allowed to run at once.
     scans: Arc<tokio::sync::Semaphore>,
@@ -403,13 +403,13 @@ impl AppState {
         self
     }
 
-    /// Keeps a new model's trial until it has served `healthy_after`.
+    /// Keeps a new model's (or release's) trial until it has served `healthy_after`.
     pub fn with_slots(
         mut self,
-        store: crate::updates::slots::SlotStore,
+        stores: Vec<crate::updates::slots::SlotStore>,
         healthy_after: std::time::Duration,
     ) -> AppState {
-        self.slots = Some((store, healthy_after));
+        self.slots = Some((stores, healthy_after));
         self
     }
 
@@ -439,7 +439,7 @@ impl AppState {
             device_id: self.device_id.clone(),
             online: true,
             time_ms: now_ms(),
-            daemon_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            daemon_version: Some(crate::daemon_version().to_string()),
             model: Some(rxvision_protocol::ModelRef {
                 name: manifest.name.clone(),
                 version: manifest.version.to_string(),
@@ -748,7 +748,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
     });
     Ok(Json(json!({
         "device_id": state.device_id,
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::daemon_version(),
         "model": { "name": manifest.name, "version": manifest.version.to_string(), "purpose": manifest.purpose },
         "engine": { "active": engines.active(), "choice": engines.choice(), "gpu_degraded": engines.gpu_degraded(), "fallbacks": engines.fallbacks() },
         "camera": camera,

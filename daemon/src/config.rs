@@ -381,6 +381,8 @@ pub struct RawAudit {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (`None`: parsed from text).
+    pub file: Option<PathBuf>,
     /// Appliance id.
     pub device_id: String,
     /// State directory.
@@ -534,7 +536,9 @@ impl AuditConfig {
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    parse(&text, &path.display().to_string())
+    let mut config = parse(&text, &path.display().to_string())?;
+    config.file = Some(path.to_path_buf());
+    Ok(config)
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
@@ -811,6 +815,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
         return Err(problems);
     }
     Ok(Config {
+        file: None,
         updates,
         device_id: raw.device.id,
         state_dir: raw.device.state_dir,

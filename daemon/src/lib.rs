@@ -18,8 +18,9 @@
 //!   annotated default is `firmware-cfg/rxvisiond.toml`.
 //! * [`audit`] — the encrypted, hash-chained, durable audit log (sled, ring)
 //!   and its keys; `audit verify` and `audit export` stand on it.
-//! * [`updates`] — signed model updates: the fleet's TUF repository, A/B
-//!   slots, verification before a switch, automatic return after a crash loop.
+//! * [`updates`] — signed model and daemon updates: the fleet's TUF
+//!   repository, A/B slots, verification before a switch, automatic return
+//!   after a crash loop, the launcher that starts an installed release.
 //!
 //! The classifier (`Classifier`) is `rxvision-models`' `classify`, the
 //! counter path's decisions and analysis are `rxvision-counter`'s, the
@@ -28,6 +29,21 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging
 //! and maps errors to exit codes.
+
+/// This daemon's version: what `rxvisiond --version` prints, the status
+/// page, the telemetry and the updater use. The binary sets it
+/// ([`set_daemon_version`]: a release build may stamp another version than
+/// the crate's); the crate's version otherwise.
+pub fn daemon_version() -> &'static str {
+    DAEMON_VERSION.get().copied().unwrap_or(env!("CARGO_PKG_VERSION"))
+}
+
+static DAEMON_VERSION: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Sets [`daemon_version`] (once, at start).
+pub fn set_daemon_version(version: &'static str) {
+    let _ = DAEMON_VERSION.set(version);
+}
 
 pub mod api;
 pub mod audit;

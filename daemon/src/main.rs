@@ -15,8 +15,15 @@ use clap::{Parser, Subcommand};
 use rxvision_daemon::commands::{self, AuditCommand, ModelArgs};
 use rxvision_daemon::config;
 
+/// This binary's version: the crate's, unless the release build stamped
+/// another (`RXVISION_RELEASE_VERSION` at build time).
+const VERSION: &str = match option_env!("RXVISION_RELEASE_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 #[derive(Parser)]
-#[command(name = "rxvisiond", version, about = "RxVision pill-verification appliance daemon")]
+#[command(name = "rxvisiond", version = VERSION, about = "RxVision pill-verification appliance daemon")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,6 +115,7 @@ enum ConfigCommand {
 const DEFAULT_LOG_FILTER: &str = "warn,wgpu_hal=error,wgpu_core=error,naga=error";
 
 fn main() -> ExitCode {
+    rxvision_daemon::set_daemon_version(VERSION);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RXVISION_LOG").unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
@@ -152,6 +160,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
+            launch_installed_release(&config);
+            let release_store = rxvision_daemon::updates::release::store(&config.state_dir);
             return match rxvision_daemon::service::run(config, |addr| {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
@@ -162,7 +172,16 @@ fn main() -> ExitCode {
                 Ok(rxvision_daemon::service::Stopped::Restart) => restart_self(),
                 Err(e) => {
                     eprintln!("rxvisiond: {e}");
-                    ExitCode::from(e.exit_code())
+                    let code = e.exit_code();
+                    if [64, 65, 66].contains(&code)
+                        && rxvision_daemon::updates::release::running_on_trial(&release_store)
+                    {
+                        // A release on trial that cannot start must not stop systemd from
+                        // restarting it: the launcher counts the restarts and goes back.
+                        eprintln!("rxvisiond: this release is on trial: exiting to be restarted (and given up)");
+                        return ExitCode::from(70);
+                    }
+                    ExitCode::from(code)
                 }
             };
         }
@@ -178,22 +197,30 @@ fn main() -> ExitCode {
     })
 }
 
-/// Starts this program anew in this process (same arguments, same PID, so a
-/// supervisor sees one service): after a model update, the new model loads
-/// through the ordinary start, which counts the start against its trial.
-/// Files are opened close-on-exec, so the audit store's lock goes with the
-/// old image.
+/// The launcher's step (see `updates::release`): runs an installed daemon
+/// release newer than this binary in place of it; returns when this binary
+/// runs the service itself.
+fn launch_installed_release(config: &config::Config) {
+    use rxvision_daemon::updates::release::{self, Launch};
+    let store = release::store(&config.state_dir);
+    let max_starts = config.updates.as_ref().map_or(3, |u| u.max_starts);
+    if let Launch::Release(installed) = release::choose_at_start(&store, max_starts, VERSION) {
+        tracing::info!(version = %installed.version, slot = installed.slot.dir_name(), "starting the installed daemon release");
+        let error = release::exec(&store, &installed);
+        eprintln!("rxvisiond: the installed release {} cannot start: {error}", installed.version);
+        release::give_up_after_exec_failure(&store, VERSION, &error.to_string());
+    }
+}
+
+/// Starts the service anew in this process (same arguments, same PID, so a
+/// supervisor sees one service) through the launcher: after a model update
+/// the new model loads through the ordinary start, after a daemon update
+/// the launcher starts the new release; either start counts against the
+/// trial. Files are opened close-on-exec, so the audit store's lock goes
+/// with the old image.
 fn restart_self() -> ExitCode {
-    use std::os::unix::process::CommandExt;
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("rxvisiond: cannot restart into the new model: {e}");
-            return ExitCode::from(75);
-        }
-    };
-    let error = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
-    eprintln!("rxvisiond: cannot restart into the new model: {error}");
-    // A supervisor (systemd Restart=always) starts it again.
+    let error = rxvision_daemon::updates::release::restart();
+    eprintln!("rxvisiond: cannot restart: {error}");
+    // systemd (Restart=on-failure) starts it again.
     ExitCode::from(75)
 }

@@ -178,17 +178,21 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
         request_timeout: config.api.request_timeout,
     };
     let healthy_after = config.updates.as_ref().map_or(Duration::from_secs(120), |u| u.healthy_after);
+    let release_store = crate::updates::release::store(&config.state_dir);
+    crate::updates::release::report_pending(&release_store, scanner.audit());
     let mut state = AppState::new(scanner, camera, api_key, config.device_id.clone(), formulary, limits)
-        .with_slots(slot_store, healthy_after);
+        .with_slots(vec![slot_store, release_store], healthy_after);
     if let Some(updates) = &config.updates {
-        let updater = crate::updates::Updater::new(
-            updates.clone(),
-            &config.device_id,
-            config.state_dir.join("models"),
-            state.scanner.shared_audit(),
-            config.engine,
-            classifier.bundle().manifest.version.to_string(),
-        );
+        let appliance = crate::updates::Appliance {
+            device_id: config.device_id.clone(),
+            state_dir: config.state_dir.clone(),
+            engine: config.engine,
+            model_version: classifier.bundle().manifest.version.to_string(),
+            model_bundle: classifier.bundle().source.clone(),
+            daemon_version: crate::daemon_version().to_string(),
+            config_file: config.file.clone(),
+        };
+        let updater = crate::updates::Updater::new(updates.clone(), appliance, state.scanner.shared_audit());
         state = state
             .with_updates(UpdatesHandle { updater: Arc::new(updater), hint: Arc::new(tokio::sync::Notify::new()) });
     }
@@ -198,7 +202,7 @@ pub fn assemble(config: &Config) -> Result<AppState, StartError> {
     let outbox = Outbox::open(&config.state_dir.join("outbox"), config.telemetry.max_in_flight)?;
     tracing::info!(depth = outbox.depth().0, "telemetry on: windows go to the outbox");
     let details = serde_json::json!({
-        "daemon_version": env!("CARGO_PKG_VERSION"),
+        "daemon_version": crate::daemon_version(),
         "model": classifier.bundle().manifest.name,
         "model_version": classifier.bundle().manifest.version.to_string(),
         "engine": classifier.engines().choice().to_string(),
@@ -270,8 +274,10 @@ pub async fn serve(
         let (updater, restart) = (updates.updater.clone(), state.restart.clone());
         tasks.spawn(crate::updates::run(updater, hint, restart, stopped(stop.clone())));
     }
-    if let Some((store, healthy_after)) = &state.slots {
-        tasks.spawn(crate::updates::confirm_after(store.clone(), *healthy_after));
+    if let Some((stores, healthy_after)) = &state.slots {
+        for store in stores {
+            tasks.spawn(crate::updates::confirm_after(store.clone(), *healthy_after));
+        }
     }
     let control_file = options.control.as_ref().map(|(_, path)| path.clone());
     if let Some((listener, _)) = options.control {

@@ -761,6 +761,7 @@
 
   const ROLLOUT_TONE = { running: 'green', paused: 'amber', awaiting_approval: 'amber', completed: 'grey', halted: 'red', aborted: 'red' };
   const MODEL_TONE = { production: 'green', validated: 'green', rolling_out: 'amber', candidate: 'grey', rejected: 'red', halted: 'red', retired: 'grey' };
+  const RELEASE_TONE = { production: 'green', deploying: 'amber', available: 'grey', halted: 'red', retired: 'grey' };
   const OUTCOME_TONE = { pass: 'green', continue: 'grey', fail: 'red', inconclusive: 'amber', outage: 'amber' };
   const rolloutHref = (id) => '#/rollout/' + enc(id);
   const fmtRatio = (x) => (x == null ? '—' : x.toFixed(2) + '×');
@@ -777,10 +778,20 @@
   function pageRollouts(view) {
     const models = el('div', { class: 'scroll' }, loading());
     const rollouts = el('div', { class: 'scroll' }, loading());
-    view.root.append(pageHead('Models and rollouts'), panel('Rollouts', {}, rollouts), panel('Model registry', {}, models));
+    const releases = el('div', { class: 'scroll' }, loading());
+    view.root.append(pageHead('Models and rollouts'), panel('Rollouts', {}, rollouts), panel('Model registry', {}, models),
+      panel('Daemon releases', {}, releases));
     return async () => {
-      const [modelList, rolloutList] = await Promise.all([api('/models'), api('/rollouts')]);
+      const [modelList, rolloutList, releaseList] = await Promise.all([api('/models'), api('/rollouts'), api('/releases')]);
       return () => {
+        releases.replaceChildren(el('table', { testid: 'releases' },
+          el('thead', {}, el('tr', {}, ['Version', 'Architecture', 'State', 'Fleet share', 'Why', 'Pushed'].map((h) => el('th', {}, h)))),
+          el('tbody', {}, releaseList.length ? releaseList.map((r) => el('tr', { 'data-release': r.version + '-' + r.arch },
+            el('td', { class: 'mono' }, 'rxvisiond ' + r.version), el('td', { class: 'mono' }, r.arch),
+            el('td', {}, badge(r.state, RELEASE_TONE[r.state], { 'data-state': r.state })),
+            el('td', { class: 'num' }, ['deploying', 'halted'].includes(r.state) ? r.percent + ' %' : r.state === 'production' ? '100 %' : '—'),
+            el('td', { class: 'small' }, r.state_reason), el('td', {}, when(r.pushed_ms)))) :
+            emptyRow(6, 'No daemon release pushed yet (rxfleet releases push).'))));
         rollouts.replaceChildren(el('table', { testid: 'rollouts' },
           el('thead', {}, el('tr', {}, ['#', 'Version', 'Replacing', 'State', 'Fleet share', 'Started'].map((h) => el('th', {}, h)))),
           el('tbody', {}, rolloutList.length ? rolloutList.map((r) => el('tr', { 'data-rollout': r.id },

@@ -174,6 +174,22 @@ impl From<crate::registry::ModelError> for ApiError {
     }
 }
 
+impl From<crate::releases::ReleaseError> for ApiError {
+    fn from(e: crate::releases::ReleaseError) -> ApiError {
+        use crate::releases::ReleaseError;
+        match e {
+            ReleaseError::NotFound(_) => ApiError::new(Code::NotFound, e.to_string()),
+            ReleaseError::NotARelease { .. } => ApiError::new(Code::BadRequest, e.to_string()),
+            ReleaseError::Refused(_) => ApiError::new(Code::Conflict, e.to_string()),
+            ReleaseError::Io { .. } => {
+                tracing::error!(error = %e, "the release files");
+                ApiError::new(Code::Internal, e.to_string())
+            }
+            ReleaseError::Db(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::rollout::store::RolloutError> for ApiError {
     fn from(e: crate::rollout::store::RolloutError) -> ApiError {
         use crate::rollout::store::RolloutError;
@@ -966,6 +982,57 @@ async fn command_rollout(
     rollout_view(&state, id).await
 }
 
+#[utoipa::path(get, path = "/releases", tag = "updates", responses(
+    (status = 200, body = Vec<crate::releases::DaemonRelease>), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_releases(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Vec<crate::releases::DaemonRelease>> {
+    require_fleet(&caller)?;
+    Ok(Json(state.db.releases().await?))
+}
+
+/// `POST /releases/{version}/deploy`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRelease {
+    /// The share of devices (1..=100; a stage only grows; 100 makes it production).
+    pub percent: u32,
+}
+
+#[utoipa::path(post, path = "/releases/{version}/deploy", tag = "updates", params(("version" = String, Path)),
+    request_body = DeployRelease,
+    responses((status = 200, body = Vec<crate::releases::DaemonRelease>), (status = 400, body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn deploy_release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(version): Path<String>,
+    body: Result<Json<DeployRelease>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Vec<crate::releases::DaemonRelease>> {
+    require(&caller, Role::Admin)?;
+    require_fleet(&caller)?;
+    let Json(body) = body.map_err(|e| ApiError::new(Code::BadRequest, e.body_text()))?;
+    Ok(Json(state.db.deploy_release(&version, body.percent, &caller.actor(), now_ms()).await?))
+}
+
+#[utoipa::path(post, path = "/releases/{version}/halt", tag = "updates", params(("version" = String, Path)),
+    responses((status = 200, body = Vec<crate::releases::DaemonRelease>), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn halt_release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(version): Path<String>,
+) -> ApiResult<Vec<crate::releases::DaemonRelease>> {
+    require(&caller, Role::Operator)?;
+    require_fleet(&caller)?;
+    let reason = format!("halted by {}", caller.actor());
+    Ok(Json(state.db.halt_release(&version, &reason, now_ms()).await?))
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -980,7 +1047,7 @@ impl utoipa::Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "RxVision fleet API", description = "Devices, sites, telemetry, events, tokens, models and rollouts of an RxVision fleet."),
+    info(title = "RxVision fleet API", description = "Devices, sites, telemetry, events, tokens, models, rollouts and daemon releases of an RxVision fleet."),
     modifiers(&BearerAuth),
     tags((name = "fleet"), (name = "devices"), (name = "telemetry"), (name = "tokens"), (name = "updates"))
 )]
@@ -1007,6 +1074,9 @@ pub fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(list_rollouts, start_rollout))
         .routes(routes!(get_rollout))
         .routes(routes!(command_rollout))
+        .routes(routes!(list_releases))
+        .routes(routes!(deploy_release))
+        .routes(routes!(halt_release))
         .split_for_parts()
 }
 

@@ -66,6 +66,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "registry", include_str!("../migrations/0002_registry.sql")),
     (3, "rollouts", include_str!("../migrations/0003_rollouts.sql")),
     (4, "updates", include_str!("../migrations/0004_updates.sql")),
+    (5, "releases", include_str!("../migrations/0005_releases.sql")),
 ];
 
 /// The embedded migrations with the backend's dialect filled in.

@@ -28,6 +28,7 @@
 //! * [`metrics`] — `/metrics` in Prometheus' text format.
 //! * [`tls`] — HTTPS.
 //! * [`registry`] — model versions: push (checked, scanned, stored by hash), states, aliases.
+//! * [`releases`] — daemon releases: push (a whole ELF executable), staged deployment, halts.
 //! * [`datasets`] — held-out datasets for the gates, content-hashed and copied.
 //! * [`gates`] — a model measured with the appliances' counter path and judged against budgets and production.
 //! * [`updates`] — the TUF repository: keys, signed metadata, publishing.
@@ -50,6 +51,7 @@ pub mod lease;
 pub mod metrics;
 pub mod provision;
 pub mod registry;
+pub mod releases;
 pub mod rollout;
 pub mod rollup;
 pub mod serve;

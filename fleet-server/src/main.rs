@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Daemon releases (rxvisiond binaries) and their staged deployment.
+    Releases {
+        #[command(subcommand)]
+        command: ReleasesCommand,
+    },
     /// Payloads the ingest refused, counted by device, channel and reason.
     Rejects {
         #[command(flatten)]
@@ -270,6 +275,64 @@ enum DatasetsCommand {
         px_per_mm: Option<f32>,
     },
     /// Every registered dataset.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleasesCommand {
+    /// Checks an rxvisiond binary (a whole 64-bit ELF executable for
+    /// x86_64 or aarch64) and stores it as an available release.
+    Push {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The binary.
+        file: PathBuf,
+        /// Its version (what `rxvisiond --version` prints; appliances check).
+        #[arg(long)]
+        version: String,
+        /// Declare it the release the fleet already runs (only while no
+        /// production release of its architecture is registered).
+        #[arg(long)]
+        production: bool,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploys a release to a share of the devices (a stage only grows; at
+    /// 100 % it becomes production). A device of the stage that refuses it
+    /// or crash-loops on it halts the deployment by itself.
+    Deploy {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The version.
+        version: String,
+        /// The share of devices, by cohort bucket.
+        #[arg(long)]
+        percent: u32,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Halts a deploying release: its stage's devices are ordered back to production.
+    Halt {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The version.
+        version: String,
+        /// Why (stored and shown).
+        #[arg(long, default_value = "halted by an admin")]
+        reason: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every release with its state.
     List {
         #[command(flatten)]
         config: ConfigArg,
@@ -502,6 +565,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Datasets { command } => datasets(command).await,
         Command::Rollout { command } => rollout(command).await,
         Command::Models { command } => models(command).await,
+        Command::Releases { command } => releases(command).await,
         Command::Ca { command: CaCommand::Init(arg) } => {
             let config = load(&arg)?;
             let dir = config.broker.ca_dir.ok_or("set [broker] ca_dir to the directory the CA goes to")?;
@@ -860,6 +924,53 @@ async fn keys(command: KeysCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+async fn releases(command: ReleasesCommand) -> Result<(), String> {
+    use rxvision_fleet::releases::DaemonRelease;
+    let print = |releases: &[DaemonRelease], json: bool| {
+        if json {
+            return print_json(&releases);
+        }
+        for r in releases {
+            let stage = if r.state == rxvision_fleet::releases::ReleaseState::Deploying {
+                format!(" at {} %", r.percent)
+            } else {
+                String::new()
+            };
+            println!("rxvisiond {} {} [{}{stage}]", r.version, r.arch, r.state.as_str());
+            println!("  {}", r.state_reason);
+            println!("  target {} sha256 {} ({} bytes)", r.target, r.sha256, r.length);
+        }
+    };
+    match command {
+        ReleasesCommand::Push { config, file, version, production, json } => {
+            let config = load(&config)?;
+            let db = open(&config).await?;
+            let release = db
+                .push_release(&file, &version, &config.updates.artifacts_dir, production, &cli_actor(), now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+            print(&[release], json);
+        }
+        ReleasesCommand::Deploy { config, version, percent, json } => {
+            let db = open(&load(&config)?).await?;
+            let releases =
+                db.deploy_release(&version, percent, &cli_actor(), now_ms()).await.map_err(|e| e.to_string())?;
+            print(&releases, json);
+        }
+        ReleasesCommand::Halt { config, version, reason, json } => {
+            let db = open(&load(&config)?).await?;
+            let reason = format!("{reason} ({})", cli_actor());
+            let releases = db.halt_release(&version, &reason, now_ms()).await.map_err(|e| e.to_string())?;
+            print(&releases, json);
+        }
+        ReleasesCommand::List { config, json } => {
+            let db = open(&load(&config)?).await?;
+            print(&db.releases().await.map_err(|e| e.to_string())?, json);
+        }
+    }
+    Ok(())
 }
 
 async fn models(command: ModelsCommand) -> Result<(), String> {

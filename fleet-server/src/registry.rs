@@ -400,17 +400,21 @@ impl Db {
     }
 
     /// Whether `file` (`<sha256>.<target>`, as TUF clients fetch targets
-    /// with consistent snapshots) is a registered artifact; its SHA-256.
+    /// with consistent snapshots) is a registered artifact (a model bundle
+    /// or a daemon release); its SHA-256.
     pub async fn artifact_for(&self, file: &str) -> Result<Option<String>, ModelError> {
         let Some((sha256, target)) = file.split_once('.') else { return Ok(None) };
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        let row = sqlx::query("SELECT sha256 FROM model_versions WHERE sha256 = $1 AND target = $2")
-            .bind(sha256.to_ascii_lowercase())
-            .bind(target)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT sha256 FROM model_versions WHERE sha256 = $1 AND target = $2 \
+             UNION ALL SELECT sha256 FROM daemon_releases WHERE sha256 = $1 AND target = $2",
+        )
+        .bind(sha256.to_ascii_lowercase())
+        .bind(target)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| r.get(0)))
     }
 

@@ -243,6 +243,11 @@ async fn publish_while_leading(
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "cannot judge the active rollout"),
             }
+            match db.judge_deploying_release(crate::now_ms()).await {
+                Ok(Some(reason)) => tracing::warn!(%reason, "daemon release halted"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot judge the deploying daemon release"),
+            }
         }
         if leader.load(Ordering::Relaxed) {
             match crate::updates::publish(&config, &db).await {

@@ -62,7 +62,9 @@ async fn export(url: &str, artifacts: &Path, out: &Path) {
     for row in sqlx::query("SELECT name, body FROM tuf_metadata").fetch_all(&mut conn).await.unwrap() {
         std::fs::write(out.join("metadata").join(row.get::<String, _>(0)), row.get::<String, _>(1)).unwrap();
     }
-    for row in sqlx::query("SELECT sha256, target FROM model_versions").fetch_all(&mut conn).await.unwrap() {
+    let artifacts_listed =
+        "SELECT sha256, target FROM model_versions UNION ALL SELECT sha256, target FROM daemon_releases";
+    for row in sqlx::query(artifacts_listed).fetch_all(&mut conn).await.unwrap() {
         let (sha, target): (String, String) = (row.get(0), row.get(1));
         std::fs::copy(artifacts.join(&sha), out.join("targets").join(format!("{sha}.{target}"))).unwrap();
     }
@@ -97,7 +99,8 @@ impl Fleet {
         self.dir.path().join("artifacts")
     }
     async fn publish(&self, at_ms: i64) -> Plan {
-        let wanted = self.db.wanted_targets().await.unwrap();
+        let mut wanted = self.db.wanted_targets().await.unwrap();
+        wanted.extend(self.db.wanted_release_targets().await.unwrap());
         self.db.publish(&wanted, &self.keys(), &Lifetimes::default(), at_ms).await.unwrap()
     }
     /// tough loads the repository as served, trusting `root_json`.
@@ -479,4 +482,153 @@ fn reversioned_pillnet(dir: &Path, version: &str) -> PathBuf {
     )
     .unwrap();
     out
+}
+
+/// A device id whose cohort bucket is below (`true`) or above (`false`) a 10 % stage.
+fn device_in_stage(inside: bool) -> String {
+    (0..)
+        .map(|n| format!("store-{n:04}-counter-1"))
+        .find(|id| rxvision_fleet::rollout::in_stage(id, 10) == inside)
+        .unwrap()
+}
+
+async fn device_event(f: &Fleet, device: &str, seq: i64, kind: &str, details: serde_json::Value) {
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&f.url).await.unwrap();
+    sqlx::query("INSERT INTO device_events (device_id, seq, time_ms, kind, details) VALUES ($1, $2, $3, $4, $5)")
+        .bind(device)
+        .bind(seq)
+        .bind(now())
+        .bind(kind)
+        .bind(details.to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn daemon_releases_are_checked_deployed_in_stages_and_halted_by_a_device_veto() {
+    use rxvision_fleet::releases::{ReleaseError, ReleaseState};
+    let arch = std::env::consts::ARCH;
+    // Two real executables of this machine stand for two daemon builds.
+    let (one, two) = (Path::new("/bin/true"), Path::new("/bin/false"));
+    let (_dbs, fleets) = fleets("daemon_releases").await;
+    for f in fleets {
+        let backend = f.db.backend();
+        f.db.init_repository(&f.root(), 1, 1, 365 * DAY, &f.keys(), "cli:test", now()).await.unwrap();
+        let root_json = std::fs::read(f.root().join("root.json")).unwrap();
+        let push = |file: &Path, version: &str, production: bool| {
+            let (file, version, artifacts) = (file.to_path_buf(), version.to_string(), f.artifacts());
+            let db = &f.db;
+            async move { db.push_release(&file, &version, &artifacts, production, "cli:test", now()).await }
+        };
+
+        // What is not a whole release for an appliance is refused, and leaves nothing.
+        let script = f.dir.path().join("rxvisiond.sh");
+        std::fs::write(&script, "#!/bin/sh\necho rxvisiond 0.9.0\n").unwrap();
+        let truncated = f.dir.path().join("truncated");
+        let whole = std::fs::read(two).unwrap();
+        std::fs::write(&truncated, &whole[..whole.len() * 2 / 3]).unwrap();
+        for (file, version, expected) in [
+            (script.as_path(), "0.9.0", "not an ELF file"),
+            (truncated.as_path(), "0.9.0", "truncated"),
+            (two, "nine", "version \"nine\""),
+            (two, "0.9.0+build.7", "build metadata"),
+        ] {
+            let err = push(file, version, false).await.unwrap_err().to_string();
+            assert!(err.contains(expected), "{backend:?}: {err}");
+        }
+        assert!(f.db.releases().await.unwrap().is_empty(), "{backend:?}");
+        assert!(!f.artifacts().exists() || std::fs::read_dir(f.artifacts()).unwrap().next().is_none());
+
+        let production = push(one, "0.1.0", true).await.unwrap();
+        assert_eq!((production.state, production.arch.as_str()), (ReleaseState::Production, arch));
+        assert!(matches!(push(two, "0.1.5", true).await, Err(ReleaseError::Refused(_))), "one production");
+        let candidate = push(two, "0.2.0", false).await.unwrap();
+        assert_eq!(candidate.state, ReleaseState::Available);
+        assert_eq!(push(two, "0.2.0", false).await.unwrap(), candidate, "the same bytes again: nothing changes");
+        let err = push(one, "0.2.0", false).await.unwrap_err().to_string();
+        assert!(err.contains("other bytes"), "{backend:?}: {err}");
+
+        for (version, percent, expected) in [
+            ("0.1.0", 10, "is production"),
+            ("0.2.0", 0, "outside 1..=100"),
+            ("0.2.0", 101, "outside 1..=100"),
+            ("0.7.0", 10, "no daemon release 0.7.0"),
+        ] {
+            let err = f.db.deploy_release(version, percent, "cli:test", now()).await.unwrap_err().to_string();
+            assert!(err.contains(expected), "{backend:?}: {err}");
+        }
+        push(one, "0.0.9", false).await.unwrap();
+        let err = f.db.deploy_release("0.0.9", 10, "cli:test", now()).await.unwrap_err().to_string();
+        assert!(err.contains("not above production"), "{backend:?}: {err}");
+
+        // A 10 % stage is what signed targets say; tough fetches the very bytes.
+        let deployed = f.db.deploy_release("0.2.0", 10, "cli:test", now()).await.unwrap();
+        assert_eq!((deployed[0].state, deployed[0].percent), (ReleaseState::Deploying, 10));
+        assert!(f.publish(now()).await.targets, "{backend:?}");
+        let repo = f.client(&root_json).await.unwrap();
+        let listed = infos(&repo);
+        let stage = &listed[&format!("rxvisiond-0.2.0-{arch}")];
+        let all = &listed[&format!("rxvisiond-0.1.0-{arch}")];
+        assert_eq!(
+            (stage.kind, stage.name.clone(), stage.cohort_below, stage.rollback),
+            (TargetKind::Daemon, format!("rxvisiond-{arch}"), 1_000, false)
+        );
+        assert_eq!((all.cohort_below, all.rollback), (10_000, false));
+        assert!(!listed.contains_key(&format!("rxvisiond-0.0.9-{arch}")), "{backend:?}: not deployed, not listed");
+        let name = tough::TargetName::new(format!("rxvisiond-0.2.0-{arch}")).unwrap();
+        let bytes = tough::IntoVec::into_vec(repo.read_target(&name).await.unwrap().unwrap()).await.unwrap();
+        assert_eq!(bytes, whole, "{backend:?}");
+
+        let err = f.db.deploy_release("0.2.0", 5, "cli:test", now()).await.unwrap_err().to_string();
+        assert!(err.contains("does not shrink"), "{backend:?}: {err}");
+        push(one, "0.3.0", false).await.unwrap();
+        let err = f.db.deploy_release("0.3.0", 10, "cli:test", now()).await.unwrap_err().to_string();
+        assert!(err.contains("0.2.0 is deploying"), "{backend:?}: {err}");
+
+        // Vetoes count only from the stage's devices and only about this release.
+        let outside = device_in_stage(false);
+        let inside = device_in_stage(true);
+        device_event(
+            &f,
+            &outside,
+            1,
+            "daemon_rolled_back",
+            serde_json::json!({"from": "0.2.0", "reason": "crash_loop"}),
+        )
+        .await;
+        device_event(&f, &inside, 1, "daemon_rejected", serde_json::json!({"version": "0.1.0", "reason": "lower"}))
+            .await;
+        device_event(&f, &inside, 2, "model_rolled_back", serde_json::json!({"from": "0.2.0", "reason": "crash_loop"}))
+            .await;
+        assert_eq!(f.db.judge_deploying_release(now()).await.unwrap(), None, "{backend:?}: no veto yet");
+        device_event(
+            &f,
+            &inside,
+            3,
+            "daemon_rolled_back",
+            serde_json::json!({"from": "0.2.0", "reason": "crash_loop"}),
+        )
+        .await;
+        let halted = f.db.judge_deploying_release(now()).await.unwrap().expect("halted");
+        assert!(halted.contains("1 went back after a crash loop"), "{backend:?}: {halted}");
+        let release = f.db.release("0.2.0", arch).await.unwrap().unwrap();
+        assert_eq!((release.state, release.state_reason), (ReleaseState::Halted, halted));
+        assert!(f.publish(now()).await.targets, "{backend:?}");
+        let listed = infos(&f.client(&root_json).await.unwrap());
+        assert!(!listed.contains_key(&format!("rxvisiond-0.2.0-{arch}")), "{backend:?}: the halted release is gone");
+        assert!(listed[&format!("rxvisiond-0.1.0-{arch}")].rollback, "{backend:?}: production orders the stage back");
+        let err = f.db.deploy_release("0.2.0", 10, "cli:test", now()).await.unwrap_err().to_string();
+        assert!(err.contains("is halted"), "{backend:?}: {err}");
+
+        // The next release goes to every device at once: it is production, the former retired.
+        let done = f.db.deploy_release("0.3.0", 100, "cli:test", now()).await.unwrap();
+        assert_eq!(done[0].state, ReleaseState::Production);
+        assert_eq!(f.db.release("0.1.0", arch).await.unwrap().unwrap().state, ReleaseState::Retired);
+        f.publish(now()).await;
+        let listed = infos(&f.client(&root_json).await.unwrap());
+        let names: Vec<&String> = listed.keys().filter(|n| n.starts_with("rxvisiond-")).collect();
+        assert_eq!(names, vec![&format!("rxvisiond-0.3.0-{arch}")], "{backend:?}");
+        assert!(!listed[&format!("rxvisiond-0.3.0-{arch}")].rollback, "{backend:?}: a new deployment, no order back");
+    }
 }

@@ -373,6 +373,12 @@ pub enum EventKind {
     AuditStoreFailed,
     /// The outbox merged or dropped messages to stay within its budget.
     OutboxOverflow,
+    /// A daemon release was installed; the daemon restarts into it (details: version, previous).
+    DaemonInstalled,
+    /// A daemon release was refused (details: version, why).
+    DaemonRejected,
+    /// The device went back to the previous daemon (details: from, to, reason).
+    DaemonRolledBack,
 }
 
 /// Something that happened on a device (`rxv/v1/dev/{id}/events`).

@@ -931,3 +931,183 @@ fn staged_rollouts_on_twenty_appliances_pass_halt_and_pause_by_field_evidence() 
     let resumed: Value = serde_json::from_str(&f.fleet.cli_ok(&["rollout", "status", "--id", "3", "--json"])).unwrap();
     assert_eq!(resumed["rollout"]["state"]["state"], "running", "resumed from the dashboard");
 }
+
+/// `target/fixtures/rxvisiond-next` (`scripts/build-release-fixture`): this
+/// daemon stamped with the next version; with its version. None (and why) when missing.
+fn next_release(test: &str) -> Option<(PathBuf, String)> {
+    let path = workspace().join("target/fixtures/rxvisiond-next");
+    let version = Command::new(&path).arg("--version").output().ok().filter(|o| o.status.success());
+    let Some(output) = version else {
+        let why = format!("{} is missing: run scripts/build-release-fixture", path.display());
+        assert!(std::env::var_os("RXVISION_REQUIRE_REFERENCES").is_none(), "{why}");
+        eprintln!("SKIPPED {test}: {why}");
+        return None;
+    };
+    let text = String::from_utf8(output.stdout).unwrap();
+    Some((path, text.trim().strip_prefix("rxvisiond ").unwrap().to_string()))
+}
+
+impl Appliance {
+    /// The daemon version `/v1/status` reports (None while it is not answering).
+    fn daemon(&self) -> Option<String> {
+        let (status, body) = crate::serve::try_http(self.addr, "GET", "/v1/status", Some(API_KEY), None).ok()?;
+        let value: Value = serde_json::from_slice(&body).ok()?;
+        (status == 200).then(|| value["version"].as_str().map(str::to_string)).flatten()
+    }
+
+    fn wait_daemon(&self, version: &str, within: Duration) {
+        let started = Instant::now();
+        while self.daemon().as_deref() != Some(version) {
+            assert!(started.elapsed() < within, "the appliance does not run {version}; it runs {:?}", self.daemon());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The program this appliance's process runs now (it `exec`s releases in place).
+    fn program(&self) -> String {
+        std::fs::read_link(format!("/proc/{}/exe", self.child.id())).unwrap().display().to_string()
+    }
+
+    fn release_slots(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("daemon/slots.json")).unwrap_or_default())
+            .unwrap_or(Value::Null)
+    }
+}
+
+fn wait_release(f: &UpdateFleet, version: &str, state: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let all: Value = serde_json::from_str(&f.fleet.cli_ok(&["releases", "list", "--json"])).unwrap();
+        if let Some(release) = all.as_array().unwrap().iter().find(|r| r["version"] == version && r["state"] == state) {
+            return release.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "release {version} is not {state}: {all}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn daemon_releases_install_by_themselves_and_a_crash_loop_brings_the_stage_back() {
+    let test = "daemon_releases_install_by_themselves";
+    if !tools_present(test) {
+        return;
+    }
+    let Some((next, next_version)) = next_release(test) else { return };
+    let packaged = workspace().join("target/debug/rxvisiond");
+    let out = Command::new(&packaged).arg("--version").output().unwrap();
+    let packaged_version =
+        String::from_utf8(out.stdout).unwrap().trim().strip_prefix("rxvisiond ").unwrap().to_string();
+    let mut parts: Vec<u64> = next_version.split('.').map(|p| p.parse().unwrap()).collect();
+    parts[2] += 1;
+    let mislabelled = format!("{}.{}.{}", parts[0], parts[1], parts[2]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = UpdateFleet::start(dir.path(), "releases", "1", "1", "judge_interval_ms = 500\n");
+    let fleet = &f.fleet;
+    fleet.cli_ok(&["releases", "push", packaged.to_str().unwrap(), "--version", &packaged_version, "--production"]);
+    fleet.cli_ok(&["releases", "push", next.to_str().unwrap(), "--version", &next_version]);
+    // The same binary under a version it does not print: the appliances find out.
+    fleet.cli_ok(&["releases", "push", next.to_str().unwrap(), "--version", &mislabelled]);
+
+    // Two appliances of the 10 % stage: A ends its trials after 3 s, B
+    // stays on trial (so that killing it makes a crash loop).
+    let ids = [device_id("counter-rel-a", true), device_id("counter-rel-b", true)];
+    let start = |n: usize, healthy: &str| {
+        APPLIANCE_EDITS.with(|e| {
+            *e.borrow_mut() = vec![("healthy_after_seconds = 3".into(), format!("healthy_after_seconds = {healthy}"))]
+        });
+        let (broker, password) = f.add_device(&ids[n]);
+        let dir = dir.path().join(format!("appliance-{n}"));
+        let a = Appliance::start(&dir, &ids[n], &f.v4, &f.base, &f.root_json(), Some((&broker, &password)));
+        APPLIANCE_EDITS.with(|e| e.borrow_mut().clear());
+        a
+    };
+    let a = start(0, "3");
+    let mut b = start(1, "600");
+    assert_eq!(a.daemon().as_deref(), Some(packaged_version.as_str()));
+    let pids = (a.child.id(), b.child.id());
+
+    // The mislabelled release is refused by the stage's appliances (the
+    // binary runs but says another version), reported, and the fleet halts it.
+    fleet.cli_ok(&["releases", "deploy", &mislabelled, "--percent", "10"]);
+    let refused = f.wait_event(&ids[0], "daemon_rejected", |d| d["version"] == mislabelled.as_str());
+    assert!(refused["details"]["reason"].as_str().unwrap().contains("says"), "{refused}");
+    let halted = wait_release(&f, &mislabelled, "halted");
+    assert!(halted["state_reason"].as_str().unwrap().contains("refused it"), "{halted}");
+    assert!(a.release_slots()["active"].is_null(), "nothing installed: {}", a.release_slots());
+    assert_eq!(a.daemon().as_deref(), Some(packaged_version.as_str()));
+
+    // The next release: both install it into slot a, check it, switch and
+    // run it in place (same process, the slot's program), moved by the hint.
+    fleet.cli_ok(&["releases", "deploy", &next_version, "--percent", "10"]);
+    a.wait_daemon(&next_version, Duration::from_secs(120));
+    b.wait_daemon(&next_version, Duration::from_secs(120));
+    assert_eq!((a.child.id(), b.child.id()), pids, "restarted in place");
+    assert!(a.program().ends_with("daemon/a/rxvisiond"), "{}", a.program());
+    let installed = f.wait_event(&ids[0], "daemon_installed", |d| d["version"] == next_version.as_str());
+    assert_eq!(installed["details"]["previous"], packaged_version.as_str(), "{installed}");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(a.release_slots()["trial"].is_null(), "A's trial ended: {}", a.release_slots());
+    assert_eq!(b.release_slots()["trial"]["starts"], 1, "B on trial: {}", b.release_slots());
+
+    // B crashes (killed, started again as systemd would): starts 2 and 3
+    // still run the release, the 4th goes back to the packaged daemon by itself.
+    for start in 2..=3 {
+        b.kill_and_restart();
+        b.wait_daemon(&next_version, Duration::from_secs(60));
+        assert_eq!(b.release_slots()["trial"]["starts"], start, "{}", b.release_slots());
+    }
+    b.kill_and_restart();
+    b.wait_daemon(&packaged_version, Duration::from_secs(60));
+    let slots = b.release_slots();
+    assert!(slots["active"].is_null() && slots["given_up"].as_array().map(Vec::len) == Some(1), "{slots}");
+    let back = f.wait_event(&ids[1], "daemon_rolled_back", |d| d["reason"] == "crash_loop");
+    assert_eq!(
+        (back["details"]["from"].as_str(), back["details"]["to"].as_str()),
+        (Some(next_version.as_str()), Some(packaged_version.as_str()))
+    );
+
+    // The crash loop halts the release; the stage is ordered back, and A
+    // (which kept it) returns to the packaged daemon by itself.
+    let halted = wait_release(&f, &next_version, "halted");
+    assert!(halted["state_reason"].as_str().unwrap().contains("crash loop"), "{halted}");
+    a.wait_daemon(&packaged_version, Duration::from_secs(120));
+    let returned = f.wait_event(&ids[0], "daemon_installed", |d| d["version"] == packaged_version.as_str());
+    assert_eq!(returned["details"]["rollback"], true, "{returned}");
+    assert_eq!(a.child.id(), pids.0);
+    assert!(a.release_slots()["active"].is_null(), "the package runs again: {}", a.release_slots());
+    assert_eq!(a.model().as_deref(), Some("0.4.0"), "the model was not touched");
+
+    // The admin sees it through the API and on the dashboard.
+    let admin = fleet.cli_ok(&["tokens", "create", "--role", "admin", "--name", "releases-admin"]).trim().to_string();
+    let (status, body) = crate::serve::try_http(fleet.http, "GET", "/api/v1/releases", Some(&admin), None).unwrap();
+    assert_eq!(status, 200);
+    let listed: Value = serde_json::from_slice(&body).unwrap();
+    let states: Vec<(&str, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["version"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (mislabelled.as_str(), "halted"),
+            (next_version.as_str(), "halted"),
+            (packaged_version.as_str(), "production")
+        ]
+    );
+    let Some(browser) = crate::serve::Browser::start() else { return };
+    let base = format!("http://{}", fleet.http);
+    browser.go(&format!("{base}/"));
+    browser.find("[data-testid=login-form]");
+    browser.type_into("#token", &admin);
+    browser.click("#login");
+    browser.wait_loaded();
+    browser.go(&format!("{base}/#/rollouts"));
+    browser.wait_loaded();
+    let row =
+        format!("[data-testid=releases] tr[data-release='{next_version}-{}'] [data-state]", std::env::consts::ARCH);
+    assert_eq!(browser.attr(&row, "data-state"), "halted");
+    assert_eq!(browser.count("[data-testid=releases] tr[data-release]"), 3);
+}

@@ -175,6 +175,9 @@ impl WindowWorker {
                             Some(crate::updates::event::REJECTED) => EventKind::ModelRejected,
                             Some(crate::updates::event::ROLLED_BACK) => EventKind::ModelRolledBack,
                             Some(crate::updates::event::SELFTEST_FAILED) => EventKind::SelftestFailed,
+                            Some(crate::updates::event::DAEMON_INSTALLED) => EventKind::DaemonInstalled,
+                            Some(crate::updates::event::DAEMON_REJECTED) => EventKind::DaemonRejected,
+                            Some(crate::updates::event::DAEMON_ROLLED_BACK) => EventKind::DaemonRolledBack,
                             _ => continue,
                         },
                     };

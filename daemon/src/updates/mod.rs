@@ -1,26 +1,33 @@
-//! The appliance's updater: signed, staged, reversible model updates.
+//! The appliance's updater: signed, staged, reversible updates of the model
+//! and of the daemon itself.
 //!
 //! - [`fetch`] — the fleet's TUF repository through tough (pinned root,
 //!   persisted trusted metadata, expiry enforced) and resumable, bounded,
 //!   hash-checked target downloads.
 //! - [`slots`] — the A/B slots, the trial after a switch, and the automatic
 //!   return to the previous slot after a crash loop.
+//! - [`release`] — daemon releases: the launcher that starts an installed
+//!   release, and the checks a new binary passes before the switch.
 //!
 //! [`Updater::check`] is one pass: refresh the signed metadata, take the
 //! target signed metadata assigns to this device's cohort bucket
-//! ([`rxvision_protocol::updates::assigned`]), refuse a lower version than
-//! the one running unless that target is an explicit rollback order,
-//! download it, write it to the inactive slot, verify it there (the
-//! appliances' loader, the security scan, the engines prepared as the
-//! service prepares them and the bundle's self-test against ONNX Runtime's
-//! outputs on the CPU engine), then switch slots atomically and ask the
-//! service to restart into it. Nothing is switched unless every step
-//! passed. Every outcome that matters is an audit record of kind
-//! `model_change` (`details.event`: `model_installed`, `model_rejected`,
-//! `selftest_failed`, `model_rolled_back`), which the telemetry worker turns
-//! into the fleet event of the same name, exactly once.
+//! ([`rxvision_protocol::updates::assigned`]) — of kind `model`, then of kind
+//! `daemon` named for this machine's architecture — refuse a lower version
+//! than the one running unless that target is an explicit rollback order,
+//! download it, write it to the inactive slot, verify it there, then switch
+//! slots atomically and ask the service to restart into it. A model bundle
+//! is verified with the appliances' loader, the security scan, the engines
+//! prepared as the service prepares them and the bundle's self-test against
+//! ONNX Runtime's outputs on the CPU engine; a daemon release as
+//! [`release::verify`] says. Nothing is switched unless every step passed.
+//! Every outcome that matters is an audit record of kind `model_change`
+//! (`details.event`: `model_installed`, `model_rejected`, `selftest_failed`,
+//! `model_rolled_back`, `daemon_installed`, `daemon_rejected`,
+//! `daemon_rolled_back`), which the telemetry worker turns into the fleet
+//! event of the same name, exactly once.
 
 pub mod fetch;
+pub mod release;
 pub mod slots;
 
 use std::path::PathBuf;
@@ -58,6 +65,35 @@ pub mod event {
     pub const SELFTEST_FAILED: &str = "selftest_failed";
     /// The daemon went back to the previous model.
     pub const ROLLED_BACK: &str = "model_rolled_back";
+    /// A daemon release was switched to.
+    pub const DAEMON_INSTALLED: &str = "daemon_installed";
+    /// A daemon release was refused (metadata, download, version or its checks).
+    pub const DAEMON_REJECTED: &str = "daemon_rejected";
+    /// The launcher went back to the previous daemon.
+    pub const DAEMON_ROLLED_BACK: &str = "daemon_rolled_back";
+}
+
+/// What an install is of: the model or the daemon itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Artifact {
+    Model,
+    Daemon,
+}
+
+impl Artifact {
+    fn installed(self) -> &'static str {
+        match self {
+            Artifact::Model => event::INSTALLED,
+            Artifact::Daemon => event::DAEMON_INSTALLED,
+        }
+    }
+
+    fn rejected(self) -> &'static str {
+        match self {
+            Artifact::Model => event::REJECTED,
+            Artifact::Daemon => event::DAEMON_REJECTED,
+        }
+    }
 }
 
 /// Records a model change in the audit log (the fleet hears of it from there).
@@ -89,17 +125,27 @@ pub struct Updater {
     config: UpdatesConfig,
     device_id: String,
     store: SlotStore,
+    releases: SlotStore,
     audit: Arc<AuditLog>,
     engine: EngineOptions,
-    /// The model version running now.
+    /// The model running now: its version and where it was loaded from.
     running: String,
-    /// The last refusal reported, so a repeated one is not reported at every check.
-    last_refusal: std::sync::Mutex<Option<String>>,
+    running_bundle: PathBuf,
+    /// This daemon's version and its configuration file (a new release is checked against both).
+    daemon_version: String,
+    config_file: Option<PathBuf>,
+    /// The last refusal reported of each artifact (model, daemon), so a
+    /// repeated one is not reported at every check.
+    last_refusal: [std::sync::Mutex<Option<String>>; 2],
 }
 
 impl std::fmt::Debug for Updater {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Updater").field("device_id", &self.device_id).field("running", &self.running).finish()
+        f.debug_struct("Updater")
+            .field("device_id", &self.device_id)
+            .field("running", &self.running)
+            .field("daemon_version", &self.daemon_version)
+            .finish()
     }
 }
 
@@ -107,24 +153,41 @@ fn version(text: &str) -> Option<semver::Version> {
     semver::Version::parse(text).ok()
 }
 
+/// What an updater is told about the appliance it runs on.
+#[derive(Debug, Clone)]
+pub struct Appliance {
+    /// Its id (its cohort bucket follows).
+    pub device_id: String,
+    /// `<state_dir>` (model slots under `models/`, release slots under `daemon/`).
+    pub state_dir: PathBuf,
+    /// The engine options the service runs with.
+    pub engine: EngineOptions,
+    /// The model version running and the bundle it was loaded from.
+    pub model_version: String,
+    /// Where the running model was loaded from.
+    pub model_bundle: PathBuf,
+    /// This daemon's version.
+    pub daemon_version: String,
+    /// The configuration file the service was started with (`None`: releases
+    /// cannot be checked against it and are refused).
+    pub config_file: Option<PathBuf>,
+}
+
 impl Updater {
-    /// An updater for the device running model `running`.
-    pub fn new(
-        config: UpdatesConfig,
-        device_id: &str,
-        models_dir: PathBuf,
-        audit: Arc<AuditLog>,
-        engine: EngineOptions,
-        running: String,
-    ) -> Updater {
+    /// An updater for `appliance`.
+    pub fn new(config: UpdatesConfig, appliance: Appliance, audit: Arc<AuditLog>) -> Updater {
         Updater {
             config,
-            device_id: device_id.to_string(),
-            store: SlotStore::new(&models_dir),
+            device_id: appliance.device_id,
+            store: SlotStore::new(&appliance.state_dir.join("models")),
+            releases: release::store(&appliance.state_dir),
             audit,
-            engine,
-            running,
-            last_refusal: std::sync::Mutex::new(None),
+            engine: appliance.engine,
+            running: appliance.model_version,
+            running_bundle: appliance.model_bundle,
+            daemon_version: appliance.daemon_version,
+            config_file: appliance.config_file,
+            last_refusal: Default::default(),
         }
     }
 
@@ -133,8 +196,8 @@ impl Updater {
         self.config.poll_interval
     }
 
-    fn refuse(&self, event: &str, why: String, details: serde_json::Value) -> Checked {
-        let mut last = self.last_refusal.lock().unwrap_or_else(|p| p.into_inner());
+    fn refuse(&self, artifact: Artifact, event: &str, why: String, details: serde_json::Value) -> Checked {
+        let mut last = self.last_refusal[artifact as usize].lock().unwrap_or_else(|p| p.into_inner());
         if last.as_deref() != Some(why.as_str()) {
             tracing::warn!(reason = %why, "update refused");
             let mut details = details.as_object().cloned().unwrap_or_default();
@@ -145,13 +208,14 @@ impl Updater {
         Checked::Refused(why)
     }
 
-    /// One pass (see the module's docs).
+    /// One pass (see the module's docs): the model first, then the daemon.
     pub async fn check(&self) -> Checked {
         let repo = match fetch::refresh(&self.config.repository).await {
             Ok(repo) => repo,
             Err(FetchError::Network(why)) => return Checked::Unreachable(why),
             Err(FetchError::Refused(why)) => {
-                return self.refuse(event::REJECTED, format!("signed metadata refused: {why}"), serde_json::json!({}))
+                let why = format!("signed metadata refused: {why}");
+                return self.refuse(Artifact::Model, event::REJECTED, why, serde_json::json!({}));
             }
         };
         let mut targets = Vec::new();
@@ -164,78 +228,119 @@ impl Updater {
                 None => {}
             }
         }
-        let bucket = cohort_bucket(&self.device_id);
-        let Some((name, info)) = assigned(targets.iter().map(|(n, i, _)| (n.as_str(), i)), TargetKind::Model, bucket)
-        else {
+        let model = self.install_assigned(&targets, Artifact::Model).await;
+        if matches!(model, Checked::Installed(_)) {
+            return model;
+        }
+        match self.install_assigned(&targets, Artifact::Daemon).await {
+            Checked::UpToDate => model,
+            daemon => daemon,
+        }
+    }
+
+    /// Installs what signed metadata assigns this device of `artifact`'s kind.
+    async fn install_assigned(
+        &self,
+        targets: &[(String, TargetInfo, tough::schema::Target)],
+        artifact: Artifact,
+    ) -> Checked {
+        let (kind, running, store) = match artifact {
+            Artifact::Model => (TargetKind::Model, &self.running, &self.store),
+            Artifact::Daemon => (TargetKind::Daemon, &self.daemon_version, &self.releases),
+        };
+        let release_name = release::target_name();
+        let candidates = targets
+            .iter()
+            .filter(|(_, info, _)| artifact == Artifact::Model || info.name == release_name)
+            .map(|(n, i, _)| (n.as_str(), i));
+        let Some((name, info)) = assigned(candidates, kind, cohort_bucket(&self.device_id)) else {
             return Checked::UpToDate;
         };
         let (name, info) = (name.to_string(), info.clone());
         let target = targets.iter().find(|(n, ..)| *n == name).map(|(.., t)| t.clone()).expect("assigned from these");
         let sha256: String = target.hashes.sha256.iter().map(|b| format!("{b:02x}")).collect();
-        let details = serde_json::json!({"version": info.version, "target": name, "running": self.running});
-        let (Some(wanted), Some(running)) = (version(&info.version), version(&self.running)) else {
+        let details = serde_json::json!({"version": info.version, "target": name, "running": running});
+        let rejected = artifact.rejected();
+        let (Some(wanted), Some(current)) = (version(&info.version), version(running)) else {
             return self.refuse(
-                event::REJECTED,
+                artifact,
+                rejected,
                 format!("{name}: version {:?} is not a version", info.version),
                 details,
             );
         };
-        if wanted == running {
+        if wanted == current {
             // A refusal reported before is reported again if it recurs.
-            *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.last_refusal[artifact as usize].lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Checked::UpToDate;
         }
-        if wanted < running && !info.rollback {
+        if wanted < current && !info.rollback {
             return self.refuse(
-                event::REJECTED,
-                format!("{name}: {wanted} is lower than the running {running} and not an explicit rollback order"),
+                artifact,
+                rejected,
+                format!("{name}: {wanted} is lower than the running {current} and not an explicit rollback order"),
                 details,
             );
         }
-        let mut slots = match self.store.load() {
+        let mut slots = match store.load() {
             Ok(s) => s,
-            Err(e) => return self.refuse(event::REJECTED, e.to_string(), details),
+            Err(e) => return self.refuse(artifact, rejected, e.to_string(), details),
         };
         if slots.given_up.contains(&sha256) {
-            // Already reported when it was given up (`model_rolled_back`).
-            let why = format!("{name}: this bundle was given up here after it failed (crash loop or load failure)");
+            // Already reported when it was given up (`*_rolled_back`).
+            let why = format!("{name}: given up here after it failed (crash loop or load failure)");
             tracing::info!(reason = %why, "update not installed");
             return Checked::Refused(why);
         }
-        let downloads = self.store.downloads();
+        if artifact == Artifact::Daemon && wanted < current && slots.active.is_none() {
+            // An ordered return below the packaged daemon: the package runs when no slot is active.
+            let why = format!("{name}: {wanted} is below the packaged daemon {current}, which cannot be replaced");
+            return self.refuse(artifact, rejected, why, details);
+        }
+        let downloads = store.downloads();
         let file = match fetch::download(&self.config.repository, &name, target.length, &sha256, &downloads).await {
             Ok(file) => file,
             Err(FetchError::Network(why)) => return Checked::Unreachable(why),
-            Err(FetchError::Refused(why)) => return self.refuse(event::REJECTED, why, details),
+            Err(FetchError::Refused(why)) => return self.refuse(artifact, rejected, why, details),
         };
         let slot = slots.inactive();
-        let written = match self.store.write_bundle(slot, &file) {
+        let written = match store.write_bundle(slot, &file) {
             Ok(path) => path,
             Err(e) => return Checked::Unreachable(e.to_string()),
         };
-        let engine = self.engine;
         let expected = info.version.clone();
-        let verified = tokio::task::spawn_blocking(move || verify(&written, &expected, engine))
-            .await
-            .unwrap_or_else(|e| Err((event::REJECTED, format!("verification crashed: {e}"))));
+        let verified = match artifact {
+            Artifact::Model => {
+                let engine = self.engine;
+                tokio::task::spawn_blocking(move || verify(&written, &expected, engine))
+                    .await
+                    .unwrap_or_else(|e| Err((event::REJECTED, format!("verification crashed: {e}"))))
+            }
+            Artifact::Daemon => match &self.config_file {
+                None => Err((event::DAEMON_REJECTED, "the service runs without a configuration file".into())),
+                Some(config_file) => release::verify(&written, &expected, config_file, &self.running_bundle)
+                    .await
+                    .map_err(|why| (event::DAEMON_REJECTED, why)),
+            },
+        };
         if let Err((kind, why)) = verified {
-            return self.refuse(kind, format!("{name}: {why}"), details);
+            return self.refuse(artifact, kind, format!("{name}: {why}"), details);
         }
-        let previous = slots.active.as_ref().map(|a| a.version.clone()).unwrap_or_else(|| self.running.clone());
+        let previous = slots.active.as_ref().map(|a| a.version.clone()).unwrap_or_else(|| running.clone());
         slots.switch(Installed { slot, version: info.version.clone(), sha256: sha256.clone() }, crate::audit::now_ms());
-        if let Err(e) = self.store.save(&slots) {
-            return self.refuse(event::REJECTED, e.to_string(), details);
+        if let Err(e) = store.save(&slots) {
+            return self.refuse(artifact, rejected, e.to_string(), details);
         }
         let _ = std::fs::remove_file(&file);
         record(
             &self.audit,
-            event::INSTALLED,
+            artifact.installed(),
             serde_json::json!({
                 "version": info.version, "previous": previous, "slot": slot.dir_name(), "sha256": sha256,
                 "rollback": info.rollback,
             }),
         );
-        tracing::info!(version = %info.version, slot = slot.dir_name(), "model installed: restarting into it");
+        tracing::info!(version = %info.version, slot = slot.dir_name(), ?artifact, "installed: restarting into it");
         Checked::Installed(info.version)
     }
 }

@@ -1,8 +1,9 @@
-//! A/B model slots: which installed bundle the daemon loads, the one before
-//! it, and whether the newest is still on trial.
+//! A/B slots: which installed model bundle (or daemon release) the daemon
+//! loads (or runs), the one before it, and whether the newest is still on trial.
 //!
 //! Layout under `<state_dir>/models/`: `a/bundle.tar.gz`, `b/bundle.tar.gz`
-//! and `slots.json`. An install writes the *inactive* slot, checks it, then
+//! and `slots.json`; under `<state_dir>/daemon/` the same with `a/rxvisiond`
+//! and `b/rxvisiond` ([`SlotStore::for_releases`]). An install writes the *inactive* slot, checks it, then
 //! replaces `slots.json` atomically (written to a temporary file, synced,
 //! renamed, directory synced): before the rename the daemon loads what it
 //! loaded before, after it the new slot, and a power cut in between leaves
@@ -48,14 +49,14 @@ impl Slot {
     }
 }
 
-/// An installed bundle.
+/// An installed artifact (model bundle or daemon release).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {
     /// Where it is.
     pub slot: Slot,
-    /// Its model version.
+    /// Its version.
     pub version: String,
-    /// SHA-256 of its `.tar.gz`, as signed metadata gave it.
+    /// SHA-256 of its bytes, as signed metadata gave it.
     pub sha256: String,
 }
 
@@ -153,10 +154,15 @@ pub struct SlotError {
     pub problem: String,
 }
 
-/// `<state_dir>/models/`: the slots on disk.
+/// The slots on disk: `<state_dir>/models/` (model bundles) or
+/// `<state_dir>/daemon/` (daemon releases, written executable).
 #[derive(Debug, Clone)]
 pub struct SlotStore {
     dir: PathBuf,
+    /// The file name of a slot's artifact.
+    artifact: &'static str,
+    /// Whether the artifact is a program (written mode 0700).
+    executable: bool,
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -164,9 +170,19 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 impl SlotStore {
-    /// The store under `models_dir` (created on first write).
+    /// The model slots under `models_dir` (created on first write).
     pub fn new(models_dir: &Path) -> SlotStore {
-        SlotStore { dir: models_dir.to_path_buf() }
+        SlotStore { dir: models_dir.to_path_buf(), artifact: "bundle.tar.gz", executable: false }
+    }
+
+    /// The daemon release slots under `daemon_dir` (`a/rxvisiond`, `b/rxvisiond`).
+    pub fn for_releases(daemon_dir: &Path) -> SlotStore {
+        SlotStore { dir: daemon_dir.to_path_buf(), artifact: "rxvisiond", executable: true }
+    }
+
+    /// The directory of the slots.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// `slots.json`.
@@ -174,9 +190,9 @@ impl SlotStore {
         self.dir.join("slots.json")
     }
 
-    /// Where a slot's bundle lives.
+    /// Where a slot's artifact (bundle or binary) lives.
     pub fn bundle_path(&self, slot: Slot) -> PathBuf {
-        self.dir.join(slot.dir_name()).join("bundle.tar.gz")
+        self.dir.join(slot.dir_name()).join(self.artifact)
     }
 
     /// Where downloads are kept while incomplete (they resume from there).
@@ -208,14 +224,17 @@ impl SlotStore {
         sync_dir(&self.dir).map_err(err)
     }
 
-    /// Writes `bytes` as `slot`'s bundle durably (staged, synced, renamed).
+    /// Writes the file `from` as `slot`'s artifact durably (staged, synced, renamed).
     pub fn write_bundle(&self, slot: Slot, from: &Path) -> Result<PathBuf, SlotError> {
+        use std::os::unix::fs::PermissionsExt;
         let target = self.bundle_path(slot);
         let dir = target.parent().expect("a slot has a directory").to_path_buf();
         let err = |e: std::io::Error| SlotError { path: target.display().to_string(), problem: e.to_string() };
         std::fs::create_dir_all(&dir).map_err(err)?;
-        let staged = dir.join("bundle.tar.gz.new");
+        let staged = dir.join(format!("{}.new", self.artifact));
         std::fs::copy(from, &staged).map_err(err)?;
+        let mode = if self.executable { 0o700 } else { 0o600 };
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).map_err(err)?;
         std::fs::File::open(&staged).and_then(|f| f.sync_all()).map_err(err)?;
         std::fs::rename(&staged, &target).map_err(err)?;
         sync_dir(&dir).map_err(err)?;

@@ -18,10 +18,11 @@ use crate::config::FleetConfig;
 use crate::db::Db;
 
 /// The leader's publishing step: the repository is signed anew where the
-/// registry and the active rollout want other targets, or a role nears its
+/// registry, the active rollout and the daemon releases want other targets, or a role nears its
 /// expiry. Nothing happens before `rxfleet keys init`.
 pub async fn publish(config: &FleetConfig, db: &Db) -> Result<repo::Plan, String> {
-    let wanted = db.wanted_targets().await.map_err(|e| e.to_string())?;
+    let mut wanted = db.wanted_targets().await.map_err(|e| e.to_string())?;
+    wanted.extend(db.wanted_release_targets().await.map_err(|e| e.to_string())?);
     db.publish(&wanted, &config.updates.keys_dir, &config.updates.lifetimes, crate::now_ms())
         .await
         .map_err(|e| e.to_string())
