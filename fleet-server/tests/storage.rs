@@ -106,12 +106,12 @@ impl Databases {
 async fn migrations_run_once_and_a_reopened_database_keeps_everything() {
     let dbs = Databases::new("migrations").await;
     for db in dbs.open_each().await {
-        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3, 4]);
+        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3, 4, 5]);
         db.commit(&[window("counter-1", 1, 5, head(10, 'a'))], &[], 1_000).await.unwrap();
         db.close().await;
     }
     for db in dbs.open_each().await {
-        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3, 4], "{:?}", db.backend());
+        assert_eq!(db.applied_migrations().await.unwrap(), [1, 2, 3, 4, 5], "{:?}", db.backend());
         assert_eq!(db.stored_seqs("counter-1").await.unwrap(), [1], "{:?}", db.backend());
     }
 }
