@@ -333,6 +333,7 @@ pub fn run_eval(
     formulary: Option<PathBuf>,
     json: bool,
     mistakes: Option<&std::path::Path>,
+    verify: bool,
 ) -> Result<ExitCode, ClassifyError> {
     const DEFAULT_FORMULARY: &str = "models/formulary/formulary.json";
     if let Some(scale) = px_per_mm.filter(|s| !(1.0..=100.0).contains(s)) {
@@ -369,8 +370,8 @@ pub fn run_eval(
     let twins = formulary
         .as_ref()
         .map(|formulary| rxvision_counter::eval::TwinRule { formulary, by_size: px_per_mm.is_some() });
-    let report = match crate::eval::evaluate(&path, dataset, twins) {
-        Ok(report) => report,
+    let (report, verification) = match crate::eval::evaluate(&path, dataset, twins, verify) {
+        Ok(scored) => scored,
         Err(e) => {
             eprintln!("rxvisiond: eval: {e}");
             return Ok(ExitCode::from(1));
@@ -389,7 +390,11 @@ pub fn run_eval(
         }
     }
     if json {
-        println!("{}", serde_json::to_string(&report).expect("report serialises"));
+        let mut value = serde_json::to_value(&report).expect("report serialises");
+        if let Some(verification) = &verification {
+            value["verify"] = serde_json::to_value(verification).expect("verification serialises");
+        }
+        println!("{value}");
     } else {
         println!(
             "{} images: top-1 {:.4}, top-3 {:.4}, ECE {:.4}, UNCERTAIN {:.4}, not analysed {}",
@@ -407,6 +412,27 @@ pub fn run_eval(
         }
         for c in &report.confusions {
             println!("  {} taken for {}: {}", c.expected, c.predicted, c.count);
+        }
+        if let Some(v) = &verification {
+            let rate = |r: &rxvision_counter::eval::MatchRate| format!("{:.4} ({}/{})", r.rate, r.matched, r.n);
+            println!(
+                "verification (min_confidence {}): automation {}, false MATCH with a look-alike expected {}, \
+                 for unknown products {}",
+                v.min_confidence,
+                rate(&v.answered.automation),
+                rate(&v.answered.false_match_lookalike),
+                rate(&v.answered.false_match_unknown)
+            );
+            println!("  min_confidence  automation  false MATCH look-alike  false MATCH unknown");
+            for p in &v.curve {
+                println!(
+                    "  {:<14}  {:<10.4}  {:<22.4}  {:.4}",
+                    p.min_confidence,
+                    p.report.automation.rate,
+                    p.report.false_match_lookalike.rate,
+                    p.report.false_match_unknown.rate
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -75,6 +75,11 @@ enum Command {
         /// expected, face, predicted, confidence, verdict, measured size in pixels, contrast).
         #[arg(long, value_name = "FILE")]
         mistakes: Option<PathBuf>,
+        /// Also ask every image as a pharmacy system does, with an expected NDC (its own, and a
+        /// known look-alike's): automation and false MATCH, and their curve over the
+        /// confidence threshold.
+        #[arg(long)]
+        verify: bool,
     },
     /// Verify, export or prune the encrypted audit log.
     Audit {
@@ -136,8 +141,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => commands::classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => commands::run_selftest(&model, json),
-        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes } => {
-            commands::run_eval(&model, &dataset, px_per_mm, formulary, json, mistakes.as_deref())
+        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes, verify } => {
+            commands::run_eval(&model, &dataset, px_per_mm, formulary, json, mistakes.as_deref(), verify)
         }
         Command::Audit { command } => return commands::audit(command),
         Command::Config { command: ConfigCommand::Check { file } } => {

@@ -367,6 +367,54 @@ mod eval_command {
         );
     }
 
+    #[test]
+    fn eval_verify_asks_as_a_pharmacy_system_does_and_draws_the_threshold_curve() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("file,ndc,face,lookalike_group\n");
+        let golden = golden_images();
+        for (i, (path, top1)) in golden.iter().enumerate() {
+            let name = format!("img{i}.{}", path.extension().unwrap().to_str().unwrap());
+            std::fs::copy(path, dir.path().join(&name)).unwrap();
+            let group = if *top1 < 4 { "G1" } else { "G2" };
+            csv.push_str(&format!("{name},fixture-0{top1},front,{group}\n"));
+        }
+        // A product the model does not know, in G1, pictured as a G1 product looks.
+        std::fs::copy(&golden[0].0, dir.path().join("unknown.png")).unwrap();
+        csv.push_str("unknown.png,99999-0000-01,front,G1\n");
+        // An empty tray of a known product: refused, so never a MATCH.
+        let tray = image::RgbImage::from_fn(200, 160, |x, y| image::Rgb([120 + ((x * 3 + y) % 5) as u8, 124, 128]));
+        tray.save(dir.path().join("empty.png")).unwrap();
+        csv.push_str("empty.png,fixture-00,front,G1\n");
+        std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
+
+        let out = eval_fixture(dir.path(), &["--verify"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        let verify = &report["verify"];
+        let answered = &verify["answered"];
+        let known = golden.len() as u64 + 1;
+        assert_eq!(answered["automation"]["n"], known, "every known image with its own NDC: {verify}");
+        assert!(answered["automation"]["matched"].as_u64().unwrap() < known, "the empty tray is no MATCH");
+        assert_eq!(answered["false_match_lookalike"]["n"], known, "and with a look-alike of its group");
+        assert_eq!(answered["false_match_lookalike"]["matched"], 0, "{verify}");
+        // The fixture is sure of itself: the unknown pill that looks like a G1 product is matched.
+        assert_eq!(answered["false_match_unknown"]["n"], 1);
+        assert_eq!(answered["false_match_unknown"]["matched"], 1, "{verify}");
+        // The curve at the bundle's own threshold is what the counter answered, and a
+        // higher threshold never matches more.
+        let curve = verify["curve"].as_array().unwrap();
+        let own = curve.iter().find(|p| p["min_confidence"] == verify["min_confidence"]).expect("the bundle's point");
+        for case in ["automation", "false_match_lookalike", "false_match_unknown"] {
+            assert_eq!(own[case], answered[case], "{case}: {verify}");
+            let matched: Vec<u64> = curve.iter().map(|p| p[case]["matched"].as_u64().unwrap()).collect();
+            assert!(matched.windows(2).all(|w| w[0] >= w[1]), "{case}: {matched:?}");
+        }
+        assert_eq!(curve.last().unwrap()["min_confidence"].as_f64().unwrap(), f64::from(0.9999f32));
+        // Without --verify nothing is asked twice and there is no curve.
+        let plain: serde_json::Value = serde_json::from_str(stdout(&eval_fixture(dir.path(), &[])).trim()).unwrap();
+        assert!(plain.get("verify").is_none());
+    }
+
     /// Sildenafil 25 mg shows "Pfizer" on its front like the 50 and 100 mg tablets, at another
     /// size; its back reads VGR25. Without the size cue the fronts are twin faces, scored apart;
     /// with it they are not.

@@ -13,12 +13,12 @@
 //! stores the report (numbers, dataset hash, engine, code version) and moves
 //! the version to `validated` or `rejected` with the failed gates as reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
-use rxvision_counter::eval::{lookalike_for, Sample, Scorer, TwinRule, VerifyReport};
+use rxvision_counter::eval::{known_by_group, verify_cases, Sample, Scorer, TwinRule, VerifyReport};
 use rxvision_models::classify::Classifier;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
 use rxvision_models::formulary::Formulary;
@@ -195,10 +195,7 @@ pub fn measure(bundle: &Path, dataset: &Dataset, dir: &Path, engine: EnginePrefe
     let has_faces = images.iter().any(|i| i.face.is_some());
     let labels = &path.classifier().bundle().labels;
     let known: BTreeSet<&str> = labels.iter().map(|l| l.ndc.as_str()).collect();
-    let mut known_by_group: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for image in images.iter().filter(|i| known.contains(i.ndc.as_str()) && !i.lookalike_group.is_empty()) {
-        known_by_group.entry(image.lookalike_group.clone()).or_default().insert(image.ndc.clone());
-    }
+    let known_by_group = known_by_group(&images, labels);
     let twins = TwinRule { formulary: &formulary, by_size: dataset.px_per_mm.is_some() };
     let mut scorer = Scorer::new(labels, has_faces.then_some(twins));
     let mut verify = VerifyReport::default();
@@ -221,11 +218,8 @@ pub fn measure(bundle: &Path, dataset: &Dataset, dir: &Path, engine: EnginePrefe
         scorer.add(&sample, &identified);
         let is_known = known.contains(image.ndc.as_str());
         let twin = scorer.is_twin(&image.ndc, image.face.as_deref().unwrap_or(""));
-        if is_known && !twin {
-            verify.add(true, true, ask(Some(&image.ndc), &bytes, &image.file)?.verdict);
-        }
-        if let Some(other) = lookalike_for(&image.ndc, &image.lookalike_group, &known_by_group) {
-            verify.add(is_known, false, ask(Some(other), &bytes, &image.file)?.verdict);
+        for case in verify_cases(image, is_known, twin, &known_by_group) {
+            verify.add(case.known, case.expected_own, ask(Some(case.expected), &bytes, &image.file)?.verdict);
         }
     }
     latencies.sort_by(f64::total_cmp);

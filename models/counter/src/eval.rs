@@ -414,6 +414,118 @@ impl VerifyReport {
     }
 }
 
+/// Which known NDCs each look-alike group holds, from a dataset's images:
+/// the products `lookalike_for` may expect in place of an image's own.
+pub fn known_by_group<'i>(
+    images: impl IntoIterator<Item = &'i labels::DatasetImage>,
+    model_labels: &[Label],
+) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let known: HashSet<&str> = model_labels.iter().map(|l| l.ndc.as_str()).collect();
+    let mut groups: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for image in images {
+        if known.contains(image.ndc.as_str()) && !image.lookalike_group.is_empty() {
+            groups.entry(image.lookalike_group.clone()).or_default().insert(image.ndc.clone());
+        }
+    }
+    groups
+}
+
+/// One verification scan a dataset image stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyCase<'a> {
+    /// Whether the pill's product is one the model knows.
+    pub known: bool,
+    /// Whether its own NDC is expected (MATCH right) or a look-alike's (MATCH wrong).
+    pub expected_own: bool,
+    /// The NDC expected.
+    pub expected: &'a str,
+}
+
+/// The verification scans an image stands for ([`VerifyReport`]): its own
+/// NDC expected (a known product, unless its face is a twin no picture can
+/// decide), and a known look-alike of its group expected (when there is one).
+pub fn verify_cases<'a>(
+    image: &'a labels::DatasetImage,
+    known: bool,
+    twin: bool,
+    known_by_group: &'a BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Vec<VerifyCase<'a>> {
+    let mut cases = Vec::with_capacity(2);
+    if known && !twin {
+        cases.push(VerifyCase { known, expected_own: true, expected: &image.ndc });
+    }
+    if let Some(other) = lookalike_for(&image.ndc, &image.lookalike_group, known_by_group) {
+        cases.push(VerifyCase { known, expected_own: false, expected: other });
+    }
+    cases
+}
+
+/// The lowest `min_confidence` at which the counter would answer MATCH for
+/// `expected`, given the scan's identification-mode analysis (same frame,
+/// same model, same size cue): every pill judged, each with `expected` on
+/// top at least `min_margin` ahead of the next. `None`: no threshold makes
+/// it a MATCH (refused, another product on top, a narrow margin).
+pub fn matched_at(analysis: &Analysis, expected: &str, min_margin: f32) -> Option<f32> {
+    if analysis.refusal.is_some() || analysis.pills.is_empty() {
+        return None;
+    }
+    let mut lowest = f32::INFINITY;
+    for pill in &analysis.pills {
+        let top = pill.top_k.first().filter(|_| pill.refusal.is_none())?;
+        let next = pill.top_k.get(1).map_or(0.0, |r| r.prob);
+        if top.ndc != expected || top.prob - next < min_margin {
+            return None;
+        }
+        lowest = lowest.min(top.prob);
+    }
+    Some(lowest)
+}
+
+/// The confidence thresholds the verification curve is drawn at.
+pub const CURVE_THRESHOLDS: [f32; 13] =
+    [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999];
+
+/// Verification at every confidence threshold: automation against false
+/// MATCH, from each verification scan's [`matched_at`].
+#[derive(Debug, Clone, Default)]
+pub struct VerifyCurve {
+    /// (known, expected own, lowest threshold answered MATCH)
+    scans: Vec<(bool, bool, Option<f32>)>,
+}
+
+/// One point of the curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    /// The `min_confidence` it assumes.
+    pub min_confidence: f32,
+    /// The three cases at that threshold.
+    #[serde(flatten)]
+    pub report: VerifyReport,
+}
+
+impl VerifyCurve {
+    /// Adds one verification scan.
+    pub fn add(&mut self, case: VerifyCase<'_>, matched_at: Option<f32>) {
+        self.scans.push((case.known, case.expected_own, matched_at));
+    }
+
+    /// The three cases as the counter would answer with `min_confidence`.
+    pub fn at(&self, min_confidence: f32) -> VerifyReport {
+        let mut report = VerifyReport::default();
+        for &(known, expected_own, matched_at) in &self.scans {
+            let verdict =
+                if matched_at.is_some_and(|p| p >= min_confidence) { Verdict::Match } else { Verdict::Uncertain };
+            report.add(known, expected_own, verdict);
+        }
+        report
+    }
+
+    /// The curve at `thresholds`.
+    pub fn points(&self, thresholds: &[f32]) -> Vec<CurvePoint> {
+        thresholds.iter().map(|&t| CurvePoint { min_confidence: t, report: self.at(t) }).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +540,27 @@ mod tests {
         assert_eq!((report.automation.n, report.automation.matched, report.automation.rate), (2, 1, 0.5));
         assert_eq!((report.false_match_lookalike.n, report.false_match_lookalike.matched), (1, 0));
         assert_eq!((report.false_match_unknown.n, report.false_match_unknown.rate), (1, 1.0));
+    }
+
+    #[test]
+    fn the_curve_matches_a_scan_up_to_its_own_confidence() {
+        let case = |known, expected_own| VerifyCase { known, expected_own, expected: "a" };
+        let mut curve = VerifyCurve::default();
+        curve.add(case(true, true), Some(0.97));
+        curve.add(case(true, true), Some(0.9995));
+        curve.add(case(true, true), None);
+        curve.add(case(true, false), Some(0.8));
+        curve.add(case(false, false), None);
+        let at = |t| {
+            let r = curve.at(t);
+            (r.automation.matched, r.automation.n, r.false_match_lookalike.matched, r.false_match_unknown.n)
+        };
+        assert_eq!(at(0.5), (2, 3, 1, 1));
+        assert_eq!(at(0.97), (2, 3, 0, 1), "a threshold equal to the confidence still matches");
+        assert_eq!(at(0.999), (1, 3, 0, 1));
+        assert_eq!(at(0.9999), (0, 3, 0, 1));
+        let points = curve.points(&[0.5, 0.999]);
+        assert_eq!((points[1].min_confidence, points[1].report), (0.999, curve.at(0.999)));
     }
 
     #[test]
