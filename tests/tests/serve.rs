@@ -331,11 +331,7 @@ fn serve_with_no_configuration_runs_a_fleet_the_dashboard_shows() {
     // The dashboard, in headless Chromium.
     let Some(browser) = Browser::start() else { return };
     let base = format!("http://{}", fleet.http);
-    browser.go(&format!("{base}/"));
-    browser.find("[data-testid=login-form]");
-    browser.type_into("#token", &admin);
-    browser.click("#login");
-    browser.wait_loaded();
+    browser.log_in(&base, &admin);
     assert_eq!(browser.attr("[data-testid=fleet-devices-total]", "data-value"), "6");
     assert_eq!(browser.attr("[data-testid=fleet-scans]", "data-value"), scans.to_string());
     assert_eq!(browser.count("[data-testid=site-row]"), 3);
@@ -723,6 +719,15 @@ impl Drop for Browser {
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
+    /// Opens the dashboard at `base` and signs in with `token`.
+    pub(crate) fn log_in(&self, base: &str, token: &str) {
+        self.go(&format!("{base}/"));
+        self.find("[data-testid=login-form]");
+        self.type_into("#token", token);
+        self.click("#login");
+        self.wait_loaded();
+    }
+
     pub(crate) fn start() -> Option<Browser> {
         let found = |exe: &str| Command::new(exe).arg("--version").output().is_ok_and(|o| o.status.success());
         if !found("chromedriver") || !found("chromium") {

@@ -908,11 +908,7 @@ fn staged_rollouts_on_twenty_appliances_pass_halt_and_pause_by_field_evidence() 
     // … and on the dashboard, where an admin resumes the paused rollout.
     let Some(browser) = crate::serve::Browser::start() else { return };
     let base = format!("http://{}", f.fleet.http);
-    browser.go(&format!("{base}/"));
-    browser.find("[data-testid=login-form]");
-    browser.type_into("#token", &admin);
-    browser.click("#login");
-    browser.wait_loaded();
+    browser.log_in(&base, &admin);
     browser.go(&format!("{base}/#/rollouts"));
     browser.wait_loaded();
     assert_eq!(browser.count("[data-testid=rollouts] tr[data-rollout]"), 3);
@@ -1099,11 +1095,7 @@ fn daemon_releases_install_by_themselves_and_a_crash_loop_brings_the_stage_back(
     );
     let Some(browser) = crate::serve::Browser::start() else { return };
     let base = format!("http://{}", fleet.http);
-    browser.go(&format!("{base}/"));
-    browser.find("[data-testid=login-form]");
-    browser.type_into("#token", &admin);
-    browser.click("#login");
-    browser.wait_loaded();
+    browser.log_in(&base, &admin);
     browser.go(&format!("{base}/#/rollouts"));
     browser.wait_loaded();
     let row =
