@@ -325,16 +325,33 @@ pub fn cameras(json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `rxvisiond eval`'s options.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    /// The camera's scale (turns on the size cue).
+    pub px_per_mm: Option<f32>,
+    /// The formulary (sizes, twin faces).
+    pub formulary: Option<PathBuf>,
+    /// One JSON object instead of text.
+    pub json: bool,
+    /// Also the verification cases and their curve.
+    pub verify: bool,
+    /// The quality gate's blur limit instead of the default.
+    pub min_sharpness: Option<f32>,
+}
+
 /// `rxvisiond eval`: the counter path over a labelled dataset, scored.
 pub fn run_eval(
     model: &ModelArgs,
     dataset: &std::path::Path,
-    px_per_mm: Option<f32>,
-    formulary: Option<PathBuf>,
-    json: bool,
+    options: EvalOptions,
     mistakes: Option<&std::path::Path>,
-    verify: bool,
 ) -> Result<ExitCode, ClassifyError> {
+    let EvalOptions { px_per_mm, formulary, json, verify, min_sharpness } = options;
+    if let Some(limit) = min_sharpness.filter(|l| !(0.0..=10_000.0).contains(l)) {
+        eprintln!("rxvisiond: --min-sharpness {limit} is outside 0..=10000");
+        return Ok(ExitCode::from(64));
+    }
     const DEFAULT_FORMULARY: &str = "models/formulary/formulary.json";
     if let Some(scale) = px_per_mm.filter(|s| !(1.0..=100.0).contains(s)) {
         eprintln!("rxvisiond: --px-per-mm {scale} is outside 1..=100");
@@ -366,6 +383,11 @@ pub fn run_eval(
         let cue = rxvision_counter::size::SizeCue::from_formulary(scale, &path.classifier().bundle().labels, formulary);
         eprintln!("rxvisiond: size cue at {scale} px/mm ({} classes with a formulary size)", cue.known());
         path = path.with_size_cue(cue);
+    }
+    if let Some(min_sharpness) = min_sharpness {
+        eprintln!("rxvisiond: blur limit {min_sharpness} (the counter's is 12)");
+        let limits = rxvision_counter::quality::QualityLimits { min_sharpness, ..Default::default() };
+        path = path.with_quality(limits);
     }
     let twins = formulary
         .as_ref()
@@ -404,6 +426,8 @@ pub fn run_eval(
             println!("  group {group}: {} images, top-1 {:.4}", score.n, score.top1);
         }
         println!("open set: {} images, UNCERTAIN {:.4}", report.open_set.n, report.open_set.uncertain_rate);
+        let refusals: Vec<String> = report.refusals.iter().map(|(code, n)| format!("{code} {n}")).collect();
+        println!("refused before the model: {}", refusals.join(", "));
         if let Some(t) = &report.twin_faces {
             println!(
                 "twin faces (scored apart): {} images, top-1 {:.4}, UNCERTAIN {:.4}; open set {} images, UNCERTAIN {:.4}",

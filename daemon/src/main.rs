@@ -80,6 +80,10 @@ enum Command {
         /// confidence threshold.
         #[arg(long)]
         verify: bool,
+        /// The quality gate's blur limit (Laplacian variance of a pill's crop; default 12):
+        /// to measure what the model reads in frames the gate refuses.
+        #[arg(long, value_name = "VARIANCE")]
+        min_sharpness: Option<f32>,
     },
     /// Verify, export or prune the encrypted audit log.
     Audit {
@@ -141,8 +145,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => commands::classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => commands::run_selftest(&model, json),
-        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes, verify } => {
-            commands::run_eval(&model, &dataset, px_per_mm, formulary, json, mistakes.as_deref(), verify)
+        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes, verify, min_sharpness } => {
+            let options = commands::EvalOptions { px_per_mm, formulary, json, verify, min_sharpness };
+            commands::run_eval(&model, &dataset, options, mistakes.as_deref())
         }
         Command::Audit { command } => return commands::audit(command),
         Command::Config { command: ConfigCommand::Check { file } } => {

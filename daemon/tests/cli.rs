@@ -352,6 +352,7 @@ mod eval_command {
         let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
         assert_eq!(report["n"], 8, "{report}");
         assert_eq!(report["not_analysed"], 2, "{report}");
+        assert_eq!(report["refusals"], serde_json::json!({"no_pill": 2}), "why they were refused");
         assert_eq!(report["top1"], 1.0, "{report}");
         assert_eq!(report["top3"], 1.0);
         assert_eq!(report["per_group"]["G1"]["n"], 4);
@@ -413,6 +414,11 @@ mod eval_command {
         // Without --verify nothing is asked twice and there is no curve.
         let plain: serde_json::Value = serde_json::from_str(stdout(&eval_fixture(dir.path(), &[])).trim()).unwrap();
         assert!(plain.get("verify").is_none());
+        // The blur limit can be moved to measure what the gate refuses; nonsense is refused.
+        let out = eval_fixture(dir.path(), &["--min-sharpness=-1"]);
+        assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+        assert!(stderr(&out).contains("--min-sharpness -1 is outside"), "{}", stderr(&out));
+        assert!(eval_fixture(dir.path(), &["--min-sharpness", "0"]).status.success());
     }
 
     /// Sildenafil 25 mg shows "Pfizer" on its front like the 50 and 100 mg tablets, at another

@@ -130,6 +130,13 @@ impl CounterPath {
         self
     }
 
+    /// Refuses frames and pills by `limits` instead of the defaults (to
+    /// calibrate the gate against what the model can read).
+    pub fn with_quality(mut self, limits: QualityLimits) -> CounterPath {
+        self.quality = limits;
+        self
+    }
+
     /// The classifier (model, engines).
     pub fn classifier(&self) -> &Classifier {
         &self.classifier

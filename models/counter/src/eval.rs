@@ -134,6 +134,9 @@ pub struct EvalReport {
     /// Images (of any product) the counter refused before the model: no
     /// whole pill found, or the frame or the pill failed the quality gate.
     pub not_analysed: usize,
+    /// Those refusals by reason code (`no_pill`, `pill_at_edge`, `blurred`,
+    /// `too_dark`, `size_contradicts` …).
+    pub refusals: BTreeMap<String, usize>,
     /// Images showing a face that another product of the model shares
     /// exactly, scored apart (absent without a formulary or a `face` column).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -195,6 +198,7 @@ pub struct Scorer<'a> {
     top3: usize,
     uncertain: usize,
     not_analysed: usize,
+    refusals: BTreeMap<String, usize>,
     /// (count, sum of confidence, correct)
     bins: [(usize, f64, usize); 15],
     groups: BTreeMap<String, (usize, usize)>,
@@ -219,6 +223,7 @@ impl<'a> Scorer<'a> {
             top3: 0,
             uncertain: 0,
             not_analysed: 0,
+            refusals: BTreeMap::new(),
             bins: [(0, 0.0, 0); 15],
             groups: BTreeMap::new(),
             confusions: HashMap::new(),
@@ -249,6 +254,8 @@ impl<'a> Scorer<'a> {
         let is_known = self.known.contains(ndc);
         let Some(pill) = analysis.pills.first().filter(|p| !p.top_k.is_empty()) else {
             self.not_analysed += 1;
+            let code = analysis.refusal.or_else(|| analysis.pills.first().and_then(|p| p.refusal));
+            *self.refusals.entry(code.unwrap_or("other").to_string()).or_default() += 1;
             if is_known {
                 let refusal = analysis.pills.first().map_or(analysis.verdict, |p| p.verdict);
                 let refusal = serde_json::to_value(refusal).ok().and_then(|v| v.as_str().map(String::from));
@@ -339,6 +346,7 @@ impl<'a> Scorer<'a> {
             confusions,
             open_set: OpenSet { n: open.0, uncertain_rate: share(open.1, open.0) },
             not_analysed: self.not_analysed,
+            refusals: self.refusals,
             twin_faces: self.twins.map(|_| TwinFaces {
                 n: twin_known.0,
                 top1: share(twin_known.1, twin_known.0),
