@@ -5,8 +5,11 @@
 //! bad usage or a bad configuration; 65 a bad model bundle; 66 `run`: the
 //! audit store is missing, shorter than or forked from the chain this
 //! appliance confirmed (an operator must `audit accept-store`); 69 the
-//! requested engine is unavailable; 74 `run`: the audit store failed and
-//! could not be reopened (systemd restarts the service).
+//! requested engine is unavailable; 70 `run`: a daemon release on trial
+//! could not start (in place of 64-66, so that systemd restarts it and the
+//! launcher gives it up); 74 `run`: the audit store failed and could not be
+//! reopened (systemd restarts the service); 75 `run`: the restart into a new
+//! model or release could not be `exec`'d (systemd restarts the service).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

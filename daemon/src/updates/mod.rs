@@ -162,7 +162,7 @@ pub struct Appliance {
     pub state_dir: PathBuf,
     /// The engine options the service runs with.
     pub engine: EngineOptions,
-    /// The model version running and the bundle it was loaded from.
+    /// The model version running.
     pub model_version: String,
     /// Where the running model was loaded from.
     pub model_bundle: PathBuf,
