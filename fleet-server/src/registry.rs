@@ -507,12 +507,6 @@ impl Db {
 }
 
 fn target(model: &ModelVersion, cohort_below: u32, rollback: bool) -> Result<WantedTarget, ModelError> {
-    let mut sha256 = [0u8; 32];
-    let decoded: Option<Vec<u8>> =
-        (0..32).map(|i| u8::from_str_radix(model.sha256.get(2 * i..2 * i + 2)?, 16).ok()).collect();
-    sha256.copy_from_slice(&decoded.filter(|d| d.len() == 32).ok_or_else(|| {
-        ModelError::Conflict(format!("model {}: stored SHA-256 {:?} is not hex", model.version, model.sha256))
-    })?);
     let info = TargetInfo {
         kind: TargetKind::Model,
         name: model.name.clone(),
@@ -520,7 +514,9 @@ fn target(model: &ModelVersion, cohort_below: u32, rollback: bool) -> Result<Wan
         cohort_below,
         rollback,
     };
-    Ok(WantedTarget { name: model.target.clone(), sha256, length: model.length as u64, custom: info.to_custom() })
+    WantedTarget::from_stored(&model.target, &model.sha256, model.length as u64, &info).ok_or_else(|| {
+        ModelError::Conflict(format!("model {}: stored SHA-256 {:?} is not hex", model.version, model.sha256))
+    })
 }
 
 /// Moves a registered version to `state` (nothing when it is not registered).

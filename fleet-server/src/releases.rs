@@ -248,8 +248,7 @@ impl Db {
         let bytes = std::fs::read(path).map_err(io)?;
         let arch = elf_arch(&bytes)
             .map_err(|problem| ReleaseError::NotARelease { path: path.display().to_string(), problem })?;
-        let sha256: String =
-            ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = rxvision_models::bundle::sha256_hex(&bytes);
         if let Some(existing) = self.release(version, arch).await? {
             if existing.sha256 == sha256 {
                 return Ok(existing);
@@ -311,18 +310,11 @@ impl Db {
         self.release(version, arch).await?.ok_or_else(|| ReleaseError::NotFound(version.into()))
     }
 
-    /// Every release, newest first.
+    /// Every release, highest version first (then by architecture).
     pub async fn releases(&self) -> Result<Vec<DaemonRelease>, ReleaseError> {
-        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM daemon_releases ORDER BY pushed_ms DESC, arch"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM daemon_releases")).fetch_all(&self.pool).await?;
         let mut releases = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-        releases.sort_by(|a, b| {
-            semver::Version::parse(&b.version)
-                .ok()
-                .cmp(&semver::Version::parse(&a.version).ok())
-                .then_with(|| a.arch.cmp(&b.arch))
-        });
+        releases.sort_by_cached_key(|r| (std::cmp::Reverse(semver::Version::parse(&r.version).ok()), r.arch.clone()));
         Ok(releases)
     }
 
@@ -517,12 +509,6 @@ impl Db {
                 ReleaseState::Deploying => release.percent.min(100) * (COHORT_BUCKETS / 100),
                 _ => continue,
             };
-            let mut sha256 = [0u8; 32];
-            let decoded: Option<Vec<u8>> =
-                (0..32).map(|i| u8::from_str_radix(release.sha256.get(2 * i..2 * i + 2)?, 16).ok()).collect();
-            sha256.copy_from_slice(&decoded.filter(|d| d.len() == 32).ok_or_else(|| {
-                ReleaseError::Refused(format!("release {}: stored SHA-256 is not hex", release.version))
-            })?);
             let info = TargetInfo {
                 kind: TargetKind::Daemon,
                 name: release_name(&release.arch),
@@ -530,12 +516,11 @@ impl Db {
                 cohort_below,
                 rollback: rollback && release.state == ReleaseState::Production,
             };
-            wanted.push(WantedTarget {
-                name: release.target.clone(),
-                sha256,
-                length: release.length as u64,
-                custom: info.to_custom(),
-            });
+            let target = WantedTarget::from_stored(&release.target, &release.sha256, release.length as u64, &info)
+                .ok_or_else(|| {
+                    ReleaseError::Refused(format!("release {}: stored SHA-256 is not hex", release.version))
+                })?;
+            wanted.push(target);
         }
         Ok(wanted)
     }

@@ -172,8 +172,10 @@ pub fn restart() -> std::io::Error {
         .exec()
 }
 
+const PENDING_FILE: &str = "pending-events.json";
+
 fn pending_file(store: &SlotStore) -> PathBuf {
-    store.dir().join("pending-events.json")
+    store.dir().join(PENDING_FILE)
 }
 
 fn add_pending(store: &SlotStore, event: &str, details: serde_json::Value) {
@@ -181,11 +183,7 @@ fn add_pending(store: &SlotStore, event: &str, details: serde_json::Value) {
     let mut pending: Vec<(String, serde_json::Value)> =
         std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     pending.push((event.to_string(), details));
-    let staged = path.with_extension("json.new");
-    let written = std::fs::create_dir_all(store.dir())
-        .and_then(|()| std::fs::write(&staged, serde_json::to_vec(&pending).expect("events serialise")))
-        .and_then(|()| std::fs::File::open(&staged)?.sync_all())
-        .and_then(|()| std::fs::rename(&staged, &path));
+    let written = store.replace_file(PENDING_FILE, &serde_json::to_vec(&pending).expect("events serialise"));
     if let Err(e) = written {
         tracing::error!(path = %path.display(), error = %e, "an update event cannot be kept for the audit log");
     }

@@ -213,15 +213,21 @@ impl SlotStore {
 
     /// Replaces `slots.json` atomically and durably.
     pub fn save(&self, slots: &Slots) -> Result<(), SlotError> {
-        let path = self.state_file();
-        let err = |e: std::io::Error| SlotError { path: path.display().to_string(), problem: e.to_string() };
-        std::fs::create_dir_all(&self.dir).map_err(err)?;
-        let staged = self.dir.join("slots.json.new");
-        let mut file = std::fs::File::create(&staged).map_err(err)?;
         let bytes = serde_json::to_vec_pretty(slots).expect("slots serialise");
-        file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(err)?;
-        std::fs::rename(&staged, &path).map_err(err)?;
-        sync_dir(&self.dir).map_err(err)
+        self.replace_file("slots.json", &bytes)
+            .map_err(|e| SlotError { path: self.state_file().display().to_string(), problem: e.to_string() })
+    }
+
+    /// Replaces `<dir>/<name>` with `bytes` atomically and durably (a
+    /// temporary file written and synced, renamed, the directory synced).
+    pub fn replace_file(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let staged = self.dir.join(format!("{name}.new"));
+        let mut file = std::fs::File::create(&staged)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&staged, self.dir.join(name))?;
+        sync_dir(&self.dir)
     }
 
     /// Writes the file `from` as `slot`'s artifact durably (staged, synced, renamed).

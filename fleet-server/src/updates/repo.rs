@@ -115,6 +115,24 @@ pub struct WantedTarget {
 }
 
 impl WantedTarget {
+    /// The target `name` of `length` bytes whose SHA-256 the database keeps
+    /// as hex, carrying `info`; `None` when the stored hash is not 64 hex digits.
+    pub fn from_stored(
+        name: &str,
+        sha256_hex: &str,
+        length: u64,
+        info: &rxvision_protocol::updates::TargetInfo,
+    ) -> Option<WantedTarget> {
+        let mut sha256 = [0u8; 32];
+        if sha256_hex.len() != 64 {
+            return None;
+        }
+        for (i, byte) in sha256.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(sha256_hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(WantedTarget { name: name.to_string(), sha256, length, custom: info.to_custom() })
+    }
+
     fn target(&self) -> Target {
         Target {
             length: self.length,
