@@ -6,16 +6,26 @@
 //!
 //! `cargo bench -p rxvision-daemon --bench counter [-- BUNDLE]` (BUNDLE relative to the workspace root)
 //!
-//! Budget (design brief): p95 ≤ 30 ms on 2 cores; resident memory ≤ 200 MB.
+//! The frame is what the counter camera sends: a whole 640×480 JPEG at
+//! 9 px/mm, rendered by `rxvision-synth` for a product the bundle knows, the
+//! first such frame the counter answers MATCH for (the latency budgets mean
+//! whole frames). A bundle without formulary products (the fixtures) is timed
+//! on its first self-test image instead, which says so.
+//!
+//! Budget (design brief): p95 ≤ 30 ms on 2 cores; resident memory ≤ 200 MB;
+//! issue 17: p95 ≤ 15 ms and within 2× of the reference.
 //! Our path does more than the reference: it also checks quality, finds the
 //! pill and crops it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rxvision_counter::analysis::ScanRequest;
+use rxvision_counter::analysis::{CounterPath, ScanRequest};
+use rxvision_counter::verdict::Verdict;
+use rxvision_models::formulary::Face;
+use rxvision_synth::scene::{render_sample, SceneOptions};
 use rxvision_daemon::audit::{AuditKey, AuditLog, KeyRing};
 use rxvision_daemon::scan::Scanner;
 use rxvision_models::classify::Classifier;
@@ -33,32 +43,60 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// p50/p95 of whole scans (after a warm-up) with `options`; also the frame used.
-fn measure(bundle: &Path, options: EngineOptions, iters: usize) -> (PathBuf, f64, f64) {
+/// The frame to time and the NDC to expect: see the module's doc.
+struct Frame {
+    jpeg: Vec<u8>,
+    ndc: String,
+    what: String,
+}
+
+fn camera_frame(bundle: &Path, workspace: &Path) -> Frame {
+    let classifier = Classifier::open(Some(bundle), &[], EngineOptions { preference: EnginePreference::Cpu, ..EngineOptions::default() }).unwrap();
+    let formulary = rxvision_synth::load_formulary(&workspace.join("models/formulary/formulary.json")).unwrap();
+    let path = CounterPath::new(Arc::new(classifier));
+    let options = SceneOptions::camera(640, 480);
+    for label in &path.classifier().bundle().labels {
+        let Some(product) = formulary.get(&label.ndc) else { continue };
+        for seed in 0..20 {
+            let jpeg = render_sample(product, Face::Front, &[], seed, &options).to_jpeg().unwrap();
+            let request = ScanRequest { expected_ndc: Some(label.ndc.clone()), operator_id: "bench".into(), rx_ref: None };
+            if path.analyse(&request, &jpeg).is_ok_and(|a| a.verdict == Verdict::Match) {
+                let what = format!("a 640x480 camera frame of {} {} (rxvision-synth seed {seed}, {} bytes)", product.name, product.strength, jpeg.len());
+                return Frame { jpeg, ndc: label.ndc.clone(), what };
+            }
+        }
+    }
+    let classifier = path.classifier();
+    let case = &classifier.bundle().selftest.cases[0];
+    let image_path = bundle.join(classifier.bundle().selftest_path(case));
+    let jpeg = std::fs::read(&image_path).unwrap();
+    let what = format!("{} ({} bytes; no product of this bundle is in the formulary, so not a camera frame)", image_path.display(), jpeg.len());
+    Frame { jpeg, ndc: classifier.bundle().labels[case.label_index].ndc.clone(), what }
+}
+
+/// p50/p95 of whole scans of `frame` (after a warm-up) with `options`.
+fn measure(bundle: &Path, frame: &Frame, options: EngineOptions, iters: usize) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let classifier = Classifier::open(Some(bundle), &[], options).unwrap();
-    let case = classifier.bundle().selftest.cases[0].clone();
-    let expected_ndc = classifier.bundle().labels[case.label_index].ndc.clone();
-    let image_path = bundle.join(classifier.bundle().selftest_path(&case));
-    let frame = std::fs::read(&image_path).unwrap();
+    let frame_bytes = &frame.jpeg;
     let audit = AuditLog::open(&dir.path().join("audit"), KeyRing::new(AuditKey::from_master(&[3; 32]))).unwrap();
     let scanner = Scanner::new(Arc::new(classifier), Arc::new(audit));
     let request =
-        ScanRequest { expected_ndc: Some(expected_ndc), operator_id: "bench".into(), rx_ref: Some("RX-1".into()) };
+        ScanRequest { expected_ndc: Some(frame.ndc.clone()), operator_id: "bench".into(), rx_ref: Some("RX-1".into()) };
+    let frame = frame_bytes;
     for _ in 0..20 {
-        scanner.scan(&request, &frame).unwrap();
+        scanner.scan(&request, frame).unwrap();
     }
     let wanted = if options.preference == EnginePreference::Gpu { "gpu" } else { "cpu" };
     let samples: Vec<f64> = (0..iters)
         .map(|_| {
             let t = Instant::now();
-            let result = scanner.scan(&request, &frame).unwrap();
+            let result = scanner.scan(&request, frame).unwrap();
             assert_eq!(result.engine, wanted, "the scan ran on the engine measured (no fallback)");
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    let (p50, p95) = percentiles(samples);
-    (image_path, p50, p95)
+    percentiles(samples)
 }
 
 fn main() {
@@ -71,9 +109,12 @@ fn main() {
     let iters: usize = std::env::var("RXVISION_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let threads = 2;
     let cpu = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: threads, ..EngineOptions::default() };
-    let (image_path, cpu_p50, cpu_p95) = measure(&bundle, cpu, iters);
-    let frame_len = std::fs::metadata(&image_path).map_or(0, |m| m.len());
-    println!("frame {} ({frame_len} bytes), {iters} scans, CPU engine with {threads} threads", image_path.display());
+    let frame = camera_frame(&bundle, &workspace);
+    let dir = tempfile::tempdir().unwrap();
+    let image_path = dir.path().join("frame.jpg");
+    std::fs::write(&image_path, &frame.jpeg).unwrap();
+    let (cpu_p50, cpu_p95) = measure(&bundle, &frame, cpu, iters);
+    println!("frame: {}; {iters} scans, CPU engine with {threads} threads", frame.what);
     println!("{:<58} {:>8} {:>8}", "pipeline", "p50 ms", "p95 ms");
     println!(
         "{:<58} {:>8.2} {:>8.2}",
@@ -82,7 +123,7 @@ fn main() {
     match probe_adapter() {
         Ok(adapter) => {
             let gpu = EngineOptions { preference: EnginePreference::Gpu, ..cpu };
-            let (_, p50, p95) = measure(&bundle, gpu, iters);
+            let (p50, p95) = measure(&bundle, &frame, gpu, iters);
             let kind = if adapter.software { "software adapter" } else { "hardware adapter" };
             println!("{:<58} {:>8.2} {:>8.2}", format!("rxvisiond scan, wonnx on {} ({kind})", adapter.name), p50, p95);
         }
@@ -111,5 +152,5 @@ fn main() {
         Some(mb) => println!("peak resident memory of this process: {mb:.0} MB (budget 200 MB)"),
         None => println!("peak resident memory: /proc/self/status unavailable"),
     }
-    println!("budget: p95 <= 30 ms on 2 cores");
+    println!("budget: p95 <= 30 ms on 2 cores (issue 17: <= 15 ms, within 2x of the reference)");
 }

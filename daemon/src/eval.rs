@@ -17,7 +17,7 @@ use std::path::Path;
 
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
 use rxvision_counter::eval::{
-    known_by_group, matched_at, verify_cases, CurvePoint, EvalReport, Sample, Scorer, TwinRule, VerifyCurve,
+    matched_at, verify_cases, Lookalikes, CurvePoint, EvalReport, Sample, Scorer, TwinRule, VerifyCurve,
     VerifyReport, CURVE_THRESHOLDS,
 };
 use rxvision_models::labels;
@@ -52,7 +52,7 @@ pub fn evaluate(
     let has_faces = images.iter().any(|i| i.face.is_some());
     let model_labels = &path.classifier().bundle().labels;
     let mut scorer = Scorer::new(model_labels, twins.filter(|_| has_faces));
-    let groups = known_by_group(&images, model_labels);
+    let lookalikes = Lookalikes::new(&images, model_labels);
     let thresholds = path.classifier().bundle().manifest.thresholds;
     let (mut answered, mut curve) = (VerifyReport::default(), VerifyCurve::default());
     let ask = |expected: Option<&str>, bytes: &[u8], file: &str| {
@@ -74,7 +74,7 @@ pub fn evaluate(
         if verify {
             let known = model_labels.iter().any(|l| l.ndc == image.ndc);
             let twin = scorer.is_twin(&image.ndc, image.face.as_deref().unwrap_or(""));
-            for case in verify_cases(image, known, twin, &groups) {
+            for case in verify_cases(image, known, twin, &lookalikes) {
                 answered.add(case.known, case.expected_own, ask(Some(case.expected), &bytes, file)?.verdict);
                 curve.add(case, matched_at(&analysis, case.expected, thresholds.min_margin));
             }

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
-use rxvision_counter::eval::{known_by_group, verify_cases, Sample, Scorer, TwinRule, VerifyReport};
+use rxvision_counter::eval::{verify_cases, Lookalikes, Sample, Scorer, TwinRule, VerifyReport};
 use rxvision_models::classify::Classifier;
 use rxvision_models::engine::{EngineOptions, EnginePreference};
 use rxvision_models::formulary::Formulary;
@@ -195,7 +195,7 @@ pub fn measure(bundle: &Path, dataset: &Dataset, dir: &Path, engine: EnginePrefe
     let has_faces = images.iter().any(|i| i.face.is_some());
     let labels = &path.classifier().bundle().labels;
     let known: BTreeSet<&str> = labels.iter().map(|l| l.ndc.as_str()).collect();
-    let known_by_group = known_by_group(&images, labels);
+    let lookalikes = Lookalikes::new(&images, labels);
     let twins = TwinRule { formulary: &formulary, by_size: dataset.px_per_mm.is_some() };
     let mut scorer = Scorer::new(labels, has_faces.then_some(twins));
     let mut verify = VerifyReport::default();
@@ -218,7 +218,7 @@ pub fn measure(bundle: &Path, dataset: &Dataset, dir: &Path, engine: EnginePrefe
         scorer.add(&sample, &identified);
         let is_known = known.contains(image.ndc.as_str());
         let twin = scorer.is_twin(&image.ndc, image.face.as_deref().unwrap_or(""));
-        for case in verify_cases(image, is_known, twin, &known_by_group) {
+        for case in verify_cases(image, is_known, twin, &lookalikes) {
             verify.add(case.known, case.expected_own, ask(Some(case.expected), &bytes, &image.file)?.verdict);
         }
     }

@@ -4,8 +4,9 @@
 //! RFC 4180 CSV, UTF-8, `\n` line ends, header first:
 //!
 //! ```text
-//! file,ndc,face,name,strength,lookalike_group,seed
-//! images/00093-0832-01_00000_front.jpg,00093-0832-01,front,Clonazepam,0.5 mg,LA05,1234567890
+//! file,ndc,face,name,strength,lookalike_group,seed,imitates
+//! images/00093-0832-01_00000_front.jpg,00093-0832-01,front,Clonazepam,0.5 mg,LA05,1234567890,
+//! images/99999-0832-01_00000_front.jpg,99999-0832-01,front,Clonazepam (altered imprint),0.5 mg,LA05,987654321,00093-0832-01
 //! ```
 //!
 //! * `file` — the image, relative to the dataset directory;
@@ -14,7 +15,11 @@
 //! * `face` — `front` or `back`, the face up;
 //! * `seed` — the image's own seed (derived from the run's seed, the NDC and
 //!   the image's index), which with the same formulary, options and
-//!   `--exclude` list re-renders exactly this image.
+//!   `--exclude` list re-renders exactly this image;
+//! * `imitates` — for a product that does not exist (an *impostor*, see
+//!   `rxvision_synth::impostor`), the NDC of the formulary product whose
+//!   imprint was altered; empty for a formulary product. Datasets written
+//!   before this column have none, which reads as empty.
 //!
 //! Fields holding a comma, quote or line break are quoted, quotes doubled.
 //! Other producers (the C3PI conversion) may add columns; readers find columns
@@ -23,7 +28,7 @@
 use std::path::Path;
 
 /// The header `rxvision-synth dataset` writes.
-pub const HEADER: &str = "file,ndc,face,name,strength,lookalike_group,seed";
+pub const HEADER: &str = "file,ndc,face,name,strength,lookalike_group,seed,imitates";
 
 /// One row of `labels.csv`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +47,8 @@ pub struct LabelRow {
     pub lookalike_group: String,
     /// The image's seed.
     pub seed: u64,
+    /// The product an impostor imitates, or empty.
+    pub imitates: String,
 }
 
 impl LabelRow {
@@ -55,6 +62,7 @@ impl LabelRow {
             &self.strength,
             &self.lookalike_group,
             &self.seed.to_string(),
+            &self.imitates,
         ]
         .map(|f| quote(f));
         format!("{}\n", fields.join(","))
@@ -128,10 +136,13 @@ pub struct DatasetImage {
     pub lookalike_group: String,
     /// `front` or `back`; `None` when the dataset does not say.
     pub face: Option<String>,
+    /// The formulary product an impostor imitates (empty for a real product,
+    /// or when the dataset has no such column).
+    pub imitates: String,
 }
 
 /// The images of a `labels.csv` (columns `file` and `ndc`, and
-/// `lookalike_group` and `face` when present), in order; blank lines skipped.
+/// `lookalike_group`, `face` and `imitates` when present), in order; blank lines skipped.
 pub fn read_dataset(path: &Path) -> Result<Vec<DatasetImage>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     let records = parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -140,16 +151,20 @@ pub fn read_dataset(path: &Path) -> Result<Vec<DatasetImage>, String> {
     let (Some(file), Some(ndc)) = (column("file"), column("ndc")) else {
         return Err(format!("{}: the header needs `file` and `ndc` columns", path.display()));
     };
-    let (group, face) = (column("lookalike_group"), column("face"));
+    let (group, face, imitates) = (column("lookalike_group"), column("face"), column("imitates"));
     rows.iter()
         .enumerate()
         .filter(|(_, r)| !(r.len() == 1 && r[0].is_empty()))
         .map(|(i, r)| {
             let field = |c: Option<usize>| c.and_then(|c| r.get(c)).cloned();
             match (field(Some(file)).filter(|f| !f.is_empty()), field(Some(ndc))) {
-                (Some(file), Some(ndc)) => {
-                    Ok(DatasetImage { file, ndc, lookalike_group: field(group).unwrap_or_default(), face: field(face) })
-                }
+                (Some(file), Some(ndc)) => Ok(DatasetImage {
+                    file,
+                    ndc,
+                    lookalike_group: field(group).unwrap_or_default(),
+                    face: field(face),
+                    imitates: field(imitates).unwrap_or_default(),
+                }),
                 _ => Err(format!("{}: row {} is short", path.display(), i + 2)),
             }
         })
@@ -191,6 +206,7 @@ mod tests {
             strength: "5 mg/325 mg".into(),
             lookalike_group: String::new(),
             seed: u64::MAX,
+            imitates: "12345-6789-02".into(),
         };
         let text = format!("{HEADER}\n{}", row.to_csv());
         let records = parse(&text).unwrap();
@@ -198,6 +214,18 @@ mod tests {
         assert_eq!(records[1][3], "Odd, \"quoted\" name");
         assert_eq!(records[1][6], u64::MAX.to_string());
         assert_eq!(records[1][5], "");
+        assert_eq!(records[1][7], "12345-6789-02");
+    }
+
+    #[test]
+    fn datasets_without_the_imitates_column_read_as_formulary_products() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.csv");
+        std::fs::write(&path, "file,ndc,face\nimages/a.jpg,12345-6789-01,front\n").unwrap();
+        let images = read_dataset(&path).unwrap();
+        assert_eq!((images[0].imitates.as_str(), images[0].face.as_deref()), ("", Some("front")));
+        std::fs::write(&path, format!("{HEADER}\nimages/b.jpg,99999-6789-01,back,X,1 mg,LA01,7,12345-6789-01\n")).unwrap();
+        assert_eq!(read_dataset(&path).unwrap()[0].imitates, "12345-6789-01");
     }
 
     #[test]

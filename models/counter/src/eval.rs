@@ -29,7 +29,7 @@
 //! [`Product::face_twin`](rxvision_models::formulary::Product::face_twin):
 //! with the size cue, products of different measured size are not twins.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rxvision_models::bundle::Label;
 use rxvision_models::formulary::{Face, Formulary};
@@ -394,20 +394,6 @@ pub struct VerifyReport {
     pub false_match_unknown: MatchRate,
 }
 
-/// Which known product to expect in place of a dataset image's own: the
-/// first other product (by NDC) of its look-alike group that the model
-/// knows. `known_by_group` maps a look-alike group to the known NDCs in it.
-pub fn lookalike_for<'a>(
-    ndc: &str,
-    group: &str,
-    known_by_group: &'a BTreeMap<String, std::collections::BTreeSet<String>>,
-) -> Option<&'a str> {
-    if group.is_empty() {
-        return None;
-    }
-    known_by_group.get(group)?.iter().map(String::as_str).find(|other| *other != ndc)
-}
-
 impl VerifyReport {
     /// Adds one verification scan: `own` says whether the pill's product is
     /// one the model knows, `expected_own` whether its own NDC was expected,
@@ -422,20 +408,39 @@ impl VerifyReport {
     }
 }
 
-/// Which known NDCs each look-alike group holds, from a dataset's images:
-/// the products `lookalike_for` may expect in place of an image's own.
-pub fn known_by_group<'i>(
-    images: impl IntoIterator<Item = &'i labels::DatasetImage>,
-    model_labels: &[Label],
-) -> BTreeMap<String, std::collections::BTreeSet<String>> {
-    let known: HashSet<&str> = model_labels.iter().map(|l| l.ndc.as_str()).collect();
-    let mut groups: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
-    for image in images {
-        if known.contains(image.ndc.as_str()) && !image.lookalike_group.is_empty() {
-            groups.entry(image.lookalike_group.clone()).or_default().insert(image.ndc.clone());
+/// Which known product a verification scan expects in place of an image's
+/// own: for an impostor (`imitates`), the product it imitates when the
+/// model knows it; otherwise the first other product (by NDC) of the
+/// image's look-alike group that the model knows.
+#[derive(Debug, Clone, Default)]
+pub struct Lookalikes {
+    known: BTreeSet<String>,
+    by_group: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Lookalikes {
+    /// The look-alikes of a dataset's images for a model whose classes are `model_labels`.
+    pub fn new<'i>(images: impl IntoIterator<Item = &'i labels::DatasetImage>, model_labels: &[Label]) -> Lookalikes {
+        let known: BTreeSet<String> = model_labels.iter().map(|l| l.ndc.clone()).collect();
+        let mut by_group: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for image in images {
+            if known.contains(&image.ndc) && !image.lookalike_group.is_empty() {
+                by_group.entry(image.lookalike_group.clone()).or_default().insert(image.ndc.clone());
+            }
         }
+        Lookalikes { known, by_group }
     }
-    groups
+
+    /// The known product to expect in place of `image`'s own, if any.
+    pub fn instead_of<'s>(&'s self, image: &labels::DatasetImage) -> Option<&'s str> {
+        if let Some(imitated) = self.known.get(&image.imitates) {
+            return Some(imitated);
+        }
+        if image.lookalike_group.is_empty() {
+            return None;
+        }
+        self.by_group.get(&image.lookalike_group)?.iter().map(String::as_str).find(|other| *other != image.ndc)
+    }
 }
 
 /// One verification scan a dataset image stands for.
@@ -451,18 +456,19 @@ pub struct VerifyCase<'a> {
 
 /// The verification scans an image stands for ([`VerifyReport`]): its own
 /// NDC expected (a known product, unless its face is a twin no picture can
-/// decide), and a known look-alike of its group expected (when there is one).
+/// decide), and a known look-alike expected ([`Lookalikes::instead_of`],
+/// when there is one).
 pub fn verify_cases<'a>(
     image: &'a labels::DatasetImage,
     known: bool,
     twin: bool,
-    known_by_group: &'a BTreeMap<String, std::collections::BTreeSet<String>>,
+    lookalikes: &'a Lookalikes,
 ) -> Vec<VerifyCase<'a>> {
     let mut cases = Vec::with_capacity(2);
     if known && !twin {
         cases.push(VerifyCase { known, expected_own: true, expected: &image.ndc });
     }
-    if let Some(other) = lookalike_for(&image.ndc, &image.lookalike_group, known_by_group) {
+    if let Some(other) = lookalikes.instead_of(image) {
         cases.push(VerifyCase { known, expected_own: false, expected: other });
     }
     cases
@@ -572,13 +578,32 @@ mod tests {
     }
 
     #[test]
-    fn the_lookalike_is_another_known_product_of_the_group() {
-        let known: BTreeMap<String, std::collections::BTreeSet<String>> =
-            [("LA01".to_string(), ["a".to_string(), "b".to_string()].into())].into();
-        assert_eq!(lookalike_for("a", "LA01", &known), Some("b"));
-        assert_eq!(lookalike_for("b", "LA01", &known), Some("a"));
-        assert_eq!(lookalike_for("x", "LA01", &known), Some("a"), "an unknown product gets the first known one");
-        assert_eq!(lookalike_for("a", "", &known), None);
-        assert_eq!(lookalike_for("a", "LA02", &known), None);
+    fn the_lookalike_is_the_imitated_product_or_another_known_product_of_the_group() {
+        let image = |ndc: &str, group: &str, imitates: &str| labels::DatasetImage {
+            file: String::new(),
+            ndc: ndc.into(),
+            lookalike_group: group.into(),
+            face: None,
+            imitates: imitates.into(),
+        };
+        let label = |ndc: &str| Label {
+            index: 0,
+            ndc: ndc.into(),
+            name: String::new(),
+            strength: String::new(),
+            attributes: Default::default(),
+        };
+        let images = [image("a", "LA01", ""), image("b", "LA01", ""), image("c", "", ""), image("x", "LA01", "")];
+        let lookalikes = Lookalikes::new(&images, &[label("a"), label("b"), label("c")]);
+        let instead = |ndc, group, imitates| lookalikes.instead_of(&image(ndc, group, imitates)).map(str::to_owned);
+        assert_eq!(instead("a", "LA01", ""), Some("b".into()));
+        assert_eq!(instead("b", "LA01", ""), Some("a".into()));
+        assert_eq!(instead("x", "LA01", ""), Some("a".into()), "an unknown product gets the first known one");
+        assert_eq!(instead("a", "", ""), None);
+        assert_eq!(instead("a", "LA02", ""), None);
+        assert_eq!(instead("99999-c", "", "c"), Some("c".into()), "an impostor expects what it imitates");
+        assert_eq!(instead("99999-b", "LA01", "b"), Some("b".into()));
+        assert_eq!(instead("99999-x", "LA01", "x"), Some("a".into()), "x is not known: its group's first");
+        assert_eq!(instead("99999-y", "", "y"), None);
     }
 }

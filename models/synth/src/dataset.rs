@@ -21,7 +21,8 @@ use rxvision_models::formulary::{Face, Formulary, Product};
 use rxvision_models::labels::{LabelRow, HEADER};
 use rxvision_models::par::par_map;
 
-use crate::rng::{image_seed, tray_seed};
+use crate::impostor::{alterable_faces, impostor, impostor_ndc, IMPOSTOR_LABELER};
+use crate::rng::{fnv1a64, image_seed, mix64, tray_seed};
 use crate::scene::{render_sample, render_tray, SceneError, SceneOptions};
 
 /// Why a dataset could not be written.
@@ -33,6 +34,9 @@ pub enum DatasetError {
     /// Nothing is left to render.
     #[error("--exclude removes every product of the formulary")]
     NothingToRender,
+    /// Impostors were asked for, but the formulary uses their labeler code.
+    #[error("--impostors: the formulary has a product with the impostors' labeler code {labeler}: {0}", labeler = crate::impostor::IMPOSTOR_LABELER)]
+    ImpostorLabelerTaken(String),
     /// A file or directory could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -64,13 +68,19 @@ pub struct DatasetSpec {
     /// Write each frame's pill as the counter crops it with this crop (see
     /// [`pill_crop`]) instead of the whole frame.
     pub pill_crops: Option<PillCrop>,
+    /// Images of impostors per included product (see [`crate::impostor`]),
+    /// besides its own `per_class`: each a freshly altered imprint on a face
+    /// that has one (faces alternate when both have).
+    pub impostors: u32,
 }
 
 /// What a dataset run wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetSummary {
-    /// Images written.
+    /// Images written (impostors included).
     pub images: usize,
+    /// Of them, images of impostors.
+    pub impostors: usize,
     /// Products rendered.
     pub products: usize,
     /// Frames left out because the counter would not ask the model about
@@ -107,18 +117,51 @@ pub fn face_of(index: u32) -> Face {
     }
 }
 
+/// One image to render: image `index` of `product` itself, or of an impostor of it.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    product: &'a Product,
+    index: u32,
+    impostor: bool,
+}
+
 /// Renders a dataset into `spec.out`: `images/*.jpg`, then `labels.csv`.
 pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<DatasetSummary, DatasetError> {
     let products = included(formulary, &spec.exclude)?;
+    if spec.impostors > 0 {
+        if let Some(p) = formulary.products.iter().find(|p| p.ndc.starts_with(&format!("{IMPOSTOR_LABELER}-"))) {
+            return Err(DatasetError::ImpostorLabelerTaken(p.ndc.clone()));
+        }
+    }
     let labels = spec.out.join("labels.csv");
     remove_if_present(&labels)?;
     let images = spec.out.join("images");
     std::fs::create_dir_all(&images).map_err(|source| DatasetError::Write { path: images.clone(), source })?;
 
-    let jobs: Vec<(&Product, u32)> = products.iter().flat_map(|&p| (0..spec.per_class).map(move |i| (p, i))).collect();
-    let rows = par_map(&jobs, spec.threads, |&(product, index)| -> Result<Option<LabelRow>, DatasetError> {
-        let face = face_of(index);
-        let seed = image_seed(spec.seed, &product.ndc, index);
+    let own = products.iter().flat_map(|&p| (0..spec.per_class).map(move |index| Job { product: p, index, impostor: false }));
+    let fakes = products
+        .iter()
+        .filter(|p| !alterable_faces(p).is_empty())
+        .flat_map(|&p| (0..spec.impostors).map(move |index| Job { product: p, index, impostor: true }));
+    let jobs: Vec<Job> = own.chain(fakes).collect();
+    let rows = par_map(&jobs, spec.threads, |&job| -> Result<Option<LabelRow>, DatasetError> {
+        let Job { index, .. } = job;
+        let fake;
+        let (product, face, imitates, seed);
+        if job.impostor {
+            let faces = alterable_faces(job.product);
+            face = faces[index as usize % faces.len()];
+            seed = image_seed(spec.seed, &impostor_ndc(job.product), index);
+            let Some(altered) = impostor(job.product, face, formulary, mix64(seed ^ fnv1a64("imprint"))) else {
+                return Ok(None);
+            };
+            fake = altered;
+            product = &fake;
+            imitates = job.product.ndc.clone();
+        } else {
+            (product, face, imitates) = (job.product, face_of(index), String::new());
+            seed = image_seed(spec.seed, &product.ndc, index);
+        }
         let picture = render_sample(product, face, &products, seed, &spec.options);
         let file = image_name(&product.ndc, index, face);
         let path = spec.out.join(&file);
@@ -140,18 +183,20 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
             strength: product.strength.clone(),
             lookalike_group: product.lookalike_group.clone().unwrap_or_default(),
             seed,
+            imitates,
         }))
     });
     let mut csv = format!("{HEADER}\n");
-    let mut written = 0;
+    let (mut written, mut impostors) = (0, 0);
     for row in rows {
         if let Some(row) = row? {
             csv.push_str(&row.to_csv());
             written += 1;
+            impostors += usize::from(!row.imitates.is_empty());
         }
     }
     write_atomically(&labels, csv.as_bytes())?;
-    Ok(DatasetSummary { images: written, products: products.len(), skipped: jobs.len() - written, labels })
+    Ok(DatasetSummary { images: written, impostors, products: products.len(), skipped: jobs.len() - written, labels })
 }
 
 /// JPEG quality of the crops `--pill-crops` writes (one generation after the camera's).

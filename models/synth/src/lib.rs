@@ -16,6 +16,8 @@
 //!   Blinn–Phong, its drop shadow, compositing.
 //! * [`scene`] — the tray, light, camera nuisances and composition of
 //!   single-pill images and multi-pill trays.
+//! * [`impostor`] — products that do not exist: formulary pills with one
+//!   imprint character altered, for open-set tests and outlier exposure.
 //! * [`dataset`] — writing `images/` + `labels.csv` and `trays/` +
 //!   `trays.json`, on all cores, identically for any thread count.
 //! * [`rng`] — SplitMix64 and per-image seeds.
@@ -49,6 +51,7 @@
 //! ```
 
 pub mod dataset;
+pub mod impostor;
 pub mod render;
 pub mod rng;
 pub mod scene;

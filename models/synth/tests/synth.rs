@@ -343,6 +343,8 @@ fn dataset_end_to_end_with_exclusions_and_features() {
             formulary.to_str().unwrap(),
             "--threads",
             threads,
+            "--impostors",
+            "2",
         ])
     };
     let a = tempfile::tempdir().unwrap();
@@ -358,9 +360,20 @@ fn dataset_end_to_end_with_exclusions_and_features() {
     let records = labels::parse(&csv).unwrap();
     assert_eq!(records[0].join(","), labels::HEADER);
     let rows = &records[1..];
-    assert_eq!(rows.len(), keep.len() * 3);
+    assert_eq!(rows.len(), keep.len() * (3 + 2), "3 images of each product and 2 of its impostors");
     for r in rows {
-        assert!(keep.contains(&r[1].as_str()), "excluded product {} rendered", r[1]);
+        let imitates = r[7].as_str();
+        if imitates.is_empty() {
+            assert!(keep.contains(&r[1].as_str()), "excluded product {} rendered", r[1]);
+        } else {
+            assert!(keep.contains(&imitates), "impostor of an excluded product {imitates}");
+            assert_eq!(r[1], rxvision_synth::impostor::impostor_ndc(f.get(imitates).unwrap()));
+            assert_eq!(r[5], f.get(imitates).unwrap().lookalike_group.clone().unwrap_or_default());
+            assert!(r[3].ends_with("(altered imprint)"), "{}", r[3]);
+            // Only a face with an imprint is shown: the capsule and the round print on one face only.
+            let shown = if r[2] == "front" { Face::Front } else { Face::Back };
+            assert!(!f.get(imitates).unwrap().imprint(shown).is_empty(), "{r:?}");
+        }
         assert!(ta.contains_key(&r[0]), "{} listed but not written", r[0]);
         assert!(["front", "back"].contains(&r[2].as_str()));
         let img = decode(&ta[&r[0]]).unwrap();
@@ -584,6 +597,16 @@ fn bad_input_is_a_clear_error_and_leaves_no_index() {
     let out = synth(&[&base[..], &["--exclude", "99999-9999-99", "--formulary", formulary.to_str().unwrap()]].concat());
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(stderr(&out).contains("99999-9999-99"), "{}", stderr(&out));
+    assert!(!out_dir.join("labels.csv").exists());
+
+    // Impostors are labelled 99999-…: a formulary that uses that labeler cannot have them.
+    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&formulary).unwrap()).unwrap();
+    value["products"][3]["ndc"] = "99999-0001-01".into();
+    let taken = dir.path().join("taken.json");
+    std::fs::write(&taken, serde_json::to_vec(&value).unwrap()).unwrap();
+    let out = synth(&[&base[..], &["--impostors", "1", "--formulary", taken.to_str().unwrap()]].concat());
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("99999-0001-01"), "{}", stderr(&out));
     assert!(!out_dir.join("labels.csv").exists());
 
     let out = synth(&["features", dir.path().join("missing").to_str().unwrap()]);

@@ -37,7 +37,7 @@ from .preprocess import MEAN, SCALE, STD, find_repo_root, preprocess_pil
 log = logging.getLogger("rxvision_trainer")
 
 LABELS_CSV = "labels.csv"
-LABELS_HEADER = ["file", "ndc", "face", "name", "strength", "lookalike_group", "seed"]
+LABELS_HEADER = ["file", "ndc", "face", "name", "strength", "lookalike_group", "seed", "imitates"]
 REQUIRED_COLUMNS = ("file", "ndc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -58,6 +58,7 @@ class Sample:
     strength: str = ""
     lookalike_group: str = ""
     seed: str = ""
+    imitates: str = ""  # an impostor (rxvision-synth dataset --impostors): the NDC whose imprint it alters
     extra: tuple = field(default_factory=tuple)  # ((column, value), ...) beyond the standard header
 
 
@@ -101,6 +102,7 @@ def read_dataset(root: str | Path) -> list[Sample]:
                 strength=(row.get("strength") or "").strip(),
                 lookalike_group=(row.get("lookalike_group") or "").strip(),
                 seed=(row.get("seed") or "").strip(),
+                imitates=(row.get("imitates") or "").strip(),
                 extra=tuple((c, row.get(c) or "") for c in extras),
             ))
     if not samples:
@@ -257,13 +259,13 @@ class ClassInfo:
 
 
 def build_classes(samples: Sequence[Sample], formulary: Formulary | None, holdout: set[str]) -> list[ClassInfo]:
-    """Every NDC of the training data except the held-out ones, in formulary order.
+    """Every NDC of the training data except the held-out ones and impostors, in formulary order.
 
     An NDC the formulary does not know still becomes a class (name and strength
     from labels.csv) with a warning: a pharmacy's own photos may include
     products before the formulary lists them.
     """
-    ndcs = sorted({s.ndc for s in samples} - holdout)
+    ndcs = sorted({s.ndc for s in samples if not s.imitates} - holdout)
     first: dict[str, Sample] = {}
     for s in samples:
         first.setdefault(s.ndc, s)
@@ -465,7 +467,12 @@ class OutlierDataset:
       combination no product has;
     - **hue shift**: a saturated pill's hue turned by 90-270 degrees: a colour no
       product of that shape has (white and grey pills have no hue to turn, so
-      they become chimeras instead).
+      they become chimeras instead);
+    - **impostor** (when ``impostors`` are given, a share ``p_impostor`` of the
+      items): a rendered pill of a product that does not exist, a known one with
+      one imprint character altered (``rxvision-synth dataset --impostors``),
+      augmented like a training image. The two above teach colour and outline;
+      only these teach that one digit makes another product.
 
     Items are (tensor (3,H,W), -1), deterministic in (seed, epoch, index).
     """
@@ -473,8 +480,9 @@ class OutlierDataset:
     MIN_SATURATION = 60.0  # mean HSV saturation (0-255) of the central region needed for a hue shift
 
     def __init__(self, samples: Sequence[Sample], class_of: dict[str, int], size: int, augment: Augment,
-                 seed: int = 0, p_hue: float = 0.4):
+                 seed: int = 0, p_hue: float = 0.4, impostors: Sequence[Sample] = (), p_impostor: float = 0.5):
         self.samples = list(samples)
+        self.impostors, self.p_impostor = list(impostors), p_impostor
         self.targets = [class_of[s.ndc] for s in self.samples]
         self.by_class: dict[int, list[int]] = {}
         for i, t in enumerate(self.targets):
@@ -494,6 +502,9 @@ class OutlierDataset:
 
     def make(self, i: int) -> Image.Image:
         rng = np.random.default_rng([self.seed, 1_000_003, self.epoch, i])
+        if self.impostors and rng.random() < self.p_impostor:
+            with Image.open(self.impostors[int(rng.integers(len(self.impostors)))].path) as im:
+                return self.augment(im.convert("RGB"), rng)
         a = self._load(i, rng)
         if rng.random() < self.p_hue:
             hsv = np.asarray(a.convert("HSV"), np.int16)

@@ -209,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         log.warning("no formulary found (--formulary): labels.json entries get name/strength from labels.csv only")
     holdout = set(parse_ndc_list(args.holdout_ndc))
     data = read_dataset(args.data)
+    impostors = [s for s in data if s.imitates and s.imitates not in holdout]
     classes = build_classes(data, formulary, holdout)
     class_of = {c.ndc: c.index for c in classes}
     known = [s for s in data if s.ndc in class_of]
@@ -232,9 +233,10 @@ def run(args: argparse.Namespace) -> dict:
     report_is_selection = unknown_report is unknown_select
     if not val_s:
         raise DataError("no validation images of the training classes")
-    log.info("%d classes; %d training, %d validation images; held out %d products (%d + %d images)",
+    log.info("%d classes; %d training, %d validation images; held out %d products (%d + %d images); "
+             "%d impostor images for outlier exposure",
              len(classes), len(train_s), len(val_s), len(holdout), len(unknown_select),
-             0 if report_is_selection else len(unknown_report))
+             0 if report_is_selection else len(unknown_report), len(impostors))
 
     # ---- model and training
     resumable = None
@@ -272,14 +274,14 @@ def run(args: argparse.Namespace) -> dict:
         dec_val = (load_decoded(args.val_data, val_all, args.size, workers=args.workers, cache=cache).to(device)
                    if args.val_data else dec)
         source = TensorTrainSource(dec, train_s, class_of, TensorAugment(aug_cfg), args.seed, args.batch_size,
-                                   device, outlier_batch=outlier_batch_size(cfg))
+                                   device, outlier_batch=outlier_batch_size(cfg), impostors=impostors)
         val_ds = TensorEvalSet(dec_val, val_s, class_of, device)
         eval_workers = 0
     else:
         train_ds = ImageDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed)
         val_ds = ImageDataset(val_s, class_of, args.size)
-        outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed) \
-            if args.outlier_weight > 0 else None
+        outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed,
+                                    impostors=impostors) if args.outlier_weight > 0 else None
         source = LoaderSource(train_ds, outlier_ds, cfg, device)
         eval_workers = default_workers(device) if args.workers < 0 else args.workers
     t_data = time.perf_counter() - t_data
@@ -428,7 +430,9 @@ def run(args: argparse.Namespace) -> dict:
                 "ops": ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())),
                 "data_note": args.data_note, "val_source": val_source,
                 "outliers": (f"outlier exposure: weight {args.outlier_weight}, {args.outlier_fraction:.0%} of each "
-                             f"batch (chimeras of two classes' halves; hue-turned saturated pills), target uniform"
+                             f"batch (chimeras of two classes' halves; hue-turned saturated pills"
+                             + (f"; half of them rendered impostors, {len(impostors)} images of products with one "
+                                "imprint character altered" if impostors else "") + "), target uniform"
                              if args.outlier_weight > 0 else "no outlier exposure"),
                 "min_temperature": args.min_temperature,
                 "augment": (f"rotation +-{aug_cfg.max_rotation_deg:g} deg, 180-degree turn p={aug_cfg.p_turn180}, "

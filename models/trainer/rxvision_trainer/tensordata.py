@@ -38,8 +38,8 @@ default path (``--loader tensor``):
   step), then normalised with the reference arithmetic. With every jitter set
   to zero the result equals the reference preprocessing exactly (tested).
 - **Outliers** (``TensorTrainSource._outliers``): the same recipe as
-  ``OutlierDataset`` - hue-turned saturated pills and two-class chimeras - made
-  from the same store, batched.
+  ``OutlierDataset`` - hue-turned saturated pills, two-class chimeras and, when
+  the dataset has them, rendered impostors - made from the same store, batched.
 """
 from __future__ import annotations
 
@@ -349,11 +349,15 @@ class TensorTrainSource:
 
     def __init__(self, decoded: Decoded, samples: Sequence[Sample], class_of: dict[str, int],
                  augment: TensorAugment, seed: int, batch_size: int, device: torch.device,
-                 outlier_batch: int = 0, p_hue: float = 0.4):
+                 outlier_batch: int = 0, p_hue: float = 0.4, impostors: Sequence[Sample] = (),
+                 p_impostor: float = 0.5):
         self.store, self.augment, self.seed = decoded, augment, seed
         self.batch_size, self.outlier_batch, self.p_hue = batch_size, outlier_batch, p_hue
         self.device = torch.device(device)
         self.rows = decoded.rows(samples)
+        # rendered impostors (OutlierDataset's third kind): store rows, drawn for a share p_impostor of the slots
+        self.impostor_rows = decoded.rows(impostors) if impostors else None
+        self.p_impostor = p_impostor
         t = np.asarray([class_of[s.ndc] for s in samples], np.int64)
         self.targets_np = t
         self.targets = torch.from_numpy(t).to(self.device)
@@ -369,7 +373,10 @@ class TensorTrainSource:
 
     def _images(self, pos: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Augmented pixel levels (float32, whole numbers 0-255) of the samples at ``pos`` (device tensor)."""
-        rows = self.rows[pos.to(self.rows.device)]
+        return self._rows(self.rows[pos.to(self.rows.device)], params)
+
+    def _rows(self, rows: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Augmented pixel levels of the store's ``rows``."""
         x, f = self.store.images[rows], self.store.fill[rows]
         if x.device != self.device:
             x, f = x.to(self.device, non_blocking=True), f.to(self.device, non_blocking=True)
@@ -392,6 +399,10 @@ class TensorTrainSource:
             across = rng.random(k) < 0.5  # cut the width (columns from the partner) or the height
             plan["cut"] = np.stack([cut, across], axis=1)
         plan["hue"] = np.stack([try_hue, turn], axis=1)
+        if self.impostor_rows is not None:  # drawn last: a dataset without impostors plans as before
+            which = rng.integers(0, len(self.impostor_rows), k)
+            plan["impostor"] = np.stack([rng.random(k) < self.p_impostor, which], axis=1)
+            plan["c"] = self.augment.draw(k, rng).as_tensor()
         return plan
 
     def _outliers(self, plan: dict, sl: slice) -> torch.Tensor:
@@ -409,7 +420,12 @@ class TensorTrainSource:
             other = a
         hue = hue_turn(a, plan["hue"][sl, 1].float())
         use_hue = plan["hue"][sl, 0].bool() & (centre_saturation(a) >= OutlierDataset.MIN_SATURATION)
-        return normalise(torch.where(use_hue.view(k, 1, 1, 1), hue, other))
+        out = torch.where(use_hue.view(k, 1, 1, 1), hue, other)
+        if "impostor" in plan:
+            use, which = plan["impostor"][sl, 0].bool(), plan["impostor"][sl, 1].long()
+            rows = self.impostor_rows[which.to(self.impostor_rows.device)]
+            out = torch.where(use.view(k, 1, 1, 1), self._rows(rows, plan["c"][sl]), out)
+        return normalise(out)
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         dev = self.device

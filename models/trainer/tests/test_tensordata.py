@@ -173,6 +173,33 @@ def test_train_source_batches_outliers_and_determinism(tmp_path):
     assert set(np.unique(hue[:, 0])) <= {0.0, 1.0} and ((hue[:, 1] >= 0.25) & (hue[:, 1] <= 0.75)).all()
 
 
+def test_impostors_fill_their_share_of_the_outlier_slots(tmp_path):
+    samples = _dataset(tmp_path, classes=4, per_class=5)
+    real, impostors = samples[:15], samples[15:]  # the fourth class stands in for rendered impostors
+    class_of = {f"0000{c}-0000-00": c for c in range(3)}
+    dec = load_decoded(tmp_path, samples, 64, workers=1, cache=False)
+    without = TensorTrainSource(dec, real, class_of, TensorAugment(ZERO), 1, 8, torch.device("cpu"), outlier_batch=4)
+    every = TensorTrainSource(dec, real, class_of, TensorAugment(ZERO), 1, 8, torch.device("cpu"), outlier_batch=4,
+                              impostors=impostors, p_impostor=1.0)
+    half = TensorTrainSource(dec, real, class_of, TensorAugment(ZERO), 1, 8, torch.device("cpu"), outlier_batch=4,
+                             impostors=impostors, p_impostor=0.5)
+    ref = normalise(dec.images[dec.rows(impostors)].float())
+    is_impostor = lambda o: [bool(((ref - img).abs().amax(dim=(1, 2, 3)) < 1e-4).any()) for img in o]
+    plan_keys = set(without._plan_outliers(np.arange(15), np.random.default_rng(4)))
+    assert "impostor" not in plan_keys, "a dataset without impostors plans as before"
+    for (_, _, o_all), (_, _, o_half), (_, _, o_none) in zip(every.epoch(0), half.epoch(0), without.epoch(0)):
+        assert all(is_impostor(o_all)), "with p_impostor = 1 every outlier is an (un-augmented) impostor"
+        assert not any(is_impostor(o_none))
+        assert o_half.shape == o_none.shape
+    shares = [is_impostor(o) for _, _, o in half.epoch(0)] + [is_impostor(o) for _, _, o in half.epoch(1)]
+    flat = [x for batch in shares for x in batch]
+    assert 0 < sum(flat) < len(flat), "p_impostor = 0.5 mixes impostors with synthetic outliers"
+    # the Pillow path: OutlierDataset draws them too
+    ds = OutlierDataset(real, class_of, 64, Augment(ZERO), impostors=impostors, p_impostor=1.0)
+    pixels = {np.asarray(Image.open(s.path).convert("RGB")).tobytes() for s in impostors}
+    assert all(np.asarray(ds.make(i)).tobytes() in pixels for i in range(len(ds)))
+
+
 def test_outlier_recipe_pieces():
     red = torch.zeros(1, 3, 8, 8)
     red[:, 0] = 200.0

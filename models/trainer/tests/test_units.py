@@ -110,6 +110,14 @@ def test_dataset_classes_follow_the_formulary(tmp_path):
     assert [c.index for c in classes] == [0, 1, 2]
     assert classes[0].attributes == f.by_ndc[b] and classes[2].name == "Unknown product"
     assert normalise_ndc("59762371901") == "59762-3719-01"
+    # impostors (rxvision-synth dataset --impostors) are outliers, never classes
+    rel = "images/impostor.png"
+    _noise_image(tmp_path / rel, (32, 32), 9)
+    rows.append({"file": rel, "ndc": "99999-0001-01", "imitates": a})
+    write_labels_csv(tmp_path, rows)
+    data = read_dataset(tmp_path)
+    assert [s.imitates for s in data if s.ndc == "99999-0001-01"] == [a]
+    assert [c.ndc for c in build_classes(data, f, holdout={held})] == [b, a, "99999-0000-00"]
 
 
 def test_profile_reads_the_feature_csv(tmp_path):

@@ -2,7 +2,7 @@
 //! the drift features.
 //!
 //! ```text
-//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--pill-crops [--crop square|upright]]
+//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--impostors N] [--pill-crops [--crop square|upright]]
 //! rxvision-synth tray     --out DIR --n N --seed S [--size WxH]
 //! rxvision-synth features DIR            # CSV on stdout
 //! rxvision-synth sample   --ndc NDC --seed S --out FILE.png|.jpg [--face back] [--clean]
@@ -59,6 +59,12 @@ enum Command {
         /// axis turned horizontal.
         #[arg(long, requires = "pill_crops", default_value = "square")]
         crop: PillCrop,
+        /// Also render N images per product of products that do not exist:
+        /// the product with one imprint character of the face in view
+        /// altered, anew for every image (NDC 99999-…, `imitates` names the
+        /// product). For open-set tests and outlier exposure.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        impostors: u32,
     },
     /// Render multi-pill count-mode scenes: DIR/trays/*.jpg and DIR/trays.json.
     Tray {
@@ -160,6 +166,7 @@ impl From<DatasetError> for Failure {
         let code = match e {
             DatasetError::UnknownNdc(_)
             | DatasetError::NothingToRender
+            | DatasetError::ImpostorLabelerTaken(_)
             | DatasetError::Scene(SceneError::TrayTooSmall { .. }) => 64,
             _ => 1,
         };
@@ -198,7 +205,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Dataset { common, per_class, size, exclude, pill_crops, crop } => {
+        Command::Dataset { common, per_class, size, exclude, pill_crops, crop, impostors } => {
             let pill_crops = pill_crops.then_some(crop);
             let formulary = load(&common.formulary)?;
             let mut options = SceneOptions::crop(size.0, size.1);
@@ -206,8 +213,16 @@ fn run(command: Command) -> Result<(), Failure> {
                 options.px_per_mm = s;
             }
             let threads = threads(common.threads);
-            let spec =
-                DatasetSpec { out: common.out, per_class, seed: common.seed, options, exclude, threads, pill_crops };
+            let spec = DatasetSpec {
+                out: common.out,
+                per_class,
+                seed: common.seed,
+                options,
+                exclude,
+                threads,
+                pill_crops,
+                impostors,
+            };
             let start = Instant::now();
             let summary = dataset::write_dataset(&formulary, &spec)?;
             let secs = start.elapsed().as_secs_f64();
@@ -218,6 +233,9 @@ fn run(command: Command) -> Result<(), Failure> {
                 1000.0 * secs * threads as f64 / summary.images as f64,
                 summary.labels.display()
             );
+            if summary.impostors > 0 {
+                eprintln!("rxvision-synth: {} of the images show impostors (altered imprints)", summary.impostors);
+            }
             if summary.skipped > 0 {
                 eprintln!(
                     "rxvision-synth: {} frames left out: the counter would not classify them (no whole pill, too dark, over-exposed or blurred)",
