@@ -462,7 +462,8 @@ mod eval_command {
         assert!(stderr(&out).contains("--formulary"), "{}", stderr(&out));
     }
 
-    /// `--mistakes` lists each wrongly identified image with what the model said instead.
+    /// `--mistakes` lists each wrongly identified image with what the model
+    /// said instead, and each refused one with the refusal's code.
     #[test]
     fn eval_writes_the_mistakes_it_scored() {
         let dir = tempfile::tempdir().unwrap();
@@ -471,9 +472,11 @@ mod eval_command {
         assert_ne!(right_class, wrong_class);
         std::fs::copy(right_path, dir.path().join("right.png")).unwrap();
         std::fs::copy(wrong_path, dir.path().join("mislabelled.png")).unwrap();
+        image::RgbImage::from_pixel(200, 160, image::Rgb([2, 2, 2])).save(dir.path().join("dark.png")).unwrap();
         // The second image is labelled as the first image's class: the model will disagree.
         let csv = format!(
-            "file,ndc,face\nright.png,fixture-0{right_class},front\nmislabelled.png,fixture-0{right_class},back\n"
+            "file,ndc,face\nright.png,fixture-0{right_class},front\nmislabelled.png,fixture-0{right_class},back\n\
+             dark.png,fixture-0{right_class},front\n"
         );
         std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
         let mistakes = dir.path().join("mistakes.csv");
@@ -484,9 +487,11 @@ mod eval_command {
         assert_eq!(report["n"], 2, "{report}");
         assert_eq!(report["top1"], 0.5, "{report}");
         assert!(report.get("mistakes").is_none(), "the list goes to the file only: {report}");
+        assert_eq!(report["not_analysed"], 1, "{report}");
         let text = std::fs::read_to_string(&mistakes).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[2], format!("dark.png,fixture-0{right_class},front,too_dark,0.0000,BAD_IMAGE,0.0,0.0,0.0"));
         assert_eq!(lines[0], "file,expected,face,predicted,confidence,verdict,length_px,width_px,contrast");
         let fields: Vec<&str> = lines[1].split(',').collect();
         assert_eq!(

@@ -78,7 +78,8 @@ pub struct Mistake {
     pub expected: String,
     /// The face in view (`front` / `back`; empty without a `face` column).
     pub face: String,
-    /// The model's top-1 NDC.
+    /// The model's top-1 NDC, or for a frame refused before the model, the
+    /// refusal's code (`no_pill`, `blurred`, `size_contradicts` …).
     pub predicted: String,
     /// Its probability (after the size cue, when on).
     pub confidence: f32,
@@ -257,9 +258,20 @@ impl<'a> Scorer<'a> {
             let code = analysis.refusal.or_else(|| analysis.pills.first().and_then(|p| p.refusal));
             *self.refusals.entry(code.unwrap_or("other").to_string()).or_default() += 1;
             if is_known {
-                let refusal = analysis.pills.first().map_or(analysis.verdict, |p| p.verdict);
-                let refusal = serde_json::to_value(refusal).ok().and_then(|v| v.as_str().map(String::from));
+                let verdict = analysis.pills.first().map_or(analysis.verdict, |p| p.verdict);
+                let refusal = serde_json::to_value(verdict).ok().and_then(|v| v.as_str().map(String::from));
                 *self.confusions.entry((ndc.to_string(), refusal.unwrap_or_default())).or_default() += 1;
+                let region = analysis.pills.first().map(|p| (p.region.rectangle_px, p.region.contrast));
+                self.mistakes.push(Mistake {
+                    file: sample.file.to_string(),
+                    expected: ndc.to_string(),
+                    face: sample.face.unwrap_or_default().to_string(),
+                    predicted: code.unwrap_or("other").to_string(),
+                    confidence: 0.0,
+                    verdict,
+                    rectangle_px: region.map_or([0.0; 2], |r| r.0),
+                    contrast: region.map_or(0.0, |r| r.1),
+                });
             }
             return;
         };

@@ -1,18 +1,27 @@
 //! Finding pills on the counting tray: one box per pill, and a count.
 //!
-//! The tray fills the frame's border, so its colour is estimated as the
-//! per-channel median of a ring of border pixels. On a copy of the frame
-//! shrunk to at most [`WORK_SIDE`] pixels per side, a pixel is foreground when
-//! its colour is far from the tray's and it is not merely a shadow (darker
-//! than the tray with the same chromaticity). The mask is opened (noise
-//! removed) and eroded (slightly touching pills separated), then its
-//! 8-connected components large enough to be a pill are the pills. A component
-//! touching the frame edge is a pill partly out of view: it is reported but
-//! not verified.
+//! Everything happens on a copy of the frame shrunk to at most
+//! [`WORK_SIDE`] pixels per side. The tray fills the frame's border, so its
+//! colour *field* is fitted there ([`Background`]): per channel a quadratic
+//! surface in x and y, which follows the light's gradient across the tray
+//! and the lens's vignetting, refitted once without the border pixels far
+//! from the first fit (a second pill at the edge). A pixel is foreground
+//! when its colour is far from the tray's colour *at that pixel* and it is
+//! not merely a shadow (darker than the tray there with the same
+//! chromaticity). How far is far follows the tray: the border's own spread
+//! around the surface (texture, sensor noise, JPEG) times
+//! [`NOISE_FACTOR`], at least [`MIN_DISTANCE_FLOOR`] and at most
+//! [`LocaliseOptions::min_distance`], so a white pill on a white tray,
+//! told apart by little more than its shaded rim, is found on a smooth tray.
+//! The mask is opened (noise removed) and eroded (slightly touching pills
+//! separated), holes inside a shape are filled (a pill found by its rim
+//! only is the whole pill), then its 8-connected components large enough
+//! to be a pill are the pills. A component touching the frame edge is a
+//! pill partly out of view: it is reported but not verified.
 //!
 //! Limits: pills that overlap, or touch along more than a few pixels, count
-//! as one; a pill the colour of the tray is not found (use a tray that
-//! contrasts with the pills, as counting trays do).
+//! as one; a pill the colour of the tray with no visible rim is not found
+//! (use a tray that contrasts with the pills, as counting trays do).
 
 use rxvision_models::preprocess::RgbImage;
 use serde::Serialize;
@@ -20,10 +29,18 @@ use serde::Serialize;
 /// The working resolution's longest side.
 pub const WORK_SIDE: u32 = 320;
 
+/// The colour distance threshold is at least this (0..441)…
+pub const MIN_DISTANCE_FLOOR: f32 = 20.0;
+/// …and otherwise this many times the 95th percentile of the border's
+/// colour distance from the fitted tray.
+pub const NOISE_FACTOR: f32 = 2.0;
+
 /// Tuning of the localiser.
 #[derive(Debug, Clone, Copy)]
 pub struct LocaliseOptions {
-    /// Colour distance (0..441) from the tray above which a pixel is a pill.
+    /// The largest colour distance (0..441) from the tray a pixel may need to
+    /// count as a pill (on a noisy tray); a smooth tray needs less (see the
+    /// module's doc).
     pub min_distance: f32,
     /// Smallest pill, as a fraction of the frame's area.
     pub min_area_fraction: f32,
@@ -100,11 +117,20 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
     let (small, scale) = shrink(frame);
     let (w, h) = (small.width as usize, small.height as usize);
     let tray = tray_colour(&small);
-    let mut mask = vec![false; w * h];
-    for (i, px) in small.data.chunks_exact(3).enumerate() {
-        mask[i] = is_foreground(px, tray, options.min_distance);
-    }
-    let mask = erode(&dilate(&erode(&mask, w, h, 1), w, h, 1), w, h, 1);
+    let background = Background::fit(&small, tray);
+    let faint = (NOISE_FACTOR * background.spread).clamp(MIN_DISTANCE_FLOOR.min(options.min_distance), options.min_distance);
+    let mask_at = |threshold: f32| {
+        let mut mask = vec![false; w * h];
+        for (i, px) in small.data.chunks_exact(3).enumerate() {
+            mask[i] = is_foreground(px, background.at(i % w, i / w), threshold);
+        }
+        // Closed (a score groove or a capsule's seam, darker than the pill,
+        // must not cut it in two), opened (specks of tray texture removed),
+        // eroded (slightly touching pills separated), holes filled.
+        let closed = erode(&dilate(&mask, w, h, 2), w, h, 2);
+        fill_holes(&erode(&dilate(&erode(&closed, w, h, 1), w, h, 1), w, h, 1), w, h)
+    };
+    let mask = prefer_strict(&mask_at(options.min_distance), &mask_at(faint), w, h);
     let min_area = ((w * h) as f32 * options.min_area_fraction).max(4.0) as usize;
     let mut pills = Vec::new();
     let mut partial = Vec::new();
@@ -125,7 +151,7 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
         bx.axes_px = to_frame(axes);
         bx.angle_deg = if bx.axes_px[0] >= ELONGATED * bx.axes_px[1] { angle } else { 0.0 };
         bx.centre_px = component.centroid().map(|v| (v as f32 + 0.5) * scale);
-        bx.contrast = component.contrast(&small, tray);
+        bx.contrast = component.contrast(&small, &background);
         if touches_edge {
             partial.push(bx);
         } else {
@@ -219,17 +245,185 @@ fn tray_colour(image: &RgbImage) -> [u8; 3] {
     })
 }
 
-fn is_foreground(px: &[u8], tray: [u8; 3], min_distance: f32) -> bool {
-    let d: [f32; 3] = [0, 1, 2].map(|c| f32::from(px[c]) - f32::from(tray[c]));
-    let distance = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
-    if distance < min_distance {
+/// The tray's colour at every working pixel (see the module's doc).
+struct Background {
+    /// Per channel: c0 + c1·u + c2·v + c3·u² + c4·u·v + c5·v², with u and v
+    /// the pixel's position scaled to −1..1.
+    coef: [[f32; 6]; 3],
+    half: [f32; 2],
+    /// The 95th percentile of the border's colour distance from the surface.
+    spread: f32,
+}
+
+impl Background {
+    fn fit(image: &RgbImage, median: [u8; 3]) -> Background {
+        let (w, h) = (image.width as usize, image.height as usize);
+        let half = [(w as f32 / 2.0).max(0.5), (h as f32 / 2.0).max(0.5)];
+        let flat = |colour: [u8; 3]| colour.map(|c| [f32::from(c), 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let mut background = Background { coef: flat(median), half, spread: 0.0 };
+        let ring = (w.min(h) / 25).max(2).min(w.min(h) / 2).max(1);
+        let border: Vec<usize> = (0..w * h)
+            .filter(|&i| {
+                let (x, y) = (i % w, i / w);
+                x < ring || y < ring || x + ring >= w || y + ring >= h
+            })
+            .collect();
+        // Too few pixels for six coefficients per channel: the median tray.
+        if border.len() >= 64 && w >= 16 && h >= 16 {
+            if let Some(coef) = background.least_squares(image, &border) {
+                background.coef = coef;
+                let distances = background.distances(image, &border);
+                let limit = 2.5 * percentile(&distances, 0.5) + 4.0;
+                let kept: Vec<usize> = border.iter().zip(&distances).filter(|(_, &d)| d <= limit).map(|(&i, _)| i).collect();
+                if let Some(coef) = background.least_squares(image, &kept) {
+                    background.coef = coef;
+                }
+            }
+        }
+        background.spread = percentile(&background.distances(image, &border), 0.95);
+        background
+    }
+
+    fn terms(&self, x: usize, y: usize) -> [f32; 6] {
+        let u = (x as f32 + 0.5) / self.half[0] - 1.0;
+        let v = (y as f32 + 0.5) / self.half[1] - 1.0;
+        [1.0, u, v, u * u, u * v, v * v]
+    }
+
+    /// The tray's colour at working pixel (x, y).
+    fn at(&self, x: usize, y: usize) -> [f32; 3] {
+        let t = self.terms(x, y);
+        self.coef.map(|c| c.iter().zip(&t).map(|(a, b)| a * b).sum())
+    }
+
+    fn distances(&self, image: &RgbImage, pixels: &[usize]) -> Vec<f32> {
+        let w = image.width as usize;
+        pixels.iter().map(|&i| distance(&image.data[i * 3..i * 3 + 3], self.at(i % w, i / w))).collect()
+    }
+
+    /// The surface through `pixels` (normal equations, f64), or `None` when
+    /// they do not determine it.
+    fn least_squares(&self, image: &RgbImage, pixels: &[usize]) -> Option<[[f32; 6]; 3]> {
+        let w = image.width as usize;
+        let mut ata = [[0f64; 6]; 6];
+        let mut atb = [[0f64; 6]; 3];
+        for &i in pixels {
+            let t = self.terms(i % w, i / w).map(f64::from);
+            for r in 0..6 {
+                for c in 0..6 {
+                    ata[r][c] += t[r] * t[c];
+                }
+                for (ch, rhs) in atb.iter_mut().enumerate() {
+                    rhs[r] += t[r] * f64::from(image.data[i * 3 + ch]);
+                }
+            }
+        }
+        let mut coef = [[0f32; 6]; 3];
+        for ch in 0..3 {
+            coef[ch] = solve6(ata, atb[ch])?.map(|v| v as f32);
+        }
+        Some(coef)
+    }
+}
+
+/// Solves the 6×6 system `a·x = b` by Gaussian elimination with partial
+/// pivoting; `None` when it is (nearly) singular.
+fn solve6(mut a: [[f64; 6]; 6], mut b: [f64; 6]) -> Option<[f64; 6]> {
+    let scale = a.iter().flatten().fold(0f64, |m, v| m.max(v.abs())).max(f64::MIN_POSITIVE);
+    for col in 0..6 {
+        let pivot = (col..6).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() < 1e-9 * scale {
+            return None;
+        }
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        for row in col + 1..6 {
+            let f = a[row][col] / a[col][col];
+            for k in col..6 {
+                a[row][k] -= f * a[col][k];
+            }
+            b[row] -= f * b[col];
+        }
+    }
+    let mut x = [0f64; 6];
+    for row in (0..6).rev() {
+        let tail: f64 = (row + 1..6).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - tail) / a[row][row];
+    }
+    Some(x)
+}
+
+/// The `q` quantile (0..=1) of `values` (0 for none).
+fn percentile(values: &[f32], q: f32) -> f32 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    let k = ((v.len() - 1) as f32 * q).round() as usize;
+    *v.select_nth_unstable_by(k, f32::total_cmp).1
+}
+
+fn distance(px: &[u8], tray: [f32; 3]) -> f32 {
+    let d: [f32; 3] = [0, 1, 2].map(|c| f32::from(px[c]) - tray[c]);
+    (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt()
+}
+
+fn is_foreground(px: &[u8], tray: [f32; 3], min_distance: f32) -> bool {
+    if distance(px, tray) < min_distance {
         return false;
     }
     // A shadow: darker in every channel by nearly the same ratio.
-    let ratios: [f32; 3] = [0, 1, 2].map(|c| (f32::from(px[c]) + 1.0) / (f32::from(tray[c]) + 1.0));
+    let ratios: [f32; 3] = [0, 1, 2].map(|c| (f32::from(px[c]) + 1.0) / (tray[c].max(0.0) + 1.0));
     let darker = ratios.iter().all(|&r| r < 1.0);
     let spread = ratios.iter().cloned().fold(f32::MIN, f32::max) - ratios.iter().cloned().fold(f32::MAX, f32::min);
     !(darker && spread < 0.08 && ratios[0] > 0.45)
+}
+
+/// A shape of the `loose` mask is kept as the `strict` mask has it when the
+/// strict pixels make up at least this share of it: a pill that stands out
+/// from the tray is measured without the faint fringe of its shadow; a
+/// faint pill, or one whose half the strict mask misses, as the loose mask
+/// found it.
+pub const STRICT_SHARE: f32 = 0.6;
+
+/// Combines the masks at the two thresholds (see [`STRICT_SHARE`]).
+fn prefer_strict(strict: &[bool], loose: &[bool], w: usize, h: usize) -> Vec<bool> {
+    let mut out = vec![false; w * h];
+    for component in components(loose, w, h) {
+        let index = |&(x, y): &(u32, u32)| y as usize * w + x as usize;
+        let firm = component.pixels.iter().filter(|p| strict[index(p)]).count();
+        let keep_strict = firm as f32 >= STRICT_SHARE * component.area as f32;
+        for p in &component.pixels {
+            out[index(p)] = !keep_strict || strict[index(p)];
+        }
+    }
+    out
+}
+
+/// `mask` with every hole filled: background pixels that no path of
+/// 4-connected background pixels joins to the frame's edge.
+fn fill_holes(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
+    let mut outside = vec![false; w * h];
+    let mut stack: Vec<usize> = (0..w * h)
+        .filter(|&i| {
+            let (x, y) = (i % w, i / w);
+            (x == 0 || y == 0 || x + 1 == w || y + 1 == h) && !mask[i]
+        })
+        .collect();
+    for &i in &stack {
+        outside[i] = true;
+    }
+    while let Some(i) = stack.pop() {
+        let (x, y) = (i % w, i / w);
+        let neighbours = [(x > 0).then(|| i - 1), (x + 1 < w).then(|| i + 1), (y > 0).then(|| i - w), (y + 1 < h).then(|| i + w)];
+        for j in neighbours.into_iter().flatten() {
+            if !mask[j] && !outside[j] {
+                outside[j] = true;
+                stack.push(j);
+            }
+        }
+    }
+    outside.iter().map(|&o| !o).collect()
 }
 
 fn erode(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
@@ -295,15 +489,14 @@ impl Component {
         [best[0].max(best[1]) as f32, best[0].min(best[1]) as f32]
     }
 
-    /// Mean colour distance of the pixels from `tray` in `image`.
-    fn contrast(&self, image: &RgbImage, tray: [u8; 3]) -> f32 {
+    /// Mean colour distance of the pixels from the tray in `image`.
+    fn contrast(&self, image: &RgbImage, tray: &Background) -> f32 {
         let total: f32 = self
             .pixels
             .iter()
             .map(|&(x, y)| {
                 let i = ((y * image.width + x) * 3) as usize;
-                let d = [0, 1, 2].map(|c| f32::from(image.data[i + c]) - f32::from(tray[c]));
-                (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt()
+                distance(&image.data[i..i + 3], tray.at(x as usize, y as usize))
             })
             .sum();
         total / self.pixels.len().max(1) as f32
@@ -583,5 +776,73 @@ mod tests {
             let [l, w] = round.rectangle_px;
             assert!((l - 70.0).abs() <= 5.0 && (w - 70.0).abs() <= 5.0, "{round:?}");
         }
+    }
+
+    /// A light tray lit unevenly (10 % brighter on the right, vignetting to
+    /// 15 % darker in the corners) with mild noise; `pill` paints pixels.
+    fn lit_tray(pill: impl Fn(f32, f32) -> Option<[f32; 3]>) -> RgbImage {
+        let (w, h) = (640u32, 480u32);
+        let mut data = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let (u, v) = (x as f32 / w as f32 * 2.0 - 1.0, y as f32 / h as f32 * 2.0 - 1.0);
+                let light = (1.0 + 0.05 * u) * (1.0 - 0.075 * (u * u + v * v));
+                let noise = ((x * 7919 + y * 104_729) % 7) as f32 - 3.0;
+                let colour = pill(x as f32 + 0.5, y as f32 + 0.5).unwrap_or([205.0, 200.0, 195.0]);
+                data.extend(colour.map(|c| (c * light + noise).clamp(0.0, 255.0) as u8));
+            }
+        }
+        RgbImage { width: w, height: h, data }
+    }
+
+    #[test]
+    fn an_unevenly_lit_tray_alone_has_no_pills() {
+        let found = localise(&lit_tray(|_, _| None), LocaliseOptions::default());
+        assert!(found.pills.is_empty() && found.partial.is_empty(), "{found:?}");
+    }
+
+    /// A white pill on a near-white tray (colour distance ~35, below the
+    /// fixed limit of 48) with a lit bevel and a dark score groove across
+    /// it: found whole, as one pill, measured at its size.
+    #[test]
+    fn a_white_pill_on_a_light_tray_is_found_whole_across_its_score() {
+        let frame = lit_tray(|x, y| {
+            let (dx, dy) = ((x - 300.0) / 80.0, (y - 250.0) / 45.0);
+            let r = dx * dx + dy * dy;
+            if r >= 1.0 {
+                return None;
+            }
+            if (x - 300.0).abs() < 3.0 {
+                return Some([150.0, 148.0, 145.0]); // the groove
+            }
+            let shade = if r > 0.8 { 1.08 } else { 1.0 }; // the bevel
+            Some([230.0 * shade, 228.0 * shade, 225.0 * shade])
+        });
+        let found = localise(&frame, LocaliseOptions::default());
+        assert_eq!(found.pills.len(), 1, "{found:?}");
+        let [l, w] = found.pills[0].rectangle_px;
+        assert!((l - 160.0).abs() <= 10.0 && (w - 90.0).abs() <= 10.0, "{:?}", found.pills[0]);
+    }
+
+    /// A two-tone capsule whose one half is the tray's colour, seen only by
+    /// its lit rim: the rim and the coloured half enclose the rest, which is
+    /// filled, so the capsule is found whole, not as the coloured half.
+    #[test]
+    fn a_capsule_half_the_trays_colour_is_found_whole() {
+        let frame = lit_tray(|x, y| {
+            let (dx, dy) = (x - 320.0, y - 240.0);
+            let along = (dx.abs() - 60.0).max(0.0);
+            let r = (along * along + dy * dy).sqrt() / 30.0;
+            if r >= 1.0 {
+                return None;
+            }
+            let shade = if r > 0.75 { 1.2 } else { 1.0 };
+            let colour = if dx < 0.0 { [40.0, 140.0, 80.0] } else { [205.0, 200.0, 195.0] };
+            Some(colour.map(|c| c * shade))
+        });
+        let found = localise(&frame, LocaliseOptions::default());
+        assert_eq!(found.pills.len(), 1, "{found:?}");
+        let [l, w] = found.pills[0].rectangle_px;
+        assert!((l - 180.0).abs() <= 12.0 && (w - 60.0).abs() <= 8.0, "{:?}", found.pills[0]);
     }
 }

@@ -1,8 +1,8 @@
 //! Inference engines: one trait, two implementations, one selector.
 //!
-//! * [`TractEngine`] runs the int8 QDQ artifact on the CPU with tract.
-//! * [`WonnxEngine`] runs the float graph derived from the same artifact on a
-//!   GPU with wonnx (WebGPU).
+//! * [`TractEngine`] runs the float graph derived from the int8 QDQ artifact
+//!   ([`f32_graph`]) on the CPU with tract (faster there than the int8 graph).
+//! * [`WonnxEngine`] runs the same derived graph on a GPU with wonnx (WebGPU).
 //!
 //! Each has the same life cycle — *check* (is there an adapter? does the graph
 //! derive?), *prepare* (compile once), *run* (one `1×3×H×W` input in,

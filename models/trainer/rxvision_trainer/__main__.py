@@ -6,6 +6,7 @@
     python -m rxvision_trainer verify BUNDLE_DIR
     python -m rxvision_trainer card-append BUNDLE_DIR --section FILE.md
     python -m rxvision_trainer convert --index TABLE --images DIR --out DIR --file-col C --ndc-col C ...
+    python -m rxvision_trainer camera-changes SRC OUT [--changes gamma-0.6,warm,...]
 
 Exit codes: 0 ok, 1 failed, 2 bad usage (argparse), 65 bad data, 75 training paused at
 ``--pause-at`` (the ``--checkpoint`` holds the run; the same command goes on).
@@ -48,6 +49,12 @@ def main(argv=None) -> int:
     co.add_argument("--formulary", type=Path, help="formulary.json for name/strength/group")
     co.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
 
+    cc = sub.add_parser("camera-changes", help="write a dataset's frames after camera changes the renderer does "
+                                               "not make (gamma, colour cast, heavy JPEG, blur, rotation, scale)")
+    cc.add_argument("src", type=Path, help="dataset directory (labels.csv)")
+    cc.add_argument("out", type=Path, help="writes OUT/<change>/ for each change")
+    cc.add_argument("--changes", default="", help="comma-separated (default: all)")
+
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -73,6 +80,15 @@ def main(argv=None) -> int:
                               filter_values=[v for v in args.filter_values.split(",") if v],
                               formulary=Formulary(fpath) if fpath else None, link=not args.copy)
             print(f"wrote {n} images to {args.out}")
+        elif args.cmd == "camera-changes":
+            from .camera_changes import CHANGES, write
+            changes = [c for c in args.changes.split(",") if c] or list(CHANGES)
+            unknown = [c for c in changes if c not in CHANGES]
+            if unknown:
+                ap.error(f"--changes: unknown {', '.join(unknown)} (one of {', '.join(CHANGES)})")
+            for change in changes:
+                n = write(args.src, args.out / change, change)
+                print(f"{change}: {n} images in {args.out / change}")
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 65

@@ -338,6 +338,11 @@ class AugmentConfig:
     brightness: float = 0.12         # factor range 1 +- this
     contrast: float = 0.12
     saturation: float = 0.08
+    # Camera changes the renderer does not make (issue 17's robustness): a tone curve
+    # 255 * (v / 255) ** g with ln g uniform in +- ln(1 + gamma), and a white-balance cast,
+    # red and blue gains each 1 +- cast (green 1), applied last (cast, then gamma).
+    gamma: float = 0.0
+    cast: float = 0.0
 
 
 def border_fill(a: np.ndarray) -> tuple[int, int, int]:
@@ -380,7 +385,22 @@ class Augment:
                                  (ImageEnhance.Color, c.saturation)):
             if amount > 0:
                 img = enhancer(img).enhance(float(rng.uniform(1.0 - amount, 1.0 + amount)))
+        if c.gamma > 0 or c.cast > 0:
+            g, gains = camera_draw(c, rng)
+            img = img.point(camera_lut(g, gains))
         return img
+
+
+def camera_draw(c: AugmentConfig, rng: np.random.Generator) -> tuple[float, tuple[float, float, float]]:
+    """One image's tone curve exponent and (red, green, blue) gains (1 where that knob is off)."""
+    g = float(np.exp(rng.uniform(-np.log1p(c.gamma), np.log1p(c.gamma)))) if c.gamma > 0 else 1.0
+    r, b = (float(v) for v in rng.uniform(1.0 - c.cast, 1.0 + c.cast, 2)) if c.cast > 0 else (1.0, 1.0)
+    return g, (r, 1.0, b)
+
+
+def camera_lut(g: float, gains: tuple[float, float, float]) -> list[int]:
+    """Pillow ``point`` table (3 x 256) for a cast ``gains`` then a tone curve ``g``."""
+    return [round(255.0 * (min(255.0, v * k) / 255.0) ** g) for k in gains for v in range(256)]
 
 
 # --------------------------------------------------------------------------- decoding for the tensor path

@@ -117,6 +117,10 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-shift", type=float, default=AugmentConfig.max_shift,
                     help=f"largest shift in augmentation, fraction of the image size (default "
                          f"{AugmentConfig.max_shift:g})")
+    ap.add_argument("--gamma", type=float, default=0.0,
+                    help="tone-curve augmentation: exponent with ln g uniform in +-ln(1 + this) (default 0: off)")
+    ap.add_argument("--cast", type=float, default=0.0,
+                    help="white-balance augmentation: red and blue gains 1 +- this (default 0: off)")
     ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE, help="one line on the data for the model card")
     ap.add_argument("--artifacts", type=Path,
                     help="also keep the float ONNX model, the torch checkpoint and the history here")
@@ -152,6 +156,9 @@ def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], va
     ident = {k: getattr(args, k) for k in ("epochs", "seed", "size", "batch_size", "lr", "weight_decay",
                                            "warmup_epochs", "label_smoothing", "outlier_weight", "outlier_fraction",
                                            "widths", "depths", "mirror", "max_rotation", "max_shift")}
+    for knob in ("gamma", "cast"):  # in the identity only when on: runs from before the knobs resume
+        if getattr(args, knob, 0.0):
+            ident[knob] = getattr(args, knob)
     ident["loader"] = getattr(args, "loader", "tensor")
     ident["classes"] = [c.ndc for c in classes]
     ident["data"] = content_fingerprint(args.data, data)
@@ -259,7 +266,8 @@ def run(args: argparse.Namespace) -> dict:
     log.info("cost at %dx%d: %s", args.size, args.size, cost.summary())
     print(f"architecture: {arch.describe()}; {cost.macs / 1e6:.1f} MMAC, {cost.params} parameters "
           f"at {args.size}x{args.size}", flush=True)
-    aug_cfg = AugmentConfig(p_mirror=args.mirror, max_rotation_deg=args.max_rotation, max_shift=args.max_shift)
+    aug_cfg = AugmentConfig(p_mirror=args.mirror, max_rotation_deg=args.max_rotation, max_shift=args.max_shift,
+                            gamma=args.gamma, cast=args.cast)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
@@ -437,7 +445,9 @@ def run(args: argparse.Namespace) -> dict:
                 "min_temperature": args.min_temperature,
                 "augment": (f"rotation +-{aug_cfg.max_rotation_deg:g} deg, 180-degree turn p={aug_cfg.p_turn180}, "
                             f"mirror p={aug_cfg.p_mirror}, shift +-{aug_cfg.max_shift:.0%}, brightness/contrast "
-                            f"+-{aug_cfg.brightness:.0%}/{aug_cfg.contrast:.0%}, saturation +-{aug_cfg.saturation:.0%}"),
+                            f"+-{aug_cfg.brightness:.0%}/{aug_cfg.contrast:.0%}, saturation +-{aug_cfg.saturation:.0%}"
+                            + (f", tone curve gamma x/ {1 + aug_cfg.gamma:g}" if aug_cfg.gamma else "")
+                            + (f", red/blue cast +-{aug_cfg.cast:.0%}" if aug_cfg.cast else "")),
                 "data_fingerprints": ", ".join(f"`{k}` {v}" for k, v in fingerprints.items()),
                 "command": command, "seed": args.seed, "device": str(device),
                 "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import LABELS_CSV, AugmentConfig, OutlierDataset, Sample, decode_chunk
+from .data import LABELS_CSV, AugmentConfig, OutlierDataset, Sample, camera_draw, decode_chunk
 from .preprocess import MEAN, SCALE, STD
 
 log = logging.getLogger("rxvision_trainer")
@@ -233,10 +233,15 @@ class AugParams:
     brightness: np.ndarray
     contrast: np.ndarray
     saturation: np.ndarray
+    gamma: np.ndarray | None = None   # tone curve exponent (None: 1)
+    gain_r: np.ndarray | None = None  # white-balance cast (None: 1)
+    gain_b: np.ndarray | None = None
 
     def as_tensor(self, device: torch.device | None = None) -> torch.Tensor:
-        """(n, 7) float64, the columns in field order (what ``TensorAugment`` slices per batch)."""
-        cols = [self.mirror, self.angle, self.dx, self.dy, self.brightness, self.contrast, self.saturation]
+        """(n, 10) float64, the columns in field order (what ``TensorAugment`` slices per batch)."""
+        ones = np.ones(len(self.mirror))
+        cols = [self.mirror, self.angle, self.dx, self.dy, self.brightness, self.contrast, self.saturation,
+                *(ones if v is None else v for v in (self.gamma, self.gain_r, self.gain_b))]
         t = torch.from_numpy(np.stack([np.asarray(c, np.float64) for c in cols], axis=1))
         return t if device is None else t.to(device)
 
@@ -260,7 +265,13 @@ class TensorAugment:
         dx = rng.uniform(-c.max_shift, c.max_shift, n)
         dy = rng.uniform(-c.max_shift, c.max_shift, n)
         factors = [rng.uniform(1.0 - a, 1.0 + a, n) for a in (c.brightness, c.contrast, c.saturation)]
-        return AugParams(mirror, angle, dx, dy, *factors)
+        params = AugParams(mirror, angle, dx, dy, *factors)
+        if c.gamma > 0 or c.cast > 0:  # drawn last, per image in data.camera_draw's order
+            drawn = [camera_draw(c, rng) for _ in range(n)]
+            params.gamma = np.asarray([g for g, _ in drawn])
+            params.gain_r = np.asarray([k[0] for _, k in drawn])
+            params.gain_b = np.asarray([k[2] for _, k in drawn])
+        return params
 
     @staticmethod
     def theta(p: torch.Tensor) -> torch.Tensor:
@@ -300,6 +311,10 @@ class TensorAugment:
         if c.saturation > 0:  # blend with the grey version
             grey = _luma(x).unsqueeze(1)
             x = (grey + factors[:, 2] * (x - grey)).clamp_(0.0, 255.0)
+        if c.gamma > 0 or c.cast > 0:  # data.camera_lut: the cast, then the tone curve
+            x = x.round_()  # Pillow's point table takes whole levels
+            gains = torch.stack([p[:, 8], torch.ones_like(p[:, 8]), p[:, 9]], dim=1).float().view(b, 3, 1, 1)
+            x = 255.0 * ((x * gains).clamp_(0.0, 255.0) / 255.0) ** p[:, 7].float().view(b, 1, 1, 1)
         return x.round_().clamp_(0.0, 255.0)
 
 

@@ -29,8 +29,8 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from rxvision_trainer.data import (AugmentConfig, ImageDataset, OutlierDataset, Augment, decode_for_training,
-                                   load_eval_array, read_dataset, write_labels_csv)
+from rxvision_trainer.data import (AugmentConfig, ImageDataset, OutlierDataset, Augment, camera_lut,
+                                   decode_for_training, load_eval_array, read_dataset, write_labels_csv)
 from rxvision_trainer.preprocess import MEAN, SCALE, STD, preprocess_pil
 from rxvision_trainer.smoke import draw
 from rxvision_trainer.tensordata import (AugParams, TensorAugment, TensorEvalSet, TensorTrainSource, cache_key,
@@ -113,6 +113,8 @@ def _pil_augment(img: Image.Image, fill, p: AugParams, i: int) -> np.ndarray:
     for enh, f in ((ImageEnhance.Brightness, p.brightness[i]), (ImageEnhance.Contrast, p.contrast[i]),
                    (ImageEnhance.Color, p.saturation[i])):
         img = enh(img).enhance(float(f))
+    if p.gamma is not None:
+        img = img.point(camera_lut(float(p.gamma[i]), (float(p.gain_r[i]), 1.0, float(p.gain_b[i]))))
     return np.asarray(img).astype(np.int16).transpose(2, 0, 1)
 
 
@@ -135,6 +137,29 @@ def test_jittered_augmentation_follows_pillow(tmp_path):
         assert 0.0 <= signed.mean() <= 3.0 and d.mean() <= 3.0, (i, signed.mean(), d.mean())
         assert np.percentile(np.abs(signed - signed.mean()), 99) <= 3.0, i
         assert np.percentile(d, 99) <= 5, (i, np.percentile(d, 99))
+
+
+def test_camera_augmentation_follows_pillow(tmp_path):
+    samples = _dataset(tmp_path, per_class=4)
+    size = 64
+    dec = load_decoded(tmp_path, samples, size, workers=1, cache=False)
+    n = len(samples)
+    off = TensorAugment(ZERO).draw(n, np.random.default_rng(3))
+    assert off.gamma is None and off.gain_r is None, "off, nothing is drawn"
+    cfg = AugmentConfig(max_rotation_deg=0, p_turn180=0, max_shift=0, brightness=0, contrast=0, saturation=0,
+                        gamma=0.5, cast=0.15)
+    aug = TensorAugment(cfg)
+    p = aug.draw(n, np.random.default_rng(3))
+    assert (p.gamma > 1.1).any() and (p.gamma < 0.9).any() and (p.gamma <= 1.5 + 1e-9).all()
+    assert ((p.gain_r >= 0.85) & (p.gain_r <= 1.15)).all() and (p.gain_r != p.gain_b).all()
+    out = aug(dec.images, dec.fill, p).numpy().astype(np.int16)
+    for i in range(n):
+        img = Image.fromarray(dec.images[i].permute(1, 2, 0).numpy())
+        d = np.abs(out[i] - _pil_augment(img, dec.fill[i].numpy(), p, i))
+        assert d.max() <= 1, (i, d.max())  # the same table; float pow vs Python's, rounded once
+    # the Pillow path draws and applies the same kind of change
+    a = Augment(cfg)(Image.fromarray(dec.images[0].permute(1, 2, 0).numpy()), np.random.default_rng(5))
+    assert np.abs(np.asarray(a, np.int16) - dec.images[0].permute(1, 2, 0).numpy()).mean() > 1.0
 
 
 def test_train_source_batches_outliers_and_determinism(tmp_path):

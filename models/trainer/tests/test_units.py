@@ -193,3 +193,42 @@ def test_convert_an_image_index(tmp_path):
     assert n == 2
     ds = read_dataset(tmp_path / "ds")
     assert [(s.ndc, s.name) for s in ds] == [(prod["ndc"], prod["name"]), ("12345-6789-01", "")]
+
+
+def test_camera_changes_are_what_they_say(tmp_path):
+    from rxvision_trainer.camera_changes import CHANGES, SCALES, apply, write
+
+    rng = np.random.default_rng(3)
+    frame = Image.fromarray(rng.integers(60, 200, (48, 64, 3), dtype=np.uint8))
+    grey = np.asarray(frame, np.float32)
+    for change in CHANGES:
+        out, quality = apply(change, frame)
+        a = np.asarray(out, np.float32)
+        if change in SCALES:
+            assert out.size == (round(64 * SCALES[change]), round(48 * SCALES[change]))
+            continue
+        assert out.size == frame.size and 1 <= quality <= 95, change
+        if change == "gamma-0.6":
+            assert (a >= grey - 0.5).all() and a.mean() > grey.mean() + 10  # brighter mid-tones
+        elif change == "gamma-1.6":
+            assert (a <= grey + 0.5).all() and a.mean() < grey.mean() - 10
+        elif change == "warm":
+            assert a[..., 0].mean() > grey[..., 0].mean() + 10 and a[..., 2].mean() < grey[..., 2].mean() - 10
+        elif change == "cool":
+            assert a[..., 2].mean() > grey[..., 2].mean() + 10 and a[..., 0].mean() < grey[..., 0].mean() - 10
+        elif change == "jpeg-25":
+            assert quality == 25 and (a == grey).all()
+        elif change == "blur-1.5":
+            assert a.std() < grey.std() * 0.8
+        elif change == "rotate-12":
+            assert not (a == grey).all()
+    with pytest.raises(ValueError):
+        apply("sepia", frame)
+    # a dataset in, the same labels out, every image changed
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    frame.save(src / "images" / "a.jpg", quality=95)
+    write_labels_csv(src, [{"file": "images/a.jpg", "ndc": "00000-0000-01"}])
+    assert write(src, tmp_path / "out", "scale-0.75") == 1
+    assert (tmp_path / "out" / "labels.csv").read_text() == (src / "labels.csv").read_text()
+    assert Image.open(tmp_path / "out" / "images" / "a.jpg").size == (48, 36)
