@@ -385,7 +385,8 @@ pub fn run_eval(
         path = path.with_size_cue(cue);
     }
     if let Some(min_sharpness) = min_sharpness {
-        eprintln!("rxvisiond: blur limit {min_sharpness} (the counter's is 12)");
+        let counter = rxvision_counter::quality::QualityLimits::default().min_sharpness;
+        eprintln!("rxvisiond: blur limit {min_sharpness} (the counter's is {counter})");
         let limits = rxvision_counter::quality::QualityLimits { min_sharpness, ..Default::default() };
         path = path.with_quality(limits);
     }

@@ -119,18 +119,31 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
     let tray = tray_colour(&small);
     let background = Background::fit(&small, tray);
     let faint = (NOISE_FACTOR * background.spread).clamp(MIN_DISTANCE_FLOOR.min(options.min_distance), options.min_distance);
-    let mask_at = |threshold: f32| {
-        let mut mask = vec![false; w * h];
-        for (i, px) in small.data.chunks_exact(3).enumerate() {
-            mask[i] = is_foreground(px, background.at(i % w, i / w), threshold);
-        }
-        // Closed (a score groove or a capsule's seam, darker than the pill,
-        // must not cut it in two), opened (specks of tray texture removed),
-        // eroded (slightly touching pills separated), holes filled.
-        let closed = erode(&dilate(&mask, w, h, 2), w, h, 2);
-        fill_holes(&erode(&dilate(&erode(&closed, w, h, 1), w, h, 1), w, h, 1), w, h)
-    };
-    let mask = prefer_strict(&mask_at(options.min_distance), &mask_at(faint), w, h);
+    // Each pixel's distance from the tray there, or None for a shadow.
+    let distances: Vec<Option<f32>> = small
+        .data
+        .chunks_exact(3)
+        .enumerate()
+        .map(|(i, px)| {
+            let tray = background.at(i % w, i / w);
+            (!is_shadow(px, tray)).then(|| distance(px, tray))
+        })
+        .collect();
+    // Both masks at once, one bit each: STRICT at `min_distance`, FAINT at `faint`.
+    let masks: Vec<u8> = distances
+        .iter()
+        .map(|d| match d {
+            Some(d) => u8::from(*d >= options.min_distance) * STRICT | u8::from(*d >= faint) * FAINT,
+            None => 0,
+        })
+        .collect();
+    // Closed (a score groove or a capsule's seam, darker than the pill, must
+    // not cut it in two: dilate 2, erode 2), opened (specks of tray texture
+    // removed: erode 1, dilate 1) and eroded (slightly touching pills
+    // separated: erode 1); the two erosions in a row are one of radius 3.
+    let masks = morph(&morph(&morph(&morph(&masks, w, h, 2, false), w, h, 3, true), w, h, 1, false), w, h, 1, true);
+    let bit = |b: u8| masks.iter().map(|m| m & b != 0).collect::<Vec<bool>>();
+    let mask = prefer_strict(&fill_holes(&bit(STRICT), w, h), &fill_holes(&bit(FAINT), w, h), w, h);
     let min_area = ((w * h) as f32 * options.min_area_fraction).max(4.0) as usize;
     let mut pills = Vec::new();
     let mut partial = Vec::new();
@@ -368,15 +381,12 @@ fn distance(px: &[u8], tray: [f32; 3]) -> f32 {
     (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt()
 }
 
-fn is_foreground(px: &[u8], tray: [f32; 3], min_distance: f32) -> bool {
-    if distance(px, tray) < min_distance {
-        return false;
-    }
-    // A shadow: darker in every channel by nearly the same ratio.
+/// A shadow: darker than the tray in every channel by nearly the same ratio.
+fn is_shadow(px: &[u8], tray: [f32; 3]) -> bool {
     let ratios: [f32; 3] = [0, 1, 2].map(|c| (f32::from(px[c]) + 1.0) / (tray[c].max(0.0) + 1.0));
     let darker = ratios.iter().all(|&r| r < 1.0);
     let spread = ratios.iter().cloned().fold(f32::MIN, f32::max) - ratios.iter().cloned().fold(f32::MAX, f32::min);
-    !(darker && spread < 0.08 && ratios[0] > 0.45)
+    darker && spread < 0.08 && ratios[0] > 0.45
 }
 
 /// A shape of the `loose` mask is kept as the `strict` mask has it when the
@@ -426,30 +436,32 @@ fn fill_holes(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
     outside.iter().map(|&o| !o).collect()
 }
 
-fn erode(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
-    morph(mask, w, h, r, true)
-}
+/// The bits of the two masks [`localise`] builds.
+const STRICT: u8 = 1;
+const FAINT: u8 = 2;
 
-fn dilate(mask: &[bool], w: usize, h: usize, r: usize) -> Vec<bool> {
-    morph(mask, w, h, r, false)
-}
-
-/// Square structuring element of radius `r`, clipped to the frame (pixels
-/// outside the frame are ignored, so a pill cut by the edge stays at the edge).
-fn morph(mask: &[bool], w: usize, h: usize, r: usize, erode: bool) -> Vec<bool> {
-    let mut out = vec![false; w * h];
-    for y in 0..h {
-        for x in 0..w {
-            let mut all = true;
-            let mut any = false;
-            for yy in y.saturating_sub(r)..=(y + r).min(h - 1) {
-                for xx in x.saturating_sub(r)..=(x + r).min(w - 1) {
-                    let v = mask[yy * w + xx];
-                    all &= v;
-                    any |= v;
-                }
+/// Erosion (`erode`: each bit set where it is set in the whole window) or
+/// dilation (where it is set anywhere in it) of a mask of bits by a square
+/// of radius `r`, clipped to the frame (pixels outside the frame are
+/// ignored, so a pill cut by the edge stays at the edge). Separable: the
+/// rows' windows, then whole rows combined, every bit at once.
+fn morph(mask: &[u8], w: usize, h: usize, r: usize, erode: bool) -> Vec<u8> {
+    let combine = |a: u8, b: u8| if erode { a & b } else { a | b };
+    let start = if erode { u8::MAX } else { 0 };
+    let mut rows = vec![0u8; w * h];
+    for (row, out) in mask.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
+        for (x, o) in out.iter_mut().enumerate() {
+            *o = row[x.saturating_sub(r)..=(x + r).min(w - 1)].iter().fold(start, |a, &b| combine(a, b));
+        }
+    }
+    let mut out = vec![0u8; w * h];
+    for (y, dst) in out.chunks_exact_mut(w).enumerate() {
+        let (lo, hi) = (y.saturating_sub(r), (y + r).min(h - 1));
+        dst.copy_from_slice(&rows[lo * w..(lo + 1) * w]);
+        for src in rows[(lo + 1) * w..(hi + 1) * w].chunks_exact(w) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = combine(*d, s);
             }
-            out[y * w + x] = if erode { all } else { any };
         }
     }
     out
