@@ -24,12 +24,12 @@ use std::time::Instant;
 
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
 use rxvision_counter::verdict::Verdict;
-use rxvision_models::formulary::Face;
-use rxvision_synth::scene::{render_sample, SceneOptions};
 use rxvision_daemon::audit::{AuditKey, AuditLog, KeyRing};
 use rxvision_daemon::scan::Scanner;
 use rxvision_models::classify::Classifier;
 use rxvision_models::engine::{probe_adapter, EngineOptions, EnginePreference};
+use rxvision_models::formulary::Face;
+use rxvision_synth::scene::{render_sample, SceneOptions};
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
@@ -51,7 +51,12 @@ struct Frame {
 }
 
 fn camera_frame(bundle: &Path, workspace: &Path) -> Frame {
-    let classifier = Classifier::open(Some(bundle), &[], EngineOptions { preference: EnginePreference::Cpu, ..EngineOptions::default() }).unwrap();
+    let classifier = Classifier::open(
+        Some(bundle),
+        &[],
+        EngineOptions { preference: EnginePreference::Cpu, ..EngineOptions::default() },
+    )
+    .unwrap();
     let formulary = rxvision_synth::load_formulary(&workspace.join("models/formulary/formulary.json")).unwrap();
     let path = CounterPath::new(Arc::new(classifier));
     let options = SceneOptions::camera(640, 480);
@@ -59,9 +64,15 @@ fn camera_frame(bundle: &Path, workspace: &Path) -> Frame {
         let Some(product) = formulary.get(&label.ndc) else { continue };
         for seed in 0..20 {
             let jpeg = render_sample(product, Face::Front, &[], seed, &options).to_jpeg().unwrap();
-            let request = ScanRequest { expected_ndc: Some(label.ndc.clone()), operator_id: "bench".into(), rx_ref: None };
+            let request =
+                ScanRequest { expected_ndc: Some(label.ndc.clone()), operator_id: "bench".into(), rx_ref: None };
             if path.analyse(&request, &jpeg).is_ok_and(|a| a.verdict == Verdict::Match) {
-                let what = format!("a 640x480 camera frame of {} {} (rxvision-synth seed {seed}, {} bytes)", product.name, product.strength, jpeg.len());
+                let what = format!(
+                    "a 640x480 camera frame of {} {} (rxvision-synth seed {seed}, {} bytes)",
+                    product.name,
+                    product.strength,
+                    jpeg.len()
+                );
                 return Frame { jpeg, ndc: label.ndc.clone(), what };
             }
         }
@@ -70,7 +81,11 @@ fn camera_frame(bundle: &Path, workspace: &Path) -> Frame {
     let case = &classifier.bundle().selftest.cases[0];
     let image_path = bundle.join(classifier.bundle().selftest_path(case));
     let jpeg = std::fs::read(&image_path).unwrap();
-    let what = format!("{} ({} bytes; no product of this bundle is in the formulary, so not a camera frame)", image_path.display(), jpeg.len());
+    let what = format!(
+        "{} ({} bytes; no product of this bundle is in the formulary, so not a camera frame)",
+        image_path.display(),
+        jpeg.len()
+    );
     Frame { jpeg, ndc: classifier.bundle().labels[case.label_index].ndc.clone(), what }
 }
 
@@ -99,6 +114,36 @@ fn measure(bundle: &Path, frame: &Frame, options: EngineOptions, iters: usize) -
     percentiles(samples)
 }
 
+/// Where a scan's time goes: p50 of each stage alone, CPU engine.
+fn stages(bundle: &Path, frame: &Frame, options: EngineOptions, iters: usize) {
+    use rxvision_counter::localise::{localise, LocaliseOptions};
+    use rxvision_counter::quality::{check_frame, QualityLimits};
+    let p50 = |f: &mut dyn FnMut()| {
+        (0..10).for_each(|_| f());
+        percentiles(
+            (0..iters)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        )
+        .0
+    };
+    let decoded = rxvision_models::preprocess::decode(&frame.jpeg).unwrap();
+    let decode = p50(&mut || drop(rxvision_models::preprocess::decode(&frame.jpeg).unwrap()));
+    let quality = p50(&mut || drop(check_frame(&decoded, QualityLimits::default())));
+    let found = p50(&mut || drop(localise(&decoded, LocaliseOptions::default())));
+    let path = CounterPath::new(Arc::new(Classifier::open(Some(bundle), &[], options).unwrap()));
+    let request = ScanRequest { expected_ndc: Some(frame.ndc.clone()), operator_id: "bench".into(), rx_ref: None };
+    let analysis = p50(&mut || drop(path.analyse(&request, &frame.jpeg).unwrap()));
+    println!(
+        "stages, p50 ms: decode {decode:.2}, quality gate {quality:.2}, localise {found:.2}; the whole analysis \
+         (these, sharpness, crop, resize, engine, size cue, verdict) {analysis:.2}; the rest of a scan is its audit record"
+    );
+}
+
 fn main() {
     // cargo runs benches in the package directory: a relative BUNDLE is read
     // from the workspace root, where the command is typed.
@@ -115,6 +160,7 @@ fn main() {
     std::fs::write(&image_path, &frame.jpeg).unwrap();
     let (cpu_p50, cpu_p95) = measure(&bundle, &frame, cpu, iters);
     println!("frame: {}; {iters} scans, CPU engine with {threads} threads", frame.what);
+    stages(&bundle, &frame, cpu, iters);
     println!("{:<58} {:>8} {:>8}", "pipeline", "p50 ms", "p95 ms");
     println!(
         "{:<58} {:>8.2} {:>8.2}",

@@ -17,8 +17,8 @@ use std::path::Path;
 
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
 use rxvision_counter::eval::{
-    matched_at, verify_cases, Lookalikes, CurvePoint, EvalReport, Sample, Scorer, TwinRule, VerifyCurve,
-    VerifyReport, CURVE_THRESHOLDS,
+    matched_at, verify_cases, CurvePoint, EvalReport, Lookalikes, Sample, Scorer, TwinRule, VerifyCurve, VerifyReport,
+    CURVE_THRESHOLDS,
 };
 use rxvision_models::labels;
 use serde::Serialize;

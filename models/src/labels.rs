@@ -224,7 +224,8 @@ mod tests {
         std::fs::write(&path, "file,ndc,face\nimages/a.jpg,12345-6789-01,front\n").unwrap();
         let images = read_dataset(&path).unwrap();
         assert_eq!((images[0].imitates.as_str(), images[0].face.as_deref()), ("", Some("front")));
-        std::fs::write(&path, format!("{HEADER}\nimages/b.jpg,99999-6789-01,back,X,1 mg,LA01,7,12345-6789-01\n")).unwrap();
+        std::fs::write(&path, format!("{HEADER}\nimages/b.jpg,99999-6789-01,back,X,1 mg,LA01,7,12345-6789-01\n"))
+            .unwrap();
         assert_eq!(read_dataset(&path).unwrap()[0].imitates, "12345-6789-01");
     }
 

@@ -118,7 +118,8 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
     let (w, h) = (small.width as usize, small.height as usize);
     let tray = tray_colour(&small);
     let background = Background::fit(&small, tray);
-    let faint = (NOISE_FACTOR * background.spread).clamp(MIN_DISTANCE_FLOOR.min(options.min_distance), options.min_distance);
+    let faint =
+        (NOISE_FACTOR * background.spread).clamp(MIN_DISTANCE_FLOOR.min(options.min_distance), options.min_distance);
     // Each pixel's distance from the tray there, or None for a shadow.
     let distances: Vec<Option<f32>> = small
         .data
@@ -287,7 +288,8 @@ impl Background {
                 background.coef = coef;
                 let distances = background.distances(image, &border);
                 let limit = 2.5 * percentile(&distances, 0.5) + 4.0;
-                let kept: Vec<usize> = border.iter().zip(&distances).filter(|(_, &d)| d <= limit).map(|(&i, _)| i).collect();
+                let kept: Vec<usize> =
+                    border.iter().zip(&distances).filter(|(_, &d)| d <= limit).map(|(&i, _)| i).collect();
                 if let Some(coef) = background.least_squares(image, &kept) {
                     background.coef = coef;
                 }
@@ -425,7 +427,8 @@ fn fill_holes(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
     }
     while let Some(i) = stack.pop() {
         let (x, y) = (i % w, i / w);
-        let neighbours = [(x > 0).then(|| i - 1), (x + 1 < w).then(|| i + 1), (y > 0).then(|| i - w), (y + 1 < h).then(|| i + w)];
+        let neighbours =
+            [(x > 0).then(|| i - 1), (x + 1 < w).then(|| i + 1), (y > 0).then(|| i - w), (y + 1 < h).then(|| i + w)];
         for j in neighbours.into_iter().flatten() {
             if !mask[j] && !outside[j] {
                 outside[j] = true;

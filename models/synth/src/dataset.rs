@@ -138,7 +138,8 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
     let images = spec.out.join("images");
     std::fs::create_dir_all(&images).map_err(|source| DatasetError::Write { path: images.clone(), source })?;
 
-    let own = products.iter().flat_map(|&p| (0..spec.per_class).map(move |index| Job { product: p, index, impostor: false }));
+    let own =
+        products.iter().flat_map(|&p| (0..spec.per_class).map(move |index| Job { product: p, index, impostor: false }));
     let fakes = products
         .iter()
         .filter(|p| !alterable_faces(p).is_empty())

@@ -115,7 +115,10 @@ mod tests {
                         Face::Back => Face::Front,
                     };
                     assert_eq!(fake.imprint(other), source.imprint(other), "the hidden face is kept");
-                    assert_eq!((fake.shape, &fake.color_rgb, fake.length_mm), (source.shape, &source.color_rgb, source.length_mm));
+                    assert_eq!(
+                        (fake.shape, &fake.color_rgb, fake.length_mm),
+                        (source.shape, &source.color_rgb, source.length_mm)
+                    );
                     assert_eq!(fake.ndc, impostor_ndc(source));
                     assert!(formulary.products.iter().all(|real| !fake.face_twin(face, real, false)));
                 }
