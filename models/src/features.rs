@@ -307,33 +307,39 @@ fn robust(mut values: Vec<f32>) -> (f32, f32) {
     (med, 1.4826 * percentile(&mut dev, 0.5))
 }
 
-/// Solves the 4×4 system `a·x = b` by Gaussian elimination with partial
-/// pivoting; a singular system (a one-pixel frame) falls back to the mean.
-#[allow(clippy::needless_range_loop)] // textbook index form
-fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> [f64; 4] {
+/// Solves the 4×4 system `a·x = b`; a singular system (a one-pixel frame)
+/// falls back to the mean.
+fn solve4(a: [[f64; 4]; 4], b: [f64; 4]) -> [f64; 4] {
     let n0 = a[0][0].max(1.0);
-    let mean = [b[0] / n0, 0.0, 0.0, 0.0];
-    for col in 0..4 {
-        let pivot = (col..4).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs())).unwrap_or(col);
-        if a[pivot][col].abs() < 1e-9 * n0 {
-            return mean;
+    solve_linear(a, b, 1e-9 * n0).unwrap_or([b[0] / n0, 0.0, 0.0, 0.0])
+}
+
+/// Solves the N×N system `a·x = b` by Gaussian elimination with partial
+/// pivoting; `None` when a pivot falls below `tolerance` (singular).
+/// The drift features' and the localiser's tray fits share it.
+#[allow(clippy::needless_range_loop)] // textbook index form
+pub fn solve_linear<const N: usize>(mut a: [[f64; N]; N], mut b: [f64; N], tolerance: f64) -> Option<[f64; N]> {
+    for col in 0..N {
+        let pivot = (col..N).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() < tolerance {
+            return None;
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
-        for row in col + 1..4 {
+        for row in col + 1..N {
             let f = a[row][col] / a[col][col];
-            for k in col..4 {
+            for k in col..N {
                 a[row][k] -= f * a[col][k];
             }
             b[row] -= f * b[col];
         }
     }
-    let mut x = [0.0f64; 4];
-    for row in (0..4).rev() {
-        let s: f64 = (row + 1..4).map(|k| a[row][k] * x[k]).sum();
+    let mut x = [0.0f64; N];
+    for row in (0..N).rev() {
+        let s: f64 = (row + 1..N).map(|k| a[row][k] * x[k]).sum();
         x[row] = (b[row] - s) / a[row][row];
     }
-    x
+    Some(x)
 }
 
 /// Dilate (`grow = true`) or erode with a 3×3 square; outside counts as

@@ -341,31 +341,10 @@ impl Background {
     }
 }
 
-/// Solves the 6×6 system `a·x = b` by Gaussian elimination with partial
-/// pivoting; `None` when it is (nearly) singular.
-fn solve6(mut a: [[f64; 6]; 6], mut b: [f64; 6]) -> Option<[f64; 6]> {
+/// Solves the 6×6 system `a·x = b`; `None` when it is (nearly) singular.
+fn solve6(a: [[f64; 6]; 6], b: [f64; 6]) -> Option<[f64; 6]> {
     let scale = a.iter().flatten().fold(0f64, |m, v| m.max(v.abs())).max(f64::MIN_POSITIVE);
-    for col in 0..6 {
-        let pivot = (col..6).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
-        if a[pivot][col].abs() < 1e-9 * scale {
-            return None;
-        }
-        a.swap(col, pivot);
-        b.swap(col, pivot);
-        for row in col + 1..6 {
-            let f = a[row][col] / a[col][col];
-            for k in col..6 {
-                a[row][k] -= f * a[col][k];
-            }
-            b[row] -= f * b[col];
-        }
-    }
-    let mut x = [0f64; 6];
-    for row in (0..6).rev() {
-        let tail: f64 = (row + 1..6).map(|k| a[row][k] * x[k]).sum();
-        x[row] = (b[row] - tail) / a[row][row];
-    }
-    Some(x)
+    rxvision_models::features::solve_linear(a, b, 1e-9 * scale)
 }
 
 /// The `q` quantile (0..=1) of `values` (0 for none).
