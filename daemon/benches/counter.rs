@@ -114,33 +114,74 @@ fn measure(bundle: &Path, frame: &Frame, options: EngineOptions, iters: usize) -
     percentiles(samples)
 }
 
-/// Where a scan's time goes: p50 of each stage alone, CPU engine.
+/// Where a scan's time goes: each step of the analysis timed in sequence,
+/// one frame after another as the counter runs them (so caches and the
+/// engine's threads are as warm as in a scan), p50 of each; and the whole
+/// analysis on its own. CPU engine.
 fn stages(bundle: &Path, frame: &Frame, options: EngineOptions, iters: usize) {
+    use rxvision_counter::crop::crop_pill;
     use rxvision_counter::localise::{localise, LocaliseOptions};
-    use rxvision_counter::quality::{check_frame, QualityLimits};
-    let p50 = |f: &mut dyn FnMut()| {
-        (0..10).for_each(|_| f());
-        percentiles(
-            (0..iters)
-                .map(|_| {
-                    let t = Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect(),
-        )
-        .0
-    };
-    let decoded = rxvision_models::preprocess::decode(&frame.jpeg).unwrap();
-    let decode = p50(&mut || drop(rxvision_models::preprocess::decode(&frame.jpeg).unwrap()));
-    let quality = p50(&mut || drop(check_frame(&decoded, QualityLimits::default())));
-    let found = p50(&mut || drop(localise(&decoded, LocaliseOptions::default())));
-    let path = CounterPath::new(Arc::new(Classifier::open(Some(bundle), &[], options).unwrap()));
+    use rxvision_counter::quality::{check_frame, check_sharpness, QualityLimits};
+    use rxvision_models::preprocess::Preprocessor;
+    const NAMES: [&str; 7] = ["decode", "quality gate", "localise", "sharpness", "upright crop", "resize", "engine"];
+    let classifier = Arc::new(Classifier::open(Some(bundle), &[], options).unwrap());
+    let spec = &classifier.bundle().manifest.input;
+    let mut preprocessor = Preprocessor::new(spec);
+    let mut input = vec![0f32; preprocessor.tensor_len()];
+    let first = rxvision_models::preprocess::decode(&frame.jpeg).unwrap();
+    if check_frame(&first, QualityLimits::default()).is_err()
+        || localise(&first, LocaliseOptions::default()).pills.is_empty()
+    {
+        println!("stages not measured: the counter finds no whole pill in this frame");
+        return;
+    }
+    let mut times: Vec<[f64; 7]> = Vec::with_capacity(iters);
+    for i in 0..iters + 10 {
+        let mut t = [0f64; 7];
+        let mut clock = Instant::now();
+        let mut lap = |stage: usize| {
+            t[stage] = clock.elapsed().as_secs_f64() * 1e3;
+            clock = Instant::now();
+        };
+        let decoded = rxvision_models::preprocess::decode(&frame.jpeg).unwrap();
+        lap(0);
+        check_frame(&decoded, QualityLimits::default()).unwrap();
+        lap(1);
+        let found = localise(&decoded, LocaliseOptions::default());
+        lap(2);
+        let pill = found.pills[0];
+        let _ = check_sharpness(&decoded, pill, QualityLimits::default());
+        lap(3);
+        let crop = crop_pill(&decoded, &pill, spec.crop, LocaliseOptions::default().margin);
+        lap(4);
+        preprocessor.preprocess(crop.view(), &mut input);
+        lap(5);
+        classifier.engines().run(&input).unwrap();
+        lap(6);
+        if i >= 10 {
+            times.push(t);
+        }
+    }
+    let p50 = |stage: usize| percentiles(times.iter().map(|t| t[stage]).collect()).0;
+    let steps: Vec<String> = (0..NAMES.len()).map(|s| format!("{} {:.2}", NAMES[s], p50(s))).collect();
+    let sum = percentiles(times.iter().map(|t| t.iter().sum()).collect()).0;
+    let path = CounterPath::new(classifier);
     let request = ScanRequest { expected_ndc: Some(frame.ndc.clone()), operator_id: "bench".into(), rx_ref: None };
-    let analysis = p50(&mut || drop(path.analyse(&request, &frame.jpeg).unwrap()));
+    (0..10).for_each(|_| drop(path.analyse(&request, &frame.jpeg).unwrap()));
+    let analysis = percentiles(
+        (0..iters)
+            .map(|_| {
+                let t = Instant::now();
+                drop(path.analyse(&request, &frame.jpeg).unwrap());
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+    .0;
     println!(
-        "stages, p50 ms: decode {decode:.2}, quality gate {quality:.2}, localise {found:.2}; the whole analysis \
-         (these, sharpness, crop, resize, engine, size cue, verdict) {analysis:.2}; the rest of a scan is its audit record"
+        "stages in sequence, p50 ms: {} (sum {sum:.2}); the whole analysis {analysis:.2} (these plus the verdict); \
+         the rest of a scan is its audit record",
+        steps.join(", ")
     );
 }
 
@@ -152,7 +193,7 @@ fn main() {
         std::env::args().skip(1).find(|a| !a.starts_with('-')).as_deref().unwrap_or("models/bundles/fixture-cnn/0.1.0"),
     );
     let iters: usize = std::env::var("RXVISION_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    let threads = 2;
+    let threads: usize = std::env::var("RXVISION_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let cpu = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: threads, ..EngineOptions::default() };
     let frame = camera_frame(&bundle, &workspace);
     let dir = tempfile::tempdir().unwrap();

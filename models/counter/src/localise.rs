@@ -120,24 +120,19 @@ pub fn localise(frame: &RgbImage, options: LocaliseOptions) -> Localisation {
     let background = Background::fit(&small, tray);
     let faint =
         (NOISE_FACTOR * background.spread).clamp(MIN_DISTANCE_FLOOR.min(options.min_distance), options.min_distance);
-    // Each pixel's distance from the tray there, or None for a shadow.
-    let distances: Vec<Option<f32>> = small
-        .data
-        .chunks_exact(3)
-        .enumerate()
-        .map(|(i, px)| {
-            let tray = background.at(i % w, i / w);
-            (!is_shadow(px, tray)).then(|| distance(px, tray))
-        })
-        .collect();
-    // Both masks at once, one bit each: STRICT at `min_distance`, FAINT at `faint`.
-    let masks: Vec<u8> = distances
-        .iter()
-        .map(|d| match d {
-            Some(d) => u8::from(*d >= options.min_distance) * STRICT | u8::from(*d >= faint) * FAINT,
-            None => 0,
-        })
-        .collect();
+    // Both masks at once, one bit each: STRICT where a pixel is at least
+    // `min_distance` from the tray there, FAINT at `faint` (never above
+    // `min_distance`); a shadow is in neither.
+    let mut masks = vec![0u8; w * h];
+    for ((y, row), out) in small.data.chunks_exact(w * 3).enumerate().zip(masks.chunks_exact_mut(w)) {
+        for ((x, px), bits) in row.chunks_exact(3).enumerate().zip(out) {
+            let tray = background.at(x, y);
+            let d = distance(px, tray);
+            if d >= faint && !is_shadow(px, tray) {
+                *bits = u8::from(d >= options.min_distance) * STRICT | FAINT;
+            }
+        }
+    }
     // Closed (a score groove or a capsule's seam, darker than the pill, must
     // not cut it in two: dilate 2, erode 2), opened (specks of tray texture
     // removed: erode 1, dilate 1) and eroded (slightly touching pills
@@ -264,7 +259,10 @@ struct Background {
     /// Per channel: c0 + c1·u + c2·v + c3·u² + c4·u·v + c5·v², with u and v
     /// the pixel's position scaled to −1..1.
     coef: [[f32; 6]; 3],
-    half: [f32; 2],
+    /// u of every column and v of every row (computed once: the terms are
+    /// needed at every pixel).
+    u: Vec<f32>,
+    v: Vec<f32>,
     /// The 95th percentile of the border's colour distance from the surface.
     spread: f32,
 }
@@ -272,15 +270,16 @@ struct Background {
 impl Background {
     fn fit(image: &RgbImage, median: [u8; 3]) -> Background {
         let (w, h) = (image.width as usize, image.height as usize);
-        let half = [(w as f32 / 2.0).max(0.5), (h as f32 / 2.0).max(0.5)];
+        let scaled = |n: usize| {
+            let half = (n as f32 / 2.0).max(0.5);
+            (0..n).map(|i| (i as f32 + 0.5) / half - 1.0).collect()
+        };
         let flat = |colour: [u8; 3]| colour.map(|c| [f32::from(c), 0.0, 0.0, 0.0, 0.0, 0.0]);
-        let mut background = Background { coef: flat(median), half, spread: 0.0 };
+        let mut background = Background { coef: flat(median), u: scaled(w), v: scaled(h), spread: 0.0 };
         let ring = (w.min(h) / 25).max(2).min(w.min(h) / 2).max(1);
-        let border: Vec<usize> = (0..w * h)
-            .filter(|&i| {
-                let (x, y) = (i % w, i / w);
-                x < ring || y < ring || x + ring >= w || y + ring >= h
-            })
+        let border: Vec<(usize, usize)> = (0..h)
+            .flat_map(|y| (0..w).map(move |x| (x, y)))
+            .filter(|&(x, y)| x < ring || y < ring || x + ring >= w || y + ring >= h)
             .collect();
         // Too few pixels for six coefficients per channel: the median tray.
         if border.len() >= 64 && w >= 16 && h >= 16 {
@@ -288,8 +287,8 @@ impl Background {
                 background.coef = coef;
                 let distances = background.distances(image, &border);
                 let limit = 2.5 * percentile(&distances, 0.5) + 4.0;
-                let kept: Vec<usize> =
-                    border.iter().zip(&distances).filter(|(_, &d)| d <= limit).map(|(&i, _)| i).collect();
+                let kept: Vec<(usize, usize)> =
+                    border.iter().zip(&distances).filter(|(_, &d)| d <= limit).map(|(&p, _)| p).collect();
                 if let Some(coef) = background.least_squares(image, &kept) {
                     background.coef = coef;
                 }
@@ -300,37 +299,46 @@ impl Background {
     }
 
     fn terms(&self, x: usize, y: usize) -> [f32; 6] {
-        let u = (x as f32 + 0.5) / self.half[0] - 1.0;
-        let v = (y as f32 + 0.5) / self.half[1] - 1.0;
+        let (u, v) = (self.u[x], self.v[y]);
         [1.0, u, v, u * u, u * v, v * v]
     }
 
     /// The tray's colour at working pixel (x, y).
     fn at(&self, x: usize, y: usize) -> [f32; 3] {
         let t = self.terms(x, y);
-        self.coef.map(|c| c.iter().zip(&t).map(|(a, b)| a * b).sum())
+        self.coef.map(|c| c[0] * t[0] + c[1] * t[1] + c[2] * t[2] + c[3] * t[3] + c[4] * t[4] + c[5] * t[5])
     }
 
-    fn distances(&self, image: &RgbImage, pixels: &[usize]) -> Vec<f32> {
+    fn distances(&self, image: &RgbImage, pixels: &[(usize, usize)]) -> Vec<f32> {
         let w = image.width as usize;
-        pixels.iter().map(|&i| distance(&image.data[i * 3..i * 3 + 3], self.at(i % w, i / w))).collect()
+        pixels
+            .iter()
+            .map(|&(x, y)| distance(&image.data[(y * w + x) * 3..(y * w + x) * 3 + 3], self.at(x, y)))
+            .collect()
     }
 
     /// The surface through `pixels` (normal equations, f64), or `None` when
     /// they do not determine it.
-    fn least_squares(&self, image: &RgbImage, pixels: &[usize]) -> Option<[[f32; 6]; 3]> {
+    fn least_squares(&self, image: &RgbImage, pixels: &[(usize, usize)]) -> Option<[[f32; 6]; 3]> {
         let w = image.width as usize;
         let mut ata = [[0f64; 6]; 6];
         let mut atb = [[0f64; 6]; 3];
-        for &i in pixels {
-            let t = self.terms(i % w, i / w).map(f64::from);
+        for &(x, y) in pixels {
+            let t = self.terms(x, y).map(f64::from);
+            let i = y * w + x;
             for r in 0..6 {
-                for c in 0..6 {
+                // Symmetric: the upper triangle, mirrored below.
+                for c in r..6 {
                     ata[r][c] += t[r] * t[c];
                 }
                 for (ch, rhs) in atb.iter_mut().enumerate() {
                     rhs[r] += t[r] * f64::from(image.data[i * 3 + ch]);
                 }
+            }
+        }
+        for r in 1..6 {
+            for c in 0..r {
+                ata[r][c] = ata[c][r];
             }
         }
         let mut coef = [[0f32; 6]; 3];
@@ -393,25 +401,37 @@ fn prefer_strict(strict: &[bool], loose: &[bool], w: usize, h: usize) -> Vec<boo
 
 /// `mask` with every hole filled: background pixels that no path of
 /// 4-connected background pixels joins to the frame's edge.
+/// A flood fill by runs: each seed grows into the whole run of open pixels
+/// of its row, and seeds the runs above and below it.
 fn fill_holes(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
     let mut outside = vec![false; w * h];
-    let mut stack: Vec<usize> = (0..w * h)
-        .filter(|&i| {
-            let (x, y) = (i % w, i / w);
-            (x == 0 || y == 0 || x + 1 == w || y + 1 == h) && !mask[i]
-        })
-        .collect();
-    for &i in &stack {
-        outside[i] = true;
-    }
-    while let Some(i) = stack.pop() {
-        let (x, y) = (i % w, i / w);
-        let neighbours =
-            [(x > 0).then(|| i - 1), (x + 1 < w).then(|| i + 1), (y > 0).then(|| i - w), (y + 1 < h).then(|| i + w)];
-        for j in neighbours.into_iter().flatten() {
-            if !mask[j] && !outside[j] {
-                outside[j] = true;
-                stack.push(j);
+    let open = |outside: &[bool], i: usize| !mask[i] && !outside[i];
+    let mut seeds: Vec<(usize, usize)> = (0..w).flat_map(|x| [(x, 0), (x, h - 1)]).collect();
+    seeds.extend((0..h).flat_map(|y| [(0, y), (w - 1, y)]));
+    while let Some((x, y)) = seeds.pop() {
+        let row = y * w;
+        if !open(&outside, row + x) {
+            continue;
+        }
+        let (mut left, mut right) = (x, x);
+        while left > 0 && open(&outside, row + left - 1) {
+            left -= 1;
+        }
+        while right + 1 < w && open(&outside, row + right + 1) {
+            right += 1;
+        }
+        outside[row + left..=row + right].fill(true);
+        for next in [y.checked_sub(1), Some(y + 1).filter(|&n| n < h)].into_iter().flatten() {
+            let mut x = left;
+            while x <= right {
+                if open(&outside, next * w + x) {
+                    seeds.push((x, next));
+                    while x <= right && open(&outside, next * w + x) {
+                        x += 1;
+                    }
+                } else {
+                    x += 1;
+                }
             }
         }
     }
@@ -428,12 +448,25 @@ const FAINT: u8 = 2;
 /// ignored, so a pill cut by the edge stays at the edge). Separable: the
 /// rows' windows, then whole rows combined, every bit at once.
 fn morph(mask: &[u8], w: usize, h: usize, r: usize, erode: bool) -> Vec<u8> {
-    let combine = |a: u8, b: u8| if erode { a & b } else { a | b };
-    let start = if erode { u8::MAX } else { 0 };
-    let mut rows = vec![0u8; w * h];
+    if erode {
+        morph_by(mask, w, h, r, |a, b| a & b)
+    } else {
+        morph_by(mask, w, h, r, |a, b| a | b)
+    }
+}
+
+/// [`morph`] with `combine` (AND or OR): each row combined with itself
+/// shifted by 1..=r either way, then whole rows likewise.
+fn morph_by(mask: &[u8], w: usize, h: usize, r: usize, combine: impl Fn(u8, u8) -> u8) -> Vec<u8> {
+    let mut rows = mask.to_vec();
     for (row, out) in mask.chunks_exact(w).zip(rows.chunks_exact_mut(w)) {
-        for (x, o) in out.iter_mut().enumerate() {
-            *o = row[x.saturating_sub(r)..=(x + r).min(w - 1)].iter().fold(start, |a, &b| combine(a, b));
+        for d in 1..=r.min(w - 1) {
+            for (o, &s) in out[..w - d].iter_mut().zip(&row[d..]) {
+                *o = combine(*o, s);
+            }
+            for (o, &s) in out[d..].iter_mut().zip(&row[..w - d]) {
+                *o = combine(*o, s);
+            }
         }
     }
     let mut out = vec![0u8; w * h];
@@ -459,12 +492,31 @@ struct Component {
 }
 
 impl Component {
-    /// The pixels' extents along direction `angle` and across it, each
-    /// pixel counted with its footprint (1 at 0°, √2 at 45°).
-    fn extents_at(&self, angle: f64) -> [f64; 2] {
+    /// The first and last pixel of each row: the pixels that can be
+    /// extreme along any direction (along a row, a projection only grows or
+    /// only shrinks), so the extents of these are the extents of all.
+    fn row_ends(&self) -> Vec<(u32, u32)> {
+        let rows = self.y1 - self.y0 + 1;
+        let (mut first, mut last) = (vec![u32::MAX; rows], vec![0u32; rows]);
+        for &(x, y) in &self.pixels {
+            let r = y as usize - self.y0;
+            first[r] = first[r].min(x);
+            last[r] = last[r].max(x);
+        }
+        let y0 = self.y0 as u32;
+        (0..rows as u32)
+            .filter(|&r| first[r as usize] != u32::MAX)
+            .flat_map(|r| [(first[r as usize], y0 + r), (last[r as usize], y0 + r)])
+            .collect()
+    }
+
+    /// The extents of `ends` (see [`Component::row_ends`]) along direction
+    /// `angle` and across it, each pixel counted with its footprint (1 at
+    /// 0°, √2 at 45°).
+    fn extents_at(ends: &[(u32, u32)], angle: f64) -> [f64; 2] {
         let (c, s) = (angle.cos(), angle.sin());
         let (mut u0, mut u1, mut v0, mut v1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-        for &(x, y) in &self.pixels {
+        for &(x, y) in ends {
             let (x, y) = (f64::from(x), f64::from(y));
             let (u, v) = (x * c + y * s, -x * s + y * c);
             (u0, u1, v0, v1) = (u0.min(u), u1.max(u), v0.min(v), v1.max(v));
@@ -476,8 +528,9 @@ impl Component {
     /// Length and width of the smallest-area rectangle around the pixels
     /// (directions every degree), longer first, in working pixels.
     fn bounding_rectangle(&self) -> [f32; 2] {
+        let ends = self.row_ends();
         let best = (0..90)
-            .map(|i| self.extents_at((i as f64).to_radians()))
+            .map(|i| Self::extents_at(&ends, (i as f64).to_radians()))
             .min_by(|a, b| (a[0] * a[1]).total_cmp(&(b[0] * b[1])))
             .expect("90 directions");
         [best[0].max(best[1]) as f32, best[0].min(best[1]) as f32]
@@ -517,7 +570,7 @@ impl Component {
             sxy += dx * dy;
         }
         let mut angle = 0.5 * (2.0 * sxy).atan2(sxx - syy);
-        let e = self.extents_at(angle);
+        let e = Self::extents_at(&self.row_ends(), angle);
         if e[0] < e[1] {
             angle += std::f64::consts::FRAC_PI_2;
         }
