@@ -528,6 +528,51 @@ fn the_dataset_command_writes_pill_crops_and_counts_what_it_left_out() {
     }
 }
 
+/// The training crops pillnet 0.5.0 learns from are pinned: the model's
+/// checkpoint is resumed across sessions only on byte-identical data (the
+/// trainer checks every image), so the renderer, the quality gate, the
+/// localiser and the crop may be made faster but must not change a byte of
+/// what they produce. A change on purpose changes this digest and needs a
+/// new model version (scripts/pillnet-recipe).
+#[test]
+fn the_training_crops_are_byte_for_byte_what_the_recipe_rendered() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = synth(&[
+        "dataset",
+        "--formulary",
+        formulary_path().to_str().unwrap(),
+        "--out",
+        out_dir.path().to_str().unwrap(),
+        "--per-class",
+        "2",
+        "--seed",
+        "101",
+        "--size",
+        "640x480",
+        "--px-per-mm",
+        "9",
+        "--pill-crops",
+        "--crop",
+        "upright",
+        "--impostors",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let csv = std::fs::read(out_dir.path().join("labels.csv")).unwrap();
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(&csv);
+    let rows = labels::parse(std::str::from_utf8(&csv).unwrap()).unwrap();
+    for row in &rows[1..] {
+        digest.update(&std::fs::read(out_dir.path().join(&row[0])).unwrap());
+    }
+    let hex: String = digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(rows.len() > 200, "{} crops", rows.len() - 1);
+    assert_eq!(hex, PINNED_CROPS, "{} crops differ from what the recipe rendered", rows.len() - 1);
+}
+
+/// SHA-256 of labels.csv and every crop in its order, as rendered for pillnet 0.5.0.
+const PINNED_CROPS: &str = "c5b6c63797159bb304803b47f0a1d764da3222604c2f11ca76d7e764f3bc6f13";
+
 #[test]
 fn tray_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
