@@ -779,10 +779,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigProblem>> {
     let updates = if u.enabled {
         let base = url::Url::parse(&u.repository).ok().filter(|url| url.scheme() == "http" && url.has_host());
         if base.is_none() {
-            problem("updates.repository", format!("{:?} is not the fleet's http://host:port (updates.enabled is true)", u.repository));
+            problem(
+                "updates.repository",
+                format!("{:?} is not the fleet's http://host:port (updates.enabled is true)", u.repository),
+            );
         }
         if u.root_file.is_empty() {
-            problem("updates.root_file", "must name the pinned root.json from `rxfleet keys init` (updates.enabled is true)".into());
+            problem(
+                "updates.root_file",
+                "must name the pinned root.json from `rxfleet keys init` (updates.enabled is true)".into(),
+            );
         }
         if !(10..=7 * 86_400).contains(&u.poll_interval_seconds) {
             problem("updates.poll_interval_seconds", format!("{} is outside 10..=604800", u.poll_interval_seconds));
