@@ -5,6 +5,8 @@
 //! resident memory of this process after the run.
 //!
 //! `cargo bench -p rxvision-daemon --bench counter [-- BUNDLE]` (BUNDLE relative to the workspace root)
+//! (`RXVISION_BENCH_ITERS`: scans per row, 300; `RXVISION_BENCH_THREADS`: CPU engine threads, 2).
+//! It also prints where a scan's time goes: each stage timed in sequence.
 //!
 //! The frame is what the counter camera sends: a whole 640×480 JPEG at
 //! 9 px/mm, rendered by `rxvision-synth` for a product the bundle knows, the
