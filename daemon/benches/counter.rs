@@ -125,7 +125,7 @@ fn stages(bundle: &Path, frame: &Frame, options: EngineOptions, iters: usize) {
     use rxvision_counter::localise::{localise, LocaliseOptions};
     use rxvision_counter::quality::{check_frame, check_sharpness, QualityLimits};
     use rxvision_models::preprocess::Preprocessor;
-    const NAMES: [&str; 7] = ["decode", "quality gate", "localise", "sharpness", "upright crop", "resize", "engine"];
+    const NAMES: [&str; 7] = ["decode", "quality gate", "localise", "sharpness", "crop", "resize", "engine"];
     let classifier = Arc::new(Classifier::open(Some(bundle), &[], options).unwrap());
     let spec = &classifier.bundle().manifest.input;
     let mut preprocessor = Preprocessor::new(spec);
