@@ -336,6 +336,8 @@ pub struct EvalOptions {
     pub json: bool,
     /// Also the verification cases and their curve.
     pub verify: bool,
+    /// With `verify`: every verification scan to this CSV file.
+    pub scans: Option<PathBuf>,
     /// The quality gate's blur limit instead of the default.
     pub min_sharpness: Option<f32>,
 }
@@ -347,7 +349,7 @@ pub fn run_eval(
     options: EvalOptions,
     mistakes: Option<&std::path::Path>,
 ) -> Result<ExitCode, ClassifyError> {
-    let EvalOptions { px_per_mm, formulary, json, verify, min_sharpness } = options;
+    let EvalOptions { px_per_mm, formulary, json, verify, scans, min_sharpness } = options;
     if let Some(limit) = min_sharpness.filter(|l| !(0.0..=10_000.0).contains(l)) {
         eprintln!("rxvisiond: --min-sharpness {limit} is outside 0..=10000");
         return Ok(ExitCode::from(64));
@@ -412,6 +414,18 @@ pub fn run_eval(
             return Ok(ExitCode::from(1));
         }
     }
+    if let (Some(out), Some(verification)) = (&scans, &verification) {
+        let mut csv = String::from(rxvision_counter::eval::VerifyScan::CSV_HEADER);
+        for scan in &verification.scans {
+            csv.push('\n');
+            csv.push_str(&scan.csv_row());
+        }
+        csv.push('\n');
+        if let Err(e) = std::fs::write(out, csv) {
+            eprintln!("rxvisiond: --scans {}: {e}", out.display());
+            return Ok(ExitCode::from(1));
+        }
+    }
     if json {
         let mut value = serde_json::to_value(&report).expect("report serialises");
         if let Some(verification) = &verification {
@@ -441,9 +455,10 @@ pub fn run_eval(
         if let Some(v) = &verification {
             let rate = |r: &rxvision_counter::eval::MatchRate| format!("{:.4} ({}/{})", r.rate, r.matched, r.n);
             println!(
-                "verification (min_confidence {}): automation {}, false MATCH with a look-alike expected {}, \
-                 for unknown products {}",
+                "verification (min_confidence {}, {} products with their own MATCH threshold): automation {}, \
+                 false MATCH with a look-alike expected {}, for unknown products {}",
                 v.min_confidence,
+                v.products_with_own_threshold,
                 rate(&v.answered.automation),
                 rate(&v.answered.false_match_lookalike),
                 rate(&v.answered.false_match_unknown)

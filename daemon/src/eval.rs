@@ -18,7 +18,7 @@ use std::path::Path;
 use rxvision_counter::analysis::{CounterPath, ScanRequest};
 use rxvision_counter::eval::{
     matched_at, verify_cases, CurvePoint, EvalReport, Lookalikes, Sample, Scorer, TwinRule, VerifyCurve, VerifyReport,
-    CURVE_THRESHOLDS,
+    VerifyScan, CURVE_THRESHOLDS,
 };
 use rxvision_models::labels;
 use serde::Serialize;
@@ -31,11 +31,17 @@ pub struct Verification {
     pub min_confidence: f32,
     /// The bundle's `min_margin`.
     pub min_margin: f32,
+    /// How many products have their own MATCH threshold (`thresholds.match_confidence`).
+    pub products_with_own_threshold: usize,
     /// What the counter answered, each scan asked with its expected NDC.
     pub answered: VerifyReport,
-    /// The same scans at other `min_confidence` thresholds (the bundle's
-    /// among them, where it equals `answered`): automation against false MATCH.
+    /// The same scans at other `min_confidence` thresholds, one for every
+    /// product (the bundle's among them, where it equals `answered` unless
+    /// products have their own): automation against false MATCH.
     pub curve: Vec<CurvePoint>,
+    /// Every verification scan (`--scans FILE`).
+    #[serde(skip)]
+    pub scans: Vec<VerifyScan>,
 }
 
 /// Runs every image of `dataset` through `path` and scores it; with `twins`,
@@ -53,7 +59,7 @@ pub fn evaluate(
     let model_labels = &path.classifier().bundle().labels;
     let mut scorer = Scorer::new(model_labels, twins.filter(|_| has_faces));
     let lookalikes = Lookalikes::new(&images, model_labels);
-    let thresholds = path.classifier().bundle().manifest.thresholds;
+    let thresholds = &path.classifier().bundle().manifest.thresholds;
     let (mut answered, mut curve) = (VerifyReport::default(), VerifyCurve::default());
     let ask = |expected: Option<&str>, bytes: &[u8], file: &str| {
         let request =
@@ -76,7 +82,7 @@ pub fn evaluate(
             let twin = scorer.is_twin(&image.ndc, image.face.as_deref().unwrap_or(""));
             for case in verify_cases(image, known, twin, &lookalikes) {
                 answered.add(case.known, case.expected_own, ask(Some(case.expected), &bytes, file)?.verdict);
-                curve.add(case, matched_at(&analysis, case.expected, thresholds.min_margin));
+                curve.add(file, case, matched_at(&analysis, case.expected, thresholds.min_margin));
             }
         }
     }
@@ -88,8 +94,10 @@ pub fn evaluate(
         Verification {
             min_confidence: thresholds.min_confidence,
             min_margin: thresholds.min_margin,
+            products_with_own_threshold: thresholds.match_confidence.len(),
             answered,
             curve: curve.points(&at),
+            scans: curve.scans().to_vec(),
         }
     });
     Ok((scorer.report(), verification))

@@ -83,6 +83,11 @@ enum Command {
         /// confidence threshold.
         #[arg(long)]
         verify: bool,
+        /// With --verify: also write every verification scan to this CSV file (file, expected,
+        /// case own|lookalike|unknown, the lowest confidence threshold answering MATCH), the
+        /// input of `python -m rxvision_trainer calibrate-match`.
+        #[arg(long, value_name = "FILE", requires = "verify")]
+        scans: Option<PathBuf>,
         /// The quality gate's blur limit (Laplacian variance of a pill's crop; default 12):
         /// to measure what the model reads in frames the gate refuses.
         #[arg(long, value_name = "VARIANCE")]
@@ -148,8 +153,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify { model, top, json, images } => commands::classify(&model, usize::from(top), json, &images),
         Command::Selftest { model, json } => commands::run_selftest(&model, json),
-        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes, verify, min_sharpness } => {
-            let options = commands::EvalOptions { px_per_mm, formulary, json, verify, min_sharpness };
+        Command::Eval { model, dataset, px_per_mm, formulary, json, mistakes, verify, scans, min_sharpness } => {
+            let options = commands::EvalOptions { px_per_mm, formulary, json, verify, scans, min_sharpness };
             commands::run_eval(&model, &dataset, options, mistakes.as_deref())
         }
         Command::Audit { command } => return commands::audit(command),

@@ -388,10 +388,12 @@ mod eval_command {
         csv.push_str("empty.png,fixture-00,front,G1\n");
         std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
 
-        let out = eval_fixture(dir.path(), &["--verify"]);
+        let scans_csv = dir.path().join("scans.csv");
+        let out = eval_fixture(dir.path(), &["--verify", "--scans", scans_csv.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
         let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
         let verify = &report["verify"];
+        assert_eq!(verify["products_with_own_threshold"], 0, "the fixture has one threshold for all");
         let answered = &verify["answered"];
         let known = golden.len() as u64 + 1;
         assert_eq!(answered["automation"]["n"], known, "every known image with its own NDC: {verify}");
@@ -411,6 +413,31 @@ mod eval_command {
             assert!(matched.windows(2).all(|w| w[0] >= w[1]), "{case}: {matched:?}");
         }
         assert_eq!(curve.last().unwrap()["min_confidence"].as_f64().unwrap(), f64::from(0.9999f32));
+        // --scans lists every scan, from which the counter's answers can be recounted.
+        let text = std::fs::read_to_string(&scans_csv).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("file,expected,case,matched_at"));
+        let threshold = verify["min_confidence"].as_f64().unwrap() as f32;
+        let mut recount = std::collections::BTreeMap::<&str, (u64, u64)>::new();
+        for line in lines {
+            let fields: Vec<&str> = line.split(',').collect();
+            let matched = !fields[3].is_empty() && fields[3].parse::<f32>().unwrap() >= threshold;
+            let entry = recount.entry(fields[2]).or_default();
+            *entry = (entry.0 + 1, entry.1 + u64::from(matched));
+        }
+        for (case, name) in
+            [("own", "automation"), ("lookalike", "false_match_lookalike"), ("unknown", "false_match_unknown")]
+        {
+            let (n, matched) = recount[case];
+            assert_eq!(
+                (n, matched),
+                (answered[name]["n"].as_u64().unwrap(), answered[name]["matched"].as_u64().unwrap()),
+                "{case}"
+            );
+        }
+        let out = eval_fixture(dir.path(), &["--scans", scans_csv.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "--scans without --verify: {}", stderr(&out));
+        assert!(stderr(&out).contains("--verify"), "{}", stderr(&out));
         // Without --verify nothing is asked twice and there is no curve.
         let plain: serde_json::Value = serde_json::from_str(stdout(&eval_fixture(dir.path(), &[])).trim()).unwrap();
         assert!(plain.get("verify").is_none());

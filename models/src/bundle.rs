@@ -291,13 +291,33 @@ pub struct OutputSpec {
 }
 
 /// Decision thresholds shipped with the model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
     /// Below this top-1 probability the verdict is UNCERTAIN.
     pub min_confidence: f32,
     /// Below this gap between top-1 and top-2 the verdict is UNCERTAIN.
     pub min_margin: f32,
+    /// Per expected product (NDC): the top-1 probability a verification
+    /// needs to answer MATCH for it, in place of `min_confidence`. Calibrated
+    /// against the product's look-alikes and pills that imitate it (`python
+    /// -m rxvision_trainer calibrate-match`); a product not listed uses
+    /// `min_confidence`. Every other decision (MISMATCH, IDENTIFIED) keeps
+    /// `min_confidence`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_confidence: BTreeMap<String, f32>,
+}
+
+impl Thresholds {
+    /// The thresholds without per-product MATCH thresholds.
+    pub fn uniform(min_confidence: f32, min_margin: f32) -> Thresholds {
+        Thresholds { min_confidence, min_margin, match_confidence: BTreeMap::new() }
+    }
+
+    /// The top-1 probability at which a scan expecting `ndc` answers MATCH.
+    pub fn to_match(&self, ndc: &str) -> f32 {
+        self.match_confidence.get(ndc).copied().unwrap_or(self.min_confidence)
+    }
 }
 
 /// Where the self-test lives.
@@ -529,9 +549,14 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
     if manifest.num_classes < 2 {
         return bad(format!("num_classes {} must be at least 2", manifest.num_classes));
     }
-    let t = manifest.thresholds;
+    let t = &manifest.thresholds;
     if !(0.0..=1.0).contains(&t.min_confidence) || !(0.0..=1.0).contains(&t.min_margin) {
         return bad("thresholds must lie in 0..=1".into());
+    }
+    for (ndc, p) in &t.match_confidence {
+        if !(0.0..=1.0).contains(p) {
+            return bad(format!("thresholds.match_confidence[{ndc:?}] {p} must lie in 0..=1"));
+        }
     }
     if !(manifest.selftest.tolerance > 0.0 && manifest.selftest.tolerance < 1.0) {
         return bad("selftest.tolerance must lie in (0, 1)".into());
@@ -570,6 +595,12 @@ fn check_labels(manifest: &Manifest, labels: &[Label]) -> Result<(), BundleError
     ndcs.sort_unstable();
     if let Some(dup) = ndcs.windows(2).find(|w| w[0] == w[1]) {
         return Err(BundleError::invalid(file, format!("ndc {} appears twice", dup[0])));
+    }
+    if let Some(ndc) = manifest.thresholds.match_confidence.keys().find(|n| ndcs.binary_search(&n.as_str()).is_err()) {
+        return Err(BundleError::invalid(
+            MANIFEST,
+            format!("thresholds.match_confidence names {ndc}, which is not one of the model's classes"),
+        ));
     }
     Ok(())
 }

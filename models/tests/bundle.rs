@@ -156,6 +156,32 @@ fn manifest_values_out_of_range_are_refused_by_key() {
 }
 
 #[test]
+fn per_product_match_thresholds_are_read_and_checked() {
+    let mut files = read_tree(&fixture_dir());
+    assert!(fixture().manifest.thresholds.match_confidence.is_empty(), "bundles without the field");
+    let labels: Vec<serde_json::Value> = serde_json::from_slice(&files["labels.json"]).unwrap();
+    let ndc = labels[1]["ndc"].as_str().unwrap().to_string();
+    let set = |m: &mut serde_json::Value, key: &str, p: f64| {
+        m["thresholds"]["match_confidence"] = serde_json::json!({ key: p });
+    };
+    let (first, second) = (ndc.clone(), ndc.clone());
+    with_manifest(&mut files, move |m| set(m, &first, 0.93));
+    let thresholds = load_tree(&files).unwrap().manifest.thresholds;
+    assert_eq!(thresholds.to_match(&second), 0.93);
+    assert_eq!(thresholds.to_match("00000-0000-00"), thresholds.min_confidence, "a product not listed");
+
+    let pristine = read_tree(&fixture_dir());
+    let mut files = pristine.clone();
+    with_manifest(&mut files, move |m| set(m, &ndc, 1.5));
+    let message = load_tree(&files).unwrap_err().to_string();
+    assert!(message.contains("match_confidence") && message.contains("0..=1"), "{message}");
+    let mut files = pristine.clone();
+    with_manifest(&mut files, |m| set(m, "99999-9999-99", 0.9));
+    let message = load_tree(&files).unwrap_err().to_string();
+    assert!(message.contains("99999-9999-99") && message.contains("not one of the model's classes"), "{message}");
+}
+
+#[test]
 fn the_crop_is_read_from_the_manifest_and_defaults_to_square() {
     use rxvision_models::bundle::PillCrop;
     assert_eq!(fixture().manifest.input.crop, PillCrop::Square, "bundles without the field");

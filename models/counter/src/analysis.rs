@@ -228,7 +228,7 @@ impl CounterPath {
                 });
             }
         }
-        let judged = judge_pill(&probs, &bundle.labels, bundle.manifest.thresholds, request.expected_ndc.as_deref());
+        let judged = judge_pill(&probs, &bundle.labels, &bundle.manifest.thresholds, request.expected_ndc.as_deref());
         Ok(PillResult {
             top_k: self.classifier.top_k(&probs, TOP_K),
             verdict: judged.verdict,

@@ -512,11 +512,50 @@ pub const CURVE_THRESHOLDS: [f32; 13] =
     [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999];
 
 /// Verification at every confidence threshold: automation against false
-/// MATCH, from each verification scan's [`matched_at`].
+/// MATCH, from each verification scan's [`matched_at`]. One threshold for
+/// every product: a bundle's per-product MATCH thresholds are calibrated
+/// from these scans ([`VerifyScan`]), not drawn here.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyCurve {
-    /// (known, expected own, lowest threshold answered MATCH)
-    scans: Vec<(bool, bool, Option<f32>)>,
+    scans: Vec<VerifyScan>,
+}
+
+/// One verification scan as the curve keeps it (`rxvisiond eval --verify
+/// --scans FILE` writes them for calibrating per-product MATCH thresholds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyScan {
+    /// The image, as `labels.csv` names it.
+    pub file: String,
+    /// The NDC expected.
+    pub expected: String,
+    /// Whether the pill's product is one the model knows.
+    pub known: bool,
+    /// Whether its own NDC was expected.
+    pub expected_own: bool,
+    /// The lowest `min_confidence` answering MATCH ([`matched_at`]).
+    pub matched_at: Option<f32>,
+}
+
+impl VerifyScan {
+    /// The CSV header of [`VerifyScan::csv_row`]: `case` is `own` (automation),
+    /// `lookalike` or `unknown` (false MATCH); `matched_at` is empty when no
+    /// threshold answers MATCH.
+    pub const CSV_HEADER: &'static str = "file,expected,case,matched_at";
+
+    /// The scan's case name.
+    pub fn case(&self) -> &'static str {
+        match (self.known, self.expected_own) {
+            (true, true) => "own",
+            (true, false) => "lookalike",
+            (false, _) => "unknown",
+        }
+    }
+
+    /// One CSV row.
+    pub fn csv_row(&self) -> String {
+        let matched_at = self.matched_at.map_or(String::new(), |p| format!("{p:.7}"));
+        [labels::quote(&self.file), labels::quote(&self.expected), self.case().to_string(), matched_at].join(",")
+    }
 }
 
 /// One point of the curve.
@@ -530,18 +569,29 @@ pub struct CurvePoint {
 }
 
 impl VerifyCurve {
-    /// Adds one verification scan.
-    pub fn add(&mut self, case: VerifyCase<'_>, matched_at: Option<f32>) {
-        self.scans.push((case.known, case.expected_own, matched_at));
+    /// Adds one verification scan of the image `file`.
+    pub fn add(&mut self, file: &str, case: VerifyCase<'_>, matched_at: Option<f32>) {
+        self.scans.push(VerifyScan {
+            file: file.to_string(),
+            expected: case.expected.to_string(),
+            known: case.known,
+            expected_own: case.expected_own,
+            matched_at,
+        });
+    }
+
+    /// The scans, in the order added.
+    pub fn scans(&self) -> &[VerifyScan] {
+        &self.scans
     }
 
     /// The three cases as the counter would answer with `min_confidence`.
     pub fn at(&self, min_confidence: f32) -> VerifyReport {
         let mut report = VerifyReport::default();
-        for &(known, expected_own, matched_at) in &self.scans {
+        for scan in &self.scans {
             let verdict =
-                if matched_at.is_some_and(|p| p >= min_confidence) { Verdict::Match } else { Verdict::Uncertain };
-            report.add(known, expected_own, verdict);
+                if scan.matched_at.is_some_and(|p| p >= min_confidence) { Verdict::Match } else { Verdict::Uncertain };
+            report.add(scan.known, scan.expected_own, verdict);
         }
         report
     }
@@ -572,11 +622,15 @@ mod tests {
     fn the_curve_matches_a_scan_up_to_its_own_confidence() {
         let case = |known, expected_own| VerifyCase { known, expected_own, expected: "a" };
         let mut curve = VerifyCurve::default();
-        curve.add(case(true, true), Some(0.97));
-        curve.add(case(true, true), Some(0.9995));
-        curve.add(case(true, true), None);
-        curve.add(case(true, false), Some(0.8));
-        curve.add(case(false, false), None);
+        curve.add("1.jpg", case(true, true), Some(0.97));
+        curve.add("2.jpg", case(true, true), Some(0.9995));
+        curve.add("3.jpg", case(true, true), None);
+        curve.add("4,a.jpg", case(true, false), Some(0.8));
+        curve.add("5.jpg", case(false, false), None);
+        let rows: Vec<String> = curve.scans().iter().map(VerifyScan::csv_row).collect();
+        assert_eq!(rows[0], "1.jpg,a,own,0.9700000");
+        assert_eq!(rows[3], "\"4,a.jpg\",a,lookalike,0.8000000");
+        assert_eq!(rows[4], "5.jpg,a,unknown,");
         let at = |t| {
             let r = curve.at(t);
             (r.automation.matched, r.automation.n, r.false_match_lookalike.matched, r.false_match_unknown.n)

@@ -4,7 +4,7 @@
 //!
 //! | condition (in order) | verdict |
 //! |---|---|
-//! | top-1 probability below `min_confidence`, or top-1 − top-2 below `min_margin` | `UNCERTAIN` (low confidence) |
+//! | top-1 probability below the threshold (`min_confidence`; when top-1 is the expected product, that product's own MATCH threshold if the bundle calibrated one), or top-1 − top-2 below `min_margin` | `UNCERTAIN` (low confidence) |
 //! | no expected NDC given | `IDENTIFIED` (identification mode) |
 //! | the expected NDC is not one of the model's classes | `UNCERTAIN` (cannot verify a product the model does not know) |
 //! | top-1 is the expected NDC | `MATCH` |
@@ -64,18 +64,23 @@ pub struct PillVerdict {
 }
 
 /// Decides one pill's verdict from its probabilities (in label order).
-pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: Thresholds, expected_ndc: Option<&str>) -> PillVerdict {
+pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: &Thresholds, expected_ndc: Option<&str>) -> PillVerdict {
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     let (top1, p1) = order.first().map_or((0, 0.0), |&i| (i, probs[i]));
     let p2 = order.get(1).map_or(0.0, |&i| probs[i]);
+    // A MATCH for the expected product needs that product's own threshold.
+    let min_confidence = match (expected_ndc, labels.get(top1)) {
+        (Some(expected), Some(label)) if label.ndc == expected => thresholds.to_match(expected),
+        _ => thresholds.min_confidence,
+    };
     let name = |i: usize| {
         labels.get(i).map_or("an unknown product".to_string(), |l| match l.strength.trim() {
             "" | "n/a" => l.name.clone(),
             strength => format!("{} {strength}", l.name),
         })
     };
-    if p1 < thresholds.min_confidence || p1 - p2 < thresholds.min_margin {
+    if p1 < min_confidence || p1 - p2 < thresholds.min_margin {
         return PillVerdict {
             verdict: Verdict::Uncertain,
             reason: format!(
@@ -83,7 +88,7 @@ pub fn judge_pill(probs: &[f32], labels: &[Label], thresholds: Thresholds, expec
                  turn the pill over (a blank face can belong to several products) or verify by hand",
                 name(top1),
                 p1 * 100.0,
-                thresholds.min_confidence * 100.0,
+                min_confidence * 100.0,
                 thresholds.min_margin * 100.0
             ),
         };
@@ -128,6 +133,7 @@ pub fn overall(pills: &[Verdict]) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn as_str_is_the_serialised_name() {
@@ -151,45 +157,64 @@ mod tests {
             .collect()
     }
 
-    const T: Thresholds = Thresholds { min_confidence: 0.6, min_margin: 0.2 };
+    const T: Thresholds = Thresholds { min_confidence: 0.6, min_margin: 0.2, match_confidence: BTreeMap::new() };
 
     #[test]
     fn confident_and_expected_is_a_match() {
-        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), T, Some("00093-0058-01"));
+        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), &T, Some("00093-0058-01"));
         assert_eq!(v.verdict, Verdict::Match);
         assert!(v.reason.contains("Product 0"));
     }
 
     #[test]
     fn confident_and_different_is_a_mismatch_naming_both() {
-        let v = judge_pill(&[0.05, 0.9, 0.05], &labels(), T, Some("00093-0058-01"));
+        let v = judge_pill(&[0.05, 0.9, 0.05], &labels(), &T, Some("00093-0058-01"));
         assert_eq!(v.verdict, Verdict::Mismatch);
         assert!(v.reason.contains("Product 1") && v.reason.contains("00093-0058-01"), "{}", v.reason);
     }
 
     #[test]
     fn low_confidence_or_a_narrow_margin_is_uncertain_even_when_top1_is_expected() {
-        assert_eq!(judge_pill(&[0.55, 0.25, 0.2], &labels(), T, Some("00093-0058-01")).verdict, Verdict::Uncertain);
-        let lenient = Thresholds { min_confidence: 0.5, min_margin: 0.2 };
+        assert_eq!(judge_pill(&[0.55, 0.25, 0.2], &labels(), &T, Some("00093-0058-01")).verdict, Verdict::Uncertain);
+        let lenient = Thresholds::uniform(0.5, 0.2);
         assert_eq!(
-            judge_pill(&[0.55, 0.4, 0.05], &labels(), lenient, Some("00093-0058-01")).verdict,
+            judge_pill(&[0.55, 0.4, 0.05], &labels(), &lenient, Some("00093-0058-01")).verdict,
             Verdict::Uncertain
         );
         // Exactly at the confidence threshold passes.
-        assert_eq!(judge_pill(&[0.6, 0.25, 0.15], &labels(), T, Some("00093-0058-01")).verdict, Verdict::Match);
+        assert_eq!(judge_pill(&[0.6, 0.25, 0.15], &labels(), &T, Some("00093-0058-01")).verdict, Verdict::Match);
+    }
+
+    #[test]
+    fn a_product_s_own_match_threshold_decides_its_match_and_nothing_else() {
+        let mut t = Thresholds::uniform(0.6, 0.0);
+        t.match_confidence.insert("00093-0058-01".into(), 0.95);
+        t.match_confidence.insert("00378-0018-01".into(), 0.4);
+        // Product 0 expected and on top at 0.9: below its own 0.95, so no MATCH.
+        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), &t, Some("00093-0058-01"));
+        assert_eq!(v.verdict, Verdict::Uncertain);
+        assert!(v.reason.contains("needs 95%"), "{}", v.reason);
+        assert_eq!(judge_pill(&[0.96, 0.02, 0.02], &labels(), &t, Some("00093-0058-01")).verdict, Verdict::Match);
+        // Product 1 expected and on top at 0.5: its own 0.4 is enough for MATCH ...
+        assert_eq!(judge_pill(&[0.3, 0.5, 0.2], &labels(), &t, Some("00378-0018-01")).verdict, Verdict::Match);
+        // ... but not for a MISMATCH against another expected product, nor for identification.
+        assert_eq!(judge_pill(&[0.3, 0.5, 0.2], &labels(), &t, Some("00093-0058-01")).verdict, Verdict::Uncertain);
+        assert_eq!(judge_pill(&[0.3, 0.5, 0.2], &labels(), &t, None).verdict, Verdict::Uncertain);
+        // Product 0 on top at 0.9 against another expected product: min_confidence decides the MISMATCH.
+        assert_eq!(judge_pill(&[0.9, 0.05, 0.05], &labels(), &t, Some("00378-0018-01")).verdict, Verdict::Mismatch);
     }
 
     #[test]
     fn an_expected_product_outside_the_formulary_cannot_be_verified() {
-        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), T, Some("12345-6789-01"));
+        let v = judge_pill(&[0.9, 0.05, 0.05], &labels(), &T, Some("12345-6789-01"));
         assert_eq!(v.verdict, Verdict::Uncertain);
         assert!(v.reason.contains("not in this model's formulary"));
     }
 
     #[test]
     fn without_an_expected_product_a_confident_pill_is_identified() {
-        assert_eq!(judge_pill(&[0.1, 0.1, 0.8], &labels(), T, None).verdict, Verdict::Identified);
-        assert_eq!(judge_pill(&[0.4, 0.3, 0.3], &labels(), T, None).verdict, Verdict::Uncertain);
+        assert_eq!(judge_pill(&[0.1, 0.1, 0.8], &labels(), &T, None).verdict, Verdict::Identified);
+        assert_eq!(judge_pill(&[0.4, 0.3, 0.3], &labels(), &T, None).verdict, Verdict::Uncertain);
     }
 
     #[test]

@@ -1,10 +1,12 @@
-"""Command line: ``python -m rxvision_trainer {train,verify,card-append,convert} ...``.
+"""Command line: ``python -m rxvision_trainer {train,verify,card-append,calibrate-match,convert,camera-changes} ...``.
 
     python -m rxvision_trainer train --data DIR [--val-data DIR] --out BUNDLE_DIR --version X.Y.Z \
         --epochs N --seed S [--size 128] [--device auto|cuda|cpu] [--synth PATH] [--formulary PATH] \
         [--holdout-ndc NDC,...]
     python -m rxvision_trainer verify BUNDLE_DIR
     python -m rxvision_trainer card-append BUNDLE_DIR --section FILE.md
+    python -m rxvision_trainer calibrate-match BUNDLE_DIR --scans FILE.csv [--lookalike-budget 0.001] \
+        [--unknown-budget 0.005] [--floor 0.9] [--source TEXT]
     python -m rxvision_trainer convert --index TABLE --images DIR --out DIR --file-col C --ndc-col C ...
     python -m rxvision_trainer camera-changes SRC OUT [--changes gamma-0.6,warm,...]
 
@@ -36,6 +38,17 @@ def main(argv=None) -> int:
                                             "the manifest (facts measured after training)")
     ca.add_argument("bundle", type=Path)
     ca.add_argument("--section", type=Path, required=True, help="Markdown file to append")
+
+    cm = sub.add_parser("calibrate-match", help="choose per-product MATCH thresholds from verification scans "
+                                                "(rxvisiond eval --verify --scans) and write them into a bundle")
+    cm.add_argument("bundle", type=Path)
+    cm.add_argument("--scans", type=Path, required=True, help="CSV of rxvisiond eval --verify --scans")
+    cm.add_argument("--lookalike-budget", type=float, default=0.001,
+                    help="largest share of look-alike scans answered MATCH on these scans (default 0.001)")
+    cm.add_argument("--unknown-budget", type=float, default=0.005,
+                    help="largest share of unknown-product scans answered MATCH on these scans (default 0.005)")
+    cm.add_argument("--floor", type=float, default=0.9, help="no threshold below this probability (default 0.9)")
+    cm.add_argument("--source", default="a calibration set", help="what the scans are, for the model card")
 
     co = sub.add_parser("convert", help="make a labels.csv dataset from an image index (e.g. NLM C3PI)")
     co.add_argument("--index", type=Path, required=True, help="CSV/TSV with a header: one row per image")
@@ -72,6 +85,24 @@ def main(argv=None) -> int:
         elif args.cmd == "card-append":
             from .bundle import append_card_section
             print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
+        elif args.cmd == "calibrate-match":
+            from .bundle import set_match_thresholds
+            from .match_thresholds import card_section, choose_match_thresholds, rates_at, read_scans
+            for name in ("lookalike_budget", "unknown_budget", "floor"):
+                if not 0.0 <= getattr(args, name) <= 1.0:
+                    ap.error(f"--{name.replace('_', '-')} must lie in 0..1")
+            scans = read_scans(args.scans)
+            manifest = json.loads((args.bundle / "manifest.json").read_text(encoding="utf-8"))
+            min_confidence = manifest["thresholds"]["min_confidence"]
+            choice = choose_match_thresholds(scans, min_confidence, args.lookalike_budget, args.unknown_budget,
+                                             args.floor)
+            uniform = rates_at(scans, lambda _: min_confidence)
+            section = card_section(choice, uniform, min_confidence, args.source)
+            print(section)
+            if not choice.feasible:
+                print("error: the budgets cannot be met on these scans; the bundle is unchanged", file=sys.stderr)
+                return 1
+            set_match_thresholds(args.bundle, choice.thresholds, section)
         elif args.cmd == "convert":
             from .data import Formulary, convert_index
             fpath = args.formulary or Formulary.default_path()

@@ -225,6 +225,21 @@ def append_card_section(root: str | Path, text: str) -> dict:
     return verify_bundle(root)
 
 
+def set_match_thresholds(root: str | Path, thresholds: dict[str, float], section: str) -> dict:
+    """Writes per-product MATCH thresholds (``thresholds.match_confidence``) into a verified bundle, appends
+    ``section`` (how they were calibrated) to its card and re-hashes it; returns ``verify_bundle``'s result."""
+    root = Path(root)
+    verify_bundle(root, run_selftest=False)
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    manifest["thresholds"] = {k: v for k, v in manifest["thresholds"].items() if k != "match_confidence"}
+    if thresholds:
+        manifest["thresholds"]["match_confidence"] = dict(sorted(thresholds.items()))
+    write_json(root / "manifest.json", manifest)
+    (root / "manifest.json.sha256").write_text(f"{sha256_file(root / 'manifest.json')}  manifest.json\n",
+                                               encoding="utf-8")
+    return append_card_section(root, section)
+
+
 # --------------------------------------------------------------------------- verification
 class BundleCheckError(AssertionError):
     pass
@@ -263,7 +278,10 @@ def verify_bundle(root: str | Path, run_selftest: bool = True) -> dict:
     if set(m["output"]) != {"name", "kind"} or m["output"]["kind"] != "probabilities":
         fail(f"output spec {m['output']}")
     t = m["thresholds"]
-    if set(t) != {"min_confidence", "min_margin"} or not all(0.0 <= t[k] <= 1.0 for k in t):
+    per_product = t.get("match_confidence", {})
+    if (set(t) - {"match_confidence"} != {"min_confidence", "min_margin"}
+            or not all(0.0 <= t[k] <= 1.0 for k in ("min_confidence", "min_margin"))
+            or not isinstance(per_product, dict) or not all(0.0 <= v <= 1.0 for v in per_product.values())):
         fail(f"thresholds {t}")
     if set(m["selftest"]) != {"expected", "tolerance"} or not 0 < m["selftest"]["tolerance"] < 1:
         fail("selftest spec")
@@ -289,6 +307,8 @@ def verify_bundle(root: str | Path, run_selftest: bool = True) -> dict:
         fail("labels.json: empty ndc or name")
     if len({l["ndc"] for l in labels}) != len(labels):
         fail("labels.json: duplicate ndc")
+    if set(per_product) - {l["ndc"] for l in labels}:
+        fail(f"thresholds.match_confidence names products the model lacks: {sorted(set(per_product) - {l['ndc'] for l in labels})}")
     exp = json.loads((root / m["selftest"]["expected"]).read_text(encoding="utf-8"))
     st_dir = root / Path(m["selftest"]["expected"]).parent
     if not exp["cases"]:

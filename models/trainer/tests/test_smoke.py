@@ -86,3 +86,38 @@ def test_the_crop_is_part_of_the_input_contract(smoke, tmp_path):
         else:
             with pytest.raises(BundleCheckError, match="input spec"):
                 verify_bundle(b)
+
+
+def test_calibrate_match_writes_per_product_thresholds_into_the_bundle(smoke, tmp_path):
+    """``calibrate-match`` writes ``thresholds.match_confidence`` and a card section, and the bundle
+    still verifies; budgets the scans cannot meet leave it byte for byte as it was."""
+    from rxvision_trainer.__main__ import main
+    work, _ = smoke
+    b = tmp_path / "b"
+    shutil.copytree(work / "bundle", b)
+    ndcs = [l["ndc"] for l in json.loads((b / "labels.json").read_text())]
+    scans = tmp_path / "scans.csv"
+    rows = [f"{i}.jpg,{ndcs[0]},own,{p}" for i, p in enumerate([0.999, 0.97, 0.95])]
+    rows += [f"u{i}.jpg,{ndcs[0]},unknown,{p}" for i, p in enumerate([0.96, ""])]
+    scans.write_text("file,expected,case,matched_at\n" + "\n".join(rows) + "\n")
+    assert main(["-q", "calibrate-match", str(b), "--scans", str(scans), "--unknown-budget", "0"]) == 0
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["thresholds"]["match_confidence"] == {ndcs[0]: pytest.approx(0.97)}
+    assert "## Per-product MATCH thresholds" in (b / "MODEL_CARD.md").read_text()
+    assert verify_bundle(b)["cases"] >= 1
+
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    scans.write_text("file,expected,case,matched_at\n" f"a.jpg,{ndcs[1]},own,1.0\n" f"b.jpg,{ndcs[1]},unknown,1.0\n")
+    assert main(["-q", "calibrate-match", str(b), "--scans", str(scans), "--unknown-budget", "0"]) == 1
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    scans.write_text("file,expected,case\n")
+    assert main(["-q", "calibrate-match", str(b), "--scans", str(scans)]) == 65
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+
+    m["thresholds"]["match_confidence"] = {"00000-0000-00": 0.9}
+    (b / "manifest.json").write_text(json.dumps(m))
+    import hashlib
+    digest = hashlib.sha256((b / "manifest.json").read_bytes()).hexdigest()
+    (b / "manifest.json.sha256").write_text(f"{digest}  manifest.json\n")
+    with pytest.raises(BundleCheckError, match="00000-0000-00"):
+        verify_bundle(b)
