@@ -553,7 +553,8 @@ impl VerifyScan {
 
     /// One CSV row.
     pub fn csv_row(&self) -> String {
-        let matched_at = self.matched_at.map_or(String::new(), |p| format!("{p:.7}"));
+        // The shortest form that reads back as the same f32: thresholds are chosen from these values.
+        let matched_at = self.matched_at.map_or(String::new(), |p| p.to_string());
         [labels::quote(&self.file), labels::quote(&self.expected), self.case().to_string(), matched_at].join(",")
     }
 }
@@ -628,8 +629,9 @@ mod tests {
         curve.add("4,a.jpg", case(true, false), Some(0.8));
         curve.add("5.jpg", case(false, false), None);
         let rows: Vec<String> = curve.scans().iter().map(VerifyScan::csv_row).collect();
-        assert_eq!(rows[0], "1.jpg,a,own,0.9700000");
-        assert_eq!(rows[3], "\"4,a.jpg\",a,lookalike,0.8000000");
+        assert_eq!(rows[0], "1.jpg,a,own,0.97");
+        assert_eq!(rows[1], "2.jpg,a,own,0.9995");
+        assert_eq!(rows[3], "\"4,a.jpg\",a,lookalike,0.8");
         assert_eq!(rows[4], "5.jpg,a,unknown,");
         let at = |t| {
             let r = curve.at(t);

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
         elif args.cmd == "calibrate-match":
             from .bundle import set_match_thresholds
-            from .match_thresholds import card_section, choose_match_thresholds, rates_at, read_scans
+            from .match_thresholds import card_section, choose_match_thresholds, rates_at, read_scans, split_check
             for name in ("lookalike_budget", "unknown_budget", "floor"):
                 if not 0.0 <= getattr(args, name) <= 1.0:
                     ap.error(f"--{name.replace('_', '-')} must lie in 0..1")
@@ -97,10 +97,17 @@ def main(argv=None) -> int:
             choice = choose_match_thresholds(scans, min_confidence, args.lookalike_budget, args.unknown_budget,
                                              args.floor)
             uniform = rates_at(scans, lambda _: min_confidence)
-            section = card_section(choice, uniform, min_confidence, args.source)
+            held_out = split_check(scans, min_confidence, args.lookalike_budget, args.unknown_budget, args.floor)
+            section = card_section(choice, uniform, min_confidence, args.source, held_out)
             print(section)
             if not choice.feasible:
                 print("error: the budgets cannot be met on these scans; the bundle is unchanged", file=sys.stderr)
+                return 1
+            _, lookalike, unknown = held_out
+            if lookalike.rate > 2 * args.lookalike_budget or unknown.rate > 2 * args.unknown_budget:
+                print(f"error: thresholds chosen on half of the images do not hold on the other half (false MATCH "
+                      f"look-alike {lookalike}, unknown {unknown}; allowed {2 * args.lookalike_budget}, "
+                      f"{2 * args.unknown_budget}); the bundle is unchanged", file=sys.stderr)
                 return 1
             set_match_thresholds(args.bundle, choice.thresholds, section)
         elif args.cmd == "convert":

@@ -24,11 +24,17 @@ a grid and the feasible choice with the most MATCHes is kept (when none is
 feasible, the one least over budget, and the bundle is left unchanged). Candidate
 thresholds are the own scans' values at or above ``floor`` (a MATCH never rests
 on a lower probability), and 1.0.
+
+Thresholds fitted to a few imitations per product can fit those few and not
+the next ones, so ``split_check`` chooses on half of the images and measures
+the other half; ``calibrate-match`` writes nothing unless that half stays
+within the targets (twice the budgets).
 """
 from __future__ import annotations
 
 import csv
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +51,7 @@ class Scan:
     expected: str
     case: str
     matched_at: float | None
+    file: str = ""
 
 
 def read_scans(path: Path) -> list[Scan]:
@@ -58,7 +65,7 @@ def read_scans(path: Path) -> list[Scan]:
         for line, row in enumerate(reader, start=2):
             if len(row) != len(HEADER):
                 raise DataError(f"{path}:{line}: {len(row)} fields, expected {len(HEADER)}")
-            _, expected, case, raw = row
+            file, expected, case, raw = row
             if case not in CASES:
                 raise DataError(f"{path}:{line}: case {case!r} is not one of {', '.join(CASES)}")
             if not expected.strip():
@@ -71,7 +78,7 @@ def read_scans(path: Path) -> list[Scan]:
                     raise DataError(f"{path}:{line}: matched_at {raw!r} is not a number") from None
                 if not 0.0 <= matched_at <= 1.0:
                     raise DataError(f"{path}:{line}: matched_at {matched_at} is outside 0..1")
-            scans.append(Scan(expected, case, matched_at))
+            scans.append(Scan(expected, case, matched_at, file))
     if not scans:
         raise DataError(f"{path}: no scans")
     return scans
@@ -160,7 +167,20 @@ def choose_match_thresholds(scans: list[Scan], min_confidence: float, lookalike_
                        {"lookalike": lookalike_budget, "unknown": unknown_budget, "floor": floor})
 
 
-def card_section(choice: MatchChoice, uniform: tuple[Rate, Rate, Rate], min_confidence: float, source: str) -> str:
+def split_check(scans: list[Scan], min_confidence: float, lookalike_budget: float, unknown_budget: float,
+                floor: float) -> tuple[Rate, Rate, Rate]:
+    """Whether thresholds chosen this way hold on frames they were not chosen on: the images are split in
+    two halves by a hash of their file name (all scans of an image in one half), thresholds are chosen on
+    one half and the other half's (automation, false MATCH look-alike, false MATCH unknown) returned."""
+    half = [zlib.crc32(s.file.encode("utf-8")) % 2 for s in scans]
+    chosen_on = [s for s, h in zip(scans, half) if h == 0]
+    held_out = [s for s, h in zip(scans, half) if h == 1]
+    choice = choose_match_thresholds(chosen_on, min_confidence, lookalike_budget, unknown_budget, floor)
+    return rates_at(held_out, lambda ndc: choice.thresholds.get(ndc, min_confidence))
+
+
+def card_section(choice: MatchChoice, uniform: tuple[Rate, Rate, Rate], min_confidence: float, source: str,
+                 held_out: tuple[Rate, Rate, Rate] | None = None) -> str:
     ts = np.asarray(sorted(choice.thresholds.values()), dtype=np.float64)
     q = lambda x: float(np.quantile(ts, x)) if len(ts) else float("nan")  # noqa: E731
     never = int((ts >= 1.0).sum())
@@ -179,9 +199,12 @@ def card_section(choice: MatchChoice, uniform: tuple[Rate, Rate, Rate], min_conf
         f"| false MATCH, look-alike expected | {uniform[1]} | {choice.false_match_lookalike} |",
         f"| false MATCH, unknown product | {uniform[2]} | {choice.false_match_unknown} |",
         "",
-        f"{len(ts)} products: thresholds min {ts.min() if len(ts) else float('nan'):.4f}, "
-        f"quartiles {q(0.25):.4f} / {q(0.5):.4f} / {q(0.75):.4f}, max {ts.max() if len(ts) else float('nan'):.4f}; "
+        f"{len(ts)} products: thresholds min {ts.min() if len(ts) else float('nan'):.5f}, "
+        f"quartiles {q(0.25):.5f} / {q(0.5):.5f} / {q(0.75):.5f}, max {ts.max() if len(ts) else float('nan'):.5f}; "
         f"{never} at 1.0 (MATCH only at a saturated probability)."
         + ("" if choice.feasible else " **The budgets could not be met on the calibration scans.**"),
     ]
+    if held_out is not None:
+        lines += ["", f"Chosen on half of the calibration images and measured on the other half: automation "
+                      f"{held_out[0]}, false MATCH look-alike {held_out[1]}, unknown product {held_out[2]}."]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rxvision_trainer.data import DataError
-from rxvision_trainer.match_thresholds import Scan, choose_match_thresholds, rates_at, read_scans
+from rxvision_trainer.match_thresholds import Scan, choose_match_thresholds, rates_at, read_scans, split_check
 
 
 def _scans(spec):
@@ -76,4 +76,19 @@ def test_a_bad_scans_file_is_refused_by_line(tmp_path, body, message):
 def test_the_scans_file_as_rxvisiond_writes_it(tmp_path):
     p = tmp_path / "scans.csv"
     p.write_text('file,expected,case,matched_at\n"a,1.jpg",X,own,0.9990000\nb.jpg,X,unknown,\n', encoding="utf-8")
-    assert read_scans(p) == [Scan("X", "own", 0.999), Scan("X", "unknown", None)]
+    assert read_scans(p) == [Scan("X", "own", 0.999, "a,1.jpg"), Scan("X", "unknown", None, "b.jpg")]
+
+
+def test_the_split_check_catches_thresholds_that_fit_only_the_imitations_they_saw():
+    import zlib
+    files = [f"{i}.jpg" for i in range(200)]
+    half = {f: zlib.crc32(f.encode()) % 2 for f in files}
+    own = [Scan("A", "own", 0.999, f"own-{f}") for f in files]
+    # Half 0 (chosen on) has harmless imitations; half 1 has imitations the model is sure of.
+    unknown = [Scan("A", "unknown", None if half[f] == 0 else 0.9999, f) for f in files]
+    automation, _, false_unknown = split_check(own + unknown, 1.0, 0.0, 0.005, 0.9)
+    assert false_unknown.matched == false_unknown.n > 0, "the held-out half's imitations all get a MATCH"
+    # The same imitations in both halves: a threshold above them holds on the other half.
+    steady = [Scan("A", "unknown", 0.99, f) for f in files]
+    automation, _, false_unknown = split_check(own + steady, 1.0, 0.0, 0.005, 0.9)
+    assert false_unknown.matched == 0 and automation.matched == automation.n

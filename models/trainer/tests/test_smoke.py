@@ -97,8 +97,9 @@ def test_calibrate_match_writes_per_product_thresholds_into_the_bundle(smoke, tm
     shutil.copytree(work / "bundle", b)
     ndcs = [l["ndc"] for l in json.loads((b / "labels.json").read_text())]
     scans = tmp_path / "scans.csv"
-    rows = [f"{i}.jpg,{ndcs[0]},own,{p}" for i, p in enumerate([0.999, 0.97, 0.95])]
-    rows += [f"u{i}.jpg,{ndcs[0]},unknown,{p}" for i, p in enumerate([0.96, ""])]
+    # Twenty images of each kind, so that both halves of the split check see them all.
+    rows = [f"{i}-{p}.jpg,{ndcs[0]},own,{p}" for i in range(20) for p in (0.999, 0.97, 0.95)]
+    rows += [f"u{i}-{p}.jpg,{ndcs[0]},unknown,{p}" for i in range(20) for p in (0.96, "")]
     scans.write_text("file,expected,case,matched_at\n" + "\n".join(rows) + "\n")
     assert main(["-q", "calibrate-match", str(b), "--scans", str(scans), "--unknown-budget", "0"]) == 0
     m = json.loads((b / "manifest.json").read_text())
