@@ -5,7 +5,7 @@
 //! resident memory of this process after the run.
 //!
 //! `cargo bench -p rxvision-daemon --bench counter [-- BUNDLE]` (BUNDLE relative to the workspace root)
-//! (`RXVISION_BENCH_ITERS`: scans per row, 300; `RXVISION_BENCH_THREADS`: CPU engine threads, 2).
+//! (`RXVISION_BENCH_ITERS`: scans per row, 300; `RXVISION_BENCH_THREADS`: CPU engine threads, and the reference's ONNX Runtime threads, 1 as the appliance's default).
 //! It also prints where a scan's time goes: each stage timed in sequence.
 //!
 //! The frame is what the counter camera sends: a whole 640×480 JPEG at
@@ -195,7 +195,7 @@ fn main() {
         std::env::args().skip(1).find(|a| !a.starts_with('-')).as_deref().unwrap_or("models/bundles/fixture-cnn/0.1.0"),
     );
     let iters: usize = std::env::var("RXVISION_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-    let threads: usize = std::env::var("RXVISION_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("RXVISION_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let cpu = EngineOptions { preference: EnginePreference::Cpu, cpu_threads: threads, ..EngineOptions::default() };
     let frame = camera_frame(&bundle, &workspace);
     let dir = tempfile::tempdir().unwrap();

@@ -936,7 +936,7 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_named_by_its_path() {
-        let p = parse_problem(&with("cpu_threads = 2", "cpu_threads = 2\ncpu_thread = 4"));
+        let p = parse_problem(&with("cpu_threads = 1", "cpu_threads = 1\ncpu_thread = 4"));
         assert_eq!(p.path, "model.cpu_thread");
         assert!(p.problem.contains("unknown field `cpu_thread`"), "{p}");
         assert!(p.problem.contains("line"), "{p}");
@@ -948,7 +948,7 @@ mod tests {
 
     #[test]
     fn a_wrongly_typed_value_is_named_by_its_path() {
-        let p = parse_problem(&with("cpu_threads = 2", "cpu_threads = \"two\""));
+        let p = parse_problem(&with("cpu_threads = 1", "cpu_threads = \"two\""));
         assert_eq!(p.path, "model.cpu_threads", "{p}");
         let p = parse_problem(&with("retention_days = 2555", "retention_days = -1"));
         assert_eq!(p.path, "audit.retention_days", "{p}");
@@ -956,7 +956,7 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_reported_at_once() {
-        let text = with("cpu_threads = 2", "cpu_threads = 0");
+        let text = with("cpu_threads = 1", "cpu_threads = 0");
         let text = text.replacen("engine = \"auto\"", "engine = \"tpu\"", 1);
         let text = text.replacen("version = 1", "version = 7", 1);
         let text = text.replacen("\nkey_file = \"\"", "\nkey_file = \"/etc/rxvision/audit.key\"", 1);

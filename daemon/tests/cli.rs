@@ -273,7 +273,7 @@ mod config_commands {
         let shipped = std::fs::read_to_string(workspace().join("firmware-cfg/rxvisiond.toml")).unwrap();
         for (edit, words) in [
             (shipped.replace("gpu_timeout_ms = 2000", "gpu_timeout_ms = 2000\ngpu_timeout = 5"), "model.gpu_timeout"),
-            (shipped.replace("cpu_threads = 2", "cpu_threads = 999"), "model.cpu_threads: 999 is outside 1..=64"),
+            (shipped.replace("cpu_threads = 1", "cpu_threads = 999"), "model.cpu_threads: 999 is outside 1..=64"),
             (shipped.replace("engine = \"auto\"", "engine = 3"), "model.engine"),
         ] {
             let file = dir.path().join("bad.toml");
