@@ -307,8 +307,9 @@ def verify_bundle(root: str | Path, run_selftest: bool = True) -> dict:
         fail("labels.json: empty ndc or name")
     if len({l["ndc"] for l in labels}) != len(labels):
         fail("labels.json: duplicate ndc")
-    if set(per_product) - {l["ndc"] for l in labels}:
-        fail(f"thresholds.match_confidence names products the model lacks: {sorted(set(per_product) - {l['ndc'] for l in labels})}")
+    strangers = sorted(set(per_product) - {l["ndc"] for l in labels})
+    if strangers:
+        fail(f"thresholds.match_confidence names products the model lacks: {strangers}")
     exp = json.loads((root / m["selftest"]["expected"]).read_text(encoding="utf-8"))
     st_dir = root / Path(m["selftest"]["expected"]).parent
     if not exp["cases"]:
