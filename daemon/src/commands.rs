@@ -342,6 +342,17 @@ pub struct EvalOptions {
     pub min_sharpness: Option<f32>,
 }
 
+/// Writes a CSV file: `header`, then one line per row.
+fn write_csv(path: &std::path::Path, header: &str, rows: impl Iterator<Item = String>) -> std::io::Result<()> {
+    let mut csv = String::from(header);
+    for row in rows {
+        csv.push('\n');
+        csv.push_str(&row);
+    }
+    csv.push('\n');
+    std::fs::write(path, csv)
+}
+
 /// `rxvisiond eval`: the counter path over a labelled dataset, scored.
 pub fn run_eval(
     model: &ModelArgs,
@@ -403,25 +414,15 @@ pub fn run_eval(
         }
     };
     if let Some(out) = mistakes {
-        let mut csv = String::from(rxvision_counter::eval::Mistake::CSV_HEADER);
-        for m in &report.mistakes {
-            csv.push('\n');
-            csv.push_str(&m.csv_row());
-        }
-        csv.push('\n');
-        if let Err(e) = std::fs::write(out, csv) {
+        let rows = report.mistakes.iter().map(rxvision_counter::eval::Mistake::csv_row);
+        if let Err(e) = write_csv(out, rxvision_counter::eval::Mistake::CSV_HEADER, rows) {
             eprintln!("rxvisiond: --mistakes {}: {e}", out.display());
             return Ok(ExitCode::from(1));
         }
     }
     if let (Some(out), Some(verification)) = (&scans, &verification) {
-        let mut csv = String::from(rxvision_counter::eval::VerifyScan::CSV_HEADER);
-        for scan in &verification.scans {
-            csv.push('\n');
-            csv.push_str(&scan.csv_row());
-        }
-        csv.push('\n');
-        if let Err(e) = std::fs::write(out, csv) {
+        let rows = verification.scans.iter().map(rxvision_counter::eval::VerifyScan::csv_row);
+        if let Err(e) = write_csv(out, rxvision_counter::eval::VerifyScan::CSV_HEADER, rows) {
             eprintln!("rxvisiond: --scans {}: {e}", out.display());
             return Ok(ExitCode::from(1));
         }
