@@ -97,7 +97,7 @@ pub fn evaluate(
             products_with_own_threshold: thresholds.match_confidence.len(),
             answered,
             curve: curve.points(&at),
-            scans: curve.scans().to_vec(),
+            scans: curve.into_scans(),
         }
     });
     Ok((scorer.report(), verification))

@@ -582,8 +582,8 @@ impl VerifyCurve {
     }
 
     /// The scans, in the order added.
-    pub fn scans(&self) -> &[VerifyScan] {
-        &self.scans
+    pub fn into_scans(self) -> Vec<VerifyScan> {
+        self.scans
     }
 
     /// The three cases as the counter would answer with `min_confidence`.
@@ -628,7 +628,7 @@ mod tests {
         curve.add("3.jpg", case(true, true), None);
         curve.add("4,a.jpg", case(true, false), Some(0.8));
         curve.add("5.jpg", case(false, false), None);
-        let rows: Vec<String> = curve.scans().iter().map(VerifyScan::csv_row).collect();
+        let rows: Vec<String> = curve.clone().into_scans().iter().map(VerifyScan::csv_row).collect();
         assert_eq!(rows[0], "1.jpg,a,own,0.97");
         assert_eq!(rows[1], "2.jpg,a,own,0.9995");
         assert_eq!(rows[3], "\"4,a.jpg\",a,lookalike,0.8");
