@@ -558,14 +558,12 @@ fn the_training_crops_are_byte_for_byte_what_the_recipe_rendered() {
         "1",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let csv = std::fs::read(out_dir.path().join("labels.csv")).unwrap();
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-    digest.update(&csv);
-    let rows = labels::parse(std::str::from_utf8(&csv).unwrap()).unwrap();
+    let mut bytes = std::fs::read(out_dir.path().join("labels.csv")).unwrap();
+    let rows = labels::parse(std::str::from_utf8(&bytes).unwrap()).unwrap();
     for row in &rows[1..] {
-        digest.update(&std::fs::read(out_dir.path().join(&row[0])).unwrap());
+        bytes.extend(std::fs::read(out_dir.path().join(&row[0])).unwrap());
     }
-    let hex: String = digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = rxvision_models::bundle::sha256_hex(&bytes);
     assert!(rows.len() > 200, "{} crops", rows.len() - 1);
     assert_eq!(hex, PINNED_CROPS, "{} crops differ from what the recipe rendered", rows.len() - 1);
 }
