@@ -86,12 +86,16 @@ def main(argv=None) -> int:
             from .bundle import append_card_section
             print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
         elif args.cmd == "calibrate-match":
-            from .bundle import set_match_thresholds
+            from .bundle import BundleCheckError, set_match_thresholds, verify_bundle
             from .match_thresholds import card_section, choose_match_thresholds, rates_at, read_scans, split_check
             for name in ("lookalike_budget", "unknown_budget", "floor"):
                 if not 0.0 <= getattr(args, name) <= 1.0:
                     ap.error(f"--{name.replace('_', '-')} must lie in 0..1")
             scans = read_scans(args.scans)
+            try:
+                verify_bundle(args.bundle, run_selftest=False)
+            except (BundleCheckError, OSError, ValueError) as e:
+                raise DataError(f"{args.bundle}: not a valid bundle: {e}") from None
             manifest = json.loads((args.bundle / "manifest.json").read_text(encoding="utf-8"))
             min_confidence = manifest["thresholds"]["min_confidence"]
             choice = choose_match_thresholds(scans, min_confidence, args.lookalike_budget, args.unknown_budget,

@@ -234,9 +234,7 @@ def set_match_thresholds(root: str | Path, thresholds: dict[str, float], section
     manifest["thresholds"] = {k: v for k, v in manifest["thresholds"].items() if k != "match_confidence"}
     if thresholds:
         manifest["thresholds"]["match_confidence"] = dict(sorted(thresholds.items()))
-    write_json(root / "manifest.json", manifest)
-    (root / "manifest.json.sha256").write_text(f"{sha256_file(root / 'manifest.json')}  manifest.json\n",
-                                               encoding="utf-8")
+    finalize(root, manifest)
     return append_card_section(root, section)
 
 

@@ -57,7 +57,11 @@ class Scan:
 def read_scans(path: Path) -> list[Scan]:
     """The scans of ``rxvisiond eval --verify --scans FILE``; DataError names the first bad row."""
     scans = []
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        f = open(path, newline="", encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    with f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header != HEADER:

@@ -113,7 +113,10 @@ def test_calibrate_match_writes_per_product_thresholds_into_the_bundle(smoke, tm
     assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
     scans.write_text("file,expected,case\n")
     assert main(["-q", "calibrate-match", str(b), "--scans", str(scans)]) == 65
+    assert main(["-q", "calibrate-match", str(b), "--scans", str(tmp_path / "missing.csv")]) == 65
     assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    scans.write_text("file,expected,case,matched_at\n" f"a.jpg,{ndcs[1]},own,0.99\n")
+    assert main(["-q", "calibrate-match", str(tmp_path / "not-a-bundle"), "--scans", str(scans)]) == 65
 
     m["thresholds"]["match_confidence"] = {"00000-0000-00": 0.9}
     (b / "manifest.json").write_text(json.dumps(m))
