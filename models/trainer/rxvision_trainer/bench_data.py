@@ -39,7 +39,7 @@ def bench_pil(samples, class_of, size, cfg: TrainConfig, device, max_images: int
     oe = OutlierDataset(samples, class_of, size, Augment(AugmentConfig()), seed=cfg.seed)
     src = LoaderSource(ds, oe, cfg, device)
     n, t0 = 0, time.perf_counter()
-    for x, y, x_out in src.epoch(0):
+    for x, y, x_out, _imitated in src.epoch(0):
         n += len(y)
         if n >= max_images:
             break
@@ -76,7 +76,7 @@ def bench_tensor(root: Path, samples, class_of, size, cfg: TrainConfig, device, 
     per_epoch = []
     for e in range(epochs):  # the first epoch includes warm-up (kernel selection, allocator)
         n, t0 = 0, time.perf_counter()
-        for x, y, x_out in src.epoch(e):
+        for x, y, x_out, _imitated in src.epoch(e):
             n += len(y)
         _sync(device)
         per_epoch.append(time.perf_counter() - t0)

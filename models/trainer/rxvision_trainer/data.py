@@ -494,7 +494,8 @@ class OutlierDataset:
       augmented like a training image. The two above teach colour and outline;
       only these teach that one digit makes another product.
 
-    Items are (tensor (3,H,W), -1), deterministic in (seed, epoch, index).
+    Items are (tensor (3,H,W), the class an impostor imitates or -1),
+    deterministic in (seed, epoch, index).
     """
 
     MIN_SATURATION = 60.0  # mean HSV saturation (0-255) of the central region needed for a hue shift
@@ -503,6 +504,7 @@ class OutlierDataset:
                  seed: int = 0, p_hue: float = 0.4, impostors: Sequence[Sample] = (), p_impostor: float = 0.5):
         self.samples = list(samples)
         self.impostors, self.p_impostor = list(impostors), p_impostor
+        self.imitated = [class_of.get(s.imitates, -1) for s in self.impostors]
         self.targets = [class_of[s.ndc] for s in self.samples]
         self.by_class: dict[int, list[int]] = {}
         for i, t in enumerate(self.targets):
@@ -521,10 +523,19 @@ class OutlierDataset:
             return self.augment(im.convert("RGB"), rng)
 
     def make(self, i: int) -> Image.Image:
+        return self.make_with_target(i)[0]
+
+    def make_with_target(self, i: int) -> tuple[Image.Image, int]:
+        """Outlier ``i`` of this epoch and the class it imitates (-1: a synthetic outlier or an unknown class)."""
         rng = np.random.default_rng([self.seed, 1_000_003, self.epoch, i])
         if self.impostors and rng.random() < self.p_impostor:
-            with Image.open(self.impostors[int(rng.integers(len(self.impostors)))].path) as im:
-                return self.augment(im.convert("RGB"), rng)
+            j = int(rng.integers(len(self.impostors)))
+            with Image.open(self.impostors[j].path) as im:
+                return self.augment(im.convert("RGB"), rng), self.imitated[j]
+        return self._synthetic(i, rng), -1
+
+    def _synthetic(self, i: int, rng: np.random.Generator) -> Image.Image:
+        """A chimera or a hue-turned pill made from sample ``i``."""
         a = self._load(i, rng)
         if rng.random() < self.p_hue:
             hsv = np.asarray(a.convert("HSV"), np.int16)
@@ -552,8 +563,9 @@ class OutlierDataset:
     def __getitem__(self, i: int):
         import torch
 
-        x = preprocess_pil(self.make(i), self.size, self.size, SCALE, MEAN, STD)[0]
-        return torch.from_numpy(x), -1
+        img, imitated = self.make_with_target(i)
+        x = preprocess_pil(img, self.size, self.size, SCALE, MEAN, STD)[0]
+        return torch.from_numpy(x), imitated
 
 
 def class_counts(samples: Sequence[Sample]) -> dict[str, int]:

@@ -44,8 +44,8 @@ from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, O
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
 from .profile import build_profile
-from .train import (LoaderSource, Resumable, TrainConfig, default_workers, outlier_batch_size, predict_logits,
-                    resolve_device, seed_everything, train)
+from .train import (IMPOSTOR_LOSSES, CheckpointError, LoaderSource, Resumable, TrainConfig, default_workers,
+                    load_initial_weights, outlier_batch_size, predict_logits, resolve_device, seed_everything, train)
 
 log = logging.getLogger("rxvision_trainer")
 
@@ -80,6 +80,15 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--outlier-weight", type=float, default=0.5,
                     help="outlier-exposure loss weight (synthetic unknown pills pushed to uniform); 0 turns it off")
     ap.add_argument("--outlier-fraction", type=float, default=0.25, help="outlier images per batch (share)")
+    ap.add_argument("--impostor-share", type=float, default=0.5,
+                    help="share of the outlier slots given to the data's rendered impostors, when it has them "
+                         "(default 0.5; the rest are chimeras and hue-turned pills)")
+    ap.add_argument("--impostor-loss", default="uniform", choices=list(IMPOSTOR_LOSSES),
+                    help="loss of an impostor of a known product: uniform (outlier exposure, the default) or away "
+                         "(-log(1 - p(the product it imitates)))")
+    ap.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                    help="start from the weights of another run's training checkpoint (the same classes and "
+                         "architecture) instead of random ones; the schedule starts afresh")
     ap.add_argument("--min-temperature", type=float, default=0.5,
                     help="lower bound of the fitted temperature (a near-perfect validation split would otherwise "
                          "drive it to 0 and saturate every probability, unknown pills included)")
@@ -159,6 +168,12 @@ def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], va
     for knob in ("gamma", "cast"):  # in the identity only when on: runs from before the knobs resume
         if getattr(args, knob, 0.0):
             ident[knob] = getattr(args, knob)
+    if getattr(args, "impostor_share", 0.5) != 0.5:
+        ident["impostor_share"] = args.impostor_share
+    if getattr(args, "impostor_loss", "uniform") != "uniform":
+        ident["impostor_loss"] = args.impostor_loss
+    if getattr(args, "init_from", None) is not None:
+        ident["init_from"] = hashlib.sha256(Path(args.init_from).read_bytes()).hexdigest()
     ident["loader"] = getattr(args, "loader", "tensor")
     ident["classes"] = [c.ndc for c in classes]
     ident["data"] = content_fingerprint(args.data, data)
@@ -208,6 +223,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--size must be a multiple of 16, at least 32")
     dest = args.out.resolve()
     check_replaceable(dest, args.name)
+    init_from = getattr(args, "init_from", None)
+    if init_from is not None and not Path(init_from).is_file():
+        raise CheckpointError(f"--init-from {init_from}: no such checkpoint file")
 
     # ---- data
     fpath = args.formulary or Formulary.default_path()
@@ -261,6 +279,9 @@ def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed, deterministic=True)
     arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")))
     model = PillNet(len(classes), arch)
+    if getattr(args, "init_from", None) is not None:
+        load_initial_weights(args.init_from, model, [c.ndc for c in classes])
+        log.info("starting from the weights of %s", args.init_from)
     cost = count_cost(model, args.size)
     log.info("architecture: %s", arch.describe())
     log.info("cost at %dx%d: %s", args.size, args.size, cost.summary())
@@ -271,7 +292,11 @@ def run(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
+                      impostor_loss=getattr(args, "impostor_loss", "uniform"),
                       workers=args.workers, seed=args.seed, time_budget=args.time_budget)
+    impostor_share = getattr(args, "impostor_share", 0.5)
+    if not 0.0 <= impostor_share <= 1.0:
+        raise SystemExit(f"--impostor-share {impostor_share} is not a share between 0 and 1")
     loader = getattr(args, "loader", "tensor")
     t_data = time.perf_counter()
     if loader == "tensor":
@@ -282,14 +307,15 @@ def run(args: argparse.Namespace) -> dict:
         dec_val = (load_decoded(args.val_data, val_all, args.size, workers=args.workers, cache=cache).to(device)
                    if args.val_data else dec)
         source = TensorTrainSource(dec, train_s, class_of, TensorAugment(aug_cfg), args.seed, args.batch_size,
-                                   device, outlier_batch=outlier_batch_size(cfg), impostors=impostors)
+                                   device, outlier_batch=outlier_batch_size(cfg), impostors=impostors,
+                                   p_impostor=impostor_share)
         val_ds = TensorEvalSet(dec_val, val_s, class_of, device)
         eval_workers = 0
     else:
         train_ds = ImageDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed)
         val_ds = ImageDataset(val_s, class_of, args.size)
         outlier_ds = OutlierDataset(train_s, class_of, args.size, Augment(aug_cfg), seed=args.seed,
-                                    impostors=impostors) if args.outlier_weight > 0 else None
+                                    impostors=impostors, p_impostor=impostor_share) if args.outlier_weight > 0 else None
         source = LoaderSource(train_ds, outlier_ds, cfg, device)
         eval_workers = default_workers(device) if args.workers < 0 else args.workers
     t_data = time.perf_counter() - t_data

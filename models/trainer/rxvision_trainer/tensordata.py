@@ -353,10 +353,11 @@ def centre_saturation(x: torch.Tensor) -> torch.Tensor:
 class TensorTrainSource:
     """Shuffled, augmented training batches (with outlier batches) from a ``Decoded`` store.
 
-    ``epoch(e)`` yields ``(x, y, x_out)`` on ``device``: normalised float32
-    inputs, class indices, and ``outlier_batch`` synthetic unknown pills (None
-    when off, or once the epoch's outlier order is used up, as the Pillow path
-    does). Every random choice of an epoch is drawn up front on the host from
+    ``epoch(e)`` yields ``(x, y, x_out, imitated)`` on ``device``: normalised
+    float32 inputs, class indices, ``outlier_batch`` synthetic unknown pills
+    and the class each of them imitates (-1 unless it is a rendered impostor
+    of a class of the model; both None when outliers are off, or once the
+    epoch's outlier order is used up, as the Pillow path does). Every random choice of an epoch is drawn up front on the host from
     NumPy generators seeded by (seed, stream, epoch) and sent to the device in
     one copy, so a run is the same on any device and the loop never waits for
     the host.
@@ -372,6 +373,9 @@ class TensorTrainSource:
         self.rows = decoded.rows(samples)
         # rendered impostors (OutlierDataset's third kind): store rows, drawn for a share p_impostor of the slots
         self.impostor_rows = decoded.rows(impostors) if impostors else None
+        # the class each impostor imitates (-1 when the model has no such class), for the "away" loss
+        self.impostor_targets = (torch.tensor([class_of.get(s.imitates, -1) for s in impostors], dtype=torch.int64,
+                                              device=self.device) if impostors else None)
         self.p_impostor = p_impostor
         t = np.asarray([class_of[s.ndc] for s in samples], np.int64)
         self.targets_np = t
@@ -420,7 +424,8 @@ class TensorTrainSource:
             plan["c"] = self.augment.draw(k, rng).as_tensor()
         return plan
 
-    def _outliers(self, plan: dict, sl: slice) -> torch.Tensor:
+    def _outliers(self, plan: dict, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outlier images of the plan's slots ``sl``, and the class each imitates (-1: none)."""
         pos = plan["pos"][sl]
         k = len(pos)
         a = self._images(pos, plan["a"][sl])
@@ -436,13 +441,16 @@ class TensorTrainSource:
         hue = hue_turn(a, plan["hue"][sl, 1].float())
         use_hue = plan["hue"][sl, 0].bool() & (centre_saturation(a) >= OutlierDataset.MIN_SATURATION)
         out = torch.where(use_hue.view(k, 1, 1, 1), hue, other)
+        imitated = torch.full((k,), -1, dtype=torch.int64, device=out.device)
         if "impostor" in plan:
             use, which = plan["impostor"][sl, 0].bool(), plan["impostor"][sl, 1].long()
             rows = self.impostor_rows[which.to(self.impostor_rows.device)]
             out = torch.where(use.view(k, 1, 1, 1), self._rows(rows, plan["c"][sl]), out)
-        return normalise(out)
+            imitated = torch.where(use, self.impostor_targets[which], imitated)
+        return normalise(out), imitated
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor | None]]:
         dev = self.device
         order = np.random.default_rng([self.seed, STREAM_ORDER, epoch]).permutation(self.n)
         params = self.augment.draw(self.n, np.random.default_rng([self.seed, STREAM_AUG, epoch]))
@@ -461,10 +469,10 @@ class TensorTrainSource:
             pos = order_t[sl]
             x = normalise(self._images(pos, params_t[sl]))
             y = self.targets[pos]
-            x_out = None
+            x_out = imitated = None
             if plan is not None and b * ob < n_out:
-                x_out = self._outliers(plan, slice(b * ob, min((b + 1) * ob, n_out)))
-            yield x, y, x_out
+                x_out, imitated = self._outliers(plan, slice(b * ob, min((b + 1) * ob, n_out)))
+            yield x, y, x_out, imitated
 
 
 class TensorEvalSet:

@@ -6,9 +6,9 @@ seed on the CPU; on CUDA as far as cuDNN allows (``deterministic`` requests its
 deterministic kernels).
 
 Batches come from a *source*: an object with ``len()`` (batches per epoch) and
-``epoch(e)`` yielding ``(x, y, x_out)`` on the device - normalised inputs,
-class indices, and a batch of synthetic unknown pills for outlier exposure or
-None. ``tensordata.TensorTrainSource`` (decode once, augment on the device) is
+``epoch(e)`` yielding ``(x, y, x_out, imitated)`` on the device - normalised
+inputs, class indices, a batch of synthetic unknown pills for outlier
+exposure and the class each imitates (-1 for none), or None and None. ``tensordata.TensorTrainSource`` (decode once, augment on the device) is
 the default; ``LoaderSource`` is the Pillow path (``--loader pil``).
 Validation data is anything ``predict_logits`` takes: a ``TensorEvalSet`` or an
 ``ImageDataset``.
@@ -56,6 +56,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     outlier_weight: float = 0.5    # weight of the outlier-exposure loss (0: off)
     outlier_fraction: float = 0.25  # outlier images per batch, as a share of the batch size
+    # the loss of a rendered impostor of a known class: "uniform" (outlier exposure, as every
+    # outlier) or "away" (-log(1 - p(imitated class)): only the product it imitates is penalised)
+    impostor_loss: str = "uniform"
     workers: int = -1          # --loader pil only (DataLoader workers); -1: pick from the device and CPU count
     seed: int = 0
     deterministic: bool = True
@@ -117,6 +120,34 @@ def load_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Opt
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"]), int(state["step"]), list(state["history"])
+
+
+def load_initial_weights(path: Path | str, model: nn.Module, classes: Sequence[str]) -> None:
+    """Loads the weights of another run's checkpoint into ``model`` (``--init-from``).
+
+    The checkpoint must be a training checkpoint of a model with the same
+    classes in the same order and the same architecture; its optimizer state
+    and schedule are not taken (the new run's schedule starts afresh). Raises
+    ``CheckpointError`` otherwise; the model is then unchanged.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated or not a torch file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} rxvision training checkpoint")
+    theirs = list(state["identity"].get("classes", []))
+    if theirs != list(classes):
+        extra, missing = sorted(set(theirs) - set(classes)), sorted(set(classes) - set(theirs))
+        raise CheckpointError(f"checkpoint {path} has other classes than this run (only there: {extra or 'none'}; "
+                              f"only here: {missing or 'none'}; or another order)")
+    ours = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if shapes.keys() != ours.keys() or any(shapes[k] != tuple(v.shape) for k, v in ours.items()):
+        raise CheckpointError(f"checkpoint {path} is of another architecture (widths "
+                              f"{state['identity'].get('widths')}, depths {state['identity'].get('depths')})")
+    model.load_state_dict(state["model"])
 
 
 def save_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
@@ -210,15 +241,41 @@ class LoaderSource:
             oe_iter = iter(make_loader(self.outlier_ds, self.oe_batch, True, self.workers,
                                        self.seed + 7919 * (epoch + 1), self.device))
         for x, y in self.loader:
-            x_out = None
+            x_out = imitated = None
             if oe_iter is not None:
                 try:
-                    x_out, _ = next(oe_iter)
+                    x_out, imitated = next(oe_iter)
                 except StopIteration:
                     oe_iter = None
                 else:
                     x_out = x_out.to(self.device, non_blocking=True)
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), x_out
+                    imitated = imitated.to(self.device, non_blocking=True)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), x_out, imitated
+
+
+IMPOSTOR_LOSSES = ("uniform", "away")
+
+
+def outlier_loss(logits: torch.Tensor, imitated: torch.Tensor | None, impostor_loss: str) -> torch.Tensor:
+    """Mean loss of a batch of outliers' ``logits`` (N, C).
+
+    Every outlier is pushed towards the uniform distribution (cross-entropy to
+    it: the mean over classes of -log p), except, with ``impostor_loss ==
+    "away"``, a rendered impostor of a known class (``imitated`` >= 0): its
+    loss is -log(1 - p(imitated class)). The counter's question with an
+    expected product is whether the pill is *that* product, and an impostor
+    is dangerous only as the product it imitates; the uniform target also
+    spends the gradient on classes it was never near.
+    """
+    if impostor_loss not in IMPOSTOR_LOSSES:
+        raise ValueError(f"impostor loss {impostor_loss!r}: choose one of {', '.join(IMPOSTOR_LOSSES)}")
+    logp = torch.log_softmax(logits, dim=1)
+    if impostor_loss == "uniform" or imitated is None or not bool((imitated >= 0).any()):
+        return -logp.mean()
+    uniform = -logp.mean(dim=1)
+    p = logp.gather(1, imitated.clamp(min=0).view(-1, 1)).squeeze(1).exp()
+    away = -torch.log1p(-p.clamp(max=1.0 - 1e-6))
+    return torch.where(imitated >= 0, away, uniform).mean()
 
 
 @torch.no_grad()
@@ -254,9 +311,9 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
     ``cfg.time_budget`` exclude each other (the budget changes the schedule).
 
     ``source``: a ``tensordata.TensorTrainSource`` or a ``LoaderSource``. When it
-    yields outlier batches (``cfg.outlier_weight`` > 0), their loss is the
-    cross-entropy to the uniform distribution (outlier exposure), weighted by
-    ``cfg.outlier_weight``.
+    yields outlier batches (``cfg.outlier_weight`` > 0), their loss is
+    ``outlier_loss`` (outlier exposure; rendered impostors as
+    ``cfg.impostor_loss`` says), weighted by ``cfg.outlier_weight``.
     """
     model.to(device)
     if device.type == "cuda":
@@ -299,7 +356,7 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         oe_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        for x, y, x_out in source.epoch(epoch):
+        for x, y, x_out, imitated in source.epoch(epoch):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             n_known = len(y)
@@ -312,8 +369,7 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
                 logits = all_logits[:n_known]
                 loss = loss_fn(logits, y)
                 if len(all_logits) > n_known:
-                    # cross-entropy to the uniform distribution: mean over classes of -log p
-                    oe = -torch.log_softmax(all_logits[n_known:], dim=1).mean()
+                    oe = outlier_loss(all_logits[n_known:], imitated, cfg.impostor_loss)
                     loss = loss + cfg.outlier_weight * oe
                     oe_sum += oe.detach().double() * n_known
             opt.zero_grad(set_to_none=True)

@@ -148,3 +148,52 @@ def test_a_deadline_without_a_zone_or_a_checkpoint_is_bad_usage(tmp_path):
     with pytest.raises(SystemExit, match="--pause-at needs --checkpoint"):
         _dataset(tmp_path)
         main(base + ["--pause-at", "2026-11-28T06:30Z"])
+
+
+def test_init_from_starts_from_another_runs_weights_and_refuses_other_classes(tmp_path):
+    """``train --init-from``: a finished run's weights, a fresh schedule; other classes are refused (65)."""
+    from rxvision_trainer.__main__ import main
+    from rxvision_trainer.train import load_initial_weights
+
+    data = tmp_path / "data"
+    _dataset(data, per_class=16)
+    common = ["-q", "train", "--data", str(data), "--seed", "3", "--size", "32", "--device", "cpu",
+              "--widths", "16,16,32,32", "--depths", "0,0,0,0", "--batch-size", "4", "--lr", "3e-3",
+              "--warmup-epochs", "0.25", "--val-fraction", "0.25", "--calib-images", "16", "--purpose", "fixture",
+              "--no-mlflow"]
+    first = tmp_path / "first.pt"
+    assert main(common + ["--out", str(tmp_path / "b1"), "--version", "0.0.1", "--epochs", "1",
+                          "--checkpoint", str(first)]) == 0
+    second = tmp_path / "second.pt"
+    assert main(common + ["--out", str(tmp_path / "b2"), "--version", "0.0.2", "--epochs", "1",
+                          "--init-from", str(first), "--impostor-loss", "away", "--checkpoint", str(second)]) == 0
+    a, b = torch.load(first, weights_only=True), torch.load(second, weights_only=True)
+    assert b["identity"]["init_from"] and b["identity"]["impostor_loss"] == "away"
+    assert "init_from" not in a["identity"], "a run without it keeps the identity it had"
+    # the second run's first step starts from the first run's end, not from random weights
+    model = PillNet(CLASSES, ArchConfig((16, 16, 32, 32), (0, 0, 0, 0)))
+    load_initial_weights(first, model, [f"0000{c}-0000-00" for c in range(CLASSES)])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, a["model"][k]), k
+    # a run of other classes (one more) or another architecture is refused, and nothing is loaded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="other classes"):
+        load_initial_weights(first, model, [f"0000{c}-0000-00" for c in range(CLASSES + 1)])
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_initial_weights(first, PillNet(CLASSES, ArchConfig((8, 8, 8, 8), (0, 0, 0, 0))),
+                             [f"0000{c}-0000-00" for c in range(CLASSES)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    more = tmp_path / "more"
+    _dataset(more, per_class=16)
+    extra = more / "images" / "c9" / "00.png"
+    extra.parent.mkdir(parents=True)
+    draw(0, np.random.default_rng(1)).resize((64, 64)).save(extra)
+    rows = [{"file": s.file, "ndc": s.ndc} for s in read_dataset(more)] + \
+        [{"file": "images/c9/00.png", "ndc": "00009-0000-00"}] * 1
+    write_labels_csv(more, rows)
+    assert main([a if a != str(data) else str(more) for a in common] + [
+        "--out", str(tmp_path / "b3"), "--version", "0.0.3", "--epochs", "1", "--init-from", str(first)]) == 65
+    assert not (tmp_path / "b3").exists()
+    assert main(common + ["--out", str(tmp_path / "b4"), "--version", "0.0.4", "--epochs", "1",
+                          "--init-from", str(tmp_path / "missing.pt")]) == 65
+    assert not (tmp_path / "b4").exists()

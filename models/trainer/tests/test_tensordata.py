@@ -21,6 +21,7 @@ Tolerances, and why:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -177,18 +178,19 @@ def test_train_source_batches_outliers_and_determinism(tmp_path):
     lo = (0.0 - max(MEAN)) / min(STD) - 1e-6
     hi = (1.0 - min(MEAN)) / min(STD) + 1e-6
     seen = []
-    for x, y, x_out in batches:
+    for x, y, x_out, imitated in batches:
         assert x.dtype == torch.float32 and x.shape[1:] == (3, 64, 64) and y.dtype == torch.int64
         assert x_out.dtype == torch.float32 and x_out.shape == (3, 3, 64, 64)
+        assert imitated.tolist() == [-1, -1, -1], "no impostors: no outlier imitates a class"
         assert lo <= float(x.min()) and float(x.max()) <= hi and lo <= float(x_out.min()) and float(x_out.max()) <= hi
         seen += y.tolist()
-    assert [x.shape[0] for x, _, _ in batches] == [8, 8, 4] and sorted(seen) == sorted(src.targets_np.tolist())
+    assert [x.shape[0] for x, *_ in batches] == [8, 8, 4] and sorted(seen) == sorted(src.targets_np.tolist())
     again = list(source().epoch(0))
-    for (x, y, o), (x2, y2, o2) in zip(batches, again):
+    for (x, y, o, _), (x2, y2, o2, _) in zip(batches, again):
         assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(o, o2)
     other = next(iter(src.epoch(1)))[0]
     assert not torch.equal(other, batches[0][0])
-    assert all(o is None for _, _, o in source(ob=0).epoch(0))
+    assert all(o is None and i is None for _, _, o, i in source(ob=0).epoch(0))
     # the outlier plan: chimera partners always come from another class, cuts at 35-65 %
     plan = src._plan_outliers(np.arange(20), np.random.default_rng(4))
     own, other = src.targets_np[plan["pos"]], src.targets_np[plan["partner"]]
@@ -201,6 +203,8 @@ def test_train_source_batches_outliers_and_determinism(tmp_path):
 def test_impostors_fill_their_share_of_the_outlier_slots(tmp_path):
     samples = _dataset(tmp_path, classes=4, per_class=5)
     real, impostors = samples[:15], samples[15:]  # the fourth class stands in for rendered impostors
+    # impostor k imitates class k % 3
+    impostors = [dataclasses.replace(s, imitates=f"0000{k % 3}-0000-00") for k, s in enumerate(impostors)]
     class_of = {f"0000{c}-0000-00": c for c in range(3)}
     dec = load_decoded(tmp_path, samples, 64, workers=1, cache=False)
     without = TensorTrainSource(dec, real, class_of, TensorAugment(ZERO), 1, 8, torch.device("cpu"), outlier_batch=4)
@@ -212,17 +216,24 @@ def test_impostors_fill_their_share_of_the_outlier_slots(tmp_path):
     is_impostor = lambda o: [bool(((ref - img).abs().amax(dim=(1, 2, 3)) < 1e-4).any()) for img in o]
     plan_keys = set(without._plan_outliers(np.arange(15), np.random.default_rng(4)))
     assert "impostor" not in plan_keys, "a dataset without impostors plans as before"
-    for (_, _, o_all), (_, _, o_half), (_, _, o_none) in zip(every.epoch(0), half.epoch(0), without.epoch(0)):
+    imitates = lambda o: [int(((ref - img).abs().amax(dim=(1, 2, 3)) < 1e-4).float().argmax()) for img in o]
+    for (_, _, o_all, i_all), (_, _, o_half, i_half), (_, _, o_none, i_none) in zip(
+            every.epoch(0), half.epoch(0), without.epoch(0)):
         assert all(is_impostor(o_all)), "with p_impostor = 1 every outlier is an (un-augmented) impostor"
-        assert not any(is_impostor(o_none))
+        # each is labelled with the class its impostor imitates: impostor k imitates class k % 3
+        assert i_all.tolist() == [k % 3 for k in imitates(o_all)]
+        assert not any(is_impostor(o_none)) and i_none.tolist() == [-1] * len(o_none)
         assert o_half.shape == o_none.shape
-    shares = [is_impostor(o) for _, _, o in half.epoch(0)] + [is_impostor(o) for _, _, o in half.epoch(1)]
+        assert [i >= 0 for i in i_half.tolist()] == is_impostor(o_half)
+    shares = [is_impostor(o) for _, _, o, _ in half.epoch(0)] + [is_impostor(o) for _, _, o, _ in half.epoch(1)]
     flat = [x for batch in shares for x in batch]
     assert 0 < sum(flat) < len(flat), "p_impostor = 0.5 mixes impostors with synthetic outliers"
-    # the Pillow path: OutlierDataset draws them too
+    # the Pillow path: OutlierDataset draws them too, with the same labels
     ds = OutlierDataset(real, class_of, 64, Augment(ZERO), impostors=impostors, p_impostor=1.0)
-    pixels = {np.asarray(Image.open(s.path).convert("RGB")).tobytes() for s in impostors}
-    assert all(np.asarray(ds.make(i)).tobytes() in pixels for i in range(len(ds)))
+    pixels = {np.asarray(Image.open(s.path).convert("RGB")).tobytes(): k % 3 for k, s in enumerate(impostors)}
+    made = [ds.make_with_target(i) for i in range(len(ds))]
+    assert all(pixels.get(np.asarray(img).tobytes()) == target for img, target in made)
+    assert all(ds[i][1] == made[i][1] for i in range(len(ds)))
 
 
 def test_outlier_recipe_pieces():

@@ -232,3 +232,33 @@ def test_camera_changes_are_what_they_say(tmp_path):
     assert write(src, tmp_path / "out", "scale-0.75") == 1
     assert (tmp_path / "out" / "labels.csv").read_text() == (src / "labels.csv").read_text()
     assert Image.open(tmp_path / "out" / "images" / "a.jpg").size == (48, 36)
+
+
+def test_the_away_loss_penalises_only_the_imitated_class_and_uniform_stays_as_it_was():
+    import torch
+
+    from rxvision_trainer.train import outlier_loss
+
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0], [0.0, 3.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    imitated = torch.tensor([0, 2, -1])
+    # uniform: the cross-entropy to the uniform distribution, whatever the labels (the old loss exactly)
+    old = -torch.log_softmax(logits, dim=1).mean()
+    assert torch.equal(outlier_loss(logits, imitated, "uniform"), old)
+    assert torch.equal(outlier_loss(logits, None, "away"), old)
+    # away: -log(1 - p(imitated)) for impostors, the uniform loss for the rest
+    p = torch.softmax(logits, dim=1)
+    want = torch.stack([-torch.log(1 - p[0, 0]), -torch.log(1 - p[1, 2]),
+                        -torch.log_softmax(logits[2], dim=0).mean()]).mean()
+    got = outlier_loss(logits, imitated, "away")
+    assert torch.allclose(got, want, atol=1e-6)
+    got.backward()
+    g = logits.grad
+    # descending the gradient lowers the imitated class's logit relative to every other
+    assert g[0, 0] > 0 and (g[0, 1:] < 0).all()
+    assert g[1, 2] > 0 and g[1, 1] < 0, "the top class that is not the imitated one is not pushed down"
+    # a confident impostor costs far more than a doubtful one
+    sure = outlier_loss(torch.tensor([[12.0, 0.0]]), torch.tensor([0]), "away")
+    doubtful = outlier_loss(torch.tensor([[0.0, 2.0]]), torch.tensor([0]), "away")
+    assert sure > 10 * doubtful and torch.isfinite(sure)
+    with pytest.raises(ValueError, match="uniform, away"):
+        outlier_loss(logits, imitated, "sideways")
