@@ -357,10 +357,10 @@ class TensorTrainSource:
     float32 inputs, class indices, ``outlier_batch`` synthetic unknown pills
     and the class each of them imitates (-1 unless it is a rendered impostor
     of a class of the model; both None when outliers are off, or once the
-    epoch's outlier order is used up, as the Pillow path does). Every random choice of an epoch is drawn up front on the host from
-    NumPy generators seeded by (seed, stream, epoch) and sent to the device in
-    one copy, so a run is the same on any device and the loop never waits for
-    the host.
+    epoch's outlier order is used up, as the Pillow path does). Every random
+    choice of an epoch is drawn up front on the host from NumPy generators
+    seeded by (seed, stream, epoch) and sent to the device in one copy, so a
+    run is the same on any device and the loop never waits for the host.
     """
 
     def __init__(self, decoded: Decoded, samples: Sequence[Sample], class_of: dict[str, int],

@@ -8,8 +8,9 @@ deterministic kernels).
 Batches come from a *source*: an object with ``len()`` (batches per epoch) and
 ``epoch(e)`` yielding ``(x, y, x_out, imitated)`` on the device - normalised
 inputs, class indices, a batch of synthetic unknown pills for outlier
-exposure and the class each imitates (-1 for none), or None and None. ``tensordata.TensorTrainSource`` (decode once, augment on the device) is
-the default; ``LoaderSource`` is the Pillow path (``--loader pil``).
+exposure and the class each imitates (-1 for none), or None and None.
+``tensordata.TensorTrainSource`` (decode once, augment on the device) is the
+default; ``LoaderSource`` is the Pillow path (``--loader pil``).
 Validation data is anything ``predict_logits`` takes: a ``TensorEvalSet`` or an
 ``ImageDataset``.
 
