@@ -223,6 +223,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--size must be a multiple of 16, at least 32")
     dest = args.out.resolve()
     check_replaceable(dest, args.name)
+    impostor_share = getattr(args, "impostor_share", 0.5)
+    if not 0.0 <= impostor_share <= 1.0:
+        raise SystemExit(f"--impostor-share {impostor_share} is not a share between 0 and 1")
     init_from = getattr(args, "init_from", None)
     if init_from is not None and not Path(init_from).is_file():
         raise CheckpointError(f"--init-from {init_from}: no such checkpoint file")
@@ -279,9 +282,9 @@ def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed, deterministic=True)
     arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")))
     model = PillNet(len(classes), arch)
-    if getattr(args, "init_from", None) is not None:
-        load_initial_weights(args.init_from, model, [c.ndc for c in classes])
-        log.info("starting from the weights of %s", args.init_from)
+    if init_from is not None:
+        load_initial_weights(init_from, model, [c.ndc for c in classes])
+        log.info("starting from the weights of %s", init_from)
     cost = count_cost(model, args.size)
     log.info("architecture: %s", arch.describe())
     log.info("cost at %dx%d: %s", args.size, args.size, cost.summary())
@@ -294,9 +297,6 @@ def run(args: argparse.Namespace) -> dict:
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
                       impostor_loss=getattr(args, "impostor_loss", "uniform"),
                       workers=args.workers, seed=args.seed, time_budget=args.time_budget)
-    impostor_share = getattr(args, "impostor_share", 0.5)
-    if not 0.0 <= impostor_share <= 1.0:
-        raise SystemExit(f"--impostor-share {impostor_share} is not a share between 0 and 1")
     loader = getattr(args, "loader", "tensor")
     t_data = time.perf_counter()
     if loader == "tensor":

@@ -97,6 +97,17 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r}, this run {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
 
 
+def _read_checkpoint(path: Path, advice: str = "") -> dict:
+    """The state saved in ``path``; ``CheckpointError`` (ending in ``advice``) when it is not a readable one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated or not a torch file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}){advice}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} rxvision training checkpoint")
+    return state
+
+
 def load_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, list]:
     """Restores model, optimizer and torch's RNG from ``resumable.path`` when it exists.
 
@@ -107,13 +118,7 @@ def load_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Opt
     path = Path(resumable.path)
     if not path.exists():
         return 0, 0, []
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
-                              f"move it away to start this run afresh") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} rxvision training checkpoint")
+    state = _read_checkpoint(path, "; move it away to start this run afresh")
     diff = _differences(state["identity"], resumable.identity)
     if diff:
         raise CheckpointError(f"checkpoint {path} belongs to another run; it differs in: " + "; ".join(diff))
@@ -132,12 +137,7 @@ def load_initial_weights(path: Path | str, model: nn.Module, classes: Sequence[s
     ``CheckpointError`` otherwise; the model is then unchanged.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated or not a torch file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} rxvision training checkpoint")
+    state = _read_checkpoint(path)
     theirs = list(state["identity"].get("classes", []))
     if theirs != list(classes):
         extra, missing = sorted(set(theirs) - set(classes)), sorted(set(classes) - set(theirs))

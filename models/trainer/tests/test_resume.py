@@ -189,7 +189,7 @@ def test_init_from_starts_from_another_runs_weights_and_refuses_other_classes(tm
     extra.parent.mkdir(parents=True)
     draw(0, np.random.default_rng(1)).resize((64, 64)).save(extra)
     rows = [{"file": s.file, "ndc": s.ndc} for s in read_dataset(more)] + \
-        [{"file": "images/c9/00.png", "ndc": "00009-0000-00"}] * 1
+        [{"file": "images/c9/00.png", "ndc": "00009-0000-00"}]
     write_labels_csv(more, rows)
     assert main([a if a != str(data) else str(more) for a in common] + [
         "--out", str(tmp_path / "b3"), "--version", "0.0.3", "--epochs", "1", "--init-from", str(first)]) == 65
