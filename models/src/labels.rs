@@ -4,9 +4,9 @@
 //! RFC 4180 CSV, UTF-8, `\n` line ends, header first:
 //!
 //! ```text
-//! file,ndc,face,name,strength,lookalike_group,seed,imitates
-//! images/00093-0832-01_00000_front.jpg,00093-0832-01,front,Clonazepam,0.5 mg,LA05,1234567890,
-//! images/99999-0832-01_00000_front.jpg,99999-0832-01,front,Clonazepam (altered imprint),0.5 mg,LA05,987654321,00093-0832-01
+//! file,ndc,face,name,strength,lookalike_group,seed,imitates,imprint
+//! images/00093-0832-01_00000_front.jpg,00093-0832-01,front,Clonazepam,0.5 mg,LA05,1234567890,,TEVA;832
+//! images/99999-0832-01_00000_front.jpg,99999-0832-01,front,Clonazepam (altered imprint),0.5 mg,LA05,987654321,00093-0832-01,TEVA;852
 //! ```
 //!
 //! * `file` — the image, relative to the dataset directory;
@@ -20,6 +20,10 @@
 //!   `rxvision_synth::impostor`), the NDC of the formulary product whose
 //!   imprint was altered; empty for a formulary product. Datasets written
 //!   before this column have none, which reads as empty.
+//! * `imprint` — the imprint of the face up as the picture shows it (SPL
+//!   form, `;` between lines; an impostor's altered one; empty for a blank
+//!   face): what a model that reads imprints is taught to read. Datasets
+//!   written before this column have none.
 //!
 //! Fields holding a comma, quote or line break are quoted, quotes doubled.
 //! Other producers (the C3PI conversion) may add columns; readers find columns
@@ -28,7 +32,7 @@
 use std::path::Path;
 
 /// The header `rxvision-synth dataset` writes.
-pub const HEADER: &str = "file,ndc,face,name,strength,lookalike_group,seed,imitates";
+pub const HEADER: &str = "file,ndc,face,name,strength,lookalike_group,seed,imitates,imprint";
 
 /// One row of `labels.csv`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +53,8 @@ pub struct LabelRow {
     pub seed: u64,
     /// The product an impostor imitates, or empty.
     pub imitates: String,
+    /// The imprint of the face up, as drawn (empty for a blank face).
+    pub imprint: String,
 }
 
 impl LabelRow {
@@ -63,6 +69,7 @@ impl LabelRow {
             &self.lookalike_group,
             &self.seed.to_string(),
             &self.imitates,
+            &self.imprint,
         ]
         .map(|f| quote(f));
         format!("{}\n", fields.join(","))
@@ -207,6 +214,7 @@ mod tests {
             lookalike_group: String::new(),
             seed: u64::MAX,
             imitates: "12345-6789-02".into(),
+            imprint: "M;366".into(),
         };
         let text = format!("{HEADER}\n{}", row.to_csv());
         let records = parse(&text).unwrap();
@@ -215,6 +223,7 @@ mod tests {
         assert_eq!(records[1][6], u64::MAX.to_string());
         assert_eq!(records[1][5], "");
         assert_eq!(records[1][7], "12345-6789-02");
+        assert_eq!(records[1][8], "M;366");
     }
 
     #[test]

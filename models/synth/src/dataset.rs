@@ -185,6 +185,7 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
             lookalike_group: product.lookalike_group.clone().unwrap_or_default(),
             seed,
             imitates,
+            imprint: product.imprint(face).to_owned(),
         }))
     });
     let mut csv = format!("{HEADER}\n");

@@ -363,16 +363,21 @@ fn dataset_end_to_end_with_exclusions_and_features() {
     assert_eq!(rows.len(), keep.len() * (3 + 2), "3 images of each product and 2 of its impostors");
     for r in rows {
         let imitates = r[7].as_str();
+        let shown = if r[2] == "front" { Face::Front } else { Face::Back };
         if imitates.is_empty() {
             assert!(keep.contains(&r[1].as_str()), "excluded product {} rendered", r[1]);
+            assert_eq!(r[8], f.get(&r[1]).unwrap().imprint(shown), "the imprint column is the face's imprint");
         } else {
             assert!(keep.contains(&imitates), "impostor of an excluded product {imitates}");
             assert_eq!(r[1], rxvision_synth::impostor::impostor_ndc(f.get(imitates).unwrap()));
             assert_eq!(r[5], f.get(imitates).unwrap().lookalike_group.clone().unwrap_or_default());
             assert!(r[3].ends_with("(altered imprint)"), "{}", r[3]);
             // Only a face with an imprint is shown: the capsule and the round print on one face only.
-            let shown = if r[2] == "front" { Face::Front } else { Face::Back };
-            assert!(!f.get(imitates).unwrap().imprint(shown).is_empty(), "{r:?}");
+            let original = f.get(imitates).unwrap().imprint(shown);
+            assert!(!original.is_empty(), "{r:?}");
+            // The imprint column is the altered imprint: one character differs, and the length is kept.
+            let differ = original.chars().zip(r[8].chars()).filter(|(a, b)| a != b).count();
+            assert_eq!((differ, r[8].chars().count()), (1, original.chars().count()), "{original} -> {}", r[8]);
         }
         assert!(ta.contains_key(&r[0]), "{} listed but not written", r[0]);
         assert!(["front", "back"].contains(&r[2].as_str()));
@@ -528,12 +533,14 @@ fn the_dataset_command_writes_pill_crops_and_counts_what_it_left_out() {
     }
 }
 
-/// The training crops pillnet 0.5.0 learns from are pinned: the model's
-/// checkpoint is resumed across sessions only on byte-identical data (the
-/// trainer checks every image), so the renderer, the quality gate, the
+/// The training crops pillnet learns from are pinned: a model's checkpoint
+/// is resumed across sessions only on byte-identical data (the trainer checks
+/// labels.csv and every image), so the renderer, the quality gate, the
 /// localiser and the crop may be made faster but must not change a byte of
-/// what they produce. A change on purpose changes this digest and needs a
-/// new model version (scripts/pillnet-recipe).
+/// what they produce. A change on purpose changes a digest and needs a new
+/// model version (scripts/pillnet-recipe). The crops and their labels are
+/// pinned apart, so that a new labels column (as `imprint` was) shows that
+/// the pictures stayed what they were.
 #[test]
 fn the_training_crops_are_byte_for_byte_what_the_recipe_rendered() {
     let out_dir = tempfile::tempdir().unwrap();
@@ -558,18 +565,22 @@ fn the_training_crops_are_byte_for_byte_what_the_recipe_rendered() {
         "1",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut bytes = std::fs::read(out_dir.path().join("labels.csv")).unwrap();
-    let rows = labels::parse(std::str::from_utf8(&bytes).unwrap()).unwrap();
+    let labels_csv = std::fs::read(out_dir.path().join("labels.csv")).unwrap();
+    let rows = labels::parse(std::str::from_utf8(&labels_csv).unwrap()).unwrap();
+    let mut crops = Vec::new();
     for row in &rows[1..] {
-        bytes.extend(std::fs::read(out_dir.path().join(&row[0])).unwrap());
+        crops.extend(std::fs::read(out_dir.path().join(&row[0])).unwrap());
     }
-    let hex = rxvision_models::bundle::sha256_hex(&bytes);
     assert!(rows.len() > 200, "{} crops", rows.len() - 1);
-    assert_eq!(hex, PINNED_CROPS, "{} crops differ from what the recipe rendered", rows.len() - 1);
+    let sha = rxvision_models::bundle::sha256_hex;
+    assert_eq!(sha(&crops), PINNED_CROPS, "{} crops differ from what the recipe rendered", rows.len() - 1);
+    assert_eq!(sha(&labels_csv), PINNED_LABELS, "labels.csv differs from what the recipe wrote");
 }
 
-/// SHA-256 of labels.csv and every crop in its order, as rendered for pillnet 0.5.0.
-const PINNED_CROPS: &str = "c5b6c63797159bb304803b47f0a1d764da3222604c2f11ca76d7e764f3bc6f13";
+/// SHA-256 of every crop in labels.csv's order, as rendered for pillnet 0.5.0 and 0.6.0.
+const PINNED_CROPS: &str = "e7353bb1895dc4740f3583fe249d7335df03e40537a570eff0c64080880e974d";
+/// SHA-256 of that labels.csv (with the `imprint` column).
+const PINNED_LABELS: &str = "35e9a6fd31313e972eddddacf31466adbf428cda6fae0954df34d118aaea33e3";
 
 #[test]
 fn tray_end_to_end() {

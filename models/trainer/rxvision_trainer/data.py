@@ -39,6 +39,7 @@ log = logging.getLogger("rxvision_trainer")
 LABELS_CSV = "labels.csv"
 LABELS_HEADER = ["file", "ndc", "face", "name", "strength", "lookalike_group", "seed", "imitates"]
 REQUIRED_COLUMNS = ("file", "ndc")
+IMPRINT_COLUMN = "imprint"  # written by rxvision-synth after the standard header; optional
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -59,6 +60,9 @@ class Sample:
     lookalike_group: str = ""
     seed: str = ""
     imitates: str = ""  # an impostor (rxvision-synth dataset --impostors): the NDC whose imprint it alters
+    # the imprint of the face up as drawn (``;`` between lines, "" for a blank face); None when the dataset
+    # has no ``imprint`` column (older renders, other producers)
+    imprint: str | None = None
     extra: tuple = field(default_factory=tuple)  # ((column, value), ...) beyond the standard header
 
 
@@ -84,7 +88,8 @@ def read_dataset(root: str | Path) -> list[Sample]:
         if header[: len(LABELS_HEADER)] != LABELS_HEADER:
             log.info("%s: header %s differs from the standard %s (fine; missing columns read as empty)",
                      csv_path, header, LABELS_HEADER)
-        extras = [c for c in header if c not in LABELS_HEADER]
+        extras = [c for c in header if c not in LABELS_HEADER and c != IMPRINT_COLUMN]
+        has_imprint = IMPRINT_COLUMN in header
         for line, row in enumerate(reader, start=2):
             file = (row.get("file") or "").strip()
             ndc = (row.get("ndc") or "").strip()
@@ -103,6 +108,7 @@ def read_dataset(root: str | Path) -> list[Sample]:
                 lookalike_group=(row.get("lookalike_group") or "").strip(),
                 seed=(row.get("seed") or "").strip(),
                 imitates=(row.get("imitates") or "").strip(),
+                imprint=(row.get(IMPRINT_COLUMN) or "") if has_imprint else None,
                 extra=tuple((c, row.get(c) or "") for c in extras),
             ))
     if not samples:
@@ -111,15 +117,18 @@ def read_dataset(root: str | Path) -> list[Sample]:
 
 
 def write_labels_csv(root: str | Path, rows: Iterable[dict]) -> Path:
-    """Writes ``root/labels.csv`` in the standard layout (missing fields empty)."""
+    """Writes ``root/labels.csv`` in the standard layout (missing fields empty), with the ``imprint`` column
+    after it when any row has one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LABELS_CSV
+    rows = list(rows)
+    header = LABELS_HEADER + ([IMPRINT_COLUMN] if any(IMPRINT_COLUMN in r for r in rows) else [])
     with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=LABELS_HEADER, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=header, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in LABELS_HEADER})
+            w.writerow({k: r.get(k, "") for k in header})
     return path
 
 

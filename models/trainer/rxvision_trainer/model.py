@@ -34,10 +34,14 @@ class ArchConfig:
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     depths: tuple[int, ...] = DEFAULT_DEPTHS
     dropout: float = 0.1
+    # the imprint-reading head (``imprint``): characters read x count bins; 0 = no such head
+    imprint_outputs: tuple[int, int] = (0, 0)
 
     def describe(self) -> str:
         stages = ", ".join(f"{w}x(1+{d})" for w, d in zip(self.widths, self.depths))
-        return f"plain 3x3 conv-BN-ReLU stages [{stages}] (first conv of each stage stride 2), GAP, linear"
+        reader = (f" (and a linear imprint head: {self.imprint_outputs[0]} characters x {self.imprint_outputs[1]} "
+                  f"count bins, for training)" if self.imprint_outputs[0] else "")
+        return f"plain 3x3 conv-BN-ReLU stages [{stages}] (first conv of each stage stride 2), GAP, linear{reader}"
 
 
 class ConvBNReLU(nn.Sequential):
@@ -63,6 +67,9 @@ class PillNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(arch.dropout)
         self.head = nn.Linear(cin, num_classes)
+        chars, bins = arch.imprint_outputs
+        # reads the bag of imprint characters from the same pooled features (``imprint``); training only so far
+        self.imprint_head = nn.Linear(cin, chars * bins) if chars else None
         self.arch = arch
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -70,13 +77,20 @@ class PillNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        for head in (self.head, self.imprint_head):
+            if head is not None:
+                nn.init.normal_(head.weight, std=0.01)
+                nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # logits
-        x = self.features(x)
-        x = x.mean(dim=(2, 3))
-        return self.head(self.dropout(x))
+        return self.forward_both(x)[0]
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class logits (N, C) and the imprint head's count-bin logits (N, chars, bins), or None without one."""
+        x = self.dropout(self.features(x).mean(dim=(2, 3)))
+        if self.imprint_head is None:
+            return self.head(x), None
+        return self.head(x), self.imprint_head(x).view(len(x), *self.arch.imprint_outputs)
 
 
 # --------------------------------------------------------------------------- cost

@@ -42,6 +42,7 @@ from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, O
                    build_classes,
                    load_eval_array, parse_ndc_list, read_dataset, split_train_val)
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
+from .imprint import ALPHABET, COUNT_BINS, bags
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
 from .profile import build_profile
 from .train import (IMPOSTOR_LOSSES, CheckpointError, LoaderSource, Resumable, TrainConfig, default_workers,
@@ -86,6 +87,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--impostor-loss", default="uniform", choices=list(IMPOSTOR_LOSSES),
                     help="loss of an impostor of a known product: uniform (outlier exposure, the default) or away "
                          "(-log(1 - p(the product it imitates)))")
+    ap.add_argument("--imprint-weight", type=float, default=0.0,
+                    help="weight of an imprint-reading head's loss (0: no such head): the model also learns to count "
+                         "the characters of the imprint in view (the data's `imprint` column; tensor loader only)")
     ap.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                     help="start from the weights of another run's training checkpoint (the same classes and "
                          "architecture) instead of random ones; the schedule starts afresh")
@@ -172,6 +176,8 @@ def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], va
         ident["impostor_share"] = args.impostor_share
     if getattr(args, "impostor_loss", "uniform") != "uniform":
         ident["impostor_loss"] = args.impostor_loss
+    if getattr(args, "imprint_weight", 0.0):
+        ident["imprint_weight"] = args.imprint_weight
     if getattr(args, "init_from", None) is not None:
         ident["init_from"] = hashlib.sha256(Path(args.init_from).read_bytes()).hexdigest()
     ident["loader"] = getattr(args, "loader", "tensor")
@@ -226,6 +232,11 @@ def run(args: argparse.Namespace) -> dict:
     impostor_share = getattr(args, "impostor_share", 0.5)
     if not 0.0 <= impostor_share <= 1.0:
         raise SystemExit(f"--impostor-share {impostor_share} is not a share between 0 and 1")
+    imprint_weight = getattr(args, "imprint_weight", 0.0)
+    if imprint_weight < 0:
+        raise SystemExit(f"--imprint-weight {imprint_weight} is negative")
+    if imprint_weight and getattr(args, "loader", "tensor") != "tensor":
+        raise SystemExit("--imprint-weight needs the tensor loader (--loader tensor)")
     init_from = getattr(args, "init_from", None)
     if init_from is not None and not Path(init_from).is_file():
         raise CheckpointError(f"--init-from {init_from}: no such checkpoint file")
@@ -261,6 +272,12 @@ def run(args: argparse.Namespace) -> dict:
     report_is_selection = unknown_report is unknown_select
     if not val_s:
         raise DataError("no validation images of the training classes")
+    if imprint_weight:
+        unread = [s for s in train_s + impostors if s.imprint is None]
+        if unread:
+            raise DataError(f"{args.data}: --imprint-weight needs the imprint of every training image, and "
+                            f"{len(unread)} have none (labels.csv has no `imprint` column; rxvision-synth "
+                            f"writes one: render the data again)")
     log.info("%d classes; %d training, %d validation images; held out %d products (%d + %d images); "
              "%d impostor images for outlier exposure",
              len(classes), len(train_s), len(val_s), len(holdout), len(unknown_select),
@@ -280,7 +297,8 @@ def run(args: argparse.Namespace) -> dict:
                  time.perf_counter() - t_fp)
     device = resolve_device(args.device)
     seed_everything(args.seed, deterministic=True)
-    arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")))
+    arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")),
+                      imprint_outputs=(len(ALPHABET), COUNT_BINS) if imprint_weight else (0, 0))
     model = PillNet(len(classes), arch)
     if init_from is not None:
         load_initial_weights(init_from, model, [c.ndc for c in classes])
@@ -295,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
-                      impostor_loss=getattr(args, "impostor_loss", "uniform"),
+                      impostor_loss=getattr(args, "impostor_loss", "uniform"), imprint_weight=imprint_weight,
                       workers=args.workers, seed=args.seed, time_budget=args.time_budget)
     loader = getattr(args, "loader", "tensor")
     t_data = time.perf_counter()
@@ -308,7 +326,9 @@ def run(args: argparse.Namespace) -> dict:
                    if args.val_data else dec)
         source = TensorTrainSource(dec, train_s, class_of, TensorAugment(aug_cfg), args.seed, args.batch_size,
                                    device, outlier_batch=outlier_batch_size(cfg), impostors=impostors,
-                                   p_impostor=impostor_share)
+                                   p_impostor=impostor_share,
+                                   bags=((bags([s.imprint for s in train_s]), bags([s.imprint for s in impostors]))
+                                         if imprint_weight else None))
         val_ds = TensorEvalSet(dec_val, val_s, class_of, device)
         eval_workers = 0
     else:

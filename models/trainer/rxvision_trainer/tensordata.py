@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import LABELS_CSV, AugmentConfig, OutlierDataset, Sample, camera_draw, decode_chunk
+from .imprint import UNKNOWN
 from .preprocess import MEAN, SCALE, STD
 
 log = logging.getLogger("rxvision_trainer")
@@ -361,12 +362,18 @@ class TensorTrainSource:
     choice of an epoch is drawn up front on the host from NumPy generators
     seeded by (seed, stream, epoch) and sent to the device in one copy, so a
     run is the same on any device and the loop never waits for the host.
+
+    With ``bags`` (the bag of imprint characters of every sample and of every
+    impostor, ``imprint.bags``) ``epoch(e)`` yields two more: the bags of the
+    batch and of its outliers (``imprint.UNKNOWN`` rows for outliers that are
+    not rendered impostors). Nothing else changes: the same images, in the
+    same order, with the same augmentation.
     """
 
     def __init__(self, decoded: Decoded, samples: Sequence[Sample], class_of: dict[str, int],
                  augment: TensorAugment, seed: int, batch_size: int, device: torch.device,
                  outlier_batch: int = 0, p_hue: float = 0.4, impostors: Sequence[Sample] = (),
-                 p_impostor: float = 0.5):
+                 p_impostor: float = 0.5, bags: tuple[np.ndarray, np.ndarray] | None = None):
         self.store, self.augment, self.seed = decoded, augment, seed
         self.batch_size, self.outlier_batch, self.p_hue = batch_size, outlier_batch, p_hue
         self.device = torch.device(device)
@@ -377,6 +384,14 @@ class TensorTrainSource:
         self.impostor_targets = (torch.tensor([class_of.get(s.imitates, -1) for s in impostors], dtype=torch.int64,
                                               device=self.device) if impostors else None)
         self.p_impostor = p_impostor
+        self.bags = self.impostor_bags = None
+        if bags is not None:
+            own, theirs = bags
+            if len(own) != len(samples) or len(theirs) != len(impostors):
+                raise ValueError(f"{len(own)} and {len(theirs)} bags for {len(samples)} samples and "
+                                 f"{len(impostors)} impostors")
+            self.bags = torch.from_numpy(np.asarray(own, np.int64)).to(self.device)
+            self.impostor_bags = torch.from_numpy(np.asarray(theirs, np.int64)).to(self.device)
         t = np.asarray([class_of[s.ndc] for s in samples], np.int64)
         self.targets_np = t
         self.targets = torch.from_numpy(t).to(self.device)
@@ -424,8 +439,9 @@ class TensorTrainSource:
             plan["c"] = self.augment.draw(k, rng).as_tensor()
         return plan
 
-    def _outliers(self, plan: dict, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """The outlier images of the plan's slots ``sl``, and the class each imitates (-1: none)."""
+    def _outliers(self, plan: dict, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The outlier images of the plan's slots ``sl``, the class each imitates (-1: none) and, with bags,
+        their bags (``UNKNOWN`` rows but for the rendered impostors)."""
         pos = plan["pos"][sl]
         k = len(pos)
         a = self._images(pos, plan["a"][sl])
@@ -442,15 +458,19 @@ class TensorTrainSource:
         use_hue = plan["hue"][sl, 0].bool() & (centre_saturation(a) >= OutlierDataset.MIN_SATURATION)
         out = torch.where(use_hue.view(k, 1, 1, 1), hue, other)
         imitated = torch.full((k,), -1, dtype=torch.int64, device=out.device)
+        bag = None
+        if self.bags is not None:
+            bag = torch.full((k, self.bags.shape[1]), UNKNOWN, dtype=torch.int64, device=out.device)
         if "impostor" in plan:
             use, which = plan["impostor"][sl, 0].bool(), plan["impostor"][sl, 1].long()
             rows = self.impostor_rows[which.to(self.impostor_rows.device)]
             out = torch.where(use.view(k, 1, 1, 1), self._rows(rows, plan["c"][sl]), out)
             imitated = torch.where(use, self.impostor_targets[which], imitated)
-        return normalise(out), imitated
+            if bag is not None:
+                bag = torch.where(use.view(k, 1), self.impostor_bags[which], bag)
+        return normalise(out), imitated, bag
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                  torch.Tensor | None]]:
+    def epoch(self, epoch: int) -> Iterator[tuple]:
         dev = self.device
         order = np.random.default_rng([self.seed, STREAM_ORDER, epoch]).permutation(self.n)
         params = self.augment.draw(self.n, np.random.default_rng([self.seed, STREAM_AUG, epoch]))
@@ -469,10 +489,13 @@ class TensorTrainSource:
             pos = order_t[sl]
             x = normalise(self._images(pos, params_t[sl]))
             y = self.targets[pos]
-            x_out = imitated = None
+            x_out = imitated = bag_out = None
             if plan is not None and b * ob < n_out:
-                x_out, imitated = self._outliers(plan, slice(b * ob, min((b + 1) * ob, n_out)))
-            yield x, y, x_out, imitated
+                x_out, imitated, bag_out = self._outliers(plan, slice(b * ob, min((b + 1) * ob, n_out)))
+            if self.bags is None:
+                yield x, y, x_out, imitated
+            else:
+                yield x, y, x_out, imitated, self.bags[pos], bag_out
 
 
 class TensorEvalSet:

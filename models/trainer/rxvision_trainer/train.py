@@ -8,7 +8,9 @@ deterministic kernels).
 Batches come from a *source*: an object with ``len()`` (batches per epoch) and
 ``epoch(e)`` yielding ``(x, y, x_out, imitated)`` on the device - normalised
 inputs, class indices, a batch of synthetic unknown pills for outlier
-exposure and the class each imitates (-1 for none), or None and None.
+exposure and the class each imitates (-1 for none), or None and None - and,
+when it was given the imprints, ``(bag, bag_out)`` after them: the bags of
+imprint characters the model's imprint head is taught to read (``imprint``).
 ``tensordata.TensorTrainSource`` (decode once, augment on the device) is the
 default; ``LoaderSource`` is the Pillow path (``--loader pil``).
 Validation data is anything ``predict_logits`` takes: a ``TensorEvalSet`` or an
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 from .data import ImageDataset, OutlierDataset
+from .imprint import imprint_loss
 
 log = logging.getLogger("rxvision_trainer")
 
@@ -60,6 +63,9 @@ class TrainConfig:
     # the loss of a rendered impostor of a known class: "uniform" (outlier exposure, as every
     # outlier) or "away" (-log(1 - p(imitated class)): only the product it imitates is penalised)
     impostor_loss: str = "uniform"
+    # weight of the imprint head's loss (``imprint.imprint_loss``; 0: off; needs a model with the head
+    # and a source with the bags)
+    imprint_weight: float = 0.0
     workers: int = -1          # --loader pil only (DataLoader workers); -1: pick from the device and CPU count
     seed: int = 0
     deterministic: bool = True
@@ -134,7 +140,9 @@ def load_initial_weights(path: Path | str, model: nn.Module, classes: Sequence[s
     The checkpoint must be a training checkpoint of a model with the same
     classes in the same order and the same architecture; its optimizer state
     and schedule are not taken (the new run's schedule starts afresh). Raises
-    ``CheckpointError`` otherwise; the model is then unchanged.
+    ``CheckpointError`` otherwise; the model is then unchanged. A model with
+    an imprint head may start from one without: the head keeps its fresh
+    weights (the features it reads are what the checkpoint brings).
     """
     path = Path(path)
     state = _read_checkpoint(path)
@@ -144,11 +152,14 @@ def load_initial_weights(path: Path | str, model: nn.Module, classes: Sequence[s
         raise CheckpointError(f"checkpoint {path} has other classes than this run (only there: {extra or 'none'}; "
                               f"only here: {missing or 'none'}; or another order)")
     ours = model.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+    weights = dict(state["model"])
+    if not any(k.startswith("imprint_head.") for k in weights):
+        weights.update({k: v for k, v in ours.items() if k.startswith("imprint_head.")})
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
     if shapes.keys() != ours.keys() or any(shapes[k] != tuple(v.shape) for k, v in ours.items()):
         raise CheckpointError(f"checkpoint {path} is of another architecture (widths "
                               f"{state['identity'].get('widths')}, depths {state['identity'].get('depths')})")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
 
 
 def save_checkpoint(resumable: Resumable, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
@@ -345,6 +356,9 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
         if epoch:
             log.info("resumed from %s after epoch %d of %d", resumable.path, epoch, cfg.epochs)
 
+    reading = cfg.imprint_weight > 0
+    if reading and getattr(model, "imprint_head", None) is None:
+        raise ValueError("an imprint loss needs a model with an imprint head (ArchConfig.imprint_outputs)")
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     epochs = cfg.epochs
@@ -357,22 +371,32 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         oe_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        for x, y, x_out, imitated in source.epoch(epoch):
+        imprint_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in source.epoch(epoch):
+            x, y, x_out, imitated = batch[:4]
+            bag, bag_out = batch[4:] if reading else (None, None)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             n_known = len(y)
             if x_out is not None and cfg.outlier_weight > 0:
                 x = torch.cat([x, x_out], dim=0)
+                if reading:
+                    bag = torch.cat([bag, bag_out], dim=0)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                all_logits = model(x).float()
+                all_logits, read = model.forward_both(x) if reading else (model(x), None)
+                all_logits = all_logits.float()
                 logits = all_logits[:n_known]
                 loss = loss_fn(logits, y)
                 if len(all_logits) > n_known:
                     oe = outlier_loss(all_logits[n_known:], imitated, cfg.impostor_loss)
                     loss = loss + cfg.outlier_weight * oe
                     oe_sum += oe.detach().double() * n_known
+                if reading:
+                    il = imprint_loss(read.float(), bag)
+                    loss = loss + cfg.imprint_weight * il
+                    imprint_sum += il.detach().double() * n_known
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -382,15 +406,17 @@ def train(model: nn.Module, source, cfg: TrainConfig, device: torch.device, val_
             correct += (logits.detach().argmax(1) == y).sum()
         stats = {"epoch": epoch + 1, "loss": float(loss_sum) / max(1, n), "train_top1": int(correct) / max(1, n),
                  "outlier_loss": float(oe_sum) / max(1, n),
+                 **({"imprint_loss": float(imprint_sum) / max(1, n)} if reading else {}),
                  "lr": lr_at(max(0, step - 1)), "seconds": 0.0}
         if val_ds is not None and len(val_ds):
             logits = predict_logits(model, val_ds, device, workers=getattr(source, "workers", 0))
             stats["val_top1"] = float((logits.argmax(1) == np.asarray(val_ds.targets)).mean())
         stats["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(stats)
-        log.info("epoch %d/%d: loss %.4f (outliers %.4f) train top-1 %.4f%s (%.1f s)", epoch + 1, epochs,
-                 stats["loss"], stats["outlier_loss"], stats["train_top1"], f", val top-1 {stats['val_top1']:.4f}" if "val_top1" in stats else "",
-                 stats["seconds"])
+        log.info("epoch %d/%d: loss %.4f (outliers %.4f%s) train top-1 %.4f%s (%.1f s)", epoch + 1, epochs,
+                 stats["loss"], stats["outlier_loss"],
+                 f", imprint {stats['imprint_loss']:.4f}" if "imprint_loss" in stats else "", stats["train_top1"],
+                 f", val top-1 {stats['val_top1']:.4f}" if "val_top1" in stats else "", stats["seconds"])
         if epoch == 0 and cfg.time_budget > 0 and epochs > 1:
             fit = max(1, int(cfg.time_budget // max(stats["seconds"], 1e-3)))
             if fit < epochs:

@@ -197,3 +197,30 @@ def test_init_from_starts_from_another_runs_weights_and_refuses_other_classes(tm
     assert main(common + ["--out", str(tmp_path / "b4"), "--version", "0.0.4", "--epochs", "1",
                           "--init-from", str(tmp_path / "missing.pt")]) == 65
     assert not (tmp_path / "b4").exists()
+
+
+def test_imprint_weight_trains_a_reading_head_and_needs_the_imprints(tmp_path):
+    """``train --imprint-weight``: the head learns the data's bags; data without the column is refused (65)."""
+    from rxvision_trainer.__main__ import main
+    from rxvision_trainer.imprint import ALPHABET
+
+    data = tmp_path / "data"
+    samples = _dataset(data, per_class=16)
+    common = ["-q", "train", "--data", str(data), "--seed", "3", "--size", "32", "--device", "cpu",
+              "--widths", "16,16,32,32", "--depths", "0,0,0,0", "--batch-size", "4", "--lr", "3e-3",
+              "--warmup-epochs", "0.25", "--val-fraction", "0.25", "--calib-images", "16", "--purpose", "fixture",
+              "--no-mlflow", "--version", "0.0.1", "--epochs", "2", "--imprint-weight", "1"]
+    assert main(common + ["--out", str(tmp_path / "b0")]) == 65, "no imprint column: refused"
+    assert not (tmp_path / "b0").exists()
+    imprints = ["X1", "Y22", ""]  # class c's imprint; class 2 a blank face
+    write_labels_csv(data, [{"file": s.file, "ndc": s.ndc, "imprint": imprints[int(s.ndc[4])]} for s in samples])
+    assert read_dataset(data)[0].imprint == "X1"
+    state = tmp_path / "state.pt"
+    assert main(common + ["--out", str(tmp_path / "b1"), "--checkpoint", str(state)]) == 0
+    saved = torch.load(state, weights_only=True)
+    assert saved["identity"]["imprint_weight"] == 1.0
+    assert saved["model"]["imprint_head.weight"].shape == (len(ALPHABET) * 4, 32)
+    losses = [h["imprint_loss"] for h in saved["history"]]
+    assert losses[1] < losses[0] < np.log(4), losses
+    # the bundle is what it was: the exported graph has the class output only
+    assert (tmp_path / "b1" / "model.onnx").is_file()

@@ -32,6 +32,7 @@ from PIL import Image, ImageEnhance
 
 from rxvision_trainer.data import (AugmentConfig, ImageDataset, OutlierDataset, Augment, camera_lut,
                                    decode_for_training, load_eval_array, read_dataset, write_labels_csv)
+from rxvision_trainer.imprint import UNKNOWN, bags
 from rxvision_trainer.preprocess import MEAN, SCALE, STD, preprocess_pil
 from rxvision_trainer.smoke import draw
 from rxvision_trainer.tensordata import (AugParams, TensorAugment, TensorEvalSet, TensorTrainSource, cache_key,
@@ -283,3 +284,41 @@ def test_both_loaders_train(tmp_path):
         hist = train(model, src, cfg, dev, val_ds=TensorEvalSet(dec, samples, class_of, dev))
         assert len(hist) == 1 and math.isfinite(hist[0]["loss"]) and hist[0]["outlier_loss"] > 0, name
         assert predict_logits(model, ImageDataset(samples, class_of, 32), dev).shape == (len(samples), 3)
+
+
+def test_bags_ride_along_with_the_same_batches(tmp_path):
+    """With bags the source yields the same images, plus each sample's bag and each outlier's (impostors only)."""
+    samples = _dataset(tmp_path, classes=4, per_class=5)
+    real, impostors = samples[:15], samples[15:]
+    impostors = [dataclasses.replace(s, imitates=f"0000{k % 3}-0000-00") for k, s in enumerate(impostors)]
+    class_of = {f"0000{c}-0000-00": c for c in range(3)}
+    dec = load_decoded(tmp_path, samples, 64, workers=1, cache=False)
+    own = bags([f"A{c}" for c in range(15)])  # a distinct bag per sample: which sample a row is can be told
+    theirs = bags([f"Z{k};{k}{k}" for k in range(5)])
+
+    def source(with_bags):
+        return TensorTrainSource(dec, real, class_of, TensorAugment(ZERO), 1, 8, torch.device("cpu"),
+                                 outlier_batch=4, impostors=impostors, p_impostor=0.5,
+                                 bags=(own, theirs) if with_bags else None)
+
+    ref = normalise(dec.images[dec.rows(real)].float())
+    ref_imp = normalise(dec.images[dec.rows(impostors)].float())
+    which = lambda ref, img: int(((ref - img).abs().amax(dim=(1, 2, 3)) < 1e-4).float().argmax())
+    seen_unknown = seen_impostor = 0
+    for plain, read in zip(source(False).epoch(0), source(True).epoch(0)):
+        assert len(plain) == 4 and len(read) == 6
+        for a, b in zip(plain, read[:4]):
+            assert torch.equal(a, b), "bags change nothing else"
+        x, _, x_out, imitated, bag, bag_out = read
+        # each image's bag is its own sample's
+        assert [which(ref, img) for img in x] == [int(np.flatnonzero((own == row).all(1))[0]) for row in bag.numpy()]
+        for img, i, row in zip(x_out, imitated.tolist(), bag_out.numpy()):
+            if i >= 0:
+                assert (row == theirs[which(ref_imp, img)]).all()
+                seen_impostor += 1
+            else:
+                assert (row == UNKNOWN).all(), "a synthetic outlier has no imprint to read"
+                seen_unknown += 1
+    assert seen_impostor and seen_unknown
+    with pytest.raises(ValueError, match="bags for"):
+        TensorTrainSource(dec, real, class_of, TensorAugment(), 1, 8, torch.device("cpu"), bags=(own[:3], theirs))

@@ -262,3 +262,59 @@ def test_the_away_loss_penalises_only_the_imitated_class_and_uniform_stays_as_it
     assert sure > 10 * doubtful and torch.isfinite(sure)
     with pytest.raises(ValueError, match="uniform, away"):
         outlier_loss(logits, imitated, "sideways")
+
+
+def test_the_bag_of_imprint_characters():
+    """Counts per character, 3 and more in one bin, separators and unknown characters not counted."""
+    from rxvision_trainer.imprint import ALPHABET, COUNT_BINS, UNKNOWN, bag, bags
+
+    b = bag("G;3719")
+    assert b.shape == (len(ALPHABET),) and b.sum() == 5
+    assert [int(b[ALPHABET.index(c)]) for c in "G3719"] == [1] * 5
+    assert bag("1000")[ALPHABET.index("0")] == 3 and bag("00000")[ALPHABET.index("0")] == COUNT_BINS - 1
+    assert bag("a-b/ c").sum() == 3 and bag("").sum() == 0
+    assert (bag("M;366") == bag("366;M")).all(), "no reading order: a turned or two-line imprint is the same bag"
+    # one character changed to another of its kind always changes the bag (an impostor is never its original)
+    assert (bag("M365") != bag("M366")).sum() == 2 and (bag("M366") != bag("M636")).sum() == 0
+    rows = bags(["AB", None, ""])
+    assert (rows[1] == UNKNOWN).all() and rows[0].sum() == 2 and rows[2].sum() == 0
+
+
+def test_the_imprint_loss_ignores_unknown_rows_and_the_likelihood_reads_the_bag():
+    import torch
+    from rxvision_trainer.imprint import ALPHABET, COUNT_BINS, UNKNOWN, bag, bag_log_likelihood, imprint_loss
+
+    a = len(ALPHABET)
+    target = torch.from_numpy(np.stack([bag("AB1"), np.full(a, UNKNOWN)]))
+    perfect = torch.full((2, a, COUNT_BINS), -20.0)
+    perfect[0].scatter_(1, target[0].view(-1, 1), 20.0)
+    assert float(imprint_loss(perfect, target)) < 1e-6, "the unknown row costs nothing"
+    assert float(imprint_loss(torch.zeros(2, a, COUNT_BINS), target)) == pytest.approx(np.log(COUNT_BINS))
+    assert float(imprint_loss(torch.zeros(1, a, COUNT_BINS), target[1:])) == 0.0
+    logp = torch.log_softmax(perfect[:1], dim=2).numpy()
+    right = bag_log_likelihood(logp, bag("AB1")[None])[0]
+    wrong = bag_log_likelihood(logp, bag("AB2")[None])[0]
+    assert right > -1e-6 and wrong < -70, (right, wrong)
+
+
+def test_an_imprint_head_starts_from_a_checkpoint_without_one(tmp_path):
+    """--init-from a model without the imprint head: the shared weights load, the head keeps its own."""
+    import torch
+    from rxvision_trainer.model import ArchConfig, PillNet
+    from rxvision_trainer.train import CHECKPOINT_FORMAT, load_initial_weights
+
+    torch.manual_seed(1)
+    plain = PillNet(3, ArchConfig((8, 8), (0, 0)))
+    path = tmp_path / "plain.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "identity": {"classes": ["a", "b", "c"]}, "model": plain.state_dict()},
+               path)
+    reader = PillNet(3, ArchConfig((8, 8), (0, 0), imprint_outputs=(62, 4)))
+    head = {k: v.clone() for k, v in reader.state_dict().items() if k.startswith("imprint_head.")}
+    load_initial_weights(path, reader, ["a", "b", "c"])
+    for k, v in reader.state_dict().items():
+        assert torch.equal(v, head[k] if k in head else plain.state_dict()[k]), k
+    x = torch.randn(2, 3, 32, 32)
+    reader.eval(), plain.eval()
+    logits, read = reader.forward_both(x)
+    assert torch.equal(logits, plain(x)) and read.shape == (2, 62, 4)
+    assert plain.forward_both(x)[1] is None
