@@ -125,7 +125,10 @@ impl RateTest {
                 weights += weight;
             }
         }
-        weighted / weights
+        // Overwhelming evidence overflows the likelihood ratio to infinity;
+        // the largest finite e-value says the same and stays a JSON number
+        // in the stored decision (serde_json writes infinity as null).
+        (weighted / weights).min(f64::MAX)
     }
 
     /// The e-value against "the stage's rate is at most `theta0` times the
@@ -257,6 +260,19 @@ mod tests {
         assert_eq!(test.evidence_above(1.0), 1.0);
         assert_eq!(test.estimate(), None);
         assert_eq!(test.totals().stage_events, 3);
+    }
+
+    #[test]
+    fn overwhelming_evidence_is_a_finite_e_value() {
+        // Every stage scan an error and none of the control's, over many
+        // periods: the likelihood ratio is far beyond f64's range.
+        let mut test = RateTest::new();
+        for _ in 0..200 {
+            test.add(PeriodCounts { stage_events: 500, stage_exposure: 500, control_events: 0, control_exposure: 5_000 });
+        }
+        let e = test.evidence_above(1.1);
+        assert!(e.is_finite() && e > 1e300, "{e}");
+        assert_eq!(serde_json::to_string(&e).unwrap().parse::<f64>().unwrap(), e);
     }
 
     #[test]

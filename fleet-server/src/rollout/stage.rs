@@ -532,6 +532,18 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_on_overwhelming_evidence_is_stored_and_read_back() {
+        // A day of a stage that gets every scan wrong: the e-value is beyond
+        // f64's range, and a decision must still round-trip through its JSON.
+        let plan = Plan::default();
+        let decision = judge(&plan, 0, 0, 24 * 60 * MINUTE, &evidence(24, 5_000, 1.0, 0.01, 24 * 60 * MINUTE));
+        assert!(matches!(decision.outcome, Outcome::Fail(_)), "{:?}", decision.outcome);
+        let text = serde_json::to_string(&decision).unwrap();
+        let back: Decision = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, decision);
+    }
+
+    #[test]
     fn vetoes_outages_and_too_little_traffic() {
         let plan = Plan::default();
         let now = 2 * 60 * MINUTE;

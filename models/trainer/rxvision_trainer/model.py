@@ -36,11 +36,14 @@ class ArchConfig:
     dropout: float = 0.1
     # the imprint-reading head (``imprint``): characters read x count bins; 0 = no such head
     imprint_outputs: tuple[int, int] = (0, 0)
+    # its hidden width: a 1x1 conv + ReLU on the last feature map before pooling (0: linear on the pooled features)
+    imprint_hidden: int = 0
 
     def describe(self) -> str:
         stages = ", ".join(f"{w}x(1+{d})" for w, d in zip(self.widths, self.depths))
-        reader = (f" (and a linear imprint head: {self.imprint_outputs[0]} characters x {self.imprint_outputs[1]} "
-                  f"count bins, for training)" if self.imprint_outputs[0] else "")
+        hidden = f"a 1x1 conv to {self.imprint_hidden} + ReLU, GAP, linear" if self.imprint_hidden else "linear"
+        reader = (f" (and an imprint head, {hidden}: {self.imprint_outputs[0]} characters x "
+                  f"{self.imprint_outputs[1]} count bins, for training)" if self.imprint_outputs[0] else "")
         return f"plain 3x3 conv-BN-ReLU stages [{stages}] (first conv of each stage stride 2), GAP, linear{reader}"
 
 
@@ -68,8 +71,11 @@ class PillNet(nn.Module):
         self.dropout = nn.Dropout(arch.dropout)
         self.head = nn.Linear(cin, num_classes)
         chars, bins = arch.imprint_outputs
-        # reads the bag of imprint characters from the same pooled features (``imprint``); training only so far
-        self.imprint_head = nn.Linear(cin, chars * bins) if chars else None
+        # reads the bag of imprint characters (``imprint``) from the pooled features, or from every position of
+        # the last feature map through a hidden 1x1 layer, pooled after it; training only so far
+        self.imprint_head = nn.Linear(arch.imprint_hidden or cin, chars * bins) if chars else None
+        self.imprint_hidden = (nn.Sequential(nn.Conv2d(cin, arch.imprint_hidden, 1), nn.ReLU(inplace=True))
+                               if chars and arch.imprint_hidden else None)
         self.arch = arch
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -87,10 +93,12 @@ class PillNet(nn.Module):
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class logits (N, C) and the imprint head's count-bin logits (N, chars, bins), or None without one."""
-        x = self.dropout(self.features(x).mean(dim=(2, 3)))
+        f = self.features(x)
+        pooled = self.dropout(f.mean(dim=(2, 3)))
         if self.imprint_head is None:
-            return self.head(x), None
-        return self.head(x), self.imprint_head(x).view(len(x), *self.arch.imprint_outputs)
+            return self.head(pooled), None
+        read = pooled if self.imprint_hidden is None else self.dropout(self.imprint_hidden(f).mean(dim=(2, 3)))
+        return self.head(pooled), self.imprint_head(read).view(len(x), *self.arch.imprint_outputs)
 
 
 # --------------------------------------------------------------------------- cost

@@ -90,6 +90,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--imprint-weight", type=float, default=0.0,
                     help="weight of an imprint-reading head's loss (0: no such head): the model also learns to count "
                          "the characters of the imprint in view (the data's `imprint` column; tensor loader only)")
+    ap.add_argument("--imprint-hidden", type=int, default=0,
+                    help="the imprint head's hidden width: a 1x1 conv + ReLU on the last feature map before pooling "
+                         "(default 0: a linear read of the pooled features)")
     ap.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
                     help="start from the weights of another run's training checkpoint (the same classes and "
                          "architecture) instead of random ones; the schedule starts afresh")
@@ -178,6 +181,7 @@ def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], va
         ident["impostor_loss"] = args.impostor_loss
     if getattr(args, "imprint_weight", 0.0):
         ident["imprint_weight"] = args.imprint_weight
+        ident["imprint_hidden"] = getattr(args, "imprint_hidden", 0)
     if getattr(args, "init_from", None) is not None:
         ident["init_from"] = hashlib.sha256(Path(args.init_from).read_bytes()).hexdigest()
     ident["loader"] = getattr(args, "loader", "tensor")
@@ -235,6 +239,8 @@ def run(args: argparse.Namespace) -> dict:
     imprint_weight = getattr(args, "imprint_weight", 0.0)
     if imprint_weight < 0:
         raise SystemExit(f"--imprint-weight {imprint_weight} is negative")
+    if getattr(args, "imprint_hidden", 0) < 0:
+        raise SystemExit(f"--imprint-hidden {args.imprint_hidden} is negative")
     if imprint_weight and getattr(args, "loader", "tensor") != "tensor":
         raise SystemExit("--imprint-weight needs the tensor loader (--loader tensor)")
     init_from = getattr(args, "init_from", None)
@@ -298,7 +304,8 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     seed_everything(args.seed, deterministic=True)
     arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")),
-                      imprint_outputs=(len(ALPHABET), COUNT_BINS) if imprint_weight else (0, 0))
+                      imprint_outputs=(len(ALPHABET), COUNT_BINS) if imprint_weight else (0, 0),
+                      imprint_hidden=getattr(args, "imprint_hidden", 0) if imprint_weight else 0)
     model = PillNet(len(classes), arch)
     if init_from is not None:
         load_initial_weights(init_from, model, [c.ndc for c in classes])

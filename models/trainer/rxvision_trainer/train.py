@@ -153,8 +153,8 @@ def load_initial_weights(path: Path | str, model: nn.Module, classes: Sequence[s
                               f"only here: {missing or 'none'}; or another order)")
     ours = model.state_dict()
     weights = dict(state["model"])
-    if not any(k.startswith("imprint_head.") for k in weights):
-        weights.update({k: v for k, v in ours.items() if k.startswith("imprint_head.")})
+    if not any(k.startswith(("imprint_head.", "imprint_hidden.")) for k in weights):
+        weights.update({k: v for k, v in ours.items() if k.startswith(("imprint_head.", "imprint_hidden."))})
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
     if shapes.keys() != ours.keys() or any(shapes[k] != tuple(v.shape) for k, v in ours.items()):
         raise CheckpointError(f"checkpoint {path} is of another architecture (widths "

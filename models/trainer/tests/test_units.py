@@ -297,7 +297,8 @@ def test_the_imprint_loss_ignores_unknown_rows_and_the_likelihood_reads_the_bag(
     assert right > -1e-6 and wrong < -70, (right, wrong)
 
 
-def test_an_imprint_head_starts_from_a_checkpoint_without_one(tmp_path):
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_an_imprint_head_starts_from_a_checkpoint_without_one(tmp_path, hidden):
     """--init-from a model without the imprint head: the shared weights load, the head keeps its own."""
     import torch
     from rxvision_trainer.model import ArchConfig, PillNet
@@ -308,8 +309,9 @@ def test_an_imprint_head_starts_from_a_checkpoint_without_one(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "identity": {"classes": ["a", "b", "c"]}, "model": plain.state_dict()},
                path)
-    reader = PillNet(3, ArchConfig((8, 8), (0, 0), imprint_outputs=(62, 4)))
-    head = {k: v.clone() for k, v in reader.state_dict().items() if k.startswith("imprint_head.")}
+    reader = PillNet(3, ArchConfig((8, 8), (0, 0), imprint_outputs=(62, 4), imprint_hidden=hidden))
+    head = {k: v.clone() for k, v in reader.state_dict().items() if k.startswith(("imprint_head.", "imprint_hidden."))}
+    assert len(head) == (4 if hidden else 2)
     load_initial_weights(path, reader, ["a", "b", "c"])
     for k, v in reader.state_dict().items():
         assert torch.equal(v, head[k] if k in head else plain.state_dict()[k]), k
