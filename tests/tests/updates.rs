@@ -732,11 +732,23 @@ fn kill_9_at_any_moment_of_an_install_leaves_a_working_verified_model() {
     // An appliance installs at start: power is cut at a different moment of
     // it each time (start, refresh, download, slot write, verification,
     // switch, restart), then it starts again.
+    // The cuts must fall both before and after the switch; when that comes
+    // depends on the machine, so the trials go on (the cut ever later) until
+    // both have been seen, at least 24 of them.
     let mut seen = std::collections::BTreeSet::new();
-    for trial in 0..24u64 {
+    let (mut cut_before, mut cut_after) = (0, 0);
+    for trial in 0..80u64 {
+        if trial >= 24 && cut_before > 0 && cut_after > 0 {
+            break;
+        }
         let device_dir = dir.path().join(format!("trial-{trial}"));
         let mut a = Appliance::start_polling(&device_dir, &id, &f.v4, &f.base, &f.root_json(), None, true, false);
-        std::thread::sleep(Duration::from_millis(100 + 60 * trial));
+        std::thread::sleep(Duration::from_millis(25 * trial));
+        if a.slots()["active"]["version"] == "0.5.0" {
+            cut_after += 1;
+        } else {
+            cut_before += 1;
+        }
         a.kill_and_restart();
         // Whatever the moment, it answers with a verified model …
         let version = a.wait_model(|v| v == "0.4.0" || v == "0.5.0", BACK_WITHIN);
@@ -763,8 +775,11 @@ fn kill_9_at_any_moment_of_an_install_leaves_a_working_verified_model() {
     let a = Appliance::start_polling(&device_dir, &id, &f.v4, &f.base, &f.root_json(), None, true, true);
     a.wait_model(|v| v == "0.5.0", BACK_WITHIN);
     // The cuts fell before and after the switch.
-    eprintln!("after the cut (version, no slot active, a partial download): {seen:?}");
-    assert!(seen.iter().any(|(v, ..)| v == "0.4.0") && seen.iter().any(|(v, ..)| v == "0.5.0"), "{seen:?}");
+    eprintln!(
+        "cuts before the switch {cut_before}, after it {cut_after}; after the cut (version, no slot active, a \
+         partial download): {seen:?}"
+    );
+    assert!(cut_before > 0 && cut_after > 0, "cuts before the switch {cut_before}, after it {cut_after}");
 }
 
 /// A copy of the shipped model under another version that answers

@@ -268,7 +268,12 @@ mod tests {
         // periods: the likelihood ratio is far beyond f64's range.
         let mut test = RateTest::new();
         for _ in 0..200 {
-            test.add(PeriodCounts { stage_events: 500, stage_exposure: 500, control_events: 0, control_exposure: 5_000 });
+            test.add(PeriodCounts {
+                stage_events: 500,
+                stage_exposure: 500,
+                control_events: 0,
+                control_exposure: 5_000,
+            });
         }
         let e = test.evidence_above(1.1);
         assert!(e.is_finite() && e > 1e300, "{e}");
