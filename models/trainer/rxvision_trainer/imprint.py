@@ -56,11 +56,11 @@ def bags(imprints: Sequence[str | None]) -> np.ndarray:
 
 def imprint_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the count bins, (N, len(ALPHABET), COUNT_BINS) logits against (N, len(ALPHABET))
-    bins; rows of ``UNKNOWN`` are ignored (0 when every row is)."""
+    bins; rows of ``UNKNOWN`` are ignored (0 when every row is). No host synchronisation: the mask stays a tensor."""
     flat_t = target.reshape(-1)
-    if not bool((flat_t != UNKNOWN).any()):
-        return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, COUNT_BINS), flat_t, ignore_index=UNKNOWN)
+    known = flat_t != UNKNOWN
+    each = torch.nn.functional.cross_entropy(logits.reshape(-1, COUNT_BINS), flat_t.clamp(min=0), reduction="none")
+    return (each * known).sum() / known.sum().clamp(min=1)
 
 
 def bag_log_likelihood(log_probs: np.ndarray, bag_rows: np.ndarray) -> np.ndarray:

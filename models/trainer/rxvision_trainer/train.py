@@ -282,7 +282,7 @@ def outlier_loss(logits: torch.Tensor, imitated: torch.Tensor | None, impostor_l
     if impostor_loss not in IMPOSTOR_LOSSES:
         raise ValueError(f"impostor loss {impostor_loss!r}: choose one of {', '.join(IMPOSTOR_LOSSES)}")
     logp = torch.log_softmax(logits, dim=1)
-    if impostor_loss == "uniform" or imitated is None or not bool((imitated >= 0).any()):
+    if impostor_loss == "uniform" or imitated is None:
         return -logp.mean()
     uniform = -logp.mean(dim=1)
     p = logp.gather(1, imitated.clamp(min=0).view(-1, 1)).squeeze(1).exp()

@@ -38,6 +38,14 @@ def _dataset(root: Path, per_class: int = 6) -> list:
     return read_dataset(root)
 
 
+def _tiny_train_args(data: Path) -> list[str]:
+    """``python -m rxvision_trainer`` arguments of a tiny CPU run on ``data`` (output, version and epochs to add)."""
+    return ["-q", "train", "--data", str(data), "--seed", "3", "--size", "32", "--device", "cpu",
+            "--widths", "16,16,32,32", "--depths", "0,0,0,0", "--batch-size", "4", "--lr", "3e-3",
+            "--warmup-epochs", "0.25", "--val-fraction", "0.25", "--calib-images", "16", "--purpose", "fixture",
+            "--no-mlflow"]
+
+
 def _session(root: Path, samples, resumable: Resumable | None) -> tuple[PillNet, list]:
     """One process's worth of training: a fresh model and source, as a new session would build them."""
     torch.manual_seed(CFG.seed)
@@ -157,10 +165,7 @@ def test_init_from_starts_from_another_runs_weights_and_refuses_other_classes(tm
 
     data = tmp_path / "data"
     _dataset(data, per_class=16)
-    common = ["-q", "train", "--data", str(data), "--seed", "3", "--size", "32", "--device", "cpu",
-              "--widths", "16,16,32,32", "--depths", "0,0,0,0", "--batch-size", "4", "--lr", "3e-3",
-              "--warmup-epochs", "0.25", "--val-fraction", "0.25", "--calib-images", "16", "--purpose", "fixture",
-              "--no-mlflow"]
+    common = _tiny_train_args(data)
     first = tmp_path / "first.pt"
     assert main(common + ["--out", str(tmp_path / "b1"), "--version", "0.0.1", "--epochs", "1",
                           "--checkpoint", str(first)]) == 0
@@ -206,10 +211,7 @@ def test_imprint_weight_trains_a_reading_head_and_needs_the_imprints(tmp_path):
 
     data = tmp_path / "data"
     samples = _dataset(data, per_class=16)
-    common = ["-q", "train", "--data", str(data), "--seed", "3", "--size", "32", "--device", "cpu",
-              "--widths", "16,16,32,32", "--depths", "0,0,0,0", "--batch-size", "4", "--lr", "3e-3",
-              "--warmup-epochs", "0.25", "--val-fraction", "0.25", "--calib-images", "16", "--purpose", "fixture",
-              "--no-mlflow", "--version", "0.0.1", "--epochs", "2", "--imprint-weight", "1"]
+    common = _tiny_train_args(data) + ["--version", "0.0.1", "--epochs", "2", "--imprint-weight", "1"]
     assert main(common + ["--out", str(tmp_path / "b0")]) == 65, "no imprint column: refused"
     assert not (tmp_path / "b0").exists()
     imprints = ["X1", "Y22", ""]  # class c's imprint; class 2 a blank face
