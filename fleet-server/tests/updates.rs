@@ -378,6 +378,7 @@ fn render_dataset(dir: &Path) -> PathBuf {
         exclude: Vec::new(),
         threads: 2,
         pill_crops: None,
+        crop_margin: None,
         impostors: 0,
     };
     write_dataset(&formulary, &spec).unwrap();

@@ -246,6 +246,23 @@ pub struct InputSpec {
     /// preprocessing (absent: [`PillCrop::Square`], the first bundles' crop).
     #[serde(default, skip_serializing_if = "PillCrop::is_square")]
     pub crop: PillCrop,
+    /// The room an upright crop leaves around the pill, as a fraction of the
+    /// pill's length on each side (absent: the localiser's margin, 0.3, the
+    /// first upright bundles' crop). A tighter crop shows the imprint with
+    /// more of the model's pixels. Only with `crop: upright`; see
+    /// [`check_crop_margin`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_margin: Option<f32>,
+}
+
+/// Why `margin` cannot be an upright crop's margin (`input.crop_margin`,
+/// `rxvision-synth dataset --crop-margin`): it must lie in 0..=1.
+pub fn check_crop_margin(margin: f32) -> Result<(), String> {
+    if (0.0..=1.0).contains(&margin) {
+        Ok(())
+    } else {
+        Err(format!("crop margin {margin} must lie in 0..=1 (a fraction of the pill's length on each side)"))
+    }
 }
 
 /// How the counter cuts one pill out of a camera frame for the model; the
@@ -542,6 +559,14 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
     }
     if input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || input.mean.iter().any(|m| !m.is_finite()) {
         return bad("input.mean must be finite and input.std positive".into());
+    }
+    if let Some(margin) = input.crop_margin {
+        if input.crop != PillCrop::Upright {
+            return bad("input.crop_margin applies only to an upright crop (input.crop \"upright\")".into());
+        }
+        if let Err(problem) = check_crop_margin(margin) {
+            return bad(format!("input.crop_margin: {problem}"));
+        }
     }
     if manifest.output.kind != "probabilities" {
         return bad(format!("output.kind {:?} is not supported (only \"probabilities\")", manifest.output.kind));

@@ -524,6 +524,7 @@ mod tests {
             mean: [0.0; 3],
             std: [1.0; 3],
             crop: Default::default(),
+            crop_margin: None,
         }
     }
 

@@ -190,6 +190,40 @@ fn the_crop_is_read_from_the_manifest_and_defaults_to_square() {
     assert_eq!(load_tree(&files).unwrap().manifest.input.crop, PillCrop::Upright);
 }
 
+#[test]
+fn an_upright_crops_margin_is_read_and_checked() {
+    let pristine = read_tree(&fixture_dir());
+    assert_eq!(fixture().manifest.input.crop_margin, None, "bundles without the field: the localiser's");
+    let mut files = pristine.clone();
+    with_manifest(&mut files, |m| {
+        m["input"]["crop"] = "upright".into();
+        m["input"]["crop_margin"] = 0.1.into();
+    });
+    assert_eq!(load_tree(&files).unwrap().manifest.input.crop_margin, Some(0.1));
+
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 3] = [
+        ("applies only to an upright crop", |m| m["input"]["crop_margin"] = 0.1.into()),
+        ("must lie in 0..=1", |m| {
+            m["input"]["crop"] = "upright".into();
+            m["input"]["crop_margin"] = (-0.05).into();
+        }),
+        ("must lie in 0..=1", |m| {
+            m["input"]["crop"] = "upright".into();
+            m["input"]["crop_margin"] = 1.5.into();
+        }),
+    ];
+    for (words, edit) in cases {
+        let mut files = pristine.clone();
+        with_manifest(&mut files, edit);
+        let message = load_tree(&files).unwrap_err().to_string();
+        assert!(
+            message.starts_with("manifest.json") && message.contains("input.crop_margin") && message.contains(words),
+            "{words}: {message}"
+        );
+    }
+}
+
 fn tar_gz(files: &BTreeMap<String, Vec<u8>>, prefix: &str) -> Vec<u8> {
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
     for (name, bytes) in files {

@@ -212,7 +212,8 @@ impl CounterPath {
                 crop: None,
             });
         }
-        let crop = crop_pill(image, &region, self.classifier.bundle().manifest.input.crop, self.localise.margin);
+        let input = &self.classifier.bundle().manifest.input;
+        let crop = crop_pill(image, &region, input.crop, input.crop_margin.unwrap_or(self.localise.margin));
         let mut probs = self.classifier.infer(crop.view())?.probs;
         let bundle = self.classifier.bundle();
         if let Some(cue) = &self.size_cue {

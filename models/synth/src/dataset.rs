@@ -68,6 +68,9 @@ pub struct DatasetSpec {
     /// Write each frame's pill as the counter crops it with this crop (see
     /// [`pill_crop`]) instead of the whole frame.
     pub pill_crops: Option<PillCrop>,
+    /// The margin of an upright crop (the bundle's `input.crop_margin`);
+    /// `None`: the localiser's.
+    pub crop_margin: Option<f32>,
     /// Images of impostors per included product (see [`crate::impostor`]),
     /// besides its own `per_class`: each a freshly altered imprint on a face
     /// that has one (faces alternate when both have).
@@ -168,7 +171,7 @@ pub fn write_dataset(formulary: &Formulary, spec: &DatasetSpec) -> Result<Datase
         let path = spec.out.join(&file);
         let jpeg = picture.to_jpeg()?;
         let bytes = if let Some(mode) = spec.pill_crops {
-            match pill_crop(&jpeg, mode)? {
+            match pill_crop(&jpeg, mode, spec.crop_margin)? {
                 Some(crop) => crop,
                 None => return Ok(None),
             }
@@ -209,7 +212,9 @@ pub const CROP_JPEG_QUALITY: u8 = 95;
 /// pill localised and checked for sharpness, then cut with `mode`. `None`
 /// when the counter would not ask the model (no whole pill, too dark,
 /// over-exposed, blurred). With several whole pills, the one nearest the centre.
-pub fn pill_crop(jpeg: &[u8], mode: PillCrop) -> Result<Option<Vec<u8>>, SceneError> {
+/// `margin`: an upright crop's (the bundle's `input.crop_margin`), `None`
+/// for the localiser's, as the counter cuts it.
+pub fn pill_crop(jpeg: &[u8], mode: PillCrop, margin: Option<f32>) -> Result<Option<Vec<u8>>, SceneError> {
     use rxvision_counter::crop::crop_pill;
     use rxvision_counter::localise::{localise, LocaliseOptions};
     use rxvision_counter::quality::{check_frame, check_sharpness, QualityLimits};
@@ -231,7 +236,7 @@ pub fn pill_crop(jpeg: &[u8], mode: PillCrop) -> Result<Option<Vec<u8>>, SceneEr
     if check_sharpness(&frame, pill, limits).is_err() {
         return Ok(None);
     }
-    let crop = crop_pill(&frame, &pill, mode, options.margin);
+    let crop = crop_pill(&frame, &pill, mode, margin.unwrap_or(options.margin));
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, CROP_JPEG_QUALITY).encode(
         &crop.data,

@@ -415,14 +415,29 @@ fn pill_crops_are_what_the_counter_shows_the_model() {
     let decoded = decode(&jpeg).unwrap();
     let found = localise(&decoded, LocaliseOptions::default());
     assert_eq!(found.pills.len(), 1);
-    let crop = decode(&pill_crop(&jpeg, PillCrop::Square).unwrap().expect("a clean pill is cropped")).unwrap();
+    let crop = decode(&pill_crop(&jpeg, PillCrop::Square, None).unwrap().expect("a clean pill is cropped")).unwrap();
     assert_eq!((crop.width, crop.height), (found.pills[0].w, found.pills[0].h));
     // Upright: the oval's long axis is turned horizontal, whatever its angle in the frame.
-    let upright = decode(&pill_crop(&jpeg, PillCrop::Upright).unwrap().unwrap()).unwrap();
+    let upright = decode(&pill_crop(&jpeg, PillCrop::Upright, None).unwrap().unwrap()).unwrap();
     assert_ne!(found.pills[0].angle_deg, 0.0, "an oval has a long axis");
     let up = localise(&upright, LocaliseOptions { min_area_fraction: 0.02, ..LocaliseOptions::default() });
     assert_eq!(up.pills.len(), 1, "{up:?}");
     assert!(up.pills[0].angle_deg.abs() < 4.0, "upright crop at {}°", up.pills[0].angle_deg);
+    // A tighter margin (the bundle's input.crop_margin) cuts closer: side (1 + 2·margin) × the pill's length.
+    let tight = decode(&pill_crop(&jpeg, PillCrop::Upright, Some(0.1)).unwrap().unwrap()).unwrap();
+    let ratio = tight.width as f32 / upright.width as f32;
+    assert!(
+        (ratio - 1.2 / 1.6).abs() < 0.02,
+        "{}x{} against {}x{}",
+        tight.width,
+        tight.height,
+        upright.width,
+        upright.height
+    );
+    let ends = localise(&tight, LocaliseOptions { min_area_fraction: 0.02, ..LocaliseOptions::default() });
+    assert_eq!(ends.pills.len(), 1, "{ends:?}");
+    let fill = ends.pills[0].rectangle_px[0] / tight.width as f32;
+    assert!((fill - 1.0 / 1.2).abs() < 0.08, "the pill spans {fill} of the tight crop's width, not 1/1.2");
     assert!(crop.width < 300 && crop.width == crop.height, "{}x{}", crop.width, crop.height);
     // The crop's centre is the pill, its corners the tray.
     let px = |img: &RgbImage, x: u32, y: u32| img.data[((y * img.width + x) * 3) as usize];
@@ -433,12 +448,16 @@ fn pill_crops_are_what_the_counter_shows_the_model() {
     let empty = image::RgbImage::from_pixel(640, 480, image::Rgb([40, 90, 160]));
     let mut empty_jpeg = Vec::new();
     empty.write_to(&mut std::io::Cursor::new(&mut empty_jpeg), image::ImageFormat::Jpeg).unwrap();
-    assert_eq!(pill_crop(&empty_jpeg, PillCrop::Square).unwrap(), None);
+    assert_eq!(pill_crop(&empty_jpeg, PillCrop::Square, None).unwrap(), None);
     let sharp = image::load_from_memory(&jpeg).unwrap();
     let mut blurred_jpeg = Vec::new();
     sharp.blur(8.0).write_to(&mut std::io::Cursor::new(&mut blurred_jpeg), image::ImageFormat::Jpeg).unwrap();
-    assert_eq!(pill_crop(&blurred_jpeg, PillCrop::Upright).unwrap(), None, "a blurred pill fails the sharpness gate");
-    assert!(pill_crop(b"not a jpeg", PillCrop::Square).unwrap_err().to_string().contains("cannot crop the pill"));
+    assert_eq!(
+        pill_crop(&blurred_jpeg, PillCrop::Upright, None).unwrap(),
+        None,
+        "a blurred pill fails the sharpness gate"
+    );
+    assert!(pill_crop(b"not a jpeg", PillCrop::Square, None).unwrap_err().to_string().contains("cannot crop the pill"));
 }
 
 #[test]

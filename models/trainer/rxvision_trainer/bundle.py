@@ -61,16 +61,32 @@ def write_json(p: Path, obj) -> None:
 CROPS = ("square", "upright")
 
 
-def input_spec(size: int, crop: str = "square") -> dict:
+def input_spec(size: int, crop: str = "square", crop_margin: float | None = None) -> dict:
     """The manifest's ``input``. ``crop`` names how the counter cuts the pill out of the frame
-    (``rxvision-synth dataset --pill-crops --crop``); ``square``, the default, is left out."""
+    (``rxvision-synth dataset --pill-crops --crop``); ``square``, the default, is left out.
+    ``crop_margin``: the room an upright crop leaves around the pill, a fraction of its length on
+    each side (``--crop-margin``); ``None`` leaves it out, and the counter uses its localiser's."""
     if crop not in CROPS:
         raise ValueError(f"crop {crop!r} is not one of {CROPS}")
+    check_crop_margin(crop, crop_margin)
     spec = {"name": INPUT_NAME, "width": size, "height": size, "layout": "NCHW", "color": "RGB",
             "resize": "bilinear", "scale": SCALE, "mean": list(MEAN), "std": list(STD)}
     if crop != "square":
         spec["crop"] = crop
+    if crop_margin is not None:
+        spec["crop_margin"] = crop_margin
     return spec
+
+
+def check_crop_margin(crop: str, crop_margin: float | None) -> None:
+    """As the bundle loader (``rxvision_models::bundle::check_crop_margin``): a margin only for an
+    upright crop, in 0..=1."""
+    if crop_margin is None:
+        return
+    if crop != "upright":
+        raise ValueError("a crop margin applies only to an upright crop")
+    if not (isinstance(crop_margin, (int, float)) and 0.0 <= crop_margin <= 1.0):
+        raise ValueError(f"crop margin {crop_margin!r} must lie in 0..=1 (a fraction of the pill's length on each side)")
 
 
 # --------------------------------------------------------------------------- labels
@@ -270,9 +286,13 @@ def verify_bundle(root: str | Path, run_selftest: bool = True) -> dict:
     if m["purpose"] not in ("production", "fixture"):
         fail("purpose")
     inp = m["input"]
-    if (set(inp) - {"crop"} != set(input_spec(1)) or inp["layout"] != "NCHW" or inp["color"] != "RGB"
+    if (set(inp) - {"crop", "crop_margin"} != set(input_spec(1)) or inp["layout"] != "NCHW" or inp["color"] != "RGB"
             or inp["resize"] != "bilinear" or inp.get("crop", "square") not in CROPS):
         fail(f"input spec {inp}")
+    try:
+        check_crop_margin(inp.get("crop", "square"), inp.get("crop_margin"))
+    except ValueError as e:
+        fail(f"input.crop_margin: {e}")
     if set(m["output"]) != {"name", "kind"} or m["output"]["kind"] != "probabilities":
         fail(f"output spec {m['output']}")
     t = m["thresholds"]

@@ -38,13 +38,17 @@ class ArchConfig:
     imprint_outputs: tuple[int, int] = (0, 0)
     # its hidden width: a 1x1 conv + ReLU on the last feature map before pooling (0: linear on the pooled features)
     imprint_hidden: int = 0
+    # width of a stride-1 conv-BN-ReLU at the input's full resolution before the first stage (0: none), so that
+    # strokes a few pixels wide are read before the first stride-2 convolution halves them
+    stem: int = 0
 
     def describe(self) -> str:
         stages = ", ".join(f"{w}x(1+{d})" for w, d in zip(self.widths, self.depths))
         hidden = f"a 1x1 conv to {self.imprint_hidden} + ReLU, GAP, linear" if self.imprint_hidden else "linear"
         reader = (f" (and an imprint head, {hidden}: {self.imprint_outputs[0]} characters x "
                   f"{self.imprint_outputs[1]} count bins, for training)" if self.imprint_outputs[0] else "")
-        return f"plain 3x3 conv-BN-ReLU stages [{stages}] (first conv of each stage stride 2), GAP, linear{reader}"
+        stem = f"a stride-1 {self.stem}-channel stem, then " if self.stem else ""
+        return f"{stem}plain 3x3 conv-BN-ReLU stages [{stages}] (first conv of each stage stride 2), GAP, linear{reader}"
 
 
 class ConvBNReLU(nn.Sequential):
@@ -63,6 +67,9 @@ class PillNet(nn.Module):
             raise ValueError("widths and depths must have the same length")
         layers: list[nn.Module] = []
         cin = 3
+        if arch.stem:
+            layers.append(ConvBNReLU(cin, arch.stem, 1))
+            cin = arch.stem
         for w, d in zip(arch.widths, arch.depths):
             layers.append(ConvBNReLU(cin, w, 2))
             layers.extend(ConvBNReLU(w, w, 1) for _ in range(d))

@@ -35,7 +35,7 @@ import onnxruntime as ort
 import torch
 
 from . import __version__
-from .bundle import (check_replaceable, finalize, input_spec, labels_json, model_card, select_selftest,
+from .bundle import (check_crop_margin, check_replaceable, finalize, input_spec, labels_json, model_card, select_selftest,
                      verify_bundle, write_json, SELFTEST_TOLERANCE, SEMVER)
 from .calibrate import choose_thresholds, ece, fit_temperature, softmax, topk_accuracy, uncertain_mask
 from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, OutlierDataset, Sample,
@@ -65,6 +65,10 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--crop", default="square", choices=["square", "upright"],
                     help="how the data's pill crops were cut (rxvision-synth dataset --pill-crops --crop); "
                          "written to the manifest so the counter cuts the same way (default square)")
+    ap.add_argument("--crop-margin", type=float,
+                    help="the margin the data's upright crops were cut with (rxvision-synth dataset --crop-margin), "
+                         "a fraction of the pill's length on each side; written to the manifest as input.crop_margin "
+                         "(default: none, the counter's localiser margin 0.3)")
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--synth", help="path to the rxvision-synth binary (drift features for profile.json)")
     ap.add_argument("--formulary", type=Path, help="formulary.json (default: the checkout's models/formulary)")
@@ -101,6 +105,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
                          "drive it to 0 and saturate every probability, unknown pills included)")
     ap.add_argument("--widths", default="32,64,128,256", help="stage widths (default 32,64,128,256)")
     ap.add_argument("--depths", default="1,1,1,1", help="extra stride-1 convs per stage (default 1,1,1,1)")
+    ap.add_argument("--stem", type=int, default=0,
+                    help="width of a stride-1 convolution at the input's full resolution before the first stage "
+                         "(default 0: none)")
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds for the training loop (0: none); after epoch 1 the epoch count is cut to what "
                          "fits, and the run equals one with --epochs set to that count (warm-up >= 1 epoch)")
@@ -175,6 +182,8 @@ def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], va
     for knob in ("gamma", "cast"):  # in the identity only when on: runs from before the knobs resume
         if getattr(args, knob, 0.0):
             ident[knob] = getattr(args, knob)
+    if getattr(args, "stem", 0):
+        ident["stem"] = args.stem
     if getattr(args, "impostor_share", 0.5) != 0.5:
         ident["impostor_share"] = args.impostor_share
     if getattr(args, "impostor_loss", "uniform") != "uniform":
@@ -231,6 +240,10 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--version {args.version!r} is not a semantic version (X.Y.Z)")
     if args.size < 32 or args.size % 16:
         raise SystemExit("--size must be a multiple of 16, at least 32")
+    try:
+        check_crop_margin(args.crop, getattr(args, "crop_margin", None))
+    except ValueError as e:
+        raise SystemExit(f"--crop-margin: {e}") from None
     dest = args.out.resolve()
     check_replaceable(dest, args.name)
     impostor_share = getattr(args, "impostor_share", 0.5)
@@ -239,6 +252,8 @@ def run(args: argparse.Namespace) -> dict:
     imprint_weight = getattr(args, "imprint_weight", 0.0)
     if imprint_weight < 0:
         raise SystemExit(f"--imprint-weight {imprint_weight} is negative")
+    if getattr(args, "stem", 0) < 0:
+        raise SystemExit(f"--stem {args.stem} is negative")
     if getattr(args, "imprint_hidden", 0) < 0:
         raise SystemExit(f"--imprint-hidden {args.imprint_hidden} is negative")
     if imprint_weight and getattr(args, "loader", "tensor") != "tensor":
@@ -305,7 +320,8 @@ def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed, deterministic=True)
     arch = ArchConfig(tuple(int(w) for w in args.widths.split(",")), tuple(int(d) for d in args.depths.split(",")),
                       imprint_outputs=(len(ALPHABET), COUNT_BINS) if imprint_weight else (0, 0),
-                      imprint_hidden=getattr(args, "imprint_hidden", 0) if imprint_weight else 0)
+                      imprint_hidden=getattr(args, "imprint_hidden", 0) if imprint_weight else 0,
+                      stem=getattr(args, "stem", 0))
     model = PillNet(len(classes), arch)
     if init_from is not None:
         load_initial_weights(init_from, model, [c.ndc for c in classes])
@@ -525,7 +541,7 @@ def run(args: argparse.Namespace) -> dict:
                 "labels": "labels.json",
                 "profile": "profile.json",
                 "num_classes": len(classes),
-                "input": input_spec(args.size, args.crop),
+                "input": input_spec(args.size, args.crop, getattr(args, "crop_margin", None)),
                 "output": {"name": "probs", "kind": "probabilities"},
                 "thresholds": thresholds,
                 "selftest": {"expected": "selftest/expected.json", "tolerance": SELFTEST_TOLERANCE},

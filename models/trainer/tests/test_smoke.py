@@ -70,22 +70,37 @@ def test_tampering_is_caught(smoke, tmp_path):
 
 
 def test_the_crop_is_part_of_the_input_contract(smoke, tmp_path):
-    """``input.crop`` may say how the counter cuts the pill (upright); anything else is refused."""
+    """``input.crop`` may say how the counter cuts the pill (upright), and an upright crop its margin
+    (``input.crop_margin``, 0..=1); anything else is refused, as the Rust loader refuses it."""
     import hashlib
     work, _ = smoke
-    for crop, ok in (("upright", True), ("square", True), ("diagonal", False)):
-        b = tmp_path / crop
+    cases = ((("upright", None), None), (("square", None), None), (("diagonal", None), "input spec"),
+             (("upright", 0.1), None), (("upright", 1.5), "must lie in 0..=1"),
+             (("square", 0.1), "only to an upright crop"), (("upright", "0.1"), "must lie in 0..=1"))
+    for i, ((crop, margin), refusal) in enumerate(cases):
+        b = tmp_path / f"{i}-{crop}"
         shutil.copytree(work / "bundle", b)
         m = json.loads((b / "manifest.json").read_text())
         m["input"]["crop"] = crop
+        if margin is not None:
+            m["input"]["crop_margin"] = margin
         (b / "manifest.json").write_text(json.dumps(m))
         digest = hashlib.sha256((b / "manifest.json").read_bytes()).hexdigest()
         (b / "manifest.json.sha256").write_text(f"{digest}  manifest.json\n")
-        if ok:
+        if refusal is None:
             assert verify_bundle(b)["cases"] >= 1
         else:
-            with pytest.raises(BundleCheckError, match="input spec"):
+            with pytest.raises(BundleCheckError, match=refusal):
                 verify_bundle(b)
+
+
+def test_an_input_spec_carries_the_margin_only_of_an_upright_crop():
+    from rxvision_trainer.bundle import input_spec
+    assert "crop_margin" not in input_spec(128, "upright")
+    assert input_spec(128, "upright", 0.1)["crop_margin"] == 0.1
+    for crop, margin in (("square", 0.1), ("upright", -0.1), ("upright", 2.0)):
+        with pytest.raises(ValueError):
+            input_spec(128, crop, margin)
 
 
 def test_calibrate_match_writes_per_product_thresholds_into_the_bundle(smoke, tmp_path):

@@ -320,3 +320,24 @@ def test_an_imprint_head_starts_from_a_checkpoint_without_one(tmp_path, hidden):
     logits, read = reader.forward_both(x)
     assert torch.equal(logits, plain(x)) and read.shape == (2, 62, 4)
     assert plain.forward_both(x)[1] is None
+
+
+def test_a_stem_reads_the_input_at_full_resolution_and_folds_like_the_rest():
+    """--stem W: a stride-1 conv-BN-ReLU before the first stage; BatchNorm folding keeps the logits."""
+    import torch
+    from rxvision_trainer.model import ArchConfig, PillNet, count_cost, fuse, fused_forward
+
+    torch.manual_seed(2)
+    plain, stemmed = PillNet(3, ArchConfig((8, 16), (0, 1))), PillNet(3, ArchConfig((8, 16), (0, 1), stem=4))
+    first = stemmed.features[0][0]
+    assert (first.in_channels, first.out_channels, first.stride) == (3, 4, (1, 1))
+    assert stemmed.features[1][0].in_channels == 4 and len(stemmed.features) == len(plain.features) + 1
+    # the stem's cost: a 3x3 conv 3->4 at 32x32, and the first stage now reads 4 channels instead of 3
+    assert count_cost(stemmed, 32).macs - count_cost(plain, 32).macs == 32 * 32 * 27 * 4 + 16 * 16 * 9 * 8
+    assert "stride-1 4-channel stem" in stemmed.arch.describe()
+    stemmed.train()
+    for _ in range(3):  # running statistics away from their initial values
+        stemmed(torch.randn(4, 3, 32, 32))
+    stemmed.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(fused_forward(fuse(stemmed), x), stemmed(x), atol=1e-4)

@@ -2,7 +2,7 @@
 //! the drift features.
 //!
 //! ```text
-//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--impostors N] [--pill-crops [--crop square|upright]]
+//! rxvision-synth dataset  --out DIR --per-class N --seed S [--size WxH] [--exclude NDC,...] [--impostors N] [--pill-crops [--crop square|upright [--crop-margin F]]]
 //! rxvision-synth tray     --out DIR --n N --seed S [--size WxH]
 //! rxvision-synth features DIR            # CSV on stdout
 //! rxvision-synth sample   --ndc NDC --seed S --out FILE.png|.jpg [--face back] [--clean]
@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use rxvision_models::bundle::PillCrop;
+use rxvision_models::bundle::{check_crop_margin, PillCrop};
 use rxvision_models::features::{self, CSV_HEADER};
 use rxvision_models::formulary::{self, Face, Formulary};
 use rxvision_models::labels::quote;
@@ -59,6 +59,11 @@ enum Command {
         /// axis turned horizontal.
         #[arg(long, requires = "pill_crops", default_value = "square")]
         crop: PillCrop,
+        /// The room an `upright` crop leaves around the pill, a fraction of
+        /// its length on each side (the bundle's `input.crop_margin`);
+        /// without it, the localiser's margin (0.3).
+        #[arg(long, value_name = "FRACTION", requires = "pill_crops")]
+        crop_margin: Option<f32>,
         /// Also render N images per product of products that do not exist:
         /// the product with one imprint character of the face in view
         /// altered, anew for every image (NDC 99999-…, `imitates` names the
@@ -205,8 +210,14 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Dataset { common, per_class, size, exclude, pill_crops, crop, impostors } => {
+        Command::Dataset { common, per_class, size, exclude, pill_crops, crop, crop_margin, impostors } => {
             let pill_crops = pill_crops.then_some(crop);
+            if let Some(margin) = crop_margin {
+                if crop != PillCrop::Upright {
+                    return Err(Failure(64, "--crop-margin applies only to --crop upright".into()));
+                }
+                check_crop_margin(margin).map_err(|problem| Failure(64, format!("--crop-margin: {problem}")))?;
+            }
             let formulary = load(&common.formulary)?;
             let mut options = SceneOptions::crop(size.0, size.1);
             if let Some(s) = common.px_per_mm {
@@ -221,6 +232,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 exclude,
                 threads,
                 pill_crops,
+                crop_margin,
                 impostors,
             };
             let start = Instant::now();
