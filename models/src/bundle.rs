@@ -255,14 +255,17 @@ pub struct InputSpec {
     pub crop_margin: Option<f32>,
 }
 
-/// Why `margin` cannot be an upright crop's margin (`input.crop_margin`,
-/// `rxvision-synth dataset --crop-margin`): it must lie in 0..=1.
-pub fn check_crop_margin(margin: f32) -> Result<(), String> {
-    if (0.0..=1.0).contains(&margin) {
-        Ok(())
-    } else {
-        Err(format!("crop margin {margin} must lie in 0..=1 (a fraction of the pill's length on each side)"))
+/// Why `margin` cannot be the margin of a `crop` cut (`input.crop_margin`,
+/// `rxvision-synth dataset --crop-margin`): only an upright crop takes one,
+/// and it must lie in 0..=1.
+pub fn check_crop_margin(crop: PillCrop, margin: f32) -> Result<(), String> {
+    if crop != PillCrop::Upright {
+        return Err("a crop margin applies only to an upright crop (input.crop \"upright\")".into());
     }
+    if !(0.0..=1.0).contains(&margin) {
+        return Err(format!("crop margin {margin} must lie in 0..=1 (a fraction of the pill's length on each side)"));
+    }
+    Ok(())
 }
 
 /// How the counter cuts one pill out of a camera frame for the model; the
@@ -561,10 +564,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, BundleError> {
         return bad("input.mean must be finite and input.std positive".into());
     }
     if let Some(margin) = input.crop_margin {
-        if input.crop != PillCrop::Upright {
-            return bad("input.crop_margin applies only to an upright crop (input.crop \"upright\")".into());
-        }
-        if let Err(problem) = check_crop_margin(margin) {
+        if let Err(problem) = check_crop_margin(input.crop, margin) {
             return bad(format!("input.crop_margin: {problem}"));
         }
     }

@@ -552,6 +552,38 @@ fn the_dataset_command_writes_pill_crops_and_counts_what_it_left_out() {
     }
 }
 
+/// A crop margin the bundle loader would refuse is refused before anything
+/// is rendered: exit 64 (usage), the loader's reason, and no files.
+#[test]
+fn the_dataset_command_refuses_a_crop_margin_the_bundle_would_refuse() {
+    for (crop, margin, words) in [
+        ("square", "0.1", "applies only to an upright crop"),
+        ("upright", "1.5", "must lie in 0..=1"),
+        ("upright", "-0.05", "must lie in 0..=1"),
+    ] {
+        let out_dir = tempfile::tempdir().unwrap();
+        let margin_arg = format!("--crop-margin={margin}");
+        let out = synth(&[
+            "dataset",
+            "--out",
+            out_dir.path().to_str().unwrap(),
+            "--per-class",
+            "1",
+            "--seed",
+            "1",
+            "--formulary",
+            formulary_path().to_str().unwrap(),
+            "--pill-crops",
+            "--crop",
+            crop,
+            &margin_arg,
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{crop} {margin}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--crop-margin") && stderr(&out).contains(words), "{crop} {margin}: {}", stderr(&out));
+        assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0, "{crop} {margin}: nothing written");
+    }
+}
+
 /// The training crops pillnet learns from are pinned: a model's checkpoint
 /// is resumed across sessions only on byte-identical data (the trainer checks
 /// labels.csv and every image), so the renderer, the quality gate, the

@@ -213,10 +213,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Dataset { common, per_class, size, exclude, pill_crops, crop, crop_margin, impostors } => {
             let pill_crops = pill_crops.then_some(crop);
             if let Some(margin) = crop_margin {
-                if crop != PillCrop::Upright {
-                    return Err(Failure(64, "--crop-margin applies only to --crop upright".into()));
-                }
-                check_crop_margin(margin).map_err(|problem| Failure(64, format!("--crop-margin: {problem}")))?;
+                check_crop_margin(crop, margin).map_err(|problem| Failure(64, format!("--crop-margin: {problem}")))?;
             }
             let formulary = load(&common.formulary)?;
             let mut options = SceneOptions::crop(size.0, size.1);
