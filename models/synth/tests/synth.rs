@@ -579,7 +579,11 @@ fn the_dataset_command_refuses_a_crop_margin_the_bundle_would_refuse() {
             &margin_arg,
         ]);
         assert_eq!(out.status.code(), Some(64), "{crop} {margin}: {}", stderr(&out));
-        assert!(stderr(&out).contains("--crop-margin") && stderr(&out).contains(words), "{crop} {margin}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--crop-margin") && stderr(&out).contains(words),
+            "{crop} {margin}: {}",
+            stderr(&out)
+        );
         assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0, "{crop} {margin}: nothing written");
     }
 }
