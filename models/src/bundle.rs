@@ -260,7 +260,7 @@ pub struct InputSpec {
 /// and it must lie in 0..=1.
 pub fn check_crop_margin(crop: PillCrop, margin: f32) -> Result<(), String> {
     if crop != PillCrop::Upright {
-        return Err("a crop margin applies only to an upright crop (input.crop \"upright\")".into());
+        return Err("a crop margin applies only to an upright crop".into());
     }
     if !(0.0..=1.0).contains(&margin) {
         return Err(format!("crop margin {margin} must lie in 0..=1 (a fraction of the pill's length on each side)"));
