@@ -22,6 +22,7 @@ Pillow classes here remain the ``--loader pil`` path and the reference.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import zlib
@@ -352,6 +353,11 @@ class AugmentConfig:
     # red and blue gains each 1 +- cast (green 1), applied last (cast, then gamma).
     gamma: float = 0.0
     cast: float = 0.0
+    # A camera that compresses harder than the renderer's (quality 60-95): a share p_jpeg of the
+    # images re-encoded at a JPEG quality drawn uniformly in jpeg_quality..95 (0: off), after
+    # the cast and tone curve, as a camera's encoder comes last.
+    jpeg_quality: int = 0
+    p_jpeg: float = 0.5
 
 
 def border_fill(a: np.ndarray) -> tuple[int, int, int]:
@@ -397,7 +403,28 @@ class Augment:
         if c.gamma > 0 or c.cast > 0:
             g, gains = camera_draw(c, rng)
             img = img.point(camera_lut(g, gains))
+        if c.jpeg_quality > 0 and rng.random() < c.p_jpeg:
+            img = jpeg_roundtrip(img, int(rng.integers(c.jpeg_quality, JPEG_QUALITY_MAX + 1)))
         return img
+
+
+JPEG_QUALITY_MAX = 95  # the top of the JPEG augmentation's quality range (the renderer's camera: 60-95)
+
+
+def check_jpeg_quality(q: int) -> int:
+    """The lowest quality of the JPEG augmentation: 0 (off) or 1..95."""
+    if not 0 <= q <= JPEG_QUALITY_MAX:
+        raise ValueError(f"JPEG quality {q}: choose 1..{JPEG_QUALITY_MAX}, or 0 for no JPEG augmentation")
+    return q
+
+
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """``img`` encoded as a JPEG at ``quality`` (Pillow's default 4:2:0 subsampling) and decoded again."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
 
 
 def camera_draw(c: AugmentConfig, rng: np.random.Generator) -> tuple[float, tuple[float, float, float]]:

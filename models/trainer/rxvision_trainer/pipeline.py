@@ -38,9 +38,8 @@ from . import __version__
 from .bundle import (check_crop_margin, check_replaceable, finalize, input_spec, labels_json, model_card, select_selftest,
                      verify_bundle, write_json, SELFTEST_TOLERANCE, SEMVER)
 from .calibrate import choose_thresholds, ece, fit_temperature, softmax, topk_accuracy, uncertain_mask
-from .data import (Augment, AugmentConfig, DataError, Formulary, ImageDataset, OutlierDataset, Sample,
-                   build_classes,
-                   load_eval_array, parse_ndc_list, read_dataset, split_train_val)
+from .data import (JPEG_QUALITY_MAX, Augment, AugmentConfig, DataError, Formulary, ImageDataset, OutlierDataset,
+                   Sample, build_classes, check_jpeg_quality, load_eval_array, parse_ndc_list, read_dataset, split_train_val)
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
 from .imprint import ALPHABET, COUNT_BINS, bags
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
@@ -144,6 +143,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
                     help="tone-curve augmentation: exponent with ln g uniform in +-ln(1 + this) (default 0: off)")
     ap.add_argument("--cast", type=float, default=0.0,
                     help="white-balance augmentation: red and blue gains 1 +- this (default 0: off)")
+    ap.add_argument("--jpeg-quality", type=_jpeg_quality, default=0,
+                    help="JPEG augmentation: half of the images re-encoded at a quality drawn uniformly from this "
+                         "to 95 (default 0: off)")
     ap.add_argument("--data-note", default=DEFAULT_DATA_NOTE, help="one line on the data for the model card")
     ap.add_argument("--artifacts", type=Path,
                     help="also keep the float ONNX model, the torch checkpoint and the history here")
@@ -153,6 +155,14 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
 
 class TrainingPaused(Exception):
     """The session's deadline came before the last epoch; the checkpoint holds the run."""
+
+
+def _jpeg_quality(text: str) -> int:
+    try:
+        return check_jpeg_quality(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit()
+                                         else f"{text!r} is not a whole number") from None
 
 
 def _deadline(text: str) -> float:
@@ -179,7 +189,7 @@ def run_identity(args: argparse.Namespace, classes: list, data: list[Sample], va
     ident = {k: getattr(args, k) for k in ("epochs", "seed", "size", "batch_size", "lr", "weight_decay",
                                            "warmup_epochs", "label_smoothing", "outlier_weight", "outlier_fraction",
                                            "widths", "depths", "mirror", "max_rotation", "max_shift")}
-    for knob in ("gamma", "cast"):  # in the identity only when on: runs from before the knobs resume
+    for knob in ("gamma", "cast", "jpeg_quality"):  # in the identity only when on: runs from before the knobs resume
         if getattr(args, knob, 0.0):
             ident[knob] = getattr(args, knob)
     if getattr(args, "stem", 0):
@@ -332,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"architecture: {arch.describe()}; {cost.macs / 1e6:.1f} MMAC, {cost.params} parameters "
           f"at {args.size}x{args.size}", flush=True)
     aug_cfg = AugmentConfig(p_mirror=args.mirror, max_rotation_deg=args.max_rotation, max_shift=args.max_shift,
-                            gamma=args.gamma, cast=args.cast)
+                            gamma=args.gamma, cast=args.cast, jpeg_quality=getattr(args, "jpeg_quality", 0))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                       outlier_weight=args.outlier_weight, outlier_fraction=args.outlier_fraction,
@@ -516,7 +526,9 @@ def run(args: argparse.Namespace) -> dict:
                             f"mirror p={aug_cfg.p_mirror}, shift +-{aug_cfg.max_shift:.0%}, brightness/contrast "
                             f"+-{aug_cfg.brightness:.0%}/{aug_cfg.contrast:.0%}, saturation +-{aug_cfg.saturation:.0%}"
                             + (f", tone curve gamma x/ {1 + aug_cfg.gamma:g}" if aug_cfg.gamma else "")
-                            + (f", red/blue cast +-{aug_cfg.cast:.0%}" if aug_cfg.cast else "")),
+                            + (f", red/blue cast +-{aug_cfg.cast:.0%}" if aug_cfg.cast else "")
+                            + (f", JPEG re-encoding p={aug_cfg.p_jpeg:g} at quality {aug_cfg.jpeg_quality}-"
+                               f"{JPEG_QUALITY_MAX}" if aug_cfg.jpeg_quality else "")),
                 "data_fingerprints": ", ".join(f"`{k}` {v}" for k, v in fingerprints.items()),
                 "command": command, "seed": args.seed, "device": str(device),
                 "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,

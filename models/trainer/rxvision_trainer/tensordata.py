@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import LABELS_CSV, AugmentConfig, OutlierDataset, Sample, camera_draw, decode_chunk
+from .data import JPEG_QUALITY_MAX, LABELS_CSV, AugmentConfig, OutlierDataset, Sample, camera_draw, decode_chunk
 from .imprint import UNKNOWN
 from .preprocess import MEAN, SCALE, STD
 
@@ -237,12 +237,14 @@ class AugParams:
     gamma: np.ndarray | None = None   # tone curve exponent (None: 1)
     gain_r: np.ndarray | None = None  # white-balance cast (None: 1)
     gain_b: np.ndarray | None = None
+    quality: np.ndarray | None = None  # JPEG re-encoding quality (None or 0: none)
 
     def as_tensor(self, device: torch.device | None = None) -> torch.Tensor:
-        """(n, 10) float64, the columns in field order (what ``TensorAugment`` slices per batch)."""
+        """(n, 11) float64, the columns in field order (what ``TensorAugment`` slices per batch)."""
         ones = np.ones(len(self.mirror))
         cols = [self.mirror, self.angle, self.dx, self.dy, self.brightness, self.contrast, self.saturation,
-                *(ones if v is None else v for v in (self.gamma, self.gain_r, self.gain_b))]
+                *(ones if v is None else v for v in (self.gamma, self.gain_r, self.gain_b)),
+                np.zeros(len(self.mirror)) if self.quality is None else self.quality]
         t = torch.from_numpy(np.stack([np.asarray(c, np.float64) for c in cols], axis=1))
         return t if device is None else t.to(device)
 
@@ -272,6 +274,9 @@ class TensorAugment:
             params.gamma = np.asarray([g for g, _ in drawn])
             params.gain_r = np.asarray([k[0] for _, k in drawn])
             params.gain_b = np.asarray([k[2] for _, k in drawn])
+        if c.jpeg_quality > 0:  # drawn after the camera's cast and tone curve, as applied
+            on = rng.random(n) < c.p_jpeg
+            params.quality = np.where(on, rng.integers(c.jpeg_quality, JPEG_QUALITY_MAX + 1, n), 0)
         return params
 
     @staticmethod
@@ -316,7 +321,81 @@ class TensorAugment:
             x = x.round_()  # Pillow's point table takes whole levels
             gains = torch.stack([p[:, 8], torch.ones_like(p[:, 8]), p[:, 9]], dim=1).float().view(b, 3, 1, 1)
             x = 255.0 * ((x * gains).clamp_(0.0, 255.0) / 255.0) ** p[:, 7].float().view(b, 1, 1, 1)
+        if c.jpeg_quality > 0:
+            x = x.round_().clamp_(0.0, 255.0)  # an encoder takes whole levels
+            sel = torch.nonzero(p[:, 10] > 0).flatten()
+            if len(sel):
+                x[sel] = jpeg_lossy(x[sel], p[sel, 10])
         return x.round_().clamp_(0.0, 255.0)
+
+
+# JPEG's example quantisation tables (ITU-T T.81 Annex K), scaled by quality as libjpeg's
+# jpeg_set_quality does (what Pillow's ``quality`` sets).
+_JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+              14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+              18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+              49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+_JPEG_CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+                24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+
+
+def jpeg_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 8, 8) luma and chroma quantisation steps for qualities (B,) in 1..100."""
+    q = quality.double().clamp(1, 100).view(-1, 1)
+    scale = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
+    out = []
+    for base in (_JPEG_LUMA, _JPEG_CHROMA):
+        t = torch.tensor(base, dtype=torch.float64, device=q.device).view(1, 64)
+        out.append(torch.floor((t * scale + 50.0) / 100.0).clamp(1, 255).float().view(-1, 8, 8))
+    return out[0], out[1]
+
+
+def _dct2_matrix(device: torch.device) -> torch.Tensor:
+    """(64, 64): the orthonormal 8x8 DCT-II of a row-major block as one product, kron(D, D)."""
+    k = torch.arange(8, dtype=torch.float64, device=device).view(8, 1)
+    n = torch.arange(8, dtype=torch.float64, device=device).view(1, 8)
+    d = torch.cos((2 * n + 1) * k * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] = math.sqrt(1 / 8)
+    return torch.kron(d, d).float()
+
+
+def _quantise_blocks(plane: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """A level-shifted plane (B, H, W), H and W multiples of 8, through the 8x8 DCT, rounding to
+    multiples of ``step`` (B, 8, 8) and the inverse DCT."""
+    b, h, w = plane.shape
+    d = _dct2_matrix(plane.device)
+    blocks = plane.reshape(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4).reshape(b, -1, 64)
+    coef = blocks @ d.T
+    s = step.reshape(b, 1, 64)
+    coef = torch.round(coef / s) * s
+    return (coef @ d).reshape(b, h // 8, w // 8, 8, 8).permute(0, 1, 3, 2, 4).reshape(b, h, w)
+
+
+def jpeg_lossy(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Float levels (B, 3, H, W) after JPEG's lossy steps at ``quality`` (B,), as a baseline encoder
+    with 4:2:0 subsampling and a decoder with libjpeg's smooth upsampling make them: JFIF YCbCr, chroma
+    averaged over 2x2, 8x8 DCT quantised with the quality-scaled Annex K tables, back. The entropy
+    coding between is lossless, so it is left out. Edges are padded to whole 16x16 units by repeating
+    the last row and column, as encoders do."""
+    x = x.float()
+    b, _, h, w = x.shape
+    ph, pw = -h % 16, -w % 16
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    r, g, bl = x[:, 0], x[:, 1], x[:, 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * bl
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * bl + 128.0
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * bl + 128.0
+    luma_step, chroma_step = jpeg_tables(quality.to(x.device))
+    y = _quantise_blocks(y - 128.0, luma_step) + 128.0
+    chroma = F.avg_pool2d(torch.stack([cb, cr], dim=1), 2)  # (B, 2, H/2, W/2)
+    hh, ww = chroma.shape[-2:]
+    chroma = torch.stack([_quantise_blocks(chroma[:, i] - 128.0, chroma_step) + 128.0 for i in range(2)], dim=1)
+    chroma = F.interpolate(chroma.clamp(0.0, 255.0), size=(2 * hh, 2 * ww), mode="bilinear", align_corners=False)
+    y = y.clamp(0.0, 255.0)
+    cb, cr = chroma[:, 0] - 128.0, chroma[:, 1] - 128.0
+    out = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], dim=1)
+    return out[:, :, :h, :w].round().clamp(0.0, 255.0)
 
 
 def hue_turn(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:

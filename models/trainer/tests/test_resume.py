@@ -171,10 +171,14 @@ def test_init_from_starts_from_another_runs_weights_and_refuses_other_classes(tm
                           "--checkpoint", str(first)]) == 0
     second = tmp_path / "second.pt"
     assert main(common + ["--out", str(tmp_path / "b2"), "--version", "0.0.2", "--epochs", "1",
-                          "--init-from", str(first), "--impostor-loss", "away", "--checkpoint", str(second)]) == 0
+                          "--init-from", str(first), "--impostor-loss", "away", "--jpeg-quality", "20",
+                          "--checkpoint", str(second)]) == 0
     a, b = torch.load(first, weights_only=True), torch.load(second, weights_only=True)
     assert b["identity"]["init_from"] and b["identity"]["impostor_loss"] == "away"
-    assert "init_from" not in a["identity"], "a run without it keeps the identity it had"
+    assert b["identity"]["jpeg_quality"] == 20
+    assert "init_from" not in a["identity"] and "jpeg_quality" not in a["identity"], \
+        "a run without them keeps the identity it had"
+    assert "JPEG re-encoding p=0.5 at quality 20-95" in (tmp_path / "b2" / "MODEL_CARD.md").read_text()
     # the second run's first step starts from the first run's end, not from random weights
     model = PillNet(CLASSES, ArchConfig((16, 16, 32, 32), (0, 0, 0, 0)))
     load_initial_weights(first, model, [f"0000{c}-0000-00" for c in range(CLASSES)])

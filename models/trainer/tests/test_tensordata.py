@@ -322,3 +322,68 @@ def test_bags_ride_along_with_the_same_batches(tmp_path):
     assert seen_impostor and seen_unknown
     with pytest.raises(ValueError, match="bags for"):
         TensorTrainSource(dec, real, class_of, TensorAugment(), 1, 8, torch.device("cpu"), bags=(own[:3], theirs))
+
+
+def test_jpeg_augmentation_follows_pillow(tmp_path):
+    """The tensor path's JPEG (the lossy steps in torch) against Pillow's encoder and decoder: at each
+    quality its error to Pillow's result is a small part of what the compression itself changes."""
+    from rxvision_trainer.data import jpeg_roundtrip
+    from rxvision_trainer.tensordata import jpeg_lossy
+
+    samples = _dataset(tmp_path, per_class=3)
+    dec = load_decoded(tmp_path, samples, 64, workers=1, cache=False)
+    rng = np.random.default_rng(9)
+    # texture the pills a little, as powder speckle and shading do, so each quality loses something
+    x = (dec.images.float() + torch.from_numpy(rng.normal(0, 12, dec.images.shape)).float()).round().clamp(0, 255)
+    for quality in (20, 50, 90):
+        got = jpeg_lossy(x, torch.full((len(x),), float(quality))).numpy()
+        for i in range(len(x)):
+            src = x[i].permute(1, 2, 0).numpy().astype(np.uint8)
+            pil = np.asarray(jpeg_roundtrip(Image.fromarray(src), quality), np.float32).transpose(2, 0, 1)
+            lost = np.abs(pil - x[i].numpy()).mean()
+            off = np.abs(got[i] - pil).mean()
+            assert lost > 0.5, (quality, i, lost)
+            assert off < 0.35 * lost, (quality, i, off, lost)
+    # a size that is not whole 16x16 units is padded as encoders do and cut back
+    odd = x[:2, :, :50, :37]
+    out = jpeg_lossy(odd, torch.tensor([30.0, 30.0]))
+    assert out.shape == odd.shape
+    pil = np.asarray(jpeg_roundtrip(Image.fromarray(odd[0].permute(1, 2, 0).numpy().astype(np.uint8)), 30),
+                     np.float32).transpose(2, 0, 1)
+    assert np.abs(out[0].numpy() - pil).mean() < 0.35 * np.abs(pil - odd[0].numpy()).mean()
+
+
+def test_jpeg_augmentation_draws_and_applies_only_when_on(tmp_path):
+    samples = _dataset(tmp_path, per_class=4)
+    dec = load_decoded(tmp_path, samples, 64, workers=1, cache=False)
+    n = 400
+    assert TensorAugment(ZERO).draw(n, np.random.default_rng(1)).quality is None, "off, nothing is drawn"
+    cfg = AugmentConfig(**{**ZERO.__dict__, "jpeg_quality": 20})
+    p = TensorAugment(cfg).draw(n, np.random.default_rng(1))
+    on = p.quality > 0
+    assert 0.4 < on.mean() < 0.6, on.mean()  # half of the images
+    assert p.quality[on].min() >= 20 and p.quality[on].max() <= 95 and p.quality[on].min() < 30
+    # zero-jitter with JPEG: images drawn without it are the reference, the others are changed
+    k = len(samples)
+    p = TensorAugment(cfg).draw(k, np.random.default_rng(4))
+    out = TensorAugment(cfg)(dec.images, dec.fill, p).numpy()
+    ref = dec.images.float().numpy()
+    for i in range(k):
+        changed = np.abs(out[i] - ref[i]).mean()
+        assert (changed == 0) == (p.quality[i] == 0), (i, p.quality[i], changed)
+    # the Pillow path re-encodes too
+    img = Image.fromarray(dec.images[0].permute(1, 2, 0).numpy())
+    outs = [np.asarray(Augment(AugmentConfig(**{**ZERO.__dict__, "jpeg_quality": 10, "p_jpeg": 1.0}))(
+        img, np.random.default_rng(s)), np.int16) for s in range(3)]
+    assert all(np.abs(o - np.asarray(img, np.int16)).mean() > 0.3 for o in outs)
+
+
+def test_a_jpeg_quality_out_of_range_is_bad_usage(tmp_path):
+    from rxvision_trainer.__main__ import main
+
+    base = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--version", "0.0.1", "--epochs", "1"]
+    for bad in ("96", "-1", "high"):
+        with pytest.raises(SystemExit) as e:
+            main(base + ["--jpeg-quality", bad])
+        assert e.value.code == 2, bad
+        assert not (tmp_path / "b").exists()
