@@ -1,4 +1,5 @@
-"""Command line: ``python -m rxvision_trainer {train,verify,card-append,calibrate-match,convert,camera-changes} ...``.
+"""Command line: ``python -m rxvision_trainer {train,verify,card-append,calibrate-match,convert,camera-changes,
+legibility} ...``.
 
     python -m rxvision_trainer train --data DIR [--val-data DIR] --out BUNDLE_DIR --version X.Y.Z \
         --epochs N --seed S [--size 128] [--device auto|cuda|cpu] [--synth PATH] [--formulary PATH] \
@@ -9,6 +10,7 @@
         [--unknown-budget 0.005] [--floor 0.9] [--source TEXT]
     python -m rxvision_trainer convert --index TABLE --images DIR --out DIR --file-col C --ndc-col C ...
     python -m rxvision_trainer camera-changes SRC OUT [--changes gamma-0.6,warm,...]
+    python -m rxvision_trainer legibility BUNDLE_DIR --data DIR [--impostor-rates 0.01,0.002] [--json]
 
 Exit codes: 0 ok, 1 failed, 2 bad usage (argparse), 65 bad data, 75 training paused at
 ``--pause-at`` (the ``--checkpoint`` holds the run; the same command goes on).
@@ -67,6 +69,15 @@ def main(argv=None) -> int:
     cc.add_argument("src", type=Path, help="dataset directory (labels.csv)")
     cc.add_argument("out", type=Path, help="writes OUT/<change>/ for each change")
     cc.add_argument("--changes", default="", help="comma-separated (default: all)")
+
+    le = sub.add_parser("legibility", help="how well a bundle tells pill crops from their impostors: the share "
+                                           "of genuine crops passing where a given share of impostors passes")
+    le.add_argument("bundle", type=Path)
+    le.add_argument("--data", type=Path, required=True,
+                    help="pill crops cut as the bundle cuts them, with impostors (rxvision-synth dataset "
+                         "--pill-crops --impostors N)")
+    le.add_argument("--impostor-rates", default="0.01,0.002", help="comma-separated shares (default 0.01,0.002)")
+    le.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
 
     args = ap.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -131,6 +142,16 @@ def main(argv=None) -> int:
             for change in changes:
                 n = write(args.src, args.out / change, change)
                 print(f"{change}: {n} images in {args.out / change}")
+        elif args.cmd == "legibility":
+            from .legibility import as_json, probe, report
+            try:
+                rates = [float(r) for r in args.impostor_rates.split(",") if r.strip()]
+            except ValueError:
+                ap.error(f"--impostor-rates: {args.impostor_rates!r} is not a list of numbers")
+            if not rates or not all(0.0 <= r < 1.0 for r in rates):
+                ap.error("--impostor-rates: give shares in 0..1 (below 1)")
+            rows = probe(args.bundle, args.data, rates)
+            print(as_json(rows) if args.json else report(rows))
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 65
