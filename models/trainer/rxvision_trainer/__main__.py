@@ -94,8 +94,11 @@ def main(argv=None) -> int:
             from .bundle import verify_bundle
             print(json.dumps(verify_bundle(args.bundle)))
         elif args.cmd == "card-append":
-            from .bundle import append_card_section
-            print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
+            from .bundle import BundleCheckError, append_card_section
+            try:
+                print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
+            except BundleCheckError as e:
+                raise DataError(f"{args.bundle}: not a valid bundle, left unchanged: {e}") from None
         elif args.cmd == "calibrate-match":
             from .bundle import BundleCheckError, set_match_thresholds, verify_bundle
             from .match_thresholds import card_section, choose_match_thresholds, rates_at, read_scans, split_check
