@@ -39,7 +39,8 @@ from .bundle import (check_crop_margin, check_replaceable, finalize, input_spec,
                      verify_bundle, write_json, SELFTEST_TOLERANCE, SEMVER)
 from .calibrate import choose_thresholds, ece, fit_temperature, softmax, topk_accuracy, uncertain_mask
 from .data import (JPEG_QUALITY_MAX, Augment, AugmentConfig, DataError, Formulary, ImageDataset, OutlierDataset,
-                   Sample, build_classes, check_jpeg_quality, load_eval_array, parse_ndc_list, read_dataset, split_train_val)
+                   Sample, build_classes, check_jpeg_quality, load_eval_array, parse_ndc_list, read_dataset,
+                   split_train_val)
 from .export import build_float_model, op_counts, ort_predict, quantize, run_all, session
 from .imprint import ALPHABET, COUNT_BINS, bags
 from .model import ArchConfig, PillNet, count_cost, fuse, fused_forward
