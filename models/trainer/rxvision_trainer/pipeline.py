@@ -160,10 +160,13 @@ class TrainingPaused(Exception):
 
 def _jpeg_quality(text: str) -> int:
     try:
-        return check_jpeg_quality(int(text))
+        q = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    try:
+        return check_jpeg_quality(q)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if text.strip().lstrip("-").isdigit()
-                                         else f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _deadline(text: str) -> float:

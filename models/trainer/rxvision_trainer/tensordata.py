@@ -43,6 +43,7 @@ default path (``--loader tensor``):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -350,8 +351,10 @@ def jpeg_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=None)
 def _dct2_matrix(device: torch.device) -> torch.Tensor:
-    """(64, 64): the orthonormal 8x8 DCT-II of a row-major block as one product, kron(D, D)."""
+    """(64, 64): the orthonormal 8x8 DCT-II of a row-major block as one product, kron(D, D); made
+    once per device (every augmented batch uses it three times), never written to."""
     k = torch.arange(8, dtype=torch.float64, device=device).view(8, 1)
     n = torch.arange(8, dtype=torch.float64, device=device).view(1, 8)
     d = torch.cos((2 * n + 1) * k * math.pi / 16) * math.sqrt(2 / 8)
