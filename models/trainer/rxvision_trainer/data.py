@@ -462,9 +462,13 @@ def decode_chunk(job: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- torch datasets
 def load_eval_tensor(path: Path, size: int) -> np.ndarray:
-    """The reference preprocessing of one file: float32 (3, size, size)."""
-    with Image.open(path) as im:
-        return preprocess_pil(im, size, size, SCALE, MEAN, STD)[0]
+    """The reference preprocessing of one file: float32 (3, size, size). A missing, truncated or
+    unreadable image is a ``DataError`` naming the file."""
+    try:
+        with Image.open(path) as im:
+            return preprocess_pil(im, size, size, SCALE, MEAN, STD)[0]
+    except OSError as e:  # Pillow's UnidentifiedImageError and truncated reads are OSErrors
+        raise DataError(f"{path}: cannot read the image: {e}") from None
 
 
 def load_eval_array(samples: Sequence[Sample], size: int) -> np.ndarray:

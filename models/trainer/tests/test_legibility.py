@@ -92,3 +92,15 @@ def test_bad_input_is_refused(tmp_path, capsys):
     assert main(["legibility", str(BUNDLE), "--data", str(tmp_path / "d")]) == 65
     assert "render with --impostors" in capsys.readouterr().err
     assert main(["legibility", str(tmp_path), "--data", str(tmp_path / "d")]) == 65
+
+
+def test_a_truncated_image_is_named_and_refused(tmp_path, capsys):
+    from rxvision_trainer.__main__ import main
+
+    _crops(tmp_path / "d", lambda i, ndcs: ndcs[(i + 1) % len(ndcs)])
+    victim = sorted((tmp_path / "d" / "img").glob("*.jpg"))[1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["legibility", str(BUNDLE), "--data", str(tmp_path / "d")]) == 65
+    err = capsys.readouterr().err
+    assert victim.name in err and "cannot read the image" in err
