@@ -18,7 +18,8 @@ pub enum Metric {
     Uncertain,
     /// Verification scans not answered MATCH (1 − automation), per verification scan.
     NotAutomated,
-    /// Scans slower than the control cohort's p95, per scan with a latency.
+    /// Scans slower than the control cohort's p95 bucket's lower bound (its
+    /// upper one when that bucket holds the bulk; `evidence.rs`), per scan with a latency.
     Slow,
     /// Identified pills with top-1 probability at most 0.9, per identified pill.
     LowConfidence,
