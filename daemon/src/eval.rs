@@ -82,7 +82,8 @@ pub fn evaluate(
             let twin = scorer.is_twin(&image.ndc, image.face.as_deref().unwrap_or(""));
             for case in verify_cases(image, known, twin, &lookalikes) {
                 answered.add(case.known, case.expected_own, ask(Some(case.expected), &bytes, file)?.verdict);
-                curve.add(file, case, matched_at(&analysis, case.expected, thresholds.min_margin));
+                let size = analysis.pills.first().map(|p| p.region.rectangle_px);
+                curve.add(file, case, matched_at(&analysis, case.expected, thresholds.min_margin), size);
             }
         }
     }

@@ -416,12 +416,17 @@ mod eval_command {
         // --scans lists every scan, from which the counter's answers can be recounted.
         let text = std::fs::read_to_string(&scans_csv).unwrap();
         let mut lines = text.lines();
-        assert_eq!(lines.next(), Some("file,expected,case,matched_at"));
+        assert_eq!(lines.next(), Some("file,expected,case,matched_at,length_px,width_px"));
         let threshold = verify["min_confidence"].as_f64().unwrap() as f32;
         let mut recount = std::collections::BTreeMap::<&str, (u64, u64)>::new();
         for line in lines {
             let fields: Vec<&str> = line.split(',').collect();
             let matched = !fields[3].is_empty() && fields[3].parse::<f32>().unwrap() >= threshold;
+            if !fields[3].is_empty() {
+                let length: f32 = fields[4].parse().unwrap();
+                let width: f32 = fields[5].parse().unwrap();
+                assert!(length >= width && width > 0.0, "a matchable scan has its pill's size: {line}");
+            }
             let entry = recount.entry(fields[2]).or_default();
             *entry = (entry.0 + 1, entry.1 + u64::from(matched));
         }

@@ -534,13 +534,18 @@ pub struct VerifyScan {
     pub expected_own: bool,
     /// The lowest `min_confidence` answering MATCH ([`matched_at`]).
     pub matched_at: Option<f32>,
+    /// The first pill's measured length and width, frame pixels (smallest
+    /// rectangle); `None` when no pill was measured.
+    pub rectangle_px: Option<[f32; 2]>,
 }
 
 impl VerifyScan {
     /// The CSV header of [`VerifyScan::csv_row`]: `case` is `own` (automation),
     /// `lookalike` or `unknown` (false MATCH); `matched_at` is empty when no
-    /// threshold answers MATCH.
-    pub const CSV_HEADER: &'static str = "file,expected,case,matched_at";
+    /// threshold answers MATCH; `length_px` and `width_px` are the pill's
+    /// measured size (empty when none was measured), for studying the size
+    /// cue offline.
+    pub const CSV_HEADER: &'static str = "file,expected,case,matched_at,length_px,width_px";
 
     /// The scan's case name.
     pub fn case(&self) -> &'static str {
@@ -555,7 +560,16 @@ impl VerifyScan {
     pub fn csv_row(&self) -> String {
         // The shortest form that reads back as the same f32: thresholds are chosen from these values.
         let matched_at = self.matched_at.map_or(String::new(), |p| p.to_string());
-        [labels::quote(&self.file), labels::quote(&self.expected), self.case().to_string(), matched_at].join(",")
+        let size = |i: usize| self.rectangle_px.map_or(String::new(), |r| format!("{:.1}", r[i]));
+        [
+            labels::quote(&self.file),
+            labels::quote(&self.expected),
+            self.case().to_string(),
+            matched_at,
+            size(0),
+            size(1),
+        ]
+        .join(",")
     }
 }
 
@@ -570,14 +584,16 @@ pub struct CurvePoint {
 }
 
 impl VerifyCurve {
-    /// Adds one verification scan of the image `file`.
-    pub fn add(&mut self, file: &str, case: VerifyCase<'_>, matched_at: Option<f32>) {
+    /// Adds one verification scan of the image `file`, with the first pill's
+    /// measured size in frame pixels (`None`: no pill measured).
+    pub fn add(&mut self, file: &str, case: VerifyCase<'_>, matched_at: Option<f32>, rectangle_px: Option<[f32; 2]>) {
         self.scans.push(VerifyScan {
             file: file.to_string(),
             expected: case.expected.to_string(),
             known: case.known,
             expected_own: case.expected_own,
             matched_at,
+            rectangle_px,
         });
     }
 
@@ -623,16 +639,18 @@ mod tests {
     fn the_curve_matches_a_scan_up_to_its_own_confidence() {
         let case = |known, expected_own| VerifyCase { known, expected_own, expected: "a" };
         let mut curve = VerifyCurve::default();
-        curve.add("1.jpg", case(true, true), Some(0.97));
-        curve.add("2.jpg", case(true, true), Some(0.9995));
-        curve.add("3.jpg", case(true, true), None);
-        curve.add("4,a.jpg", case(true, false), Some(0.8));
-        curve.add("5.jpg", case(false, false), None);
+        let size = Some([153.04, 57.96]);
+        curve.add("1.jpg", case(true, true), Some(0.97), size);
+        curve.add("2.jpg", case(true, true), Some(0.9995), size);
+        curve.add("3.jpg", case(true, true), None, size);
+        curve.add("4,a.jpg", case(true, false), Some(0.8), size);
+        curve.add("5.jpg", case(false, false), None, None);
         let rows: Vec<String> = curve.clone().into_scans().iter().map(VerifyScan::csv_row).collect();
-        assert_eq!(rows[0], "1.jpg,a,own,0.97");
-        assert_eq!(rows[1], "2.jpg,a,own,0.9995");
-        assert_eq!(rows[3], "\"4,a.jpg\",a,lookalike,0.8");
-        assert_eq!(rows[4], "5.jpg,a,unknown,");
+        assert_eq!(rows[0], "1.jpg,a,own,0.97,153.0,58.0");
+        assert_eq!(rows[1], "2.jpg,a,own,0.9995,153.0,58.0");
+        assert_eq!(rows[3], "\"4,a.jpg\",a,lookalike,0.8,153.0,58.0");
+        assert_eq!(rows[4], "5.jpg,a,unknown,,,");
+        assert_eq!(VerifyScan::CSV_HEADER.split(',').count(), rows[4].split(',').count());
         let at = |t| {
             let r = curve.at(t);
             (r.automation.matched, r.automation.n, r.false_match_lookalike.matched, r.false_match_unknown.n)

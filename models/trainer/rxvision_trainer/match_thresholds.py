@@ -44,6 +44,8 @@ from .data import DataError
 
 CASES = ("own", "lookalike", "unknown")
 HEADER = ["file", "expected", "case", "matched_at"]
+# Written since 2026-12-01 after HEADER: the pill's measured size, frame pixels (not used here).
+SIZE_COLUMNS = ["length_px", "width_px"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,12 @@ def read_scans(path: Path) -> list[Scan]:
     with f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header != HEADER:
-            raise DataError(f"{path}: header {header} is not {HEADER}")
+        if header not in (HEADER, HEADER + SIZE_COLUMNS):
+            raise DataError(f"{path}: header {header} is not {HEADER} (optionally followed by {SIZE_COLUMNS})")
         for line, row in enumerate(reader, start=2):
-            if len(row) != len(HEADER):
-                raise DataError(f"{path}:{line}: {len(row)} fields, expected {len(HEADER)}")
-            file, expected, case, raw = row
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line}: {len(row)} fields, expected {len(header)}")
+            file, expected, case, raw = row[: len(HEADER)]
             if case not in CASES:
                 raise DataError(f"{path}:{line}: case {case!r} is not one of {', '.join(CASES)}")
             if not expected.strip():

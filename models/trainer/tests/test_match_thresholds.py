@@ -65,6 +65,8 @@ def test_products_without_own_scans_keep_min_confidence():
     ("file,expected,case,matched_at\na.jpg,X,own,1.5\n", "outside 0..1"),
     ("file,expected,case,matched_at\na.jpg,X,own,high\n", "not a number"),
     ("file,expected,case,matched_at\n", "no scans"),
+    ("file,expected,case,matched_at,length_px\na.jpg,X,own,0.5,10\n", "header"),
+    ("file,expected,case,matched_at,length_px,width_px\na.jpg,X,own,0.5\n", "4 fields, expected 6"),
 ])
 def test_a_bad_scans_file_is_refused_by_line(tmp_path, body, message):
     p = tmp_path / "scans.csv"
@@ -74,6 +76,15 @@ def test_a_bad_scans_file_is_refused_by_line(tmp_path, body, message):
 
 
 def test_the_scans_file_as_rxvisiond_writes_it(tmp_path):
+    p = tmp_path / "scans.csv"
+    p.write_text(
+        'file,expected,case,matched_at,length_px,width_px\n"a,1.jpg",X,own,0.9990000,153.0,58.0\nb.jpg,X,unknown,,,\n',
+        encoding="utf-8",
+    )
+    assert read_scans(p) == [Scan("X", "own", 0.999, "a,1.jpg"), Scan("X", "unknown", None, "b.jpg")]
+
+
+def test_a_scans_file_from_before_the_size_columns_still_reads(tmp_path):
     p = tmp_path / "scans.csv"
     p.write_text('file,expected,case,matched_at\n"a,1.jpg",X,own,0.9990000\nb.jpg,X,unknown,\n', encoding="utf-8")
     assert read_scans(p) == [Scan("X", "own", 0.999, "a,1.jpg"), Scan("X", "unknown", None, "b.jpg")]
