@@ -96,8 +96,12 @@ def main(argv=None) -> int:
         elif args.cmd == "card-append":
             from .bundle import BundleCheckError, append_card_section
             try:
-                print(json.dumps(append_card_section(args.bundle, args.section.read_text(encoding="utf-8"))))
-            except BundleCheckError as e:
+                section = args.section.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{args.section}: cannot read the section: {e}") from None
+            try:
+                print(json.dumps(append_card_section(args.bundle, section)))
+            except (BundleCheckError, OSError, ValueError) as e:
                 raise DataError(f"{args.bundle}: not a valid bundle, left unchanged: {e}") from None
         elif args.cmd == "calibrate-match":
             from .bundle import BundleCheckError, set_match_thresholds, verify_bundle

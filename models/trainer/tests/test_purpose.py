@@ -67,3 +67,9 @@ def test_card_append_rehashes_and_keeps_the_rest(fixture_bundle, tmp_path, capsy
     assert cli(["-q", "card-append", str(b), "--section", str(section)]) == 65
     assert "not a valid bundle, left unchanged: labels.json" in capsys.readouterr().err
     assert (b / "MODEL_CARD.md").read_text() == card
+    # a folder that is no bundle at all, and a section that cannot be read: named, exit 65
+    (tmp_path / "empty").mkdir()
+    assert cli(["-q", "card-append", str(tmp_path / "empty"), "--section", str(section)]) == 65
+    assert "not a valid bundle, left unchanged" in capsys.readouterr().err
+    assert cli(["-q", "card-append", str(b), "--section", str(tmp_path / "missing.md")]) == 65
+    assert "missing.md: cannot read the section" in capsys.readouterr().err
