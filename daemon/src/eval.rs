@@ -80,9 +80,9 @@ pub fn evaluate(
         if verify {
             let known = model_labels.iter().any(|l| l.ndc == image.ndc);
             let twin = scorer.is_twin(&image.ndc, image.face.as_deref().unwrap_or(""));
+            let size = analysis.pills.first().map(|p| p.region.rectangle_px);
             for case in verify_cases(image, known, twin, &lookalikes) {
                 answered.add(case.known, case.expected_own, ask(Some(case.expected), &bytes, file)?.verdict);
-                let size = analysis.pills.first().map(|p| p.region.rectangle_px);
                 curve.add(file, case, matched_at(&analysis, case.expected, thresholds.min_margin), size);
             }
         }
